@@ -1,0 +1,23 @@
+//! `uhlm-core`: everything the hybrid loop decides, with no I/O.
+//!
+//! Like `quinn-proto`, this crate is plain data and functions. The device SDK and the server
+//! drive it with real models and sockets; the tests here drive it with synthetic distributions,
+//! so the exactness guarantees are checked in milliseconds.
+//!
+//! - [`chat`]: chat messages shared by templates, protocol and bindings.
+//! - [`sampling`]: logits → the distribution a system samples from (temperature, top-k, top-p).
+//! - [`verify`]: speculative-sampling verification of one draft token.
+//! - [`uncertainty`]: how unsure the SLM is about its draft, from one forward pass.
+//! - [`threshold`]: when an uncertain token is worth sending (fit, thresholds, recalibration).
+//! - [`codec`]: the compressed distribution sent uplink, and the exact `q'` the server sees.
+//! - [`protocol`]: the messages and framing on the wire.
+//! - [`channel`]: a simulated wireless link for throughput estimates.
+
+pub mod channel;
+pub mod chat;
+pub mod codec;
+pub mod protocol;
+pub mod sampling;
+pub mod threshold;
+pub mod uncertainty;
+pub mod verify;

@@ -1,0 +1,283 @@
+//! From logits to the distribution a system actually samples from.
+//!
+//! The device and the server must apply the *same* transformation (temperature, top-k, top-p) to
+//! their own logits, otherwise verification would compare distributions of different processes.
+//! Temperature 0 is greedy decoding, represented exactly as a one-hot distribution so that the
+//! verification rule needs no special case.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Sampling options shared by every mode, the CLI, the FFI and the wire protocol.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingOptions {
+    /// Softmax temperature; `0.0` means greedy (argmax, ties to the lowest id).
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (`None`: no limit).
+    pub top_k: Option<u32>,
+    /// Keep the smallest set of most likely tokens whose mass reaches `p` (`None`: no limit).
+    pub top_p: Option<f32>,
+    /// Maximum number of generated tokens.
+    pub max_tokens: u32,
+    /// Seed of every random draw of a generation; `None` lets the caller pick one.
+    pub seed: Option<u64>,
+    /// Generation stops once the text ends with one of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: None,
+            top_p: None,
+            max_tokens: 128,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingOptions {
+    /// Greedy decoding with `max_tokens` tokens.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self {
+            temperature: 0.0,
+            max_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!(
+                "temperature must be finite and >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Err("top_k must be at least 1".into());
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("top_p must be in (0, 1], got {p}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Index of the largest finite logit; ties go to the lowest id. `None` when nothing is finite.
+pub fn argmax(values: &[f32]) -> Option<u32> {
+    let mut best: Option<(u32, f32)> = None;
+    for (i, &v) in values.iter().enumerate() {
+        if v.is_nan() {
+            continue;
+        }
+        match best {
+            Some((_, b)) if v <= b => {}
+            _ => best = Some((i as u32, v)),
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Writes into `out` the distribution that `opts` makes of `logits`.
+///
+/// `scratch` is a reusable index buffer, so the per-token path allocates nothing once warm.
+/// Logits that are NaN or `-inf` get probability zero. Returns `false` when no logit is usable
+/// (then `out` is all zeros).
+pub fn probabilities_into(
+    logits: &[f32],
+    opts: &SamplingOptions,
+    out: &mut Vec<f32>,
+    scratch: &mut Vec<u32>,
+) -> bool {
+    out.clear();
+    out.resize(logits.len(), 0.0);
+    let Some(best) = argmax(logits) else {
+        return false;
+    };
+    if opts.temperature <= 0.0 || !logits[best as usize].is_finite() {
+        out[best as usize] = 1.0;
+        return true;
+    }
+    let inv_t = 1.0 / opts.temperature as f64;
+    let max = logits[best as usize] as f64;
+    let mut sum = 0.0f64;
+    for (o, &z) in out.iter_mut().zip(logits) {
+        let e = if z.is_nan() {
+            0.0
+        } else {
+            ((z as f64 - max) * inv_t).exp()
+        };
+        *o = e as f32;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o = (*o as f64 * inv) as f32;
+    }
+    let top_k = opts.top_k.map(|k| k as usize).filter(|&k| k < logits.len());
+    let top_p = opts.top_p.filter(|&p| p < 1.0);
+    if top_k.is_none() && top_p.is_none() {
+        return true;
+    }
+    // Rank candidate ids by probability (descending, ties by id) and keep the allowed prefix.
+    scratch.clear();
+    scratch.extend(0..logits.len() as u32);
+    let by_prob_desc =
+        |a: &u32, b: &u32| out[*b as usize].total_cmp(&out[*a as usize]).then(a.cmp(b));
+    let k = top_k.unwrap_or(logits.len());
+    if k < scratch.len() {
+        scratch.select_nth_unstable_by(k - 1, by_prob_desc);
+        scratch.truncate(k);
+    }
+    scratch.sort_unstable_by(by_prob_desc);
+    let mut keep = scratch.len();
+    if let Some(p) = top_p {
+        let mut acc = 0.0f64;
+        for (i, &id) in scratch.iter().enumerate() {
+            acc += out[id as usize] as f64;
+            if acc >= p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    scratch.truncate(keep);
+    let kept_mass: f64 = scratch.iter().map(|&id| out[id as usize] as f64).sum();
+    let inv = 1.0 / kept_mass;
+    // Keep the renormalised probabilities (as bits, behind the ids) while `out` is zeroed.
+    let n = scratch.len();
+    for i in 0..n {
+        let id = scratch[i] as usize;
+        scratch.push(((out[id] as f64 * inv) as f32).to_bits());
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for i in 0..n {
+        out[scratch[i] as usize] = f32::from_bits(scratch[n + i]);
+    }
+    true
+}
+
+/// Samples an id from a normalised distribution by inverse CDF. Only ids with positive
+/// probability can come out, whatever the rounding of the running sum.
+pub fn sample<R: Rng + ?Sized>(probs: &[f32], rng: &mut R) -> u32 {
+    let total: f64 = probs.iter().map(|&p| p.max(0.0) as f64).sum();
+    let target = rng.random::<f64>() * total;
+    let mut acc = 0.0f64;
+    let mut last_positive = 0u32;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            acc += p as f64;
+            last_positive = i as u32;
+            if target < acc {
+                return i as u32;
+            }
+        }
+    }
+    last_positive
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn probs(logits: &[f32], opts: &SamplingOptions) -> Vec<f32> {
+        let mut out = Vec::new();
+        assert!(probabilities_into(logits, opts, &mut out, &mut Vec::new()));
+        out
+    }
+
+    #[test]
+    fn greedy_is_one_hot_with_ties_to_lowest_id() {
+        let p = probs(&[1.0, 3.0, 3.0, -2.0], &SamplingOptions::greedy(1));
+        assert_eq!(p, vec![0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn temperature_softmax_sums_to_one_and_orders() {
+        let opts = SamplingOptions {
+            temperature: 0.5,
+            ..Default::default()
+        };
+        let p = probs(&[0.0, 1.0, 2.0, f32::NEG_INFINITY], &opts);
+        let s: f32 = p.iter().sum();
+        assert!((s - 1.0).abs() < 1e-6);
+        assert!(p[2] > p[1] && p[1] > p[0] && p[3] == 0.0);
+        // exp(2*(1-2)) / exp(0) ratio check
+        assert!((p[1] / p[2] - (-2.0f32).exp()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn top_k_and_top_p_keep_the_right_sets() {
+        let logits = [4.0, 3.0, 2.0, 1.0, 0.0];
+        let k2 = probs(
+            &logits,
+            &SamplingOptions {
+                temperature: 1.0,
+                top_k: Some(2),
+                ..Default::default()
+            },
+        );
+        assert!(k2[0] > 0.0 && k2[1] > 0.0 && k2[2..].iter().all(|&p| p == 0.0));
+        assert!((k2.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let p = probs(
+            &logits,
+            &SamplingOptions {
+                temperature: 1.0,
+                top_p: Some(0.7),
+                ..Default::default()
+            },
+        );
+        // softmax: 0.636, 0.234, ... → the first two reach 0.7.
+        assert!(p[0] > 0.0 && p[1] > 0.0 && p[2..].iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn sample_never_returns_zero_probability_ids() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let p = [0.0, 0.25, 0.0, 0.75, 0.0];
+        for _ in 0..10_000 {
+            let t = sample(&p, &mut rng);
+            assert!(t == 1 || t == 3);
+        }
+    }
+
+    #[test]
+    fn nothing_finite_is_reported() {
+        let mut out = Vec::new();
+        assert!(!probabilities_into(
+            &[f32::NAN, f32::NAN],
+            &SamplingOptions::default(),
+            &mut out,
+            &mut Vec::new()
+        ));
+        assert_eq!(argmax(&[f32::NAN]), None);
+    }
+
+    #[test]
+    fn validate_rejects_bad_values() {
+        assert!(
+            SamplingOptions {
+                temperature: -1.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingOptions {
+                top_p: Some(0.0),
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(SamplingOptions::default().validate().is_ok());
+    }
+}

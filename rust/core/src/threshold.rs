@@ -1,0 +1,643 @@
+//! When is a token uncertain enough to be worth sending?
+//!
+//! The U-HLM paper observes that the rejection probability `beta` of a draft grows roughly
+//! linearly with the SLM's uncertainty `u`, fits `beta ≈ a·u + b`, and skips the uplink when `u`
+//! is below a threshold: risk-averse `u_th = -b/a` (where the fit predicts no rejection) or
+//! risk-prone `u_th = (Δ - b)/a`. We add a target-risk threshold (the largest `u_th` whose skipped
+//! tokens have mean `beta <= ε`) and online recalibration from the server's verdicts.
+//!
+//! A token is skipped when `u < u_th`.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use thiserror::Error;
+
+use crate::uncertainty::UncertaintyKind;
+
+/// One calibration observation: the device's uncertainty and the server's rejection probability.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub u: f32,
+    pub beta: f32,
+}
+
+/// Why a threshold could not be computed.
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum ThresholdError {
+    #[error("need at least {needed} samples to fit, got {got}")]
+    TooFewSamples { needed: usize, got: usize },
+    #[error("all uncertainties are equal, so beta cannot be fitted against them")]
+    NoSpread,
+    #[error("fitted slope a = {0} is not positive: uncertainty does not predict rejection")]
+    NonPositiveSlope(f64),
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+    #[error("calibration file: {0}")]
+    Json(String),
+}
+
+/// Least-squares fit `beta ≈ a·u + b`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearFit {
+    pub a: f64,
+    pub b: f64,
+    /// Coefficient of determination.
+    pub r2: f64,
+    /// Pearson correlation of u and beta.
+    pub pearson_r: f64,
+    /// Number of samples (or effective weight, for weighted fits).
+    pub n: f64,
+}
+
+impl LinearFit {
+    /// Predicted beta at `u`.
+    pub fn predict(&self, u: f64) -> f64 {
+        self.a * u + self.b
+    }
+
+    /// The paper's risk-averse threshold `-b/a`: where the fit predicts zero rejection.
+    pub fn risk_averse(&self) -> Result<f64, ThresholdError> {
+        self.check_slope()?;
+        Ok(-self.b / self.a)
+    }
+
+    /// The paper's risk-prone threshold `(Δ - b)/a`, with `Δ` the fraction of calibration
+    /// tokens with `p_d < q_d` (see [`delta`]).
+    pub fn risk_prone(&self, delta: f64) -> Result<f64, ThresholdError> {
+        self.check_slope()?;
+        Ok((delta - self.b) / self.a)
+    }
+
+    fn check_slope(&self) -> Result<(), ThresholdError> {
+        if self.a > 0.0 && self.a.is_finite() {
+            Ok(())
+        } else {
+            Err(ThresholdError::NonPositiveSlope(self.a))
+        }
+    }
+}
+
+/// Ordinary least squares over samples.
+pub fn fit(samples: &[Sample]) -> Result<LinearFit, ThresholdError> {
+    weighted_fit(samples.iter().map(|s| (s.u as f64, s.beta as f64, 1.0)))
+}
+
+/// Weighted least squares over `(u, beta, weight)`.
+fn weighted_fit(
+    points: impl Iterator<Item = (f64, f64, f64)> + Clone,
+) -> Result<LinearFit, ThresholdError> {
+    let (mut w, mut su, mut sb, mut count) = (0.0, 0.0, 0.0, 0usize);
+    for (u, b, wi) in points.clone() {
+        w += wi;
+        su += wi * u;
+        sb += wi * b;
+        count += 1;
+    }
+    if count < 2 || w <= 0.0 {
+        return Err(ThresholdError::TooFewSamples {
+            needed: 2,
+            got: count,
+        });
+    }
+    let (mu, mb) = (su / w, sb / w);
+    let (mut suu, mut sub, mut sbb) = (0.0, 0.0, 0.0);
+    for (u, b, wi) in points {
+        suu += wi * (u - mu) * (u - mu);
+        sub += wi * (u - mu) * (b - mb);
+        sbb += wi * (b - mb) * (b - mb);
+    }
+    if suu <= f64::EPSILON * w {
+        return Err(ThresholdError::NoSpread);
+    }
+    let a = sub / suu;
+    let b = mb - a * mu;
+    let pearson_r = if sbb > 0.0 {
+        sub / (suu * sbb).sqrt()
+    } else {
+        0.0
+    };
+    Ok(LinearFit {
+        a,
+        b,
+        r2: pearson_r * pearson_r,
+        pearson_r,
+        n: w,
+    })
+}
+
+/// `Δ`: the fraction of samples whose draft had `p_d < q_d`, i.e. `beta > 0`.
+pub fn delta(samples: &[Sample]) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.iter().filter(|s| s.beta > 0.0).count() as f64 / samples.len() as f64
+}
+
+/// The largest threshold whose skipped samples (`u < u_th`) have weighted mean beta `<= epsilon`.
+///
+/// Thresholds are only placed between distinct uncertainties, so ties are skipped or sent
+/// together. Returns 0 (skip nothing) when even the most certain sample is too risky, and a
+/// value above every sample when all of them may be skipped.
+fn target_risk_weighted(points: &mut [(f32, f32, f64)], epsilon: f64) -> f32 {
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut best = 0.0f32;
+    let (mut w, mut wb) = (0.0f64, 0.0f64);
+    for i in 0..points.len() {
+        let (u, beta, wi) = points[i];
+        w += wi;
+        wb += wi * beta as f64;
+        let boundary = points.get(i + 1).map(|n| n.0);
+        if boundary == Some(u) {
+            continue;
+        }
+        // A hair of tolerance so a risk exactly at epsilon is not lost to f32 rounding.
+        if w > 0.0 && wb / w <= epsilon + 1e-7 {
+            // Skip up to and including u: the threshold sits at the next distinct value.
+            best = boundary.unwrap_or_else(|| next_up(u));
+        }
+    }
+    best
+}
+
+fn next_up(u: f32) -> f32 {
+    if u >= 1.0 {
+        u + f32::EPSILON * 2.0
+    } else {
+        f32::from_bits(u.to_bits() + 1).max(u + 1e-6)
+    }
+}
+
+/// [`target_risk_weighted`] over unweighted samples.
+pub fn target_risk(samples: &[Sample], epsilon: f64) -> f32 {
+    let mut pts: Vec<_> = samples.iter().map(|s| (s.u, s.beta, 1.0)).collect();
+    target_risk_weighted(&mut pts, epsilon)
+}
+
+/// How the threshold is chosen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ThresholdMode {
+    /// A fixed `u_th`, never refitted.
+    Fixed { u_th: f32 },
+    /// The paper's `-b/a`.
+    RiskAverse,
+    /// The paper's `(Δ - b)/a`.
+    RiskProne,
+    /// Largest `u_th` with mean skipped beta `<= epsilon`.
+    TargetRisk { epsilon: f32 },
+}
+
+/// A calibration as computed from a labelled run and shipped to devices as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub estimator: UncertaintyKind,
+    pub fit: LinearFit,
+    pub delta: f64,
+    pub risk_averse: f64,
+    pub risk_prone: f64,
+    pub target_risk_epsilon: f32,
+    pub target_risk: f32,
+    /// Number of (u, beta) samples behind the calibration.
+    pub samples: usize,
+}
+
+impl Calibration {
+    /// Computes every threshold from labelled samples.
+    pub fn from_samples(
+        estimator: UncertaintyKind,
+        samples: &[Sample],
+        target_risk_epsilon: f32,
+    ) -> Result<Self, ThresholdError> {
+        let fit = fit(samples)?;
+        let delta = delta(samples);
+        Ok(Self {
+            estimator,
+            risk_averse: fit.risk_averse()?,
+            risk_prone: fit.risk_prone(delta)?,
+            fit,
+            delta,
+            target_risk_epsilon,
+            target_risk: target_risk(samples, target_risk_epsilon as f64),
+            samples: samples.len(),
+        })
+    }
+
+    /// The threshold this calibration gives under `mode`.
+    pub fn threshold(&self, mode: &ThresholdMode) -> f32 {
+        match *mode {
+            ThresholdMode::Fixed { u_th } => u_th,
+            ThresholdMode::RiskAverse => self.risk_averse as f32,
+            ThresholdMode::RiskProne => self.risk_prone as f32,
+            ThresholdMode::TargetRisk { epsilon } if epsilon == self.target_risk_epsilon => {
+                self.target_risk
+            }
+            // A different epsilon than calibrated: use the linear fit's prediction of it.
+            ThresholdMode::TargetRisk { epsilon } => {
+                (((epsilon as f64 - self.fit.b) / self.fit.a).max(0.0)) as f32
+            }
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("calibration serialises")
+    }
+
+    pub fn from_json(json: &str) -> Result<Self, ThresholdError> {
+        serde_json::from_str(json).map_err(|e| ThresholdError::Json(e.to_string()))
+    }
+}
+
+/// Parameters of the runtime threshold policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    pub mode: ThresholdMode,
+    /// Threshold used until enough verdicts arrive (or a calibration sets one).
+    pub initial_threshold: f32,
+    /// Refit from the server's verdicts while generating.
+    pub online: bool,
+    /// Fraction of below-threshold tokens still sent, so the fit also sees confident tokens.
+    pub probe_rate: f32,
+    /// Per-observation decay of older samples' weight (exponential forgetting).
+    pub forgetting: f32,
+    /// Most recent observations kept for refitting.
+    pub window: usize,
+    /// Observations needed before the first refit.
+    pub min_samples: usize,
+    /// Refit after this many new observations.
+    pub refit_every: usize,
+    pub seed: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            mode: ThresholdMode::TargetRisk { epsilon: 0.1 },
+            initial_threshold: 0.1,
+            online: true,
+            probe_rate: 0.05,
+            forgetting: 0.995,
+            window: 1024,
+            min_samples: 32,
+            refit_every: 16,
+            seed: 0,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Verify every token (the papers' HLM baseline).
+    pub fn send_all() -> Self {
+        Self {
+            mode: ThresholdMode::Fixed { u_th: 0.0 },
+            initial_threshold: 0.0,
+            online: false,
+            probe_rate: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// A fixed threshold without recalibration.
+    pub fn fixed(u_th: f32) -> Self {
+        Self {
+            mode: ThresholdMode::Fixed { u_th },
+            initial_threshold: u_th,
+            online: false,
+            probe_rate: 0.0,
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ThresholdError> {
+        let bad = |m: &str| Err(ThresholdError::InvalidParameter(m.into()));
+        if !(0.0..=1.0).contains(&self.probe_rate) {
+            return bad("probe_rate must be in [0, 1]");
+        }
+        if !(self.forgetting > 0.0 && self.forgetting <= 1.0) {
+            return bad("forgetting must be in (0, 1]");
+        }
+        if self.window < 2 || self.refit_every == 0 {
+            return bad("window must be >= 2 and refit_every >= 1");
+        }
+        if let ThresholdMode::TargetRisk { epsilon } = self.mode {
+            if !(0.0..=1.0).contains(&epsilon) {
+                return bad("epsilon must be in [0, 1]");
+            }
+        }
+        if !self.initial_threshold.is_finite() {
+            return bad("initial_threshold must be finite");
+        }
+        Ok(())
+    }
+}
+
+/// What to do with one drafted token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Keep the draft locally; nothing goes uplink.
+    Skip,
+    /// Send for verification. `probe` marks a below-threshold token sent only to keep the
+    /// online fit unbiased.
+    Send { probe: bool },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Observation {
+    u: f32,
+    beta: f32,
+    /// Inverse probability of having been observed: probes stand for the skipped tokens.
+    importance: f64,
+}
+
+/// The device's threshold policy: decides per token, learns from verdicts.
+pub struct ThresholdPolicy {
+    config: PolicyConfig,
+    u_th: f32,
+    rng: ChaCha8Rng,
+    window: VecDeque<Observation>,
+    since_refit: usize,
+    last_fit: Option<LinearFit>,
+    scratch: Vec<(f32, f32, f64)>,
+}
+
+impl ThresholdPolicy {
+    pub fn new(config: PolicyConfig) -> Result<Self, ThresholdError> {
+        config.validate()?;
+        let u_th = match config.mode {
+            ThresholdMode::Fixed { u_th } => u_th,
+            _ => config.initial_threshold,
+        };
+        Ok(Self {
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            u_th,
+            window: VecDeque::with_capacity(config.window),
+            since_refit: 0,
+            last_fit: None,
+            scratch: Vec::new(),
+            config,
+        })
+    }
+
+    /// Starts from a shipped calibration's threshold for the configured mode.
+    pub fn with_calibration(
+        config: PolicyConfig,
+        calibration: &Calibration,
+    ) -> Result<Self, ThresholdError> {
+        let mut policy = Self::new(config)?;
+        policy.u_th = calibration.threshold(&policy.config.mode);
+        policy.last_fit = Some(calibration.fit);
+        Ok(policy)
+    }
+
+    /// The threshold in force.
+    pub fn threshold(&self) -> f32 {
+        self.u_th
+    }
+
+    /// The latest online fit, if any.
+    pub fn fit(&self) -> Option<LinearFit> {
+        self.last_fit
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// Skip or send a token of uncertainty `u`.
+    pub fn decide(&mut self, u: f32) -> Decision {
+        if u >= self.u_th {
+            return Decision::Send { probe: false };
+        }
+        if self.config.online
+            && self.config.probe_rate > 0.0
+            && self.rng.random::<f32>() < self.config.probe_rate
+        {
+            return Decision::Send { probe: true };
+        }
+        Decision::Skip
+    }
+
+    /// Learns from a server verdict for a token that was sent after `decide` said `decision`.
+    pub fn observe(&mut self, decision: Decision, u: f32, beta: f32) {
+        if !self.config.online || !u.is_finite() || !beta.is_finite() {
+            return;
+        }
+        let importance = match decision {
+            Decision::Send { probe: true } => 1.0 / self.config.probe_rate as f64,
+            _ => 1.0,
+        };
+        if self.window.len() == self.config.window {
+            self.window.pop_front();
+        }
+        self.window.push_back(Observation {
+            u,
+            beta: beta.clamp(0.0, 1.0),
+            importance,
+        });
+        self.since_refit += 1;
+        if self.window.len() >= self.config.min_samples
+            && self.since_refit >= self.config.refit_every
+        {
+            self.refit();
+        }
+    }
+
+    /// Refits from the window: weights are importance × forgetting^age.
+    fn refit(&mut self) {
+        self.since_refit = 0;
+        let n = self.window.len();
+        let lambda = self.config.forgetting as f64;
+        self.scratch.clear();
+        let mut decay = 1.0;
+        for (age, o) in self.window.iter().rev().enumerate() {
+            if age > 0 {
+                decay *= lambda;
+            }
+            self.scratch.push((o.u, o.beta, o.importance * decay));
+        }
+        debug_assert_eq!(self.scratch.len(), n);
+        let fit = weighted_fit(
+            self.scratch
+                .iter()
+                .map(|&(u, b, w)| (u as f64, b as f64, w)),
+        )
+        .ok();
+        if fit.is_some() {
+            self.last_fit = fit;
+        }
+        let new_th = match self.config.mode {
+            ThresholdMode::Fixed { u_th } => Some(u_th),
+            ThresholdMode::RiskAverse => fit.and_then(|f| f.risk_averse().ok()).map(|t| t as f32),
+            ThresholdMode::RiskProne => {
+                let total: f64 = self.scratch.iter().map(|p| p.2).sum();
+                let rejected: f64 = self.scratch.iter().filter(|p| p.1 > 0.0).map(|p| p.2).sum();
+                let delta = if total > 0.0 { rejected / total } else { 0.0 };
+                fit.and_then(|f| f.risk_prone(delta).ok()).map(|t| t as f32)
+            }
+            ThresholdMode::TargetRisk { epsilon } => {
+                Some(target_risk_weighted(&mut self.scratch, epsilon as f64))
+            }
+        };
+        if let Some(t) = new_th.filter(|t| t.is_finite()) {
+            self.u_th = t;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synthetic(a: f64, b: f64, n: usize, noise: f64, seed: u64) -> Vec<Sample> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let u: f64 = rng.random();
+                let e: f64 = (rng.random::<f64>() - 0.5) * 2.0 * noise;
+                Sample {
+                    u: u as f32,
+                    beta: (a * u + b + e) as f32,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn recovers_known_line_and_paper_thresholds() {
+        let samples = synthetic(0.82, -0.06, 5000, 0.0, 1);
+        let f = fit(&samples).unwrap();
+        assert!((f.a - 0.82).abs() < 1e-5 && (f.b + 0.06).abs() < 1e-5);
+        assert!(f.r2 > 0.999999);
+        assert!((f.risk_averse().unwrap() - 0.06 / 0.82).abs() < 1e-5);
+        assert!((f.risk_prone(0.3).unwrap() - 0.36 / 0.82).abs() < 1e-5);
+
+        let noisy = synthetic(0.82, -0.06, 20_000, 0.05, 2);
+        let f = fit(&noisy).unwrap();
+        assert!((f.a - 0.82).abs() < 0.01 && (f.b + 0.06).abs() < 0.01);
+        assert!(f.r2 > 0.9 && f.r2 < 1.0);
+    }
+
+    #[test]
+    fn fit_errors_are_typed() {
+        assert!(matches!(
+            fit(&[]),
+            Err(ThresholdError::TooFewSamples { .. })
+        ));
+        let flat = vec![Sample { u: 0.3, beta: 0.1 }; 10];
+        assert_eq!(fit(&flat), Err(ThresholdError::NoSpread));
+        let falling: Vec<_> = (0..10)
+            .map(|i| Sample {
+                u: i as f32 / 10.0,
+                beta: 1.0 - i as f32 / 10.0,
+            })
+            .collect();
+        assert!(matches!(
+            fit(&falling).unwrap().risk_averse(),
+            Err(ThresholdError::NonPositiveSlope(_))
+        ));
+    }
+
+    #[test]
+    fn delta_counts_rejection_risk() {
+        let s = [
+            Sample { u: 0.1, beta: 0.0 },
+            Sample { u: 0.2, beta: 0.5 },
+            Sample { u: 0.3, beta: 0.0 },
+            Sample { u: 0.4, beta: 0.1 },
+        ];
+        assert_eq!(delta(&s), 0.5);
+    }
+
+    #[test]
+    fn target_risk_is_the_largest_safe_threshold() {
+        let s = [
+            Sample { u: 0.1, beta: 0.0 },
+            Sample { u: 0.2, beta: 0.1 },
+            Sample { u: 0.3, beta: 0.2 },
+            Sample { u: 0.4, beta: 0.9 },
+        ];
+        // Prefix means: 0, 0.05, 0.1, 0.3.
+        assert_eq!(target_risk(&s, 0.1), 0.4);
+        assert_eq!(target_risk(&s, 0.05), 0.3);
+        assert_eq!(target_risk(&s, 0.0), 0.2);
+        assert!(target_risk(&s, 1.0) > 0.4);
+        let risky = [Sample { u: 0.1, beta: 0.5 }];
+        assert_eq!(target_risk(&risky, 0.1), 0.0);
+        // Ties are kept together: both 0.2s have mean 0.25 > 0.1.
+        let tied = [
+            Sample { u: 0.1, beta: 0.0 },
+            Sample { u: 0.2, beta: 0.0 },
+            Sample { u: 0.2, beta: 0.5 },
+        ];
+        assert_eq!(target_risk(&tied, 0.1), 0.2);
+    }
+
+    #[test]
+    fn calibration_round_trips_through_json() {
+        let samples = synthetic(0.8, -0.05, 500, 0.02, 3);
+        let c = Calibration::from_samples(UncertaintyKind::default(), &samples, 0.05).unwrap();
+        let back = Calibration::from_json(&c.to_json()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(
+            c.threshold(&ThresholdMode::RiskAverse),
+            c.risk_averse as f32
+        );
+        assert!(matches!(
+            Calibration::from_json("{"),
+            Err(ThresholdError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn send_all_never_skips_and_fixed_is_strict() {
+        let mut all = ThresholdPolicy::new(PolicyConfig::send_all()).unwrap();
+        assert!((0..100).all(|i| all.decide(i as f32 / 100.0) != Decision::Skip));
+        let mut fixed = ThresholdPolicy::new(PolicyConfig::fixed(0.5)).unwrap();
+        assert_eq!(fixed.decide(0.49), Decision::Skip);
+        assert_eq!(fixed.decide(0.5), Decision::Send { probe: false });
+    }
+
+    /// A world where beta = 0.8·u − 0.05 (clamped): the online policy should converge to the
+    /// threshold that holds skipped-token risk at epsilon, starting far away, while probing.
+    #[test]
+    fn online_target_risk_converges_with_unbiased_probes() {
+        let cfg = PolicyConfig {
+            mode: ThresholdMode::TargetRisk { epsilon: 0.1 },
+            initial_threshold: 0.9,
+            window: 4096,
+            forgetting: 1.0,
+            ..PolicyConfig::default()
+        };
+        let mut policy = ThresholdPolicy::new(cfg).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (mut probes, mut skipped) = (0, 0);
+        for _ in 0..40_000 {
+            let u: f32 = rng.random();
+            let beta = (0.8 * u - 0.05).clamp(0.0, 1.0);
+            match policy.decide(u) {
+                Decision::Skip => skipped += 1,
+                d @ Decision::Send { probe } => {
+                    probes += probe as usize;
+                    policy.observe(d, u, beta);
+                }
+            }
+        }
+        // Mean beta over u < t is (0.4 t^2 - 0.05 t + 0.05^2/1.6)/t for t > 1/16 → 0.1 at t ≈ 0.364.
+        let t = policy.threshold();
+        assert!((t - 0.364).abs() < 0.03, "threshold {t}");
+        assert!(probes > 100 && skipped > 10_000);
+        let f = policy.fit().unwrap();
+        assert!(f.a > 0.5, "fit {f:?}");
+    }
+
+    #[test]
+    fn invalid_policy_configs_are_rejected() {
+        let bad = PolicyConfig {
+            probe_rate: 2.0,
+            ..PolicyConfig::default()
+        };
+        assert!(ThresholdPolicy::new(bad).is_err());
+    }
+}

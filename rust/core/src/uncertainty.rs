@@ -1,0 +1,474 @@
+//! How unsure the SLM is about its draft, computed from the logits of the one forward pass that
+//! produced the draft.
+//!
+//! The U-HLM paper perturbs the temperature: it draws `K` temperatures `theta_k ~ U(theta_min,
+//! theta_max]`, samples one token at each, and reports the fraction that differ from the draft.
+//! That estimator is noisy and random. Its expectation has a closed form,
+//! `u = 1 - E_theta[softmax(z / theta)_d]`, a smooth one-dimensional integral that we compute by
+//! Gauss-Legendre quadrature: same meaning, zero sampling noise, no RNG. It is the default.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Logits more than this many nats (at the largest temperature) below the maximum contribute
+/// less than `exp(-88)` of the mass and are skipped (they underflow f32 anyway).
+const NEGLIGIBLE_NATS: f32 = 88.0;
+
+/// An uncertainty estimator: maps one position's logits and the drafted token to `u` in `[0, 1]`.
+///
+/// Implementations keep reusable buffers, so calling it per token allocates nothing once warm.
+pub trait UncertaintyEstimator: Send {
+    /// A short stable name, used in calibration files and reports.
+    fn name(&self) -> &'static str;
+    /// The uncertainty of `draft` given the SLM's raw `logits`. Returns 1.0 (maximally unsure)
+    /// when the logits have no finite value.
+    fn estimate(&mut self, logits: &[f32], draft: u32) -> f32;
+}
+
+/// Serialisable choice of estimator, as found in configs and calibration files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum UncertaintyKind {
+    /// The paper's Monte-Carlo temperature perturbation.
+    TemperaturePerturbation {
+        samples: u32,
+        theta_min: f32,
+        theta_max: f32,
+        seed: u64,
+    },
+    /// The exact expectation of the paper's estimator, by quadrature (default).
+    ExpectedTemperature {
+        theta_min: f32,
+        theta_max: f32,
+        /// Number of quadrature panels; each uses 4 Gauss-Legendre nodes.
+        panels: u32,
+    },
+    /// `1 - max_x q_x` at temperature 1.
+    MaxProbability,
+    /// Entropy of the softmax at temperature 1, divided by `ln(vocab)`.
+    Entropy,
+    /// `1 - (q_top1 - q_top2)` at temperature 1.
+    Margin,
+}
+
+impl Default for UncertaintyKind {
+    fn default() -> Self {
+        Self::ExpectedTemperature {
+            theta_min: 0.05,
+            theta_max: 2.0,
+            panels: 8,
+        }
+    }
+}
+
+impl UncertaintyKind {
+    /// The paper's Monte-Carlo estimator with its defaults (K = 20, theta in (0.05, 2]).
+    pub fn paper(seed: u64) -> Self {
+        Self::TemperaturePerturbation {
+            samples: 20,
+            theta_min: 0.05,
+            theta_max: 2.0,
+            seed,
+        }
+    }
+
+    /// Every estimator with default parameters, for calibration runs that compare them.
+    pub fn all(seed: u64) -> Vec<Self> {
+        vec![
+            Self::default(),
+            Self::paper(seed),
+            Self::MaxProbability,
+            Self::Entropy,
+            Self::Margin,
+        ]
+    }
+
+    /// Checks parameter ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        let temps = |lo: f32, hi: f32| {
+            if lo.is_finite() && hi.is_finite() && lo > 0.0 && hi > lo {
+                Ok(())
+            } else {
+                Err(format!(
+                    "temperature range must satisfy 0 < theta_min < theta_max, got ({lo}, {hi}]"
+                ))
+            }
+        };
+        match *self {
+            Self::TemperaturePerturbation {
+                samples,
+                theta_min,
+                theta_max,
+                ..
+            } => {
+                if samples == 0 {
+                    return Err("samples must be at least 1".into());
+                }
+                temps(theta_min, theta_max)
+            }
+            Self::ExpectedTemperature {
+                theta_min,
+                theta_max,
+                panels,
+            } => {
+                if panels == 0 {
+                    return Err("panels must be at least 1".into());
+                }
+                temps(theta_min, theta_max)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Builds the estimator.
+    pub fn build(&self) -> Box<dyn UncertaintyEstimator> {
+        match *self {
+            Self::TemperaturePerturbation {
+                samples,
+                theta_min,
+                theta_max,
+                seed,
+            } => Box::new(TemperaturePerturbation::new(
+                samples, theta_min, theta_max, seed,
+            )),
+            Self::ExpectedTemperature {
+                theta_min,
+                theta_max,
+                panels,
+            } => Box::new(ExpectedTemperature::new(theta_min, theta_max, panels)),
+            Self::MaxProbability => Box::new(MaxProbability::default()),
+            Self::Entropy => Box::new(Entropy::default()),
+            Self::Margin => Box::new(Margin::default()),
+        }
+    }
+}
+
+/// Logits shifted so the maximum is 0, keeping only the non-negligible ones.
+/// Returns the shifted logit of `draft` (or `None` if it is negligible or absent).
+fn shifted_candidates(
+    logits: &[f32],
+    draft: u32,
+    theta_max: f32,
+    out: &mut Vec<f32>,
+) -> Option<Option<f32>> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let cutoff = -NEGLIGIBLE_NATS * theta_max;
+    out.clear();
+    out.extend(
+        logits
+            .iter()
+            .map(|&z| z - max)
+            .filter(|&s| s.is_finite() && s > cutoff),
+    );
+    let draft_shift = logits
+        .get(draft as usize)
+        .map(|&z| z - max)
+        .filter(|s| s.is_finite() && *s > cutoff);
+    Some(draft_shift)
+}
+
+/// `softmax(z / theta)_d` from shifted logits.
+fn softmax_at(shifted: &[f32], draft_shift: f32, theta: f32) -> f64 {
+    let inv = 1.0 / theta;
+    let mut total = 0.0f64;
+    for chunk in shifted.chunks(1024) {
+        let s: f32 = chunk.iter().map(|&x| (x * inv).exp()).sum();
+        total += s as f64;
+    }
+    ((draft_shift * inv).exp() as f64 / total).min(1.0)
+}
+
+/// The paper's estimator: `K` temperatures `theta_k ~ U(theta_min, theta_max]`, one token
+/// sampled at each, `u = #{s_k != d} / K`.
+///
+/// Whether `s_k` equals `d` is a Bernoulli draw with probability `softmax(z/theta_k)_d`, so we
+/// draw that Bernoulli directly: the same distribution of `u` as sampling whole tokens.
+pub struct TemperaturePerturbation {
+    samples: u32,
+    theta_min: f32,
+    theta_max: f32,
+    rng: ChaCha8Rng,
+    shifted: Vec<f32>,
+}
+
+impl TemperaturePerturbation {
+    pub fn new(samples: u32, theta_min: f32, theta_max: f32, seed: u64) -> Self {
+        Self {
+            samples,
+            theta_min,
+            theta_max,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            shifted: Vec::new(),
+        }
+    }
+}
+
+impl UncertaintyEstimator for TemperaturePerturbation {
+    fn name(&self) -> &'static str {
+        "temperature_perturbation"
+    }
+
+    fn estimate(&mut self, logits: &[f32], draft: u32) -> f32 {
+        let Some(draft_shift) =
+            shifted_candidates(logits, draft, self.theta_max, &mut self.shifted)
+        else {
+            return 1.0;
+        };
+        let mut differ = 0u32;
+        for _ in 0..self.samples {
+            // U(theta_min, theta_max]: 1 - U[0,1) lies in (0, 1].
+            let theta = self.theta_min
+                + (self.theta_max - self.theta_min) * (1.0 - self.rng.random::<f32>());
+            let p_d = draft_shift.map_or(0.0, |s| softmax_at(&self.shifted, s, theta));
+            if self.rng.random::<f64>() >= p_d {
+                differ += 1;
+            }
+        }
+        differ as f32 / self.samples as f32
+    }
+}
+
+/// 4-point Gauss-Legendre nodes and weights on [-1, 1].
+const GL4: [(f64, f64); 4] = [
+    (-0.861_136_311_594_052_6, 0.347_854_845_137_453_9),
+    (-0.339_981_043_584_856_3, 0.652_145_154_862_546_1),
+    (0.339_981_043_584_856_3, 0.652_145_154_862_546_1),
+    (0.861_136_311_594_052_6, 0.347_854_845_137_453_9),
+];
+
+/// `u = 1 - (1 / (theta_max - theta_min)) * integral of softmax(z/theta)_d over theta`,
+/// by composite 4-point Gauss-Legendre quadrature. Deterministic.
+pub struct ExpectedTemperature {
+    /// (theta, weight) pairs, weights summing to 1.
+    nodes: Vec<(f32, f64)>,
+    theta_max: f32,
+    shifted: Vec<f32>,
+}
+
+impl ExpectedTemperature {
+    pub fn new(theta_min: f32, theta_max: f32, panels: u32) -> Self {
+        let panels = panels.max(1);
+        let width = (theta_max - theta_min) as f64 / panels as f64;
+        let mut nodes = Vec::with_capacity(4 * panels as usize);
+        for i in 0..panels {
+            let mid = theta_min as f64 + width * (i as f64 + 0.5);
+            for (x, w) in GL4 {
+                // Each panel's weights sum to 2; normalising by 2 * panels averages over theta.
+                nodes.push(((mid + x * width / 2.0) as f32, w / (2.0 * panels as f64)));
+            }
+        }
+        Self {
+            nodes,
+            theta_max,
+            shifted: Vec::new(),
+        }
+    }
+}
+
+impl UncertaintyEstimator for ExpectedTemperature {
+    fn name(&self) -> &'static str {
+        "expected_temperature"
+    }
+
+    fn estimate(&mut self, logits: &[f32], draft: u32) -> f32 {
+        let Some(draft_shift) =
+            shifted_candidates(logits, draft, self.theta_max, &mut self.shifted)
+        else {
+            return 1.0;
+        };
+        let Some(s) = draft_shift else {
+            return 1.0;
+        };
+        let expected: f64 = self
+            .nodes
+            .iter()
+            .map(|&(theta, w)| w * softmax_at(&self.shifted, s, theta))
+            .sum();
+        (1.0 - expected).clamp(0.0, 1.0) as f32
+    }
+}
+
+/// Softmax at temperature 1 into `probs`; `false` when nothing is finite.
+fn softmax_t1(logits: &[f32], probs: &mut Vec<f32>) -> bool {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return false;
+    }
+    probs.clear();
+    probs.extend(
+        logits
+            .iter()
+            .map(|&z| if z.is_nan() { 0.0 } else { (z - max).exp() }),
+    );
+    let sum: f64 = probs.iter().map(|&p| p as f64).sum();
+    let inv = (1.0 / sum) as f32;
+    probs.iter_mut().for_each(|p| *p *= inv);
+    true
+}
+
+/// `1 - max q`: how much mass the most likely token leaves to the others.
+#[derive(Default)]
+pub struct MaxProbability {
+    probs: Vec<f32>,
+}
+
+impl UncertaintyEstimator for MaxProbability {
+    fn name(&self) -> &'static str {
+        "max_probability"
+    }
+
+    fn estimate(&mut self, logits: &[f32], _draft: u32) -> f32 {
+        if !softmax_t1(logits, &mut self.probs) {
+            return 1.0;
+        }
+        (1.0 - self.probs.iter().copied().fold(0.0, f32::max)).clamp(0.0, 1.0)
+    }
+}
+
+/// Normalised Shannon entropy `H(q) / ln V`.
+#[derive(Default)]
+pub struct Entropy {
+    probs: Vec<f32>,
+}
+
+impl UncertaintyEstimator for Entropy {
+    fn name(&self) -> &'static str {
+        "entropy"
+    }
+
+    fn estimate(&mut self, logits: &[f32], _draft: u32) -> f32 {
+        if logits.len() < 2 || !softmax_t1(logits, &mut self.probs) {
+            return 1.0;
+        }
+        let h: f64 = self
+            .probs
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| -(p as f64) * (p as f64).ln())
+            .sum();
+        (h / (logits.len() as f64).ln()).clamp(0.0, 1.0) as f32
+    }
+}
+
+/// `1 - (q_top1 - q_top2)`: a small margin between the two best tokens means doubt.
+#[derive(Default)]
+pub struct Margin {
+    probs: Vec<f32>,
+}
+
+impl UncertaintyEstimator for Margin {
+    fn name(&self) -> &'static str {
+        "margin"
+    }
+
+    fn estimate(&mut self, logits: &[f32], _draft: u32) -> f32 {
+        if !softmax_t1(logits, &mut self.probs) {
+            return 1.0;
+        }
+        let (mut first, mut second) = (0.0f32, 0.0f32);
+        for &p in &self.probs {
+            if p > first {
+                second = first;
+                first = p;
+            } else if p > second {
+                second = p;
+            }
+        }
+        (1.0 - (first - second)).clamp(0.0, 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confident_logits_give_low_uncertainty_for_the_top_token() {
+        let mut logits = vec![0.0f32; 1000];
+        logits[7] = 30.0;
+        for kind in UncertaintyKind::all(3) {
+            let mut e = kind.build();
+            let u = e.estimate(&logits, 7);
+            assert!(u < 0.05, "{}: {u}", e.name());
+        }
+        // Drafting anything but the top token is maximally surprising for the
+        // draft-aware estimators.
+        assert!(UncertaintyKind::default().build().estimate(&logits, 3) > 0.9);
+        assert!(UncertaintyKind::paper(1).build().estimate(&logits, 3) > 0.9);
+    }
+
+    #[test]
+    fn flat_logits_give_high_uncertainty() {
+        let logits = vec![1.0f32; 500];
+        for kind in UncertaintyKind::all(3) {
+            let mut e = kind.build();
+            let u = e.estimate(&logits, 0);
+            assert!(u > 0.9, "{}: {u}", e.name());
+        }
+    }
+
+    #[test]
+    fn quadrature_matches_a_fine_riemann_sum() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37 % 11) as f32) * 0.7).collect();
+        let draft = 5;
+        let mut e = ExpectedTemperature::new(0.05, 2.0, 8);
+        let u = e.estimate(&logits, draft);
+        let mut shifted = Vec::new();
+        let s = shifted_candidates(&logits, draft, 2.0, &mut shifted)
+            .unwrap()
+            .unwrap();
+        let n = 100_000;
+        let mean: f64 = (0..n)
+            .map(|i| {
+                let theta = 0.05 + 1.95 * (i as f32 + 0.5) / n as f32;
+                softmax_at(&shifted, s, theta)
+            })
+            .sum::<f64>()
+            / n as f64;
+        assert!(
+            (u as f64 - (1.0 - mean)).abs() < 1e-4,
+            "{u} vs {}",
+            1.0 - mean
+        );
+    }
+
+    #[test]
+    fn non_finite_logits_are_maximally_uncertain() {
+        for kind in UncertaintyKind::all(3) {
+            assert_eq!(
+                kind.build().estimate(&[f32::NAN, f32::NEG_INFINITY], 0),
+                1.0
+            );
+        }
+    }
+
+    #[test]
+    fn kinds_round_trip_through_json_and_validate() {
+        for kind in UncertaintyKind::all(9) {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(
+                serde_json::from_str::<UncertaintyKind>(&json).unwrap(),
+                kind
+            );
+            assert!(kind.validate().is_ok());
+        }
+        let bad = UncertaintyKind::ExpectedTemperature {
+            theta_min: 2.0,
+            theta_max: 1.0,
+            panels: 4,
+        };
+        assert!(bad.validate().is_err());
+    }
+}
