@@ -1,0 +1,271 @@
+//! Every message of the protocol, one struct per message.
+//!
+//! Postcard is not self-describing: the variant order of [`Message`] and the field order of each
+//! struct *are* the wire format. Any change to them is a new [`PROTOCOL_VERSION`]. `Hello` (index
+//! 0, `protocol_version` first) and `ErrorMessage` (index 2) are frozen forever, so a server of
+//! any version can read a client's version and answer `UnsupportedVersion` in a form the client
+//! understands.
+
+use serde::de::{Error as _, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+use super::{ErrorCode, PROTOCOL_VERSION};
+use crate::chat::ChatMessage;
+use crate::sampling::SamplingOptions;
+
+/// One protocol message, the payload of one frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// \[0\] Device → server, first message on the control stream.
+    Hello(Hello),
+    /// \[1\] Server → device, accepts a `Hello`.
+    Welcome(Welcome),
+    /// \[2\] Either direction: a request failed, or the sender gives up on the stream.
+    Error(ErrorMessage),
+    /// \[3\] Device → server, first message on a session stream.
+    Start(Start),
+    /// \[4\] Server → device, answers `Start` and `Resync`.
+    Started(Started),
+    /// \[5\] Device → server, asks for the next token.
+    Verify(Verify),
+    /// \[6\] Server → device, answers `Verify`.
+    Verdict(Verdict),
+    /// \[7\] Device → server, replaces the session's context.
+    Resync(Resync),
+    /// \[8\] Either direction: ends the stream gracefully.
+    Close(Close),
+}
+
+impl Message {
+    /// The variant name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Error(_) => "Error",
+            Message::Start(_) => "Start",
+            Message::Started(_) => "Started",
+            Message::Verify(_) => "Verify",
+            Message::Verdict(_) => "Verdict",
+            Message::Resync(_) => "Resync",
+            Message::Close(_) => "Close",
+        }
+    }
+}
+
+/// Opens a connection: who the device is and which model it drafts with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must stay the first field of the first variant (see the module docs).
+    pub protocol_version: u16,
+    /// SHA-256 identifying the device's tokenizer/vocabulary; drafts are token ids, so the
+    /// server's model must share it.
+    pub model_fingerprint: [u8; 32],
+    pub api_key: String,
+    /// Client name and version, for the server's logs (e.g. `uhlm-android/0.1.0`).
+    pub client: String,
+}
+
+impl Hello {
+    /// Whether this server can talk to the client; the `Err` is the reply to send before closing.
+    pub fn check_version(&self) -> Result<(), ErrorMessage> {
+        if self.protocol_version == PROTOCOL_VERSION {
+            Ok(())
+        } else {
+            Err(ErrorMessage::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "server speaks protocol version {PROTOCOL_VERSION}, client sent {}",
+                    self.protocol_version
+                ),
+            ))
+        }
+    }
+}
+
+/// Accepts a connection and states the server's limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol_version: u16,
+    /// Server name and version, for the device's logs.
+    pub server: String,
+    /// Largest frame payload the server accepts; the device must not send bigger ones.
+    pub max_frame_bytes: u32,
+    /// Largest context (prompt + generated tokens) a session may reach.
+    pub max_context_tokens: u32,
+}
+
+/// A failed request, or the reason a stream or connection is being abandoned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Error)]
+#[error("{code}: {message}")]
+pub struct ErrorMessage {
+    pub code: ErrorCode,
+    /// Human-readable detail; never parse it.
+    pub message: String,
+    /// The `Verify.seq` this error answers, if it answers one.
+    pub seq: Option<u32>,
+}
+
+impl ErrorMessage {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            seq: None,
+        }
+    }
+
+    /// The error answering `Verify { seq, .. }`.
+    pub fn for_seq(code: ErrorCode, message: impl Into<String>, seq: u32) -> Self {
+        Self {
+            seq: Some(seq),
+            ..Self::new(code, message)
+        }
+    }
+}
+
+/// The prompt a session starts from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// \[0\] Token ids, already rendered by the device.
+    Tokens(Vec<u32>),
+    /// \[1\] A conversation of at most [`MAX_CHAT_MESSAGES`] turns; the server renders it with
+    /// its model's chat template and returns the ids in `Started.rendered`.
+    Chat(#[serde(deserialize_with = "bounded_chat")] Vec<ChatMessage>),
+}
+
+/// Most turns a `Prompt::Chat` may hold.
+///
+/// An empty `ChatMessage` is 2 bytes on the wire but 48 in memory; without a bound, one frame
+/// could make the decoder allocate ~70 times its size. 4096 turns exceed any context window.
+pub const MAX_CHAT_MESSAGES: usize = 4096;
+
+fn bounded_chat<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChatMessage>, D::Error> {
+    struct Bounded;
+    impl<'de> Visitor<'de> for Bounded {
+        type Value = Vec<ChatMessage>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_CHAT_MESSAGES} chat messages")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            if seq.size_hint().is_some_and(|n| n > MAX_CHAT_MESSAGES) {
+                return Err(A::Error::invalid_length(MAX_CHAT_MESSAGES + 1, &self));
+            }
+            let mut out = Vec::new();
+            while let Some(m) = seq.next_element()? {
+                if out.len() == MAX_CHAT_MESSAGES {
+                    return Err(A::Error::invalid_length(MAX_CHAT_MESSAGES + 1, &self));
+                }
+                out.push(m);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded)
+}
+
+/// Opens a generation session on a new bidirectional stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Start {
+    /// Chosen by the device, unique on its connection; echoed in `Started` and logs.
+    pub session_id: u64,
+    pub prompt: Prompt,
+    /// The server applies the same transformation to its logits as the device to its own.
+    pub sampling: SamplingOptions,
+}
+
+/// The server now holds a context of `context_len` tokens for this session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub session_id: u64,
+    pub context_len: u32,
+    /// The rendered prompt, only when the device sent `Prompt::Chat` (it must learn the ids to
+    /// draft from); `None` for `Prompt::Tokens` and `Resync`, whose ids the device already has.
+    pub rendered: Option<Vec<u32>>,
+}
+
+/// The device's compressed next-token distribution and the token it sampled from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Draft {
+    pub token: u32,
+    /// `codec::encode` output, opaque to the protocol; the device sampled `token` from exactly
+    /// the distribution these bytes decode to.
+    #[serde(with = "serde_bytes")]
+    pub q: Vec<u8>,
+}
+
+/// Asks the server to decide the token at `position`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verify {
+    /// Request number, echoed by `Verdict` and `Error`; the device increments it (wrapping).
+    pub seq: u32,
+    /// Context index of the token being decided: the server's context length after appending
+    /// `skipped`. A consistency check; a mismatch is answered with `PositionMismatch`.
+    pub position: u32,
+    /// Tokens the device committed locally (confident, not sent) since its last uplink; the
+    /// server appends them to its context before deciding.
+    pub skipped: Vec<u32>,
+    /// `None`: sample the token from the server's own distribution (remote-LLM-only mode).
+    pub draft: Option<Draft>,
+    /// The device's uncertainty for this token, for the server's threshold statistics.
+    pub uncertainty: f32,
+}
+
+impl Verify {
+    /// The context length the device assumes the server has before this request.
+    pub fn base_len(&self) -> Option<u32> {
+        self.position
+            .checked_sub(u32::try_from(self.skipped.len()).ok()?)
+    }
+}
+
+/// The token at `Verify.position`; the server's context is now `position + 1` tokens long.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub seq: u32,
+    /// The committed token: the draft if accepted, otherwise the server's sample.
+    pub token: u32,
+    /// Whether the draft was kept; `false` when no draft was sent.
+    pub accepted: bool,
+    /// Rejection probability `max(0, 1 - p_d / q_d)` of the draft; 0 when no draft was sent.
+    pub beta: f32,
+    /// Total-variation distance between the server's `p` and the decoded `q`; 0 without draft.
+    pub tv_distance: f32,
+}
+
+/// Replaces the session's context with these token ids (prompt and every committed token).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resync {
+    pub context: Vec<u32>,
+}
+
+/// Ends a stream gracefully; the sender then finishes its side of the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Close {
+    pub reason: String,
+}
+
+macro_rules! impl_from {
+    ($($variant:ident($ty:ty)),*) => {
+        $(impl From<$ty> for Message {
+            fn from(m: $ty) -> Self {
+                Message::$variant(m)
+            }
+        })*
+    };
+}
+
+impl_from!(
+    Hello(Hello),
+    Welcome(Welcome),
+    Error(ErrorMessage),
+    Start(Start),
+    Started(Started),
+    Verify(Verify),
+    Verdict(Verdict),
+    Resync(Resync),
+    Close(Close)
+);

@@ -1,0 +1,36 @@
+//! The wire protocol between a device and a uhlm server: messages, framing and the legal order of
+//! messages on each stream. No sockets here: the transport (QUIC, ALPN [`ALPN`], TLS 1.3) lives at
+//! the edges and feeds bytes in and out, like `quinn` drives `quinn-proto`.
+//!
+//! `docs/PROTOCOL.md` is the normative description for other-language clients; the golden
+//! vectors in `tests/protocol_golden.rs` pin the bytes it prints.
+//!
+//! - [`message`]: every message, serialised with postcard.
+//! - [`error_code`]: the error codes and what a client does for each.
+//! - [`frame`]: length-prefixed frames, [`encode_frame`] and the incremental [`FrameDecoder`].
+//! - [`stream`]: which message may come next on the control stream and on a session stream.
+
+pub mod error_code;
+pub mod frame;
+pub mod message;
+pub mod stream;
+
+pub use error_code::{ErrorCode, Recovery};
+pub use frame::{FRAME_HEADER_BYTES, FrameDecoder, FrameError, encode_frame, encode_frame_into};
+pub use message::{
+    Close, Draft, ErrorMessage, Hello, MAX_CHAT_MESSAGES, Message, Prompt, Resync, Start, Started,
+    Verdict, Verify, Welcome,
+};
+pub use stream::{ControlPhase, ControlStream, SessionPhase, SessionStream, Side};
+
+/// Version of this protocol; a server refuses a `Hello` with any other version.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// TLS application-layer protocol name negotiated on every QUIC connection.
+pub const ALPN: &[u8] = b"uhlm/1";
+
+/// Frame limit used until `Welcome` says otherwise, and the server's default.
+///
+/// 2 MiB rather than 1 MiB: the dense-f32 baseline codec for a 262 144-token vocabulary
+/// (Gemma 3) is exactly 1 MiB of values plus a header, which must still fit in one `Verify`.
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 1 << 21;

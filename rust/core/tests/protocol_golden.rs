@@ -1,0 +1,103 @@
+//! Golden frames, byte for byte. `docs/PROTOCOL.md` prints the same bytes so that a client in
+//! another language can check its encoder and decoder against them; change both together, and
+//! only with a new protocol version.
+
+use uhlm_core::protocol::*;
+
+fn golden_hello() -> Message {
+    Hello {
+        protocol_version: 1,
+        model_fingerprint: std::array::from_fn(|i| i as u8),
+        api_key: "key".into(),
+        client: "uhlm/0.1".into(),
+    }
+    .into()
+}
+
+const GOLDEN_HELLO: &[u8] = &[
+    0x00, 0x00, 0x00, 0x2f, // payload length 47, big-endian
+    0x00, // variant 0: Hello
+    0x01, // protocol_version 1
+    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, // model_fingerprint: 32 raw bytes
+    0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, //
+    0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, //
+    0x18, 0x19, 0x1a, 0x1b, 0x1c, 0x1d, 0x1e, 0x1f, //
+    0x03, b'k', b'e', b'y', // api_key
+    0x08, b'u', b'h', b'l', b'm', b'/', b'0', b'.', b'1', // client
+];
+
+fn golden_verify() -> Message {
+    Verify {
+        seq: 7,
+        position: 300,
+        skipped: vec![17, 200],
+        draft: Some(Draft {
+            token: 42,
+            // Sparse codec: vocab 49152, u8 weights, ids 42 and 100 with weights 3 and 1.
+            q: vec![0x02, 0x80, 0x80, 0x03, 0x01, 0x02, 0x2a, 0x3a, 0x03, 0x01],
+        }),
+        uncertainty: 0.25,
+    }
+    .into()
+}
+
+const GOLDEN_VERIFY: &[u8] = &[
+    0x00, 0x00, 0x00, 0x19, // payload length 25
+    0x05, // variant 5: Verify
+    0x07, // seq 7
+    0xac, 0x02, // position 300 = 0b10_0101100 → 0xac 0x02
+    0x02, 0x11, 0xc8, 0x01, // skipped: length 2, then 17 and 200
+    0x01, // draft: Some
+    0x2a, // draft.token 42
+    0x0a, 0x02, 0x80, 0x80, 0x03, 0x01, 0x02, 0x2a, 0x3a, 0x03,
+    0x01, // draft.q: length 10, bytes
+    0x00, 0x00, 0x80, 0x3e, // uncertainty 0.25f32 little-endian (0x3e800000)
+];
+
+fn golden_error() -> Message {
+    ErrorMessage::new(ErrorCode::UnsupportedVersion, "v1").into()
+}
+
+const GOLDEN_ERROR: &[u8] = &[
+    0x00, 0x00, 0x00, 0x06, // payload length 6
+    0x02, // variant 2: Error
+    0x00, // code 0: UnsupportedVersion
+    0x02, b'v', b'1', // message
+    0x00, // seq: None
+];
+
+#[test]
+fn golden_frames_encode_exactly() {
+    for (msg, bytes) in [
+        (golden_hello(), GOLDEN_HELLO),
+        (golden_verify(), GOLDEN_VERIFY),
+        (golden_error(), GOLDEN_ERROR),
+    ] {
+        assert_eq!(encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES).unwrap(), bytes);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
+        dec.push(bytes);
+        assert_eq!(dec.next_frame().unwrap(), Some(msg));
+        assert!(dec.is_empty());
+    }
+}
+
+#[test]
+fn golden_constants() {
+    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(ALPN, b"uhlm/1");
+    assert_eq!(DEFAULT_MAX_FRAME_BYTES, 2 * 1024 * 1024);
+}
+
+#[test]
+fn golden_draft_is_what_the_codec_decodes() {
+    let Message::Verify(Verify {
+        draft: Some(draft), ..
+    }) = golden_verify()
+    else {
+        panic!("the golden Verify carries a draft");
+    };
+    let q = uhlm_core::codec::decode(&draft.q, Some(49_152)).expect("valid sparse payload");
+    assert_eq!(q.len(), 49_152);
+    assert_eq!((q[42], q[100]), (0.75, 0.25));
+    assert_eq!(q.iter().filter(|&&p| p != 0.0).count(), 2);
+}
