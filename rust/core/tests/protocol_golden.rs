@@ -85,7 +85,8 @@ fn golden_frames_encode_exactly() {
 fn golden_constants() {
     assert_eq!(PROTOCOL_VERSION, 1);
     assert_eq!(ALPN, b"uhlm/1");
-    assert_eq!(DEFAULT_MAX_FRAME_BYTES, 2 * 1024 * 1024);
+    assert_eq!(DEFAULT_MAX_FRAME_BYTES, 1024 * 1024);
+    assert_eq!(LARGE_VOCAB_MAX_FRAME_BYTES, 2 * 1024 * 1024);
 }
 
 #[test]

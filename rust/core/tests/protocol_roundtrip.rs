@@ -108,7 +108,7 @@ fn encoding_a_too_large_message_leaves_the_buffer_untouched() {
 }
 
 #[test]
-fn dense_f32_draft_for_the_largest_vocabulary_fits_the_default_limit() {
+fn dense_f32_draft_for_the_largest_vocabulary_needs_the_large_limit() {
     // Codec tag 0, varint 262144, then 4 bytes per token.
     let mut q = vec![0u8, 0x80, 0x80, 0x10];
     q.resize(4 + 262_144 * 4, 0);
@@ -119,8 +119,12 @@ fn dense_f32_draft_for_the_largest_vocabulary_fits_the_default_limit() {
         draft: Some(Draft { token: 262_143, q }),
         uncertainty: 1.0,
     });
-    let frame = encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES).unwrap();
-    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
+    assert!(matches!(
+        encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES),
+        Err(FrameError::TooLarge { .. })
+    ));
+    let frame = encode_frame(&msg, LARGE_VOCAB_MAX_FRAME_BYTES).unwrap();
+    let mut dec = FrameDecoder::new(LARGE_VOCAB_MAX_FRAME_BYTES);
     dec.push(&frame);
     assert_same(&[dec.next_frame().unwrap().unwrap()], &[msg]);
 }
