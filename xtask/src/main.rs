@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod bindings;
+
 #[derive(Parser)]
 #[command(about = "uhlm project tasks")]
 struct Cli {
@@ -26,6 +28,16 @@ enum Task {
     Test,
     /// Check that uhlm-core stays free of I/O, async and model crates.
     CheckCoreDeps,
+    /// Regenerate the Kotlin, Swift and Python bindings from the host library (uniffi).
+    Bindgen {
+        /// Only check that the committed bindings match a fresh generation.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the Android libraries (cargo-ndk) into the AAR module's jniLibs.
+    Android,
+    /// Build UHLMFFI.xcframework for iOS devices and simulators (macOS with Xcode).
+    Ios,
 }
 
 fn main() -> Result<()> {
@@ -33,6 +45,9 @@ fn main() -> Result<()> {
         Task::Demo { args } => demo(&args),
         Task::Test => test(),
         Task::CheckCoreDeps => check_core_deps(),
+        Task::Bindgen { check } => bindings::bindgen(check),
+        Task::Android => bindings::android(),
+        Task::Ios => bindings::ios(),
     }
 }
 
@@ -45,9 +60,15 @@ fn root() -> PathBuf {
 
 /// Runs a command in the repository root, echoing it, failing on a non-zero exit.
 fn run(program: &str, args: &[&str]) -> Result<()> {
+    run_with_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     println!("\n==> {program} {}", args.join(" "));
     let status = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root())
         .status()
         .with_context(|| format!("cannot start {program}"))?;
@@ -87,7 +108,17 @@ fn test() -> Result<()> {
         ],
     )?;
     check_core_deps()?;
-    run("cargo", &["test", "--workspace"])?;
+    // The real-model tests need the default weights: fetch them (idempotent, sha256-checked)
+    // and make a missing model a failure rather than a skip.
+    run(
+        "cargo",
+        &["run", "-q", "-p", "uhlm-model", "--example", "fetch_models"],
+    )?;
+    run_with_env(
+        "cargo",
+        &["test", "--workspace"],
+        &[("UHLM_REQUIRE_MODELS", "1")],
+    )?;
     Ok(())
 }
 

@@ -1,0 +1,93 @@
+import Foundation
+
+/// The uhlm engine for Swift apps: an actor over the generated `HybridEngine`.
+///
+/// Load it with `Uhlm.load(_:)` (the model loads off the caller's executor), then call
+/// `generate(_:options:onToken:)` or iterate `stream(_:options:)`. Cancelling the awaiting task,
+/// or ending the stream's iteration, cancels the generation in Rust.
+public actor Uhlm {
+    private let engine: HybridEngine
+
+    /// Loads the on-device model synchronously; prefer `load(_:)` from async code.
+    public init(config: EngineConfig) throws {
+        engine = try HybridEngine(config: config)
+    }
+
+    /// Loads the on-device model on a background thread.
+    public static func load(_ config: EngineConfig) async throws -> Uhlm {
+        try await Task.detached(priority: .userInitiated) { try Uhlm(config: config) }.value
+    }
+
+    /// Generates from `prompt`; `onToken` sees every final token in order, on an engine thread.
+    /// Throws `UhlmError` (`.Cancelled` when the task is cancelled).
+    public func generate(
+        _ prompt: String,
+        options: GenerationOptions = GenerationOptions(),
+        onToken: @escaping @Sendable (TokenEvent) -> Void = { _ in }
+    ) async throws -> GenerationSummary {
+        let engine = self.engine
+        // uniffi's Swift futures do not observe task cancellation; cancel through the engine.
+        return try await withTaskCancellationHandler {
+            try await engine.generate(prompt: prompt, options: options, listener: Listener(onToken))
+        } onCancel: {
+            engine.cancel()
+        }
+    }
+
+    /// `generate` for a conversation, rendered with the model's chat template.
+    public func generate(
+        messages: [ChatMessage],
+        options: GenerationOptions = GenerationOptions(),
+        onToken: @escaping @Sendable (TokenEvent) -> Void = { _ in }
+    ) async throws -> GenerationSummary {
+        let engine = self.engine
+        return try await withTaskCancellationHandler {
+            try await engine.generateChat(messages: messages, options: options, listener: Listener(onToken))
+        } onCancel: {
+            engine.cancel()
+        }
+    }
+
+    /// The tokens of one generation. Terminating the stream (leaving the `for try await` loop,
+    /// or cancelling its task) cancels the generation.
+    public nonisolated func stream(
+        _ prompt: String,
+        options: GenerationOptions = GenerationOptions()
+    ) -> AsyncThrowingStream<TokenEvent, Error> {
+        AsyncThrowingStream { continuation in
+            let task = Task {
+                do {
+                    _ = try await self.generate(prompt, options: options) { continuation.yield($0) }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+
+    /// Cancels every generation of this engine in flight.
+    public nonisolated func cancel() { engine.cancel() }
+
+    /// Counters over every generation so far.
+    public nonisolated func stats() -> EngineStats { engine.stats() }
+
+    /// Call from an `NWPathMonitor` update when the device switches networks.
+    public nonisolated func networkChanged() { engine.networkChanged() }
+}
+
+/// Forwards token events to a closure.
+private final class Listener: TokenListener, @unchecked Sendable {
+    private let onTokenHandler: @Sendable (TokenEvent) -> Void
+
+    init(_ onToken: @escaping @Sendable (TokenEvent) -> Void) {
+        onTokenHandler = onToken
+    }
+
+    func onToken(event: TokenEvent) { onTokenHandler(event) }
+
+    func onLinkChange(online: Bool, detail: String) {}
+
+    func onTailText(text: String) {}
+}

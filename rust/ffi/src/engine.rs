@@ -1,0 +1,137 @@
+//! [`HybridEngine`]: the SDK engine behind an object foreign code holds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use uhlm_sdk as sdk;
+
+use crate::config::{ChatMessage, EngineConfig, GenerationOptions};
+use crate::error::UhlmError;
+use crate::events::{EngineStats, GenerationSummary, ListenerAdapter, TokenListener};
+
+/// The device-side engine: loads the SLM once, then generates with the server verifying the
+/// uncertain tokens. One generation runs at a time; concurrent calls queue.
+#[derive(uniffi::Object)]
+pub struct HybridEngine {
+    engine: sdk::HybridEngine,
+    /// Cancel tokens of the generations in flight, for [`HybridEngine::cancel`].
+    running: Mutex<HashMap<u64, sdk::CancelToken>>,
+    next_id: AtomicU64,
+}
+
+/// Cancels its generation when dropped: foreign runtimes drop the Rust future when the caller's
+/// coroutine/task is cancelled, and the SDK's generation runs on its own runtime, so without
+/// this it would go on. After a normal end, cancelling the spent token does nothing.
+struct Running<'a> {
+    engine: &'a HybridEngine,
+    id: u64,
+    token: sdk::CancelToken,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Ok(mut running) = self.engine.running.lock() {
+            running.remove(&self.id);
+        }
+    }
+}
+
+impl HybridEngine {
+    fn register(&self) -> Running<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = sdk::CancelToken::new();
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(id, token.clone());
+        }
+        Running {
+            engine: self,
+            id,
+            token,
+        }
+    }
+
+    async fn run(
+        &self,
+        prompt: sdk::Prompt,
+        options: GenerationOptions,
+        listener: Arc<dyn TokenListener>,
+    ) -> Result<GenerationSummary, UhlmError> {
+        let running = self.register();
+        let summary = self
+            .engine
+            .generate(
+                prompt,
+                options.into(),
+                Arc::new(ListenerAdapter(listener)),
+                running.token.clone(),
+            )
+            .await?;
+        Ok(summary.into())
+    }
+}
+
+#[uniffi::export]
+impl HybridEngine {
+    /// Loads the on-device model (blocking: call it off the UI thread) and prepares the server
+    /// connection, which opens on the first generation.
+    #[uniffi::constructor]
+    pub fn new(config: EngineConfig) -> Result<Arc<Self>, UhlmError> {
+        let engine = sdk::HybridEngine::new(config.try_into()?)?;
+        Ok(Arc::new(Self {
+            engine,
+            running: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        }))
+    }
+
+    /// Continues `prompt`, streaming each final token to `listener`; ends with the summary.
+    /// Cancelling the awaiting coroutine/task cancels the generation.
+    pub async fn generate(
+        &self,
+        prompt: String,
+        options: GenerationOptions,
+        listener: Arc<dyn TokenListener>,
+    ) -> Result<GenerationSummary, UhlmError> {
+        self.run(sdk::Prompt::Text(prompt), options, listener).await
+    }
+
+    /// Like [`generate`](Self::generate) for a conversation, rendered with the model's chat
+    /// template.
+    pub async fn generate_chat(
+        &self,
+        messages: Vec<ChatMessage>,
+        options: GenerationOptions,
+        listener: Arc<dyn TokenListener>,
+    ) -> Result<GenerationSummary, UhlmError> {
+        let messages = messages.into_iter().map(Into::into).collect();
+        self.run(sdk::Prompt::Chat(messages), options, listener)
+            .await
+    }
+
+    /// Cancels every generation in flight; each ends with [`UhlmError::Cancelled`].
+    pub fn cancel(&self) {
+        if let Ok(running) = self.running.lock() {
+            for token in running.values() {
+                token.cancel();
+            }
+        }
+    }
+
+    /// Counters over every generation so far.
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats().into()
+    }
+
+    /// Call when the device's network changed (Wi-Fi ↔ cellular): the QUIC connection migrates
+    /// to a new socket, or reconnects on the next uplink.
+    pub fn network_changed(&self) {
+        self.engine.network_changed();
+    }
+
+    /// The threshold policy's current uncertainty threshold.
+    pub fn threshold(&self) -> f32 {
+        self.engine.threshold()
+    }
+}

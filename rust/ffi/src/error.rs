@@ -1,0 +1,115 @@
+//! The one error type foreign code sees: the SDK's [`SdkError`] variant for variant, plus what
+//! only the FFI can hit (an embedded server failing, default models missing).
+
+use uhlm_sdk::SdkError;
+
+/// Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
+/// case; `message` (Kotlin/Python) and `localizedDescription` (Swift) read like the Rust text.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, uniffi::Error)]
+pub enum UhlmError {
+    #[error("on-device model not found: {path}")]
+    ModelNotFound { path: String },
+    #[error("on-device model {path} is unusable: {reason}")]
+    CorruptModel { path: String, reason: String },
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig { reason: String },
+    #[error("the server rejected the API key: {reason}")]
+    Unauthorized { reason: String },
+    #[error(
+        "the server's certificate does not match the pinned fingerprint: expected {expected}, \
+         got {actual}"
+    )]
+    CertificateMismatch { expected: String, actual: String },
+    #[error("TLS handshake with the server failed: {reason}")]
+    Tls { reason: String },
+    #[error(
+        "the on-device model's vocabulary does not match the server's model ({reason}); use a \
+         draft model derived from the server's model"
+    )]
+    VocabularyMismatch { reason: String },
+    #[error("the server speaks another protocol version: {reason}")]
+    UnsupportedVersion { reason: String },
+    #[error("cannot reach the server at {addr}: {reason}")]
+    ServerUnreachable { addr: String, reason: String },
+    #[error("protocol error: {reason}")]
+    Protocol { reason: String },
+    #[error("generation cancelled")]
+    Cancelled,
+    #[error("on-device model failed: {reason}")]
+    Model { reason: String },
+    /// The [`EmbeddedServer`](crate::EmbeddedServer) could not start (bad model, no port, ...).
+    #[error("the embedded server failed: {reason}")]
+    Server { reason: String },
+}
+
+impl From<SdkError> for UhlmError {
+    fn from(e: SdkError) -> Self {
+        match e {
+            SdkError::ModelNotFound { path } => Self::ModelNotFound { path },
+            SdkError::CorruptModel { path, reason } => Self::CorruptModel { path, reason },
+            SdkError::InvalidConfig(reason) => Self::InvalidConfig { reason },
+            SdkError::Unauthorized(reason) => Self::Unauthorized { reason },
+            SdkError::CertificateMismatch { expected, actual } => {
+                Self::CertificateMismatch { expected, actual }
+            }
+            SdkError::Tls(reason) => Self::Tls { reason },
+            SdkError::VocabularyMismatch(reason) => Self::VocabularyMismatch { reason },
+            SdkError::UnsupportedVersion(reason) => Self::UnsupportedVersion { reason },
+            SdkError::ServerUnreachable { addr, reason } => {
+                Self::ServerUnreachable { addr, reason }
+            }
+            SdkError::Protocol(reason) => Self::Protocol { reason },
+            SdkError::Cancelled => Self::Cancelled,
+            SdkError::Model(reason) => Self::Model { reason },
+        }
+    }
+}
+
+impl From<uhlm_model::ModelError> for UhlmError {
+    fn from(e: uhlm_model::ModelError) -> Self {
+        SdkError::from(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The FFI text is the SDK's text, so apps and the CLI say the same thing.
+    #[test]
+    fn messages_match_the_sdk() {
+        let cases = [
+            SdkError::ModelNotFound {
+                path: "/m.gguf".into(),
+            },
+            SdkError::CorruptModel {
+                path: "/m".into(),
+                reason: "truncated".into(),
+            },
+            SdkError::InvalidConfig("x".into()),
+            SdkError::Unauthorized("bad key".into()),
+            SdkError::Tls("alpn".into()),
+            SdkError::VocabularyMismatch("fp".into()),
+            SdkError::UnsupportedVersion("2".into()),
+            SdkError::ServerUnreachable {
+                addr: "a:1".into(),
+                reason: "timeout".into(),
+            },
+            SdkError::Protocol("p".into()),
+            SdkError::Cancelled,
+            SdkError::Model("m".into()),
+        ];
+        for e in cases {
+            assert_eq!(UhlmError::from(e.clone()).to_string(), e.to_string());
+        }
+        let pin = SdkError::CertificateMismatch {
+            expected: "aa".into(),
+            actual: "bb".into(),
+        };
+        let ffi = UhlmError::from(pin).to_string();
+        assert!(
+            ffi.contains("expected aa") && ffi.contains("got bb"),
+            "{ffi}"
+        );
+    }
+}

@@ -1,0 +1,52 @@
+//! The default model pair, for demos and tests: the SmolLM2 LLM from the model cache and the
+//! draft derived from it with the measured default recipe.
+
+use std::path::Path;
+
+use uhlm_model::fetch::{models_dir, resolve_model};
+use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, derive_draft};
+
+use crate::error::UhlmError;
+
+/// Paths of the default server model (LLM) and on-device draft (SLM).
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct DefaultModels {
+    pub llm_path: String,
+    pub slm_path: String,
+}
+
+/// Finds the default LLM in the model cache (`uhlm fetch smollm2` puts it there) and derives
+/// the default draft next to it unless it already exists. Blocking; the first call takes a few
+/// seconds.
+#[uniffi::export]
+pub fn ensure_default_models() -> Result<DefaultModels, UhlmError> {
+    let llm = resolve_model("smollm2").map_err(|e| UhlmError::ModelNotFound {
+        path: e.to_string(),
+    })?;
+    let dir = models_dir().map_err(|e| UhlmError::ModelNotFound {
+        path: e.to_string(),
+    })?;
+    let slm = dir.join(DEFAULT_DRAFT_FILE_NAME);
+    if !slm.is_file() {
+        derive_into(&llm, &slm, &dir)?;
+    }
+    Ok(DefaultModels {
+        llm_path: llm.display().to_string(),
+        slm_path: slm.display().to_string(),
+    })
+}
+
+/// Derives into a temporary file and renames it, so concurrent callers never see half a file.
+fn derive_into(llm: &Path, slm: &Path, dir: &Path) -> Result<(), UhlmError> {
+    let io = |e: std::io::Error| UhlmError::Model {
+        reason: format!("writing the default draft in {}: {e}", dir.display()),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".draft-")
+        .suffix(".gguf")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    derive_draft(llm, tmp.path(), &DeriveOptions::default_draft())?;
+    tmp.persist(slm).map_err(|e| io(e.error))?;
+    Ok(())
+}

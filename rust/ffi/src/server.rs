@@ -1,0 +1,86 @@
+//! [`EmbeddedServer`]: a `uhlm-server` on loopback inside the app or test process, so the
+//! whole hybrid loop runs on one machine.
+
+use std::sync::{Arc, Mutex};
+
+use rand::RngCore;
+use uhlm_server::{Server, ServerConfig, ServerHandle};
+
+use crate::error::UhlmError;
+
+/// A loopback server with a fresh self-signed certificate. For demos and tests, not production.
+#[derive(uniffi::Object)]
+pub struct EmbeddedServer {
+    runtime: tokio::runtime::Runtime,
+    handle: Mutex<Option<ServerHandle>>,
+    address: String,
+    fingerprint: String,
+    api_key: String,
+}
+
+#[uniffi::export]
+impl EmbeddedServer {
+    /// Loads the LLM at `model_path` (blocking) and listens on `127.0.0.1` on a free port.
+    /// Without `api_key` a random one is made; read it back with [`api_key`](Self::api_key).
+    #[uniffi::constructor]
+    pub fn start(model_path: String, api_key: Option<String>) -> Result<Arc<Self>, UhlmError> {
+        let api_key = api_key.unwrap_or_else(|| {
+            let mut bytes = [0u8; 16];
+            rand::rng().fill_bytes(&mut bytes);
+            hex::encode(bytes)
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("uhlm-embedded-server")
+            .enable_all()
+            .build()
+            .map_err(|e| UhlmError::Server {
+                reason: format!("cannot start a runtime: {e}"),
+            })?;
+        let config = ServerConfig::local(model_path, [api_key.clone()]);
+        let handle = runtime
+            .block_on(Server::start(config))
+            .map_err(server_error)?;
+        Ok(Arc::new(Self {
+            address: handle.local_addr().to_string(),
+            fingerprint: handle.cert_fingerprint().to_string(),
+            runtime,
+            handle: Mutex::new(Some(handle)),
+            api_key,
+        }))
+    }
+
+    /// `host:port` for [`EngineConfig::server`](crate::EngineConfig).
+    pub fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// The certificate pin for [`EngineConfig::pin`](crate::EngineConfig).
+    pub fn cert_fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
+    /// The one API key the server accepts.
+    pub fn api_key(&self) -> String {
+        self.api_key.clone()
+    }
+
+    /// Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
+    /// object without calling it stops the server abruptly.
+    pub fn stop(&self) {
+        let handle = self.handle.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            self.runtime.block_on(handle.shutdown());
+        }
+    }
+}
+
+/// Model errors keep their typed variants; everything else is a server failure.
+fn server_error(e: uhlm_server::ServerError) -> UhlmError {
+    match e {
+        uhlm_server::ServerError::Model(m) => m.into(),
+        other => UhlmError::Server {
+            reason: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,98 @@
+//! A load / prefill / decode benchmark of one model, for `uhlm bench model`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::model::{LoadOptions, Model, kernel_threads};
+
+/// Timings of one [`bench_model`] run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub model: String,
+    /// Kernel threads actually used (candle's pool is sized once per process).
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub load_ms: f64,
+    /// Prompt tokens per second, scored in one forward pass.
+    pub prefill_tok_s: f64,
+    /// Greedy single-token decode steps per second.
+    pub decode_tok_s: f64,
+    /// Prompt tokens per second of the calling thread's CPU time: what prefill reaches when it
+    /// does not compete for cores (exact for one thread, where all kernels run on the caller).
+    pub prefill_cpu_tok_s: Option<f64>,
+    /// Decode steps per second of the calling thread's CPU time.
+    pub decode_cpu_tok_s: Option<f64>,
+    /// Peak resident memory of the process (`VmHWM`), where the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Loads `path`, scores a `prompt_tokens`-long prompt in one pass, then decodes
+/// `decode_tokens` tokens greedily. The prompt is a fixed synthetic id sequence: speed does not
+/// depend on which tokens are fed.
+pub fn bench_model(
+    path: &Path,
+    threads: Option<usize>,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+) -> Result<BenchReport, ModelError> {
+    let start = Instant::now();
+    let model = Model::load(
+        path,
+        &LoadOptions {
+            threads,
+            ..LoadOptions::default()
+        },
+    )?;
+    let load_ms = start.elapsed().as_secs_f64() * 1e3;
+    let vocab = model.info().vocab_size;
+    let prompt: Vec<u32> = (0..prompt_tokens)
+        .map(|i| ((i * 7919 + 1009) % vocab) as u32)
+        .collect();
+    let mut session = model.session();
+    let (start, cpu0) = (Instant::now(), thread_cpu_s());
+    let logits = session.score(&prompt)?;
+    let (prefill_s, cpu1) = (start.elapsed().as_secs_f64(), thread_cpu_s());
+    let mut next = argmax(logits.last());
+    let start = Instant::now();
+    for _ in 0..decode_tokens {
+        next = argmax(&session.step(next)?);
+    }
+    let (decode_s, cpu2) = (start.elapsed().as_secs_f64(), thread_cpu_s());
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    let cpu_rate = |n: usize, a: Option<f64>, b: Option<f64>| Some(rate(n, b? - a?));
+    Ok(BenchReport {
+        model: model.info().name.clone(),
+        threads: kernel_threads(),
+        prompt_tokens,
+        decode_tokens,
+        load_ms,
+        prefill_tok_s: rate(prompt_tokens, prefill_s),
+        decode_tok_s: rate(decode_tokens, decode_s),
+        prefill_cpu_tok_s: cpu_rate(prompt_tokens, cpu0, cpu1),
+        decode_cpu_tok_s: cpu_rate(decode_tokens, cpu1, cpu2),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+fn argmax(xs: &[f32]) -> u32 {
+    uhlm_core::sampling::argmax(xs).unwrap_or(0)
+}
+
+/// CPU seconds the calling thread has run (`/proc/thread-self/schedstat`, Linux and Android).
+fn thread_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 * 1e-9)
+}
+
+/// `VmHWM` from `/proc/self/status` (Linux and Android).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,29 @@
+//! `uhlm-model`: runs quantized GGUF language models with candle.
+//!
+//! Load a [`Model`] once, share it through `Arc`, and open a [`Session`] per sequence:
+//! sessions own their KV cache, score many tokens in one pass, and roll back for free.
+
+mod attention;
+pub mod bench;
+pub mod derive;
+mod error;
+mod gemma3;
+mod gguf;
+mod kv_cache;
+mod layers;
+mod llama;
+mod model;
+mod session;
+// Text side (tokenizer, streaming detokenizer, chat templates), generation and model fetching.
+pub mod chat_template;
+pub mod fetch;
+pub mod generate;
+pub mod stream;
+pub mod tokenizer;
+
+pub use bench::{BenchReport, bench_model};
+pub use candle_core::quantized::GgmlDType;
+pub use derive::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, DeriveReport, derive_draft};
+pub use error::ModelError;
+pub use model::{Architecture, Device, LoadOptions, Model, ModelInfo, kernel_threads};
+pub use session::{Logits, Session};

@@ -1,0 +1,207 @@
+//! Llama-family decoder (SmolLM2, TinyLlama, Llama, Mistral; qwen2 adds q/k/v biases and
+//! NeoX rope): grouped-query attention, RoPE, RMSNorm, SiLU-gated MLP, and tied embeddings
+//! when `output.weight` is absent.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Result, Tensor};
+
+use crate::attention::{AttnConfig, attend};
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+use crate::kv_cache::{KvCache, KvShape};
+use crate::layers::{Embedding, Linear, RmsNorm, Rope};
+use crate::model::{Architecture, Dims};
+
+struct Block {
+    attn_norm: RmsNorm,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Weights and hyper-parameters of a llama-family model.
+pub(crate) struct Llama {
+    dims: Dims,
+    attn: AttnConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    output: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Llama {
+    pub fn load(
+        g: &mut GgufFile,
+        arch: Architecture,
+        device: &Device,
+        widen: bool,
+    ) -> Result2<Self> {
+        let p = arch.gguf_name();
+        let n_layer = g.usize(&format!("{p}.block_count"))?;
+        let n_embd = g.usize(&format!("{p}.embedding_length"))?;
+        let n_head = g.usize(&format!("{p}.attention.head_count"))?;
+        let n_kv_head = g
+            .opt_usize(&format!("{p}.attention.head_count_kv"))?
+            .unwrap_or(n_head);
+        let context_length = g.usize(&format!("{p}.context_length"))?;
+        let eps = g.f32(&format!("{p}.attention.layer_norm_rms_epsilon"))?;
+        let rope_base = g
+            .opt_f32(&format!("{p}.rope.freq_base"))?
+            .unwrap_or(10_000.0);
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || n_embd % n_head != 0 {
+            return Err(ModelError::corrupt(
+                &g.path,
+                format!("inconsistent heads: {n_head} query, {n_kv_head} kv, width {n_embd}"),
+            ));
+        }
+        let head_dim = g
+            .opt_usize(&format!("{p}.attention.key_length"))?
+            .unwrap_or(n_embd / n_head);
+        if let Some(rope_dim) = g.opt_usize(&format!("{p}.rope.dimension_count"))? {
+            if rope_dim != head_dim {
+                return Err(ModelError::corrupt(
+                    &g.path,
+                    format!("partial rotary ({rope_dim} of {head_dim}) is not supported"),
+                ));
+            }
+        }
+        let vocab = g.tensor_dims("token_embd.weight")?[0];
+        let embd = Arc::new(g.tensor("token_embd.weight", Some(&[vocab, n_embd]), device)?);
+        let output = if g.has_tensor("output.weight") {
+            Linear::load(
+                widen,
+                g.tensor("output.weight", Some(&[vocab, n_embd]), device)?,
+            )?
+        } else {
+            Linear::from_arc(embd.clone())?
+        };
+        let q_dim = n_head * head_dim;
+        let kv_dim = n_kv_head * head_dim;
+        let mut blocks = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let mut t = |name: &str, dims: &[usize]| {
+                g.tensor(&format!("blk.{i}.{name}"), Some(dims), device)
+            };
+            let norm = |t: candle_core::quantized::QTensor| RmsNorm::new(t, eps, device);
+            let attn_norm = norm(t("attn_norm.weight", &[n_embd])?)?;
+            let ffn_norm = norm(t("ffn_norm.weight", &[n_embd])?)?;
+            let n_ff = g.tensor_dims(&format!("blk.{i}.ffn_up.weight"))?[0];
+            let mut t = |name: &str, dims: &[usize]| {
+                g.tensor(&format!("blk.{i}.{name}"), Some(dims), device)
+            };
+            let wq = Linear::load(widen, t("attn_q.weight", &[q_dim, n_embd])?)?;
+            let wk = Linear::load(widen, t("attn_k.weight", &[kv_dim, n_embd])?)?;
+            let wv = Linear::load(widen, t("attn_v.weight", &[kv_dim, n_embd])?)?;
+            let wo = Linear::load(widen, t("attn_output.weight", &[n_embd, q_dim])?)?;
+            let gate = Linear::load(widen, t("ffn_gate.weight", &[n_ff, n_embd])?)?;
+            let up = Linear::load(widen, t("ffn_up.weight", &[n_ff, n_embd])?)?;
+            let down = Linear::load(widen, t("ffn_down.weight", &[n_embd, n_ff])?)?;
+            let mut bias = |name: &str, n: usize| -> Result2<Option<Tensor>> {
+                let full = format!("blk.{i}.{name}");
+                if g.has_tensor(&full) {
+                    Ok(Some(
+                        g.tensor(&full, Some(&[n]), device)?.dequantize(device)?,
+                    ))
+                } else {
+                    Ok(None)
+                }
+            };
+            let (bq, bk, bv) = (
+                bias("attn_q.bias", q_dim)?,
+                bias("attn_k.bias", kv_dim)?,
+                bias("attn_v.bias", kv_dim)?,
+            );
+            blocks.push(Block {
+                attn_norm,
+                wq: wq.with_bias(bq),
+                wk: wk.with_bias(bk),
+                wv: wv.with_bias(bv),
+                wo,
+                ffn_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = RmsNorm::new(
+            g.tensor("output_norm.weight", Some(&[n_embd]), device)?,
+            eps,
+            device,
+        )?;
+        // llama.cpp's converter permutes llama q/k weights for interleaved rope; qwen2 keeps
+        // the NeoX layout.
+        let interleaved = arch == Architecture::Llama;
+        Ok(Self {
+            dims: Dims {
+                vocab_size: vocab,
+                context_length,
+                n_layers: n_layer,
+                n_embd,
+                n_heads: n_head,
+                n_kv_heads: n_kv_head,
+            },
+            attn: AttnConfig {
+                n_head,
+                n_kv_head,
+                head_dim,
+                scale: 1.0 / (head_dim as f64).sqrt(),
+                window: None,
+            },
+            embed: Embedding::new(embd, None)?,
+            blocks,
+            norm,
+            output,
+            rope: Rope::new(head_dim, rope_base, 1.0, interleaved),
+            device: device.clone(),
+        })
+    }
+
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    pub fn kv_shapes(&self) -> Vec<KvShape> {
+        let s = KvShape {
+            n_kv_head: self.attn.n_kv_head,
+            head_dim: self.attn.head_dim,
+        };
+        vec![s; self.blocks.len()]
+    }
+
+    /// Runs `tokens` at positions `pos0..`, writing their keys and values into `cache`, and
+    /// returns logits `(seq, vocab)` for every position.
+    pub fn forward(&self, tokens: &[u32], pos0: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let seq = tokens.len();
+        let dev = &self.device;
+        cache.reserve(pos0 + seq)?;
+        let a = &self.attn;
+        let rt = self.rope.tables(pos0, seq, dev)?;
+        let mut x = self.embed.forward(tokens, dev)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let h = b.attn_norm.forward(&x)?;
+            let heads = |t: Tensor, n: usize| t.reshape((seq, n, a.head_dim))?.transpose(0, 1);
+            let q = heads(b.wq.forward(&h)?, a.n_head)?;
+            let k = heads(b.wk.forward(&h)?, a.n_kv_head)?;
+            let v = heads(b.wv.forward(&h)?, a.n_kv_head)?;
+            let q = self.rope.apply(&q, &rt)?;
+            let k = self.rope.apply(&k, &rt)?;
+            cache.write(i, pos0, &k, &v)?;
+            let att = attend(a, &q, cache, i, pos0, seq, dev)?;
+            x = (x + b.wo.forward(&att)?)?;
+            let h = b.ffn_norm.forward(&x)?;
+            let gated = (b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?;
+            x = (x + b.down.forward(&gated)?)?;
+        }
+        self.output.forward(&self.norm.forward(&x)?)
+    }
+}
+
+type Result2<T> = std::result::Result<T, ModelError>;

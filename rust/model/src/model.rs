@@ -1,0 +1,321 @@
+//! Loading a GGUF model: architecture dispatch, tokenizer, chat template, and the handle that
+//! sessions share.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::chat_template::ChatTemplate;
+use crate::error::ModelError;
+use crate::gemma3::Gemma3;
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::llama::Llama;
+use crate::session::Session;
+use crate::tokenizer::Tokenizer;
+
+/// Where the weights live and the forward passes run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA GPU by ordinal; only in builds with the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
+}
+
+impl Device {
+    fn to_candle(self) -> Result<candle_core::Device, ModelError> {
+        match self {
+            Device::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => candle_core::Device::new_cuda(i)
+                .map_err(|e| ModelError::Device(format!("CUDA device {i}: {e}"))),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// CPU threads for the matmul kernels. candle sizes its kernel thread pool once per
+    /// process, so only the first load of a process can set it; later loads asking for a
+    /// different count log a warning. `None` leaves candle's default (physical cores, or
+    /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`).
+    pub threads: Option<usize>,
+    /// Use this HuggingFace `tokenizer.json` instead of the tokenizer embedded in the GGUF.
+    pub tokenizer_json: Option<PathBuf>,
+    /// Keep Q4_1/Q5_0/Q5_1 matmul weights as stored. By default they are requantized to Q8_0
+    /// at load on CPU: candle has no SIMD kernels for those types, and Q8_0 decodes 3-5x
+    /// faster at ~1.7x their memory, with logits that differ only in the last bits of the
+    /// weights.
+    pub keep_weight_types: bool,
+}
+
+/// Architectures this runtime implements, by their GGUF `general.architecture` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// `llama`: SmolLM2, TinyLlama, Llama 2/3, Mistral.
+    Llama,
+    /// `qwen2`: llama with q/k/v biases and NeoX rope.
+    Qwen2,
+    /// `gemma3`.
+    Gemma3,
+}
+
+impl Architecture {
+    /// Parses a GGUF `general.architecture` value.
+    pub fn from_gguf_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Self::Llama),
+            "qwen2" => Some(Self::Qwen2),
+            "gemma3" => Some(Self::Gemma3),
+            _ => None,
+        }
+    }
+
+    /// The name GGUF uses, also the prefix of its hyper-parameter keys.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.gguf_name())
+    }
+}
+
+/// What a loaded model is, for display and for checking a draft against its target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub architecture: Architecture,
+    /// `general.name`, or the file stem when absent.
+    pub name: String,
+    /// Rows of the embedding table: valid token ids are `0..vocab_size`.
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub n_layers: usize,
+    pub n_embd: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub file_bytes: u64,
+    /// Tensor count per storage type, e.g. `"Q4_1×210 F32×61 Q8_0×1"`.
+    pub dtypes: String,
+}
+
+/// Shape facts every architecture reports.
+#[derive(Debug, Clone)]
+pub(crate) struct Dims {
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub n_layers: usize,
+    pub n_embd: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+}
+
+enum Weights {
+    Llama(Llama),
+    Gemma3(Gemma3),
+}
+
+/// A loaded model. Immutable and shared through `Arc`: any number of [`Session`]s decode
+/// against the same weights.
+pub struct Model {
+    info: ModelInfo,
+    path: PathBuf,
+    weights: Weights,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    device: candle_core::Device,
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads a GGUF model, its tokenizer and its chat template.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Arc<Model>, ModelError> {
+        configure_threads(opts.threads);
+        let device = opts.device.to_candle()?;
+        let mut g = GgufFile::open(path)?;
+        let arch_name = g.architecture()?;
+        let arch = Architecture::from_gguf_name(&arch_name).ok_or_else(|| {
+            ModelError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                arch: arch_name.clone(),
+            }
+        })?;
+        let tokenizer = match &opts.tokenizer_json {
+            Some(json) => Tokenizer::from_file(json)?,
+            None => Tokenizer::from_gguf(&g.content)
+                .map_err(|e| ModelError::corrupt(path, format!("tokenizer metadata: {e}")))?,
+        };
+        let chat_template = ChatTemplate::from_gguf(&g.content)
+            .map_err(|e| ModelError::corrupt(path, format!("chat template: {e}")))?;
+        let weights = match arch {
+            Architecture::Llama | Architecture::Qwen2 => {
+                Weights::Llama(Llama::load(&mut g, arch, &device, !opts.keep_weight_types)?)
+            }
+            Architecture::Gemma3 => {
+                Weights::Gemma3(Gemma3::load(&mut g, &device, !opts.keep_weight_types)?)
+            }
+        };
+        let dims = match &weights {
+            Weights::Llama(m) => m.dims(),
+            Weights::Gemma3(m) => m.dims(),
+        };
+        let info = ModelInfo {
+            architecture: arch,
+            name: g
+                .opt_string("general.name")
+                .map(str::to_string)
+                .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_default(),
+            vocab_size: dims.vocab_size,
+            context_length: dims.context_length,
+            n_layers: dims.n_layers,
+            n_embd: dims.n_embd,
+            n_heads: dims.n_heads,
+            n_kv_heads: dims.n_kv_heads,
+            file_bytes: g.file_bytes,
+            dtypes: dtype_summary(&g),
+        };
+        tracing::info!(path = %path.display(), ?info, "model loaded");
+        Ok(Arc::new(Model {
+            info,
+            path: path.to_path_buf(),
+            weights,
+            tokenizer,
+            chat_template,
+            device,
+        }))
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The file the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The GGUF's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// Identifies the vocabulary: a draft and its target must agree on it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.tokenizer.fingerprint()
+    }
+
+    /// A fresh decoding session with its own KV cache.
+    pub fn session(self: &Arc<Self>) -> Session {
+        Session::new(self.clone())
+    }
+
+    pub(crate) fn new_cache(&self) -> KvCache {
+        let shapes = match &self.weights {
+            Weights::Llama(m) => m.kv_shapes(),
+            Weights::Gemma3(m) => m.kv_shapes(),
+        };
+        KvCache::new(shapes, self.info.context_length, &self.device)
+    }
+
+    /// Logits `(seq, vocab)` for `tokens` at positions `pos0..`; writes their keys and
+    /// values into `cache` (whose length the caller then advances).
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        match &self.weights {
+            Weights::Llama(m) => m.forward(tokens, pos0, cache),
+            Weights::Gemma3(m) => m.forward(tokens, pos0, cache),
+        }
+    }
+}
+
+fn dtype_summary(g: &GgufFile) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for info in g.content.tensor_infos.values() {
+        *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+    }
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts
+        .iter()
+        .map(|(t, n)| format!("{t}×{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Threads candle's CPU kernels use in this process.
+static KERNEL_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Sizes candle's kernel pool. candle 0.11's quantized matmuls and elementwise kernels run on
+/// a process-global spin-barrier pool (not rayon's current pool, so `ThreadPool::install`
+/// has no effect), sized from `CANDLE_NUM_THREADS` when first used. The first load therefore
+/// sets that variable, unless the user already did.
+fn configure_threads(requested: Option<usize>) {
+    let actual = *KERNEL_THREADS.get_or_init(|| {
+        if let Some(n) = requested.filter(|n| *n > 0) {
+            if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+                // SAFETY: runs once, on the first model load, before candle has started its
+                // pool; the runtime spawns no threads that read the environment concurrently.
+                unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+            }
+        }
+        kernel_threads_from_env()
+    });
+    if let Some(n) = requested {
+        if n != actual {
+            tracing::warn!(
+                requested = n,
+                actual,
+                "candle's kernel thread pool is per process and already sized; ignoring"
+            );
+        }
+    }
+}
+
+fn kernel_threads_from_env() -> usize {
+    ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"]
+        .iter()
+        .find_map(|k| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+        })
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+}
+
+/// Threads candle's CPU kernels use in this process (fixed after the first model load).
+pub fn kernel_threads() -> usize {
+    *KERNEL_THREADS.get_or_init(kernel_threads_from_env)
+}

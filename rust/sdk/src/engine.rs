@@ -1,0 +1,295 @@
+//! [`HybridEngine`]: the on-device model, the threshold policy and the server link, shared by
+//! every generation of an app.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::{Handle, Runtime};
+use tokio::task::JoinHandle;
+use uhlm_core::chat::ChatMessage;
+use uhlm_core::threshold::{Calibration, ThresholdPolicy};
+use uhlm_model::{LoadOptions, Model, ModelInfo};
+
+use crate::cancel::CancelToken;
+use crate::config::{EngineConfig, GenerationOptions, Prompt};
+use crate::drafter::Drafter;
+use crate::error::SdkError;
+use crate::events::{GenerationSummary, TokenListener};
+use crate::link::Link;
+use crate::stats::{Stats, StatsAccumulator};
+use crate::tls::client_config;
+use crate::transport::Target;
+
+/// State shared by the engine and its running generation.
+pub(crate) struct Inner {
+    pub config: EngineConfig,
+    pub model: Arc<Model>,
+    pub drafter: Arc<Mutex<Drafter>>,
+    pub policy: Mutex<ThresholdPolicy>,
+    pub link: Link,
+    pub rt: Handle,
+    pub stats: Mutex<StatsAccumulator>,
+    /// One generation at a time: they share the SLM session.
+    pub busy: tokio::sync::Mutex<()>,
+    session_ids: AtomicU64,
+}
+
+impl Inner {
+    pub fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Token ids of a prompt, as the on-device model (and the server, same vocabulary) sees it.
+    pub fn render(&self, prompt: &Prompt, chat_template: bool) -> Result<Vec<u32>, SdkError> {
+        let tokenizer = self.model.tokenizer();
+        let bad = |e: &dyn std::fmt::Display| SdkError::InvalidConfig(format!("prompt: {e}"));
+        let ids = match prompt {
+            Prompt::Text(t) if !chat_template => tokenizer.encode(t, true).map_err(|e| bad(&e))?,
+            Prompt::Text(t) => self.render_chat(&[ChatMessage::user(t.clone())])?,
+            Prompt::Chat(messages) => self.render_chat(messages)?,
+        };
+        if ids.is_empty() {
+            return Err(SdkError::InvalidConfig("the prompt is empty".into()));
+        }
+        Ok(ids)
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, SdkError> {
+        let template = self.model.chat_template().ok_or_else(|| {
+            SdkError::InvalidConfig("the on-device model has no chat template".into())
+        })?;
+        let text = template
+            .render(messages, true)
+            .map_err(|e| SdkError::InvalidConfig(format!("chat template: {e}")))?;
+        let tokenizer = self.model.tokenizer();
+        let mut ids = tokenizer
+            .encode(&text, false)
+            .map_err(|e| SdkError::InvalidConfig(format!("prompt: {e}")))?;
+        if let Some(bos) = tokenizer.bos_id().filter(|_| tokenizer.adds_bos()) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// The device-side engine: drafts with the SLM and verifies uncertain tokens on the server.
+///
+/// Build it once per app; it is `Send + Sync`, reuses one QUIC connection across generations
+/// and runs one generation at a time (concurrent calls queue).
+pub struct HybridEngine {
+    inner: Arc<Inner>,
+    /// The runtime the engine created, if it was not given one.
+    runtime: Option<Runtime>,
+}
+
+impl HybridEngine {
+    /// Loads the SLM and prepares (but does not open) the server connection, on a runtime of
+    /// its own.
+    pub fn new(config: EngineConfig) -> Result<Self, SdkError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("uhlm-sdk")
+            .enable_all()
+            .build()
+            .map_err(|e| SdkError::InvalidConfig(format!("cannot start a runtime: {e}")))?;
+        let mut engine = Self::with_runtime(config, runtime.handle().clone())?;
+        engine.runtime = Some(runtime);
+        Ok(engine)
+    }
+
+    /// Like [`new`](Self::new), on the caller's tokio runtime.
+    pub fn with_runtime(config: EngineConfig, rt: Handle) -> Result<Self, SdkError> {
+        config.validate()?;
+        let calibration = match &config.calibration {
+            Some(path) => {
+                let json = std::fs::read_to_string(path).map_err(|e| {
+                    SdkError::InvalidConfig(format!("calibration {}: {e}", path.display()))
+                })?;
+                Some(Calibration::from_json(&json).map_err(|e| {
+                    SdkError::InvalidConfig(format!("calibration {}: {e}", path.display()))
+                })?)
+            }
+            None => None,
+        };
+        let estimator = calibration
+            .as_ref()
+            .map_or(&config.uncertainty, |c| &c.estimator)
+            .build();
+        let policy = match &calibration {
+            Some(c) => ThresholdPolicy::with_calibration(config.policy.clone(), c),
+            None => ThresholdPolicy::new(config.policy.clone()),
+        }
+        .map_err(|e| SdkError::InvalidConfig(format!("policy: {e}")))?;
+        let opts = LoadOptions {
+            threads: config.threads,
+            ..LoadOptions::default()
+        };
+        let model = Model::load(&config.slm_path, &opts)?;
+        let tls = client_config(
+            config.pin.as_deref(),
+            Duration::from_millis(config.keep_alive_ms.max(1)),
+            Duration::from_millis(config.idle_timeout_ms),
+        )?;
+        let target = Target {
+            addr: config.server.clone().unwrap_or_default(),
+            tls,
+            api_key: config.api_key.clone(),
+            client_name: config.client_name.clone(),
+            fingerprint: model.fingerprint(),
+            connect_timeout: config.connect_timeout(),
+        };
+        let link = Link::new(
+            target,
+            Duration::from_millis(config.reconnect_backoff_ms),
+            Duration::from_millis(config.reconnect_backoff_max_ms),
+        );
+        let drafter = Drafter::new(model.session(), estimator);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                model,
+                drafter: Arc::new(Mutex::new(drafter)),
+                policy: Mutex::new(policy),
+                link,
+                rt,
+                stats: Mutex::new(StatsAccumulator::default()),
+                busy: tokio::sync::Mutex::new(()),
+                session_ids: AtomicU64::new(1),
+            }),
+            runtime: None,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// What the on-device model is.
+    pub fn model_info(&self) -> ModelInfo {
+        self.inner.model.info().clone()
+    }
+
+    /// The vocabulary fingerprint sent in `Hello` (the server's model must have the same).
+    pub fn model_fingerprint(&self) -> [u8; 32] {
+        self.inner.model.fingerprint()
+    }
+
+    /// Token ids the engine would generate from for `prompt`.
+    pub fn tokenize_prompt(&self, prompt: &Prompt, chat_template: bool) -> Result<Vec<u32>, SdkError> {
+        self.inner.render(prompt, chat_template)
+    }
+
+    /// Generates, streaming each final token to `listener`. Runs on the engine's runtime
+    /// whatever runtime awaits it.
+    pub async fn generate(
+        &self,
+        prompt: Prompt,
+        options: GenerationOptions,
+        listener: Arc<dyn TokenListener>,
+        cancel: CancelToken,
+    ) -> Result<GenerationSummary, SdkError> {
+        self.start(prompt, options, listener, cancel).wait().await
+    }
+
+    /// [`generate`](Self::generate) for synchronous callers. Must not be called from inside
+    /// an async task.
+    pub fn generate_blocking(
+        &self,
+        prompt: Prompt,
+        options: GenerationOptions,
+        listener: Arc<dyn TokenListener>,
+        cancel: CancelToken,
+    ) -> Result<GenerationSummary, SdkError> {
+        self.start(prompt, options, listener, cancel).wait_blocking()
+    }
+
+    /// Starts a generation in the background.
+    pub fn start(
+        &self,
+        prompt: Prompt,
+        options: GenerationOptions,
+        listener: Arc<dyn TokenListener>,
+        cancel: CancelToken,
+    ) -> GenerationHandle {
+        let task = crate::generation::run(
+            self.inner.clone(),
+            prompt,
+            options,
+            listener,
+            cancel.clone(),
+        );
+        GenerationHandle {
+            cancel,
+            join: self.inner.rt.spawn(task),
+            rt: self.inner.rt.clone(),
+        }
+    }
+
+    /// Counters over every generation so far.
+    pub fn stats(&self) -> Stats {
+        self.inner
+            .stats
+            .lock()
+            .map(|s| s.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// The threshold policy's current `u_th` (it moves as verdicts arrive).
+    pub fn threshold(&self) -> f32 {
+        self.inner
+            .policy
+            .lock()
+            .map(|p| p.threshold())
+            .unwrap_or(f32::NAN)
+    }
+
+    /// Call when the device's network changed: the endpoint moves to a new socket so the QUIC
+    /// connection migrates; if it cannot, the engine reconnects on the next uplink.
+    pub fn network_changed(&self) {
+        let _enter = self.inner.rt.enter();
+        self.inner.link.network_changed();
+    }
+}
+
+impl Drop for HybridEngine {
+    fn drop(&mut self) {
+        self.inner.link.close();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A running generation.
+pub struct GenerationHandle {
+    cancel: CancelToken,
+    join: JoinHandle<Result<GenerationSummary, SdkError>>,
+    rt: Handle,
+}
+
+impl GenerationHandle {
+    /// Stops the generation; [`wait`](Self::wait) then returns [`SdkError::Cancelled`].
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    pub async fn wait(self) -> Result<GenerationSummary, SdkError> {
+        match self.join.await {
+            Ok(r) => r,
+            Err(e) => Err(SdkError::Model(format!("the generation task failed: {e}"))),
+        }
+    }
+
+    /// Blocks the calling (non-async) thread until the generation ends.
+    pub fn wait_blocking(self) -> Result<GenerationSummary, SdkError> {
+        let rt = self.rt.clone();
+        rt.block_on(self.wait())
+    }
+}

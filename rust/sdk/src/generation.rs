@@ -1,0 +1,546 @@
+//! One generation: the per-token hybrid loop, its server session and its offline fallback.
+//!
+//! Per token: the SLM drafts `d ~ q'` and scores its uncertainty `u` (blocking thread); the
+//! policy skips (commit `d` locally) or sends `Verify` with the tokens skipped since the last
+//! uplink; the `Verdict`'s token is committed. When the link is down, tokens that would have
+//! been sent keep their draft and are marked `Offline`; as soon as a background reconnect
+//! succeeds, a new session starts from the full context and the loop is hybrid again. Tokens
+//! are emitted only once committed, so nothing shown is ever revised.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use uhlm_core::protocol::{
+    self, Close, Message, Recovery, Resync, SessionStream, Side, Start, Verify,
+};
+use uhlm_core::sampling::SamplingOptions;
+use uhlm_core::threshold::Decision;
+
+use crate::cancel::CancelToken;
+use crate::config::{GenerationOptions, Mode, Prompt};
+use crate::drafter::{Drafted, Drafter};
+use crate::engine::Inner;
+use crate::error::SdkError;
+use crate::events::{GenerationSummary, StopReason, TokenEvent, TokenListener, TokenSource};
+use crate::stats::StatsAccumulator;
+use crate::text::TextStream;
+use crate::transport::{ClientConn, FramedStream, LinkError};
+
+/// How long the final `Close` may take to write before we stop caring.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The server session of a generation.
+struct SessionLink {
+    conn: Arc<ClientConn>,
+    stream: FramedStream,
+    state: SessionStream,
+}
+
+/// What became of a token that was to be sent.
+enum Outcome {
+    Verdict(protocol::Verdict),
+    /// Not verified (link down, or the server asked to retry later): keep the draft.
+    Unverified,
+}
+
+/// Why a network wait ended early.
+enum Wait {
+    Link(LinkError),
+    /// The server did not apply the request and asks to retry later; the session stays.
+    Retry,
+    Cancelled,
+    Fatal(SdkError),
+}
+
+impl From<LinkError> for Wait {
+    fn from(e: LinkError) -> Self {
+        Wait::Link(e)
+    }
+}
+
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    prompt: Prompt,
+    options: GenerationOptions,
+    listener: Arc<dyn TokenListener>,
+    cancel: CancelToken,
+) -> Result<GenerationSummary, SdkError> {
+    let _busy = inner.busy.lock().await;
+    options
+        .sampling
+        .validate()
+        .map_err(|e| SdkError::InvalidConfig(format!("sampling: {e}")))?;
+    let mut sampling = options.sampling.clone();
+    let seed = sampling.seed.unwrap_or_else(rand::random);
+    sampling.seed = Some(seed);
+    let prompt_ids = inner.render(&prompt, options.chat_template)?;
+    let mode = inner.config.mode;
+    let codec = matches!(mode, Mode::Uhlm | Mode::Hlm).then(|| inner.config.codec.clone());
+    {
+        let (ids, s) = (prompt_ids.clone(), sampling.clone());
+        blocking(&inner.drafter, move |d| d.start(&ids, s, codec, seed)).await?;
+    }
+    let mut g = Generation {
+        inner: inner.clone(),
+        listener,
+        cancel,
+        mode,
+        sampling,
+        context: prompt_ids,
+        skipped: Vec::new(),
+        seq: 0,
+        link: None,
+        online: false,
+        retry_at: None,
+        stats: StatsAccumulator::default(),
+    };
+    let started = Instant::now();
+    let result = g.run_loop(seed).await;
+    let reason = match &result {
+        Ok(_) => "done",
+        Err(SdkError::Cancelled) => "cancelled",
+        Err(_) => "error",
+    };
+    g.close_session(reason).await;
+    g.stats.add_elapsed(started.elapsed());
+    g.stats.counters.generations = 1;
+    if let Ok(mut total) = inner.stats.lock() {
+        total.merge(&g.stats);
+    }
+    let mut summary = result?;
+    summary.stats = g.stats.snapshot();
+    Ok(summary)
+}
+
+struct Generation {
+    inner: Arc<Inner>,
+    listener: Arc<dyn TokenListener>,
+    cancel: CancelToken,
+    mode: Mode,
+    sampling: SamplingOptions,
+    /// Prompt plus every committed token: what a (re)started server session is given.
+    context: Vec<u32>,
+    /// Tokens committed locally since the last uplink.
+    skipped: Vec<u32>,
+    seq: u32,
+    link: Option<SessionLink>,
+    /// Whether the last link news given to the listener was "online".
+    online: bool,
+    /// No new session before this time (after a failed session start on a live connection).
+    retry_at: Option<Instant>,
+    stats: StatsAccumulator,
+}
+
+impl Generation {
+    async fn run_loop(&mut self, seed: u64) -> Result<GenerationSummary, SdkError> {
+        let prompt_tokens = self.context.len() as u32;
+        if self.mode.uses_server() {
+            match self.inner.link.get().await {
+                Ok(conn) => self.open_session(conn, false).await?,
+                Err(e) if e.is_fatal_for_connection() => return Err(e),
+                Err(e) => self.went_offline(format!("{e}")),
+            }
+        }
+        let model = self.inner.model.clone();
+        let tokenizer = model.tokenizer();
+        let eos = tokenizer.eos_ids().to_vec();
+        let context_limit = {
+            let d = lock(&self.inner.drafter);
+            d.context_length()
+        };
+        let mut text = TextStream::new(&self.sampling.stop);
+        let mut token_ids = Vec::new();
+        let mut sources = Vec::new();
+        let mut stop = StopReason::MaxTokens;
+        let mut feed: Option<u32> = None;
+        for position in 0..self.sampling.max_tokens {
+            if self.cancel.is_cancelled() {
+                return Err(SdkError::Cancelled);
+            }
+            if self.context.len() >= context_limit {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            let may_retry = self.retry_at.is_none_or(|t| Instant::now() >= t);
+            if self.mode.uses_server() && self.link.is_none() && may_retry {
+                if let Some(conn) = self.inner.link.poll(&self.inner.rt) {
+                    self.open_session(conn, true).await?;
+                }
+            }
+            let prev = feed.take();
+            let draft = blocking(&self.inner.drafter, move |d| {
+                if let Some(t) = prev {
+                    d.feed(t)?;
+                }
+                d.draft()
+            })
+            .await?;
+            let (token, source) = self.decide(&draft).await?;
+            self.context.push(token);
+            if eos.contains(&token) {
+                stop = StopReason::Eos;
+                break;
+            }
+            token_ids.push(token);
+            sources.push(source);
+            self.stats.counters.generated_tokens += 1;
+            let (shown, hit) = text.push(tokenizer, token);
+            self.listener.on_token(TokenEvent {
+                text: shown,
+                token_id: token,
+                position,
+                source,
+                uncertainty: draft.uncertainty,
+            });
+            if hit {
+                stop = StopReason::StopString;
+                break;
+            }
+            feed = Some(token);
+        }
+        let (tail, hit) = text.finish();
+        if hit {
+            stop = StopReason::StopString;
+        }
+        if !tail.is_empty() {
+            self.listener.on_tail_text(tail);
+        }
+        Ok(GenerationSummary {
+            text: text.text().to_string(),
+            token_ids,
+            sources,
+            stop,
+            prompt_tokens,
+            seed,
+            stats: Default::default(),
+        })
+    }
+
+    /// Decides one token: locally, or through the server when the mode and policy say so.
+    async fn decide(&mut self, draft: &Drafted) -> Result<(u32, TokenSource), SdkError> {
+        let decision = match self.mode {
+            Mode::Slm => Decision::Skip,
+            Mode::Hlm | Mode::Llm => Decision::Send { probe: false },
+            Mode::Uhlm => lock(&self.inner.policy).decide(draft.uncertainty),
+        };
+        let c = &mut self.stats.counters;
+        c.decisions += 1;
+        if decision == Decision::Skip {
+            c.drafted += 1;
+            c.skipped += 1;
+            self.skipped.push(draft.token);
+            return Ok((draft.token, TokenSource::Local));
+        }
+        match self.verify(draft).await? {
+            Outcome::Verdict(v) => {
+                self.skipped.clear();
+                let c = &mut self.stats.counters;
+                if self.mode == Mode::Llm {
+                    c.remote += 1;
+                    return Ok((v.token, TokenSource::Remote));
+                }
+                c.drafted += 1;
+                c.sent += 1;
+                let source = if v.accepted {
+                    c.accepted += 1;
+                    TokenSource::Accepted
+                } else {
+                    c.resampled += 1;
+                    TokenSource::Resampled
+                };
+                if self.mode == Mode::Uhlm {
+                    lock(&self.inner.policy).observe(decision, draft.uncertainty, v.beta);
+                }
+                Ok((v.token, source))
+            }
+            Outcome::Unverified => {
+                let c = &mut self.stats.counters;
+                c.drafted += 1;
+                c.offline += 1;
+                // Still owed to the server if the session survives (e.g. RateLimited).
+                self.skipped.push(draft.token);
+                Ok((draft.token, TokenSource::Offline))
+            }
+        }
+    }
+
+    /// Sends `Verify` and waits for its `Verdict`, resyncing once if the server lost the
+    /// context. Link failures degrade to `Unverified`; only cancellation and fatal server
+    /// errors are returned as errors.
+    async fn verify(&mut self, draft: &Drafted) -> Result<Outcome, SdkError> {
+        if self.link.is_none() {
+            return Ok(Outcome::Unverified);
+        }
+        let wire_draft = match (self.mode, &draft.q) {
+            (Mode::Llm, _) => None,
+            (_, Some(q)) => Some(protocol::Draft {
+                token: draft.token,
+                q: q.clone(),
+            }),
+            (_, None) => None,
+        };
+        for _attempt in 0..2 {
+            let result = self.exchange_verify(wire_draft.clone(), draft.uncertainty).await;
+            match result {
+                Ok(Some(v)) => return Ok(Outcome::Verdict(v)),
+                // Resynced: try the same token again.
+                Ok(None) => continue,
+                Err(Wait::Cancelled) => return Err(SdkError::Cancelled),
+                Err(Wait::Fatal(e)) => return Err(e),
+                Err(Wait::Retry) => return Ok(Outcome::Unverified),
+                Err(Wait::Link(e)) => {
+                    self.drop_session(e);
+                    return Ok(Outcome::Unverified);
+                }
+            }
+        }
+        self.drop_session(LinkError::Protocol(
+            "the server keeps losing this session's context".into(),
+        ));
+        Ok(Outcome::Unverified)
+    }
+
+    /// One `Verify` round trip. `Ok(None)`: the server needed a resync, which is done.
+    async fn exchange_verify(
+        &mut self,
+        draft: Option<protocol::Draft>,
+        uncertainty: f32,
+    ) -> Result<Option<protocol::Verdict>, Wait> {
+        let timeout = self.inner.config.request_timeout();
+        let skipped = self.skipped.clone();
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let Some(link) = self.link.as_mut() else {
+            return Err(Wait::Link(LinkError::Down("no session".into())));
+        };
+        let position = link
+            .state
+            .next_position(skipped.len())
+            .ok_or_else(|| LinkError::Protocol("session not ready".into()))?;
+        let msg = Message::Verify(Verify {
+            seq,
+            position,
+            skipped,
+            draft,
+            uncertainty,
+        });
+        link.state
+            .on_message(Side::Device, &msg)
+            .map_err(|c| LinkError::Protocol(format!("cannot send Verify: {c}")))?;
+        let t0 = Instant::now();
+        let c = &mut self.stats.counters;
+        link.stream.send(&msg, &mut c.uplink_bytes).await?;
+        let reply = recv_within(&mut link.stream, &mut c.downlink_bytes, timeout, &self.cancel)
+            .await?;
+        self.stats.record_rtt(t0.elapsed());
+        link.state
+            .on_message(Side::Server, &reply)
+            .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
+        match reply {
+            Message::Verdict(v) => Ok(Some(v)),
+            Message::Error(e) => match e.code.recovery() {
+                Recovery::Resync => {
+                    tracing::debug!(code = %e.code, "server asked for a resync");
+                    self.resync().await?;
+                    Ok(None)
+                }
+                Recovery::RetryLater => {
+                    tracing::debug!(code = %e.code, "server busy; token decided locally");
+                    Err(Wait::Retry)
+                }
+                Recovery::EndSession => Err(Wait::Link(LinkError::Protocol(e.to_string()))),
+                Recovery::Reconnect => Err(Wait::Link(LinkError::Down(e.to_string()))),
+                Recovery::Fatal => Err(Wait::Fatal(SdkError::from_server(&e))),
+            },
+            other => Err(Wait::Link(LinkError::Protocol(format!(
+                "expected Verdict, got {}",
+                other.kind()
+            )))),
+        }
+    }
+
+    /// Replaces the server's context with ours.
+    async fn resync(&mut self) -> Result<(), Wait> {
+        let timeout = self.inner.config.request_timeout();
+        let Some(link) = self.link.as_mut() else {
+            return Err(Wait::Link(LinkError::Down("no session".into())));
+        };
+        let msg = Message::Resync(Resync {
+            context: self.context.clone(),
+        });
+        link.state
+            .on_message(Side::Device, &msg)
+            .map_err(|c| LinkError::Protocol(format!("cannot send Resync: {c}")))?;
+        let t0 = Instant::now();
+        let c = &mut self.stats.counters;
+        link.stream.send(&msg, &mut c.uplink_bytes).await?;
+        let reply = recv_within(&mut link.stream, &mut c.downlink_bytes, timeout, &self.cancel)
+            .await?;
+        self.stats.record_rtt(t0.elapsed());
+        link.state
+            .on_message(Side::Server, &reply)
+            .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
+        match reply {
+            Message::Started(_) => {
+                self.skipped.clear();
+                Ok(())
+            }
+            Message::Error(e) => Err(Wait::Link(LinkError::Protocol(e.to_string()))),
+            other => Err(Wait::Link(LinkError::Protocol(format!(
+                "expected Started, got {}",
+                other.kind()
+            )))),
+        }
+    }
+
+    /// Opens a session stream starting from the full context. Link trouble leaves the
+    /// generation offline; only cancellation and fatal errors are returned.
+    async fn open_session(&mut self, conn: Arc<ClientConn>, reconnect: bool) -> Result<(), SdkError> {
+        match self.try_open(conn.clone()).await {
+            Ok(link) => {
+                self.link = Some(link);
+                self.skipped.clear();
+                if reconnect {
+                    self.stats.counters.reconnects += 1;
+                }
+                if !self.online {
+                    self.online = true;
+                    self.listener
+                        .on_link_change(true, format!("connected to {}", self.inner.link.addr()));
+                }
+                Ok(())
+            }
+            Err(Wait::Cancelled) => Err(SdkError::Cancelled),
+            Err(Wait::Fatal(e)) => Err(e),
+            Err(Wait::Retry) => {
+                self.went_offline("the server is busy".into());
+                Ok(())
+            }
+            Err(Wait::Link(e)) => {
+                if let LinkError::Down(_) = e {
+                    self.inner.link.mark_down(&conn, "session start failed");
+                }
+                self.went_offline(e.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    async fn try_open(&mut self, conn: Arc<ClientConn>) -> Result<SessionLink, Wait> {
+        let max_ctx = conn.welcome.max_context_tokens as usize;
+        if self.context.len() + self.sampling.max_tokens as usize > max_ctx {
+            return Err(Wait::Fatal(SdkError::InvalidConfig(format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceed the server's context of {max_ctx} tokens",
+                self.context.len(),
+                self.sampling.max_tokens
+            ))));
+        }
+        let timeout = self.inner.config.request_timeout();
+        let mut stream = conn.open_session().await?;
+        let mut state = SessionStream::new();
+        let msg = Message::Start(Start {
+            session_id: self.inner.next_session_id(),
+            prompt: protocol::Prompt::Tokens(self.context.clone()),
+            sampling: self.sampling.clone(),
+        });
+        state
+            .on_message(Side::Device, &msg)
+            .map_err(|c| LinkError::Protocol(format!("cannot send Start: {c}")))?;
+        let t0 = Instant::now();
+        let c = &mut self.stats.counters;
+        stream.send(&msg, &mut c.uplink_bytes).await?;
+        let reply = recv_within(&mut stream, &mut c.downlink_bytes, timeout, &self.cancel).await?;
+        self.stats.record_rtt(t0.elapsed());
+        state
+            .on_message(Side::Server, &reply)
+            .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
+        match reply {
+            Message::Started(_) => Ok(SessionLink {
+                conn,
+                stream,
+                state,
+            }),
+            Message::Error(e) => match e.code.recovery() {
+                Recovery::Fatal => Err(Wait::Fatal(SdkError::from_server(&e))),
+                Recovery::Reconnect => Err(Wait::Link(LinkError::Down(e.to_string()))),
+                _ => Err(Wait::Link(LinkError::Protocol(e.to_string()))),
+            },
+            other => Err(Wait::Link(LinkError::Protocol(format!(
+                "expected Started, got {}",
+                other.kind()
+            )))),
+        }
+    }
+
+    /// Abandons the session after a failure: a dead link also takes the connection down (the
+    /// background reconnect then starts); a protocol problem only ends this session.
+    fn drop_session(&mut self, e: LinkError) {
+        if let Some(mut link) = self.link.take() {
+            link.stream.finish();
+            if let LinkError::Down(reason) = &e {
+                self.inner.link.mark_down(&link.conn, reason);
+            }
+        }
+        self.went_offline(e.to_string());
+    }
+
+    fn went_offline(&mut self, reason: String) {
+        self.retry_at =
+            Some(Instant::now() + Duration::from_millis(self.inner.config.reconnect_backoff_ms));
+        tracing::warn!(%reason, "server unavailable; continuing on the device");
+        self.online = false;
+        self.listener.on_link_change(false, reason);
+    }
+
+    /// Sends `Close` so the server frees the session's KV cache, without waiting for it.
+    async fn close_session(&mut self, reason: &str) {
+        let Some(mut link) = self.link.take() else {
+            return;
+        };
+        let msg = Message::Close(Close {
+            reason: reason.to_string(),
+        });
+        if link.state.on_message(Side::Device, &msg).is_ok() {
+            let c = &mut self.stats.counters;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.stream.send(&msg, &mut c.uplink_bytes))
+                .await;
+        }
+        link.stream.finish();
+    }
+}
+
+/// Receives one message, giving up on timeout (link down) or cancellation.
+async fn recv_within(
+    stream: &mut FramedStream,
+    downlink: &mut u64,
+    timeout: Duration,
+    cancel: &CancelToken,
+) -> Result<Message, Wait> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Wait::Cancelled),
+        r = tokio::time::timeout(timeout, stream.recv(downlink)) => match r {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(Wait::Link(e)),
+            Err(_) => Err(Wait::Link(LinkError::Down(format!(
+                "no answer within {} ms",
+                timeout.as_millis()
+            )))),
+        },
+    }
+}
+
+/// Runs SLM work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    drafter: &Arc<Mutex<Drafter>>,
+    f: impl FnOnce(&mut Drafter) -> Result<T, SdkError> + Send + 'static,
+) -> Result<T, SdkError> {
+    let d = drafter.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&d)))
+        .await
+        .map_err(|e| SdkError::Model(format!("the model thread failed: {e}")))?
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,323 @@
+//! The server's configuration: one serde struct, read from TOML, overridden by CLI flags
+//! ([`ServerArgs`]) and built in code for in-process servers (tests, demos, the FFI).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uhlm_core::protocol::DEFAULT_MAX_FRAME_BYTES;
+
+use crate::error::ServerError;
+
+/// Everything a server needs to start. Field names are the TOML keys and, kebab-cased, the CLI
+/// flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The LLM: a GGUF path or a default model's name (`smollm2`) from the model cache.
+    pub model: PathBuf,
+    /// UDP address of the QUIC endpoint; port 0 picks a free one (see `ServerHandle::local_addr`).
+    pub listen: SocketAddr,
+    /// PEM certificate chain; needs `key`. Mutually exclusive with `self_signed`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Use a self-signed certificate for `localhost`, 127.0.0.1 and ::1 (clients pin it).
+    pub self_signed: bool,
+    /// Where the self-signed certificate and key are kept (`uhlm-server-cert.pem`,
+    /// `uhlm-server-key.pem`): reused when present, so the pin survives restarts. `None` keeps
+    /// a fresh pair in memory only.
+    pub cert_dir: Option<PathBuf>,
+    /// File of API keys, one per line; blank lines and `#` comments are ignored.
+    pub api_keys: Option<PathBuf>,
+    /// API keys given directly (tests, demos, embedded servers); never written to TOML.
+    #[serde(skip)]
+    pub api_key_list: Vec<String>,
+    /// Most concurrent sessions over all connections.
+    pub max_sessions: usize,
+    /// Most tokens in one session's context (also capped by the model's context window).
+    pub max_context_tokens: u32,
+    /// KV-cache memory for all sessions; beyond it idle sessions are evicted, least recently
+    /// used first, and must `Resync`.
+    pub kv_memory_budget_bytes: u64,
+    /// A session with no request for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest frame payload accepted (and announced in `Welcome`).
+    pub max_frame_bytes: u32,
+    /// Requests (`Start`, `Verify`, `Resync`) per second per API key; 0 = unlimited. Bursts of
+    /// one second's worth are allowed.
+    pub rate_limit: f64,
+    /// How long a worker waits for more requests to batch after the first one arrives.
+    #[serde(with = "humantime_serde")]
+    pub batch_wait: Duration,
+    /// Most requests one worker handles per batch.
+    pub max_batch: usize,
+    /// Model worker threads; sessions are spread over them and stay on theirs.
+    pub workers: usize,
+    /// Threads for candle's matmul kernels (process-wide; `None`: candle's default).
+    pub kernel_threads: Option<usize>,
+    /// Address of the HTTP endpoint serving `/healthz` and `/metrics`; `None`: no endpoint.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 4433)),
+            cert: None,
+            key: None,
+            self_signed: false,
+            cert_dir: None,
+            api_keys: None,
+            api_key_list: Vec::new(),
+            max_sessions: 256,
+            max_context_tokens: 8192,
+            kv_memory_budget_bytes: 4 << 30,
+            idle_timeout: Duration::from_secs(300),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            rate_limit: 0.0,
+            batch_wait: Duration::from_millis(2),
+            max_batch: 16,
+            workers: 1,
+            kernel_threads: None,
+            metrics: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A loopback server on a free port with a fresh in-memory self-signed certificate and the
+    /// given API keys: what tests, demos and embedded servers want.
+    pub fn local(
+        model: impl Into<PathBuf>,
+        api_keys: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Self {
+            model: model.into(),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            self_signed: true,
+            api_key_list: api_keys.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Reads a TOML file. Relative paths inside it are taken relative to the file's directory,
+    /// and a self-signed certificate is kept next to it unless `cert_dir` says otherwise.
+    pub fn from_toml_file(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServerError::io(path, e))?;
+        let mut config: Self = toml::from_str(&text).map_err(|source| ServerError::ConfigFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.cert,
+            &mut config.key,
+            &mut config.api_keys,
+            &mut config.cert_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        if config.model.is_relative() && dir.join(&config.model).is_file() {
+            config.model = dir.join(&config.model);
+        }
+        if config.cert_dir.is_none() {
+            config.cert_dir = Some(dir.to_path_buf());
+        }
+        Ok(config)
+    }
+
+    /// Checks what can be checked without touching files.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |m: &str| Err(ServerError::Config(m.to_string()));
+        if self.model.as_os_str().is_empty() {
+            return bad("no model given (--model)");
+        }
+        match (&self.cert, &self.key, self.self_signed) {
+            (Some(_), Some(_), false) | (None, None, true) => {}
+            (Some(_), Some(_), true) => {
+                return bad("--cert/--key and --self-signed exclude each other");
+            }
+            (Some(_), None, _) | (None, Some(_), _) => return bad("--cert and --key go together"),
+            (None, None, false) => {
+                return bad("no certificate: give --cert and --key, or --self-signed");
+            }
+        }
+        if self.api_keys.is_none() && self.api_key_list.is_empty() {
+            return bad("no API keys: give --api-keys FILE (unauthenticated mode does not exist)");
+        }
+        if self.max_sessions == 0 || self.max_batch == 0 || self.workers == 0 {
+            return bad("max_sessions, max_batch and workers must be at least 1");
+        }
+        if self.max_context_tokens < 2 {
+            return bad("max_context_tokens must be at least 2");
+        }
+        if self.max_frame_bytes < 1024 {
+            return bad("max_frame_bytes must be at least 1024");
+        }
+        if !self.rate_limit.is_finite() || self.rate_limit < 0.0 {
+            return bad("rate_limit must be a finite number >= 0");
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("idle_timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// CLI flags; every one that is given overrides the same field of the config file.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ServerArgs {
+    /// LLM GGUF path or default model name (e.g. `smollm2`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// UDP address to listen on (port 0: any free port).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Generate (or reuse) a self-signed certificate for localhost and print its fingerprint.
+    #[arg(long)]
+    pub self_signed: bool,
+    /// Directory for the self-signed certificate and key (default: the config file's
+    /// directory, or the current directory).
+    #[arg(long)]
+    pub cert_dir: Option<PathBuf>,
+    /// File of API keys, one per line.
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    #[arg(long)]
+    pub max_context_tokens: Option<u32>,
+    #[arg(long)]
+    pub kv_memory_budget_bytes: Option<u64>,
+    /// e.g. `5m`, `30s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    #[arg(long)]
+    pub max_frame_bytes: Option<u32>,
+    /// Requests per second per API key (0: unlimited).
+    #[arg(long)]
+    pub rate_limit: Option<f64>,
+    /// e.g. `2ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub batch_wait: Option<Duration>,
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// Model worker threads.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Threads for the matmul kernels.
+    #[arg(long)]
+    pub kernel_threads: Option<usize>,
+    /// HTTP address for /healthz and /metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+}
+
+impl ServerArgs {
+    /// Overrides `config` with every flag that was given.
+    pub fn apply(self, config: &mut ServerConfig) {
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut config.model, self.model);
+        set(&mut config.listen, self.listen);
+        if self.cert.is_some() || self.key.is_some() {
+            config.cert = self.cert;
+            config.key = self.key;
+            config.self_signed = false;
+        }
+        if self.self_signed {
+            config.self_signed = true;
+            config.cert = None;
+            config.key = None;
+        }
+        if self.cert_dir.is_some() {
+            config.cert_dir = self.cert_dir;
+        }
+        if self.api_keys.is_some() {
+            config.api_keys = self.api_keys;
+        }
+        set(&mut config.max_sessions, self.max_sessions);
+        set(&mut config.max_context_tokens, self.max_context_tokens);
+        set(
+            &mut config.kv_memory_budget_bytes,
+            self.kv_memory_budget_bytes,
+        );
+        set(&mut config.idle_timeout, self.idle_timeout);
+        set(&mut config.max_frame_bytes, self.max_frame_bytes);
+        set(&mut config.rate_limit, self.rate_limit);
+        set(&mut config.batch_wait, self.batch_wait);
+        set(&mut config.max_batch, self.max_batch);
+        set(&mut config.workers, self.workers);
+        if self.kernel_threads.is_some() {
+            config.kernel_threads = self.kernel_threads;
+        }
+        if self.metrics.is_some() {
+            config.metrics = self.metrics;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trips_and_flags_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "model = \"/m.gguf\"\nself_signed = true\napi_keys = \"keys.txt\"\n\
+             batch_wait = \"5ms\"\nidle_timeout = \"1m\"\nmax_batch = 4\n",
+        )
+        .unwrap();
+        let mut config = ServerConfig::from_toml_file(&path).unwrap();
+        assert_eq!(config.batch_wait, Duration::from_millis(5));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(
+            config.api_keys.as_deref(),
+            Some(dir.path().join("keys.txt").as_path())
+        );
+        assert_eq!(config.cert_dir.as_deref(), Some(dir.path()));
+        config.validate().unwrap();
+        let args = ServerArgs {
+            max_batch: Some(8),
+            batch_wait: Some(Duration::from_millis(1)),
+            ..ServerArgs::default()
+        };
+        args.apply(&mut config);
+        assert_eq!(config.max_batch, 8);
+        assert_eq!(config.batch_wait, Duration::from_millis(1));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_credentials_are_rejected() {
+        assert!(toml::from_str::<ServerConfig>("modle = \"x\"").is_err());
+        let mut c = ServerConfig::local("/m.gguf", ["k"]);
+        c.validate().unwrap();
+        c.api_key_list.clear();
+        assert!(matches!(c.validate(), Err(ServerError::Config(_))));
+        let mut c = ServerConfig::local("/m.gguf", ["k"]);
+        c.self_signed = false;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! `uhlm-server`: hosts the LLM for many devices behind QUIC (TLS 1.3, ALPN `uhlm/1`).
+//!
+//! Devices send only their uncertain tokens; for each, the server catches its KV cache up on
+//! the tokens the device committed locally and verifies the draft with speculative-sampling
+//! rules (`uhlm_core::verify`). Model compute runs on dedicated worker threads; tokio only moves bytes.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), uhlm_server::ServerError> {
+//! use uhlm_server::{Server, ServerConfig};
+//! let handle = Server::start(ServerConfig::local("smollm2", ["secret-key"])).await?;
+//! println!("listening on {} pin {}", handle.local_addr(), handle.cert_fingerprint());
+//! handle.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod auth;
+pub mod config;
+mod connection;
+mod error;
+mod http;
+mod metrics;
+mod rate_limit;
+mod server;
+mod session;
+mod tls;
+mod worker;
+
+pub use config::{ServerArgs, ServerConfig};
+pub use error::ServerError;
+pub use server::{Server, ServerHandle};
+pub use tls::{SELF_SIGNED_CERT_FILE, SELF_SIGNED_KEY_FILE, cert_fingerprint};
+pub use worker::kv_bytes_per_token;

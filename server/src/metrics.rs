@@ -1,0 +1,157 @@
+//! Prometheus metrics. One registry per server, so in-process servers (tests, benches) do not
+//! share counters.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use uhlm_core::protocol::ErrorCode;
+
+/// Label of the error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// Every metric the server exports (names get the `uhlm_` prefix).
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub sessions: Gauge,
+    pub tokens_verified: Counter,
+    pub tokens_accepted: Counter,
+    pub tokens_resampled: Counter,
+    pub catchup_tokens: Counter,
+    pub evictions: Counter,
+    pub batch_size: Histogram,
+    pub verify_latency: Histogram,
+    pub uplink_bytes: Counter,
+    pub downlink_bytes: Counter,
+    errors: Family<CodeLabel, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("uhlm");
+        let m = Self {
+            connections: Gauge::default(),
+            sessions: Gauge::default(),
+            tokens_verified: Counter::default(),
+            tokens_accepted: Counter::default(),
+            tokens_resampled: Counter::default(),
+            catchup_tokens: Counter::default(),
+            evictions: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            // 0.5 ms .. ~4 s.
+            verify_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            uplink_bytes: Counter::default(),
+            downlink_bytes: Counter::default(),
+            errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open authenticated connections",
+            m.connections.clone(),
+        );
+        registry.register("sessions", "Open generation sessions", m.sessions.clone());
+        registry.register(
+            "tokens_verified",
+            "Tokens decided by Verify",
+            m.tokens_verified.clone(),
+        );
+        registry.register(
+            "tokens_accepted",
+            "Draft tokens accepted",
+            m.tokens_accepted.clone(),
+        );
+        registry.register(
+            "tokens_resampled",
+            "Tokens sampled by the server (draft rejected or absent)",
+            m.tokens_resampled.clone(),
+        );
+        registry.register(
+            "catchup_tokens",
+            "Skipped tokens the server appended before verifying",
+            m.catchup_tokens.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Sessions whose KV cache was evicted",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Requests handled per worker batch",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "verify_latency_seconds",
+            "Time from receiving a Verify to sending its answer",
+            m.verify_latency.clone(),
+        );
+        registry.register(
+            "uplink_bytes",
+            "Bytes received on session and control streams",
+            m.uplink_bytes.clone(),
+        );
+        registry.register(
+            "downlink_bytes",
+            "Bytes sent on session and control streams",
+            m.downlink_bytes.clone(),
+        );
+        registry.register("errors", "Error frames sent, by code", m.errors.clone());
+        Self { registry, ..m }
+    }
+
+    /// Counts an `Error` frame sent to a client.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors
+            .get_or_create(&CodeLabel {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_error_labels() {
+        let m = Metrics::new();
+        m.tokens_verified.inc_by(3);
+        m.batch_size.observe(4.0);
+        m.error(ErrorCode::Unauthorized);
+        let text = m.render();
+        assert!(text.contains("uhlm_tokens_verified_total 3"), "{text}");
+        assert!(
+            text.contains("uhlm_errors_total{code=\"Unauthorized\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("uhlm_batch_size_count 1"), "{text}");
+    }
+}

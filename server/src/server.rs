@@ -1,0 +1,290 @@
+//! Starting and stopping a server: load the model, start the workers, bind QUIC and the
+//! metrics endpoint, and drain gracefully on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use uhlm_model::{LoadOptions, Model};
+
+use crate::auth::ApiKeys;
+use crate::config::ServerConfig;
+use crate::error::ServerError;
+use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
+use crate::tls;
+use crate::worker::{SessionKey, WorkerPool, WorkerSettings};
+
+/// How long shutdown waits for connections to finish their in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// State every connection and session task shares.
+pub(crate) struct Shared {
+    pub config: ServerConfig,
+    pub model: Arc<Model>,
+    pub fingerprint: [u8; 32],
+    pub max_context_tokens: u32,
+    pub keys: ApiKeys,
+    pub limiter: RateLimiter,
+    pub metrics: Arc<Metrics>,
+    pub workers: WorkerPool,
+    pub session_slots: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+    next_key: AtomicU64,
+}
+
+impl Shared {
+    pub fn next_session_key(&self) -> SessionKey {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Entry point of the library.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// Loads the model named by `config.model` (a path or a cached model's name) and starts.
+    pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+        config.validate()?;
+        let path = uhlm_model::fetch::resolve_model(&config.model.to_string_lossy())?;
+        let opts = LoadOptions {
+            threads: config.kernel_threads,
+            ..LoadOptions::default()
+        };
+        let model = tokio::task::spawn_blocking(move || Model::load(&path, &opts))
+            .await
+            .map_err(|e| ServerError::Config(format!("model loading task failed: {e}")))??;
+        Self::start_with_model(config, model).await
+    }
+
+    /// Starts with an already loaded model (`config.model` is then ignored), e.g. to share
+    /// one model between an embedded server and the device side of a demo.
+    pub async fn start_with_model(
+        mut config: ServerConfig,
+        model: Arc<Model>,
+    ) -> Result<ServerHandle, ServerError> {
+        if config.model.as_os_str().is_empty() {
+            config.model = model.path().to_path_buf();
+        }
+        config.validate()?;
+        let mut keys = ApiKeys::from_keys(config.api_key_list.iter().map(String::as_str));
+        if let Some(path) = &config.api_keys {
+            keys.extend(ApiKeys::from_file(path)?);
+        }
+        if keys.is_empty() {
+            return Err(ServerError::Config("the API key list is empty".into()));
+        }
+        let identity = tls::load_identity(&config)?;
+        let fingerprint_hex = tls::cert_fingerprint(identity.leaf());
+        let cert_der = identity.leaf().to_vec();
+        let quic = tls::quic_server_config(&identity, &config)?;
+        let endpoint =
+            quinn::Endpoint::server(quic, config.listen).map_err(|source| ServerError::Bind {
+                what: "QUIC endpoint",
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            what: "QUIC endpoint",
+            addr: config.listen,
+            source,
+        })?;
+        let metrics = Arc::new(Metrics::new());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let draining = Arc::new(AtomicBool::new(false));
+        let mut background = JoinSet::new();
+        let metrics_addr = match config.metrics {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        what: "metrics endpoint",
+                        addr,
+                        source,
+                    })?;
+                let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+                    what: "metrics endpoint",
+                    addr,
+                    source,
+                })?;
+                background.spawn(crate::http::serve(
+                    listener,
+                    metrics.clone(),
+                    draining.clone(),
+                    shutdown_rx.clone(),
+                ));
+                Some(bound)
+            }
+            None => None,
+        };
+        let max_context_tokens = config
+            .max_context_tokens
+            .min(u32::try_from(model.info().context_length).unwrap_or(u32::MAX));
+        let settings = WorkerSettings {
+            workers: config.workers,
+            batch_wait: config.batch_wait,
+            max_batch: config.max_batch,
+            kv_memory_budget_bytes: config.kv_memory_budget_bytes,
+            max_context_tokens: max_context_tokens as usize,
+        };
+        let workers = WorkerPool::start(model.clone(), &settings, metrics.clone())
+            .map_err(|e| ServerError::Config(format!("cannot start model worker threads: {e}")))?;
+        let shared = Arc::new(Shared {
+            fingerprint: model.fingerprint(),
+            limiter: RateLimiter::new(config.rate_limit),
+            session_slots: Arc::new(Semaphore::new(config.max_sessions)),
+            max_context_tokens,
+            keys,
+            metrics,
+            workers,
+            model,
+            shutdown: shutdown_rx,
+            next_key: AtomicU64::new(1),
+            config,
+        });
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        tracing::info!(
+            %local_addr,
+            fingerprint = %fingerprint_hex,
+            api_keys = shared.keys.len(),
+            "uhlm-server listening"
+        );
+        Ok(ServerHandle {
+            local_addr,
+            metrics_addr,
+            fingerprint: fingerprint_hex,
+            cert_der,
+            endpoint,
+            shared,
+            shutdown_tx,
+            draining,
+            acceptor: Some(acceptor),
+            background,
+        })
+    }
+}
+
+/// Completes once shutdown has begun (or the server is gone). Holds no borrow of the channel
+/// across awaits, so futures using it stay `Send`.
+pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    connections.spawn(crate::connection::serve(shared.clone(), incoming));
+                }
+                None => break,
+            },
+            // Reap finished connections so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = crate::server::shutting_down(&mut shutdown) => break,
+        }
+    }
+    // No new connections; existing ones drain their sessions.
+    endpoint.set_server_config(None);
+    if tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("connections did not drain in time; closing them");
+        connections.abort_all();
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    fingerprint: String,
+    cert_der: Vec<u8>,
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    draining: Arc<AtomicBool>,
+    acceptor: Option<tokio::task::JoinHandle<()>>,
+    background: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("model", &self.model.info().name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// The bound QUIC (UDP) address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Lowercase hex SHA-256 of the server's DER certificate: the pin for clients.
+    pub fn cert_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The server's end-entity certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// The bound address of the `/healthz` + `/metrics` endpoint, if one was configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The vocabulary fingerprint clients must send in `Hello`.
+    pub fn model_fingerprint(&self) -> [u8; 32] {
+        self.shared.fingerprint
+    }
+
+    /// The Prometheus text of the server's metrics (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// Graceful shutdown: stop accepting connections, let every in-flight request finish and
+    /// be answered, tell sessions the server is going away, close connections, stop workers.
+    pub async fn shutdown(mut self) {
+        self.draining.store(true, Ordering::Relaxed);
+        let _ = self.shutdown_tx.send(true);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.await;
+        }
+        self.endpoint.close(0u32.into(), b"server shut down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        while self.background.join_next().await.is_some() {}
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.workers.stop_blocking()).await;
+        tracing::info!("uhlm-server stopped");
+    }
+}
+
+impl Drop for ServerHandle {
+    /// A handle dropped without `shutdown` still stops its tasks and threads (abruptly).
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+        if let Some(acceptor) = self.acceptor.take() {
+            acceptor.abort();
+        }
+        self.endpoint.close(0u32.into(), b"server dropped");
+        self.background.abort_all();
+        for _ in 0..self.shared.config.workers {
+            let _ = self.shared.workers.submit(crate::worker::Job::Stop);
+        }
+    }
+}

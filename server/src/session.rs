@@ -1,0 +1,381 @@
+//! The server side of one session stream: frames in, one request at a time to the worker,
+//! frames out. Everything derived from client bytes is checked; a bad frame or a request the
+//! protocol forbids gets an `Error` frame, and ends at most this stream.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use quinn::{RecvStream, SendStream};
+use tokio::sync::OwnedSemaphorePermit;
+use uhlm_core::protocol::{
+    Close, ErrorCode, ErrorMessage, FrameDecoder, FrameError, Message, Prompt, SessionPhase,
+    SessionStream, Side, Start, Started, Verify, encode_frame,
+};
+
+use crate::auth::KeyId;
+use crate::server::Shared;
+use crate::worker::{Failure, Job, SessionKey};
+
+/// How long a finished stream waits for the peer to acknowledge its last frames.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Framed access to one bidirectional stream, counting bytes both ways.
+pub(crate) struct Framed {
+    send: SendStream,
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    max_frame_bytes: u32,
+    shared: Arc<Shared>,
+    ended: bool,
+}
+
+/// What waiting for the next message produced.
+pub(crate) enum Next {
+    Message(Message),
+    /// The peer finished its side cleanly.
+    End,
+    /// Bad bytes: answer with the error's code and close the stream.
+    Bad(FrameError),
+    /// The stream or connection was reset; nothing can be sent.
+    Lost,
+    Idle,
+    Shutdown,
+}
+
+impl Framed {
+    pub fn new(send: SendStream, recv: RecvStream, shared: Arc<Shared>) -> Self {
+        let max = shared.config.max_frame_bytes;
+        Self {
+            send,
+            recv,
+            decoder: FrameDecoder::new(max),
+            buf: vec![0; 64 * 1024],
+            max_frame_bytes: max,
+            shared,
+            ended: false,
+        }
+    }
+
+    /// The next message. Frames already received are returned even while shutting down, so a
+    /// request that reached the server before the shutdown is still answered.
+    pub async fn next(&mut self, stop_on_shutdown: bool) -> Next {
+        let mut shutdown = self.shared.shutdown.clone();
+        let idle = self.shared.config.idle_timeout;
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(msg)) => return Next::Message(msg),
+                Ok(None) => {}
+                Err(e) => return Next::Bad(e),
+            }
+            if self.ended {
+                return match self.decoder.finish() {
+                    Ok(()) => Next::End,
+                    Err(e) => Next::Bad(e),
+                };
+            }
+            // A request already partly received is in flight too: read the rest of it.
+            let may_stop = stop_on_shutdown && self.decoder.is_empty();
+            if may_stop && *shutdown.borrow() {
+                return Next::Shutdown;
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout(idle, self.recv.read(&mut self.buf)) => r,
+                _ = crate::server::shutting_down(&mut shutdown), if may_stop => return Next::Shutdown,
+            };
+            match read {
+                Err(_) => return Next::Idle,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "stream read failed");
+                    return Next::Lost;
+                }
+                Ok(Ok(None)) => self.ended = true,
+                Ok(Ok(Some(n))) => {
+                    self.shared.metrics.uplink_bytes.inc_by(n as u64);
+                    self.decoder.push(&self.buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// Writes one message; `false` if the stream is gone.
+    pub async fn send(&mut self, msg: &Message) -> bool {
+        if let Message::Error(e) = msg {
+            self.shared.metrics.error(e.code);
+        }
+        let frame = match encode_frame(msg, self.max_frame_bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, kind = msg.kind(), "cannot encode a reply");
+                return false;
+            }
+        };
+        match self.send.write_all(&frame).await {
+            Ok(()) => {
+                self.shared
+                    .metrics
+                    .downlink_bytes
+                    .inc_by(frame.len() as u64);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "stream write failed");
+                false
+            }
+        }
+    }
+
+    /// Finishes our side, stops reading, and waits (bounded) until the peer has our frames, so
+    /// a connection closed right after still delivers them.
+    pub async fn finish(mut self) {
+        let _ = self.recv.stop(0u32.into());
+        if self.send.finish().is_ok() {
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.send.stopped()).await;
+        }
+    }
+}
+
+/// Frees the worker's session when the stream task ends, however it ends.
+struct Opened {
+    key: SessionKey,
+    shared: Arc<Shared>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        let _ = self.shared.workers.submit(Job::Close { key: self.key });
+    }
+}
+
+/// Serves one session stream until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, key_id: KeyId, send: SendStream, recv: RecvStream) {
+    let mut io = Framed::new(send, recv, shared.clone());
+    let mut state = SessionStream::new();
+    let key = shared.next_session_key();
+    let mut opened: Option<Opened> = None;
+    loop {
+        let msg = match io.next(true).await {
+            Next::Message(m) => m,
+            Next::End | Next::Lost => break,
+            Next::Bad(e) => {
+                tracing::debug!(session = key, error = %e, "bad frame on a session stream");
+                io.send(&ErrorMessage::new(e.code(), e.to_string()).into())
+                    .await;
+                break;
+            }
+            Next::Idle => {
+                io.send(
+                    &Close {
+                        reason: "idle timeout".into(),
+                    }
+                    .into(),
+                )
+                .await;
+                break;
+            }
+            Next::Shutdown => {
+                let msg = ErrorMessage::new(ErrorCode::ShuttingDown, "the server is shutting down");
+                io.send(&msg.into()).await;
+                break;
+            }
+        };
+        let seq = match &msg {
+            Message::Verify(v) => Some(v.seq),
+            _ => None,
+        };
+        if let Err(code) = state.on_message(Side::Device, &msg) {
+            let phase = state.phase();
+            let text = match code {
+                ErrorCode::PositionMismatch => format!(
+                    "Verify position does not match the server's context of {:?} tokens",
+                    state.context_len()
+                ),
+                _ => format!("{} is not allowed in phase {phase:?}", msg.kind()),
+            };
+            let err = ErrorMessage {
+                code,
+                message: text,
+                seq,
+            };
+            if !reply(&mut io, &mut state, err.into()).await {
+                break;
+            }
+            continue;
+        }
+        let answer: Message = match msg {
+            Message::Start(start) => {
+                match handle_start(&shared, key, key_id, start, &mut opened).await {
+                    Ok(started) => started.into(),
+                    Err(e) => e.into(),
+                }
+            }
+            Message::Verify(v) => handle_verify(&shared, key, key_id, v).await,
+            Message::Resync(r) => {
+                let session_id = state.session_id().unwrap_or_default();
+                let context_len = u32::try_from(r.context.len()).unwrap_or(u32::MAX);
+                let result = if !shared.limiter.allow(key_id, Instant::now()) {
+                    Err(rate_limited())
+                } else {
+                    shared
+                        .workers
+                        .call(|reply| Job::Resync {
+                            key,
+                            context: r.context,
+                            reply,
+                        })
+                        .await
+                };
+                match result {
+                    Ok(()) => Started {
+                        session_id,
+                        context_len,
+                        rendered: None,
+                    }
+                    .into(),
+                    Err(e) => e.into(),
+                }
+            }
+            // Close or Error from the device: the stream is over.
+            _ => break,
+        };
+        if !reply(&mut io, &mut state, answer).await {
+            break;
+        }
+    }
+    drop(opened);
+    io.finish().await;
+}
+
+/// Sends `msg` and records it in the state machine; `false` when the stream is over.
+async fn reply(io: &mut Framed, state: &mut SessionStream, msg: Message) -> bool {
+    if let Err(code) = state.on_message(Side::Server, &msg) {
+        // Our own reply is inconsistent with the stream: a server bug, never the client's.
+        tracing::error!(
+            ?code,
+            kind = msg.kind(),
+            "server reply rejected by the session state machine"
+        );
+        let err = ErrorMessage::new(ErrorCode::Internal, "internal error");
+        io.send(&err.into()).await;
+        return false;
+    }
+    io.send(&msg).await && state.phase() != SessionPhase::Closed
+}
+
+fn rate_limited() -> Failure {
+    ErrorMessage::new(
+        ErrorCode::RateLimited,
+        "too many requests for this API key; retry later",
+    )
+}
+
+async fn handle_start(
+    shared: &Arc<Shared>,
+    key: SessionKey,
+    key_id: KeyId,
+    start: Start,
+    opened: &mut Option<Opened>,
+) -> Result<Started, Failure> {
+    if !shared.limiter.allow(key_id, Instant::now()) {
+        return Err(rate_limited());
+    }
+    if let Err(e) = start.sampling.validate() {
+        return Err(ErrorMessage::new(
+            ErrorCode::InvalidRequest,
+            format!("sampling options: {e}"),
+        ));
+    }
+    let (context, rendered) = match start.prompt {
+        Prompt::Tokens(t) => (t, None),
+        Prompt::Chat(messages) => {
+            let ids = render_chat(shared, &messages)?;
+            (ids.clone(), Some(ids))
+        }
+    };
+    let context_len = u32::try_from(context.len())
+        .map_err(|_| ErrorMessage::new(ErrorCode::ContextTooLong, "the prompt is too long"))?;
+    let slot = shared
+        .session_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ErrorMessage::new(
+                ErrorCode::SessionLimit,
+                format!(
+                    "the server already serves {} sessions",
+                    shared.config.max_sessions
+                ),
+            )
+        })?;
+    shared
+        .workers
+        .call(|reply| Job::Open {
+            key,
+            context,
+            sampling: start.sampling,
+            reply,
+        })
+        .await?;
+    *opened = Some(Opened {
+        key,
+        shared: shared.clone(),
+        _slot: slot,
+    });
+    Ok(Started {
+        session_id: start.session_id,
+        context_len,
+        rendered,
+    })
+}
+
+fn render_chat(
+    shared: &Shared,
+    messages: &[uhlm_core::chat::ChatMessage],
+) -> Result<Vec<u32>, Failure> {
+    let bad = |m: String| ErrorMessage::new(ErrorCode::InvalidRequest, m);
+    let template = shared
+        .model
+        .chat_template()
+        .ok_or_else(|| bad("the server's model has no chat template; send token ids".into()))?;
+    let text = template
+        .render(messages, true)
+        .map_err(|e| bad(e.to_string()))?;
+    shared
+        .model
+        .tokenizer()
+        .encode(&text, false)
+        .map_err(|e| bad(format!("cannot tokenize the rendered chat: {e}")))
+}
+
+async fn handle_verify(shared: &Arc<Shared>, key: SessionKey, key_id: KeyId, v: Verify) -> Message {
+    let received = Instant::now();
+    let seq = v.seq;
+    if !shared.limiter.allow(key_id, received) {
+        return ErrorMessage {
+            seq: Some(seq),
+            ..rate_limited()
+        }
+        .into();
+    }
+    let result = shared
+        .workers
+        .call(|reply| Job::Verify {
+            key,
+            verify: v,
+            reply,
+        })
+        .await;
+    shared
+        .metrics
+        .verify_latency
+        .observe(received.elapsed().as_secs_f64());
+    match result {
+        Ok(verdict) => verdict.into(),
+        Err(e) => ErrorMessage {
+            seq: Some(seq),
+            ..e
+        }
+        .into(),
+    }
+}

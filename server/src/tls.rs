@@ -1,0 +1,183 @@
+//! The server's TLS identity and QUIC crypto: TLS 1.3 only, ALPN `uhlm/1`, ring as the crypto
+//! provider (the SDK uses the same, so both cross-compile to phones).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use uhlm_core::protocol::ALPN;
+
+use crate::config::ServerConfig;
+use crate::error::ServerError;
+
+/// File name of the self-signed certificate inside `cert_dir`.
+pub const SELF_SIGNED_CERT_FILE: &str = "uhlm-server-cert.pem";
+/// File name of the self-signed certificate's private key inside `cert_dir`.
+pub const SELF_SIGNED_KEY_FILE: &str = "uhlm-server-key.pem";
+
+/// A certificate chain and its key.
+pub(crate) struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// The end-entity certificate (DER), the one clients pin.
+    pub fn leaf(&self) -> &CertificateDer<'static> {
+        // `load` never returns an empty chain.
+        &self.chain[0]
+    }
+}
+
+/// Lowercase hex SHA-256 of a DER certificate: the pin clients configure.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// Loads the configured certificate, or reuses/creates the self-signed one.
+pub(crate) fn load_identity(config: &ServerConfig) -> Result<Identity, ServerError> {
+    match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => read_pem(cert, key),
+        _ => match &config.cert_dir {
+            Some(dir) => {
+                let (cert, key) = (
+                    dir.join(SELF_SIGNED_CERT_FILE),
+                    dir.join(SELF_SIGNED_KEY_FILE),
+                );
+                if cert.is_file() && key.is_file() {
+                    tracing::info!(cert = %cert.display(), "reusing self-signed certificate");
+                    read_pem(&cert, &key)
+                } else {
+                    write_self_signed(dir, &cert, &key)
+                }
+            }
+            None => generate_self_signed().map(|(id, _, _)| id),
+        },
+    }
+}
+
+fn read_pem(cert: &Path, key: &Path) -> Result<Identity, ServerError> {
+    let pem_err = |p: &PathBuf, e: rustls::pki_types::pem::Error| {
+        ServerError::Tls(format!("cannot read PEM {}: {e}", p.display()))
+    };
+    let cert_path = cert.to_path_buf();
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem_err(&cert_path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(&cert_path, e))?;
+    if chain.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "no certificate in {}",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(&key.to_path_buf(), e))?;
+    Ok(Identity { chain, key })
+}
+
+/// A fresh certificate for the names a loopback or LAN client uses, with its PEM texts.
+fn generate_self_signed() -> Result<(Identity, String, String), ServerError> {
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let certified = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| ServerError::Tls(format!("cannot generate a self-signed certificate: {e}")))?;
+    let cert_pem = certified.cert.pem();
+    let key_pem = certified.signing_key.serialize_pem();
+    let identity = Identity {
+        chain: vec![certified.cert.der().clone()],
+        key: PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into()),
+    };
+    Ok((identity, cert_pem, key_pem))
+}
+
+fn write_self_signed(dir: &Path, cert: &Path, key: &Path) -> Result<Identity, ServerError> {
+    let (identity, cert_pem, key_pem) = generate_self_signed()?;
+    std::fs::create_dir_all(dir).map_err(|e| ServerError::io(dir, e))?;
+    write_private(key, key_pem.as_bytes())?;
+    std::fs::write(cert, cert_pem).map_err(|e| ServerError::io(cert, e))?;
+    tracing::info!(cert = %cert.display(), key = %key.display(), "wrote a new self-signed certificate");
+    Ok(identity)
+}
+
+/// Writes a file only its owner can read (the private key).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| ServerError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| ServerError::io(path, e))
+}
+
+/// The QUIC server configuration: TLS 1.3 only, ALPN `uhlm/1`, no client certificates.
+pub(crate) fn quic_server_config(
+    identity: &Identity,
+    config: &ServerConfig,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let tls_err = |e: rustls::Error| ServerError::Tls(e.to_string());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // The control stream, the sessions, and some headroom so that a stream over the session
+    // limit can still be opened and be told `SessionLimit` instead of blocking in QUIC.
+    let streams = u32::try_from(config.max_sessions.saturating_add(17)).unwrap_or(u32::MAX);
+    transport.max_concurrent_bidi_streams(streams.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
+        .map_err(|e| ServerError::Config(format!("idle_timeout: {e}")))?;
+    transport.max_idle_timeout(Some(idle));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_pair_is_written_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::local("/m.gguf", ["k"]);
+        config.cert_dir = Some(dir.path().to_path_buf());
+        let first = load_identity(&config).unwrap();
+        let second = load_identity(&config).unwrap();
+        assert_eq!(first.leaf(), second.leaf());
+        let fp = cert_fingerprint(first.leaf());
+        assert_eq!(fp.len(), 64);
+        assert!(
+            fp.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        quic_server_config(&first, &config).unwrap();
+        // A fresh in-memory identity differs.
+        config.cert_dir = None;
+        assert_ne!(load_identity(&config).unwrap().leaf(), first.leaf());
+    }
+
+    #[test]
+    fn garbage_pem_is_a_tls_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, "not a certificate").unwrap();
+        std::fs::write(&k, "not a key").unwrap();
+        assert!(matches!(read_pem(&c, &k), Err(ServerError::Tls(_))));
+    }
+}

@@ -1,0 +1,140 @@
+//! The hybrid loop end to end: SDK engine ↔ real `uhlm-server` process over QUIC, real models.
+
+mod e2e_common;
+
+use std::sync::Arc;
+
+use e2e_common::{Recorder, ServerProc, llm_greedy};
+use uhlm_core::protocol::{
+    DEFAULT_MAX_FRAME_BYTES, Hello, Message, PROTOCOL_VERSION, encode_frame,
+};
+use uhlm_sdk::{
+    CancelToken, Codec, GenerationOptions, HybridEngine, Mode, PolicyConfig, Prompt,
+    SamplingOptions, TokenSource,
+};
+
+const PROMPT: &str = "Explain in two sentences why the sky is blue.";
+const MAX_TOKENS: u32 = 20;
+
+fn greedy() -> GenerationOptions {
+    GenerationOptions {
+        sampling: SamplingOptions::greedy(MAX_TOKENS),
+        chat_template: true,
+    }
+}
+
+/// With temperature 0 every verified token is the LLM's argmax, so a run that verifies every
+/// token must reproduce the LLM alone exactly, whatever the uplink codec.
+#[test]
+fn verifying_every_token_reproduces_the_llm_alone() {
+    let server = ServerProc::start();
+    let mut reference = None;
+    let cases: Vec<(Mode, Codec, PolicyConfig)> =
+        ["dense-f32", "dense-f16", "topk:32", "topp:0.99"]
+            .iter()
+            .map(|c| (Mode::Hlm, c.parse().unwrap(), PolicyConfig::send_all()))
+            .chain([(
+                Mode::Uhlm,
+                "topk:32".parse().unwrap(),
+                PolicyConfig::fixed(0.0),
+            )])
+            .collect();
+    for (mode, codec, policy) in cases {
+        let label = format!("{mode} {codec}");
+        let engine = HybridEngine::new(server.engine_config(mode, codec, policy)).unwrap();
+        let prompt = Prompt::Text(PROMPT.into());
+        let expected = reference.get_or_insert_with(|| {
+            let ids = engine.tokenize_prompt(&prompt, true).unwrap();
+            llm_greedy(&ids, MAX_TOKENS)
+        });
+        let rec = Arc::new(Recorder::default());
+        let summary = engine
+            .generate_blocking(prompt, greedy(), rec.clone(), CancelToken::new())
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(
+            &summary.token_ids, expected,
+            "{label}: differs from the LLM alone"
+        );
+        assert_eq!(rec.token_ids(), summary.token_ids, "{label}: events differ");
+        let s = &summary.stats;
+        assert_eq!(s.skipped, 0, "{label}");
+        assert_eq!(s.offline, 0, "{label}");
+        assert_eq!(s.sent, s.decisions, "{label}: every token is verified");
+        assert_eq!(s.sent, s.accepted + s.resampled, "{label}");
+        assert!(
+            summary
+                .sources
+                .iter()
+                .all(|s| matches!(s, TokenSource::Accepted | TokenSource::Resampled)),
+            "{label}: {:?}",
+            summary.sources
+        );
+    }
+}
+
+/// The default policy skips confident tokens, and the counters add up, down to the bytes the
+/// server says it received.
+#[test]
+fn default_policy_skips_tokens_and_the_stats_add_up() {
+    let server = ServerProc::start();
+    let config = server.engine_config(Mode::Uhlm, Codec::default(), PolicyConfig::default());
+    let client_name = config.client_name.clone();
+    let engine = HybridEngine::new(config).unwrap();
+    let rec = Arc::new(Recorder::default());
+    let options = GenerationOptions {
+        sampling: SamplingOptions {
+            temperature: 0.7,
+            seed: Some(7),
+            max_tokens: 48,
+            ..SamplingOptions::default()
+        },
+        chat_template: true,
+    };
+    let summary = engine
+        .generate_blocking(
+            Prompt::Text("Write a short poem about the sea.".into()),
+            options,
+            rec.clone(),
+            CancelToken::new(),
+        )
+        .unwrap();
+    let s = &summary.stats;
+    assert!(s.skipped > 0, "nothing skipped: {s:?}");
+    assert!(s.sent > 0, "nothing sent: {s:?}");
+    assert_eq!(s.offline, 0);
+    assert_eq!(s.drafted, s.skipped + s.sent, "{s:?}");
+    assert_eq!(s.sent, s.accepted + s.resampled, "{s:?}");
+    assert_eq!(s.decisions, s.drafted, "{s:?}");
+    let n = summary.token_ids.len() as u64;
+    assert!(
+        s.decisions == n || s.decisions == n + 1,
+        "decisions {} for {n} tokens",
+        s.decisions
+    );
+    let local = summary
+        .sources
+        .iter()
+        .filter(|x| **x == TokenSource::Local)
+        .count() as u64;
+    assert!(local == s.skipped || local + 1 == s.skipped);
+    assert_eq!(rec.token_ids(), summary.token_ids);
+    assert_eq!(rec.sources(), summary.sources);
+    assert_eq!(engine.stats().uplink_bytes, s.uplink_bytes);
+
+    // The server counts every byte it reads: our session frames plus the Hello.
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        model_fingerprint: engine.model_fingerprint(),
+        api_key: e2e_common::API_KEY.into(),
+        client: client_name,
+    });
+    let hello_bytes = encode_frame(&hello, DEFAULT_MAX_FRAME_BYTES).unwrap().len() as f64;
+    let expected = s.uplink_bytes as f64 + hello_bytes;
+    let got = server.wait_metric("uhlm_uplink_bytes_total", |v| v == expected);
+    assert_eq!(
+        got, expected,
+        "server-side uplink bytes differ from the SDK's count"
+    );
+    assert!(s.downlink_bytes > 0);
+    assert!(s.round_trips >= s.sent);
+}

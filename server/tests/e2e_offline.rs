@@ -1,0 +1,161 @@
+//! Losing the server mid-generation, getting it back, and cancelling.
+
+mod e2e_common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use e2e_common::{Recorder, ServerProc, llm_greedy, read_metric};
+use uhlm_sdk::{
+    CancelToken, Codec, GenerationOptions, HybridEngine, Mode, PolicyConfig, Prompt,
+    SamplingOptions, SdkError, StopReason, TokenSource,
+};
+
+const PROMPT: &str = "Once upon a time, in a small village by the sea, there lived";
+const MAX_TOKENS: u32 = 16;
+const KILL_AFTER: usize = 4;
+
+fn options() -> GenerationOptions {
+    GenerationOptions {
+        sampling: SamplingOptions::greedy(MAX_TOKENS),
+        chat_template: false,
+    }
+}
+
+#[test]
+fn a_killed_server_degrades_to_offline_and_a_restarted_one_is_used_again() {
+    let mut server = ServerProc::start();
+    let engine = HybridEngine::new(server.engine_config(
+        Mode::Hlm,
+        "topk:32".parse().unwrap(),
+        PolicyConfig::send_all(),
+    ))
+    .unwrap();
+    let killer = server.killer();
+    let rec = Arc::new(Recorder::with_hook(move |e| {
+        if e.position as usize + 1 == KILL_AFTER {
+            killer.kill();
+        }
+    }));
+    let summary = engine
+        .generate_blocking(
+            Prompt::Text(PROMPT.into()),
+            options(),
+            rec.clone(),
+            CancelToken::new(),
+        )
+        .unwrap();
+    assert_eq!(summary.stop, StopReason::MaxTokens);
+    assert_eq!(summary.token_ids.len(), MAX_TOKENS as usize);
+    // Nothing shown was changed or lost.
+    assert_eq!(rec.token_ids(), summary.token_ids);
+    assert!(
+        summary.sources[..KILL_AFTER]
+            .iter()
+            .all(|s| matches!(s, TokenSource::Accepted | TokenSource::Resampled)),
+        "{:?}",
+        summary.sources
+    );
+    assert!(
+        summary.sources[KILL_AFTER..]
+            .iter()
+            .all(|s| *s == TokenSource::Offline),
+        "{:?}",
+        summary.sources
+    );
+    let s = &summary.stats;
+    assert_eq!(s.offline, (MAX_TOKENS as usize - KILL_AFTER) as u64);
+    assert_eq!(s.sent, KILL_AFTER as u64);
+    assert_eq!(s.drafted, s.skipped + s.sent + s.offline);
+    // The verified prefix is the LLM's own greedy output.
+    let ids = engine
+        .tokenize_prompt(&Prompt::Text(PROMPT.into()), false)
+        .unwrap();
+    assert_eq!(
+        summary.token_ids[..KILL_AFTER],
+        llm_greedy(&ids, KILL_AFTER as u32)[..]
+    );
+    assert!(
+        rec.links.lock().unwrap().iter().any(|(online, _)| !online),
+        "no offline report"
+    );
+
+    server.restart();
+    let rec = Arc::new(Recorder::default());
+    let summary = engine
+        .generate_blocking(
+            Prompt::Text(PROMPT.into()),
+            options(),
+            rec.clone(),
+            CancelToken::new(),
+        )
+        .unwrap();
+    assert_eq!(summary.stats.offline, 0, "{:?}", summary.sources);
+    assert_eq!(summary.stats.sent, summary.stats.decisions);
+    assert_eq!(summary.token_ids, llm_greedy(&ids, MAX_TOKENS));
+    assert_eq!(engine.stats().generations, 2);
+}
+
+#[test]
+fn cancel_stops_at_once_and_releases_the_server_session() {
+    let server = ServerProc::start();
+    let engine = HybridEngine::new(server.engine_config(
+        Mode::Hlm,
+        Codec::default(),
+        PolicyConfig::send_all(),
+    ))
+    .unwrap();
+    let cancel = CancelToken::new();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let open_sessions = Arc::new(Mutex::new(None));
+    let rec = {
+        let (cancel, seen, open) = (cancel.clone(), seen.clone(), open_sessions.clone());
+        let metrics = server.metrics;
+        Arc::new(Recorder::with_hook(move |_| {
+            let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 2 {
+                *open.lock().unwrap() = Some(read_metric(metrics, "uhlm_sessions"));
+            }
+            if n == 3 {
+                cancel.cancel();
+            }
+        }))
+    };
+    let long = GenerationOptions {
+        sampling: SamplingOptions::greedy(400),
+        chat_template: false,
+    };
+    let handle = engine.start(
+        Prompt::Text("Count from one to one thousand:".into()),
+        long,
+        rec,
+        cancel,
+    );
+    let err = handle.wait_blocking().unwrap_err();
+    assert_eq!(err, SdkError::Cancelled);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        3,
+        "tokens were emitted after cancel"
+    );
+    assert_eq!(
+        *open_sessions.lock().unwrap(),
+        Some(1.0),
+        "the session was open while generating"
+    );
+    let sessions = server.wait_metric("uhlm_sessions", |v| v == 0.0);
+    assert_eq!(
+        sessions, 0.0,
+        "the server still holds the cancelled session"
+    );
+    // The engine is free for the next generation, and the server still serves it.
+    let summary = engine
+        .generate_blocking(
+            Prompt::Text("Hello".into()),
+            options(),
+            Arc::new(Recorder::default()),
+            CancelToken::new(),
+        )
+        .unwrap();
+    assert_eq!(summary.stats.offline, 0);
+}

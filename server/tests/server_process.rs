@@ -1,0 +1,244 @@
+//! The real `uhlm-server` binary: startup line, config file + flags, certificate reuse,
+//! `/healthz` + `/metrics`, and SIGTERM during a request (the request is still answered).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Client, Mirror, llm, prompt_tokens, start};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uhlm_core::protocol::{Draft, ErrorCode, Message, Verify};
+use uhlm_core::sampling::argmax;
+
+const FILE_KEY: &str = "file-key-42";
+
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    fingerprint: String,
+    metrics: Option<SocketAddr>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_keys(dir: &Path) {
+    std::fs::write(
+        dir.join("keys.txt"),
+        format!("# test keys\n\n{FILE_KEY}\nother-key\n"),
+    )
+    .unwrap();
+}
+
+/// Spawns the binary and reads its startup lines.
+fn spawn(args: &[&str], dir: &Path) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uhlm-server"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn uhlm-server");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("no startup line");
+    // uhlm-server listening on ADDR fingerprint HEX
+    let words: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(words[..3], ["uhlm-server", "listening", "on"], "{first}");
+    assert_eq!(words[4], "fingerprint", "{first}");
+    let addr: SocketAddr = words[3].parse().unwrap();
+    let fingerprint = words[5].to_string();
+    let metrics = if args.contains(&"--metrics") {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no metrics line");
+        Some(line.rsplit(' ').next().unwrap().parse().unwrap())
+    } else {
+        None
+    };
+    Running {
+        child,
+        addr,
+        fingerprint,
+        metrics,
+    }
+}
+
+fn cert_der(dir: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(dir.join(uhlm_server::SELF_SIGNED_CERT_FILE))
+        .expect("self-signed certificate written")
+        .to_vec()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of an unlabelled sample in a Prometheus text.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn config_file_with_flag_overrides_and_a_stable_self_signed_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    write_keys(dir.path());
+    std::fs::write(
+        dir.path().join("server.toml"),
+        format!(
+            "model = \"{}\"\nlisten = \"127.0.0.1:1\"\nself_signed = true\napi_keys = \"keys.txt\"\nmax_batch = 4\n",
+            common::LLM_PATH
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("server.toml");
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let first = spawn(&args, Path::new("/"));
+    assert_ne!(first.addr.port(), 1, "--listen did not override the file");
+    // The certificate was written next to the config file, and the printed pin is its hash.
+    let der = cert_der(dir.path());
+    assert_eq!(first.fingerprint, uhlm_server::cert_fingerprint(&der));
+    drop(first);
+    let second = spawn(&args, Path::new("/"));
+    assert_eq!(
+        second.fingerprint,
+        uhlm_server::cert_fingerprint(&der),
+        "pin changed on restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    write_keys(dir.path());
+    let model = llm();
+    let running = spawn(
+        &[
+            "--model",
+            common::LLM_PATH,
+            "--listen",
+            "127.0.0.1:0",
+            "--self-signed",
+            "--api-keys",
+            "keys.txt",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        dir.path(),
+    );
+    let metrics_addr = running.metrics.unwrap();
+    let health = http_get(metrics_addr, "/healthz").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
+        "{health}"
+    );
+
+    let der = cert_der(dir.path());
+    let client = Client::connect(running.addr, &der).await;
+    let (_control, answer) = client
+        .hello(
+            FILE_KEY,
+            model.fingerprint(),
+            uhlm_core::protocol::PROTOCOL_VERSION,
+        )
+        .await;
+    assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");
+    let mut s = client.session().await;
+    let prompt = prompt_tokens(&model, "The recipe for a good loaf of bread starts with");
+    s.send(start(1, &prompt)).await;
+    assert!(matches!(s.recv().await, Some(Message::Started(_))));
+    let mut mirror = Mirror::new(&model, &prompt);
+    common::greedy_verifies(&mut s, &mut mirror, 1, 0)
+        .await
+        .unwrap();
+
+    let before = http_get(metrics_addr, "/metrics").await;
+    assert_eq!(sample(&before, "uhlm_sessions"), 1.0);
+    assert_eq!(sample(&before, "uhlm_tokens_verified_total"), 1.0);
+    assert!(sample(&before, "uhlm_uplink_bytes_total") > 0.0);
+    assert!(sample(&before, "uhlm_verify_latency_seconds_count") >= 1.0);
+
+    // A Verify with a long catch-up, then SIGTERM while the server computes it.
+    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, \
+                it was the age of foolishness, it was the epoch of belief, it was the epoch of \
+                incredulity, it was the season of Light, it was the season of Darkness. ";
+    let skipped: Vec<u32> = model.tokenizer().encode(&text.repeat(2), false).unwrap();
+    let logits = tokio::task::block_in_place(|| mirror.score(&skipped));
+    let best = argmax(&logits).unwrap();
+    s.send(Verify {
+        seq: 1,
+        position: (mirror.context.len() + skipped.len()) as u32,
+        skipped: skipped.clone(),
+        draft: Some(Draft {
+            token: best,
+            q: common::dense_q(&logits),
+        }),
+        uncertainty: 0.5,
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    match s.recv().await {
+        Some(Message::Verdict(v)) => assert_eq!((v.seq, v.token, v.accepted), (1, best, true)),
+        other => panic!("the in-flight Verify was not answered: {other:?}"),
+    }
+    // Then the session is told the server is going away (or the stream simply ends).
+    match s.recv().await {
+        None => {}
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::ShuttingDown),
+        other => panic!("unexpected message after shutdown: {other:?}"),
+    }
+    let mut running = running;
+    let exit = tokio::task::block_in_place(|| {
+        for _ in 0..300 {
+            if let Some(status) = running.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    });
+    let exit = exit.expect("server did not exit within 30 s of SIGTERM");
+    assert!(exit.success(), "server exited with {exit}");
+}

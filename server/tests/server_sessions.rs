@@ -1,0 +1,301 @@
+//! Sessions against a real server: many at once, eviction and resync, chat prompts, and the
+//! session, rate and idle limits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{API_KEY, Client, Mirror, greedy_verifies, llm, prompt_tokens, start};
+use uhlm_core::chat::ChatMessage;
+use uhlm_core::protocol::{Close, ErrorCode, Message, Prompt, Resync, Start, Verify};
+use uhlm_core::sampling::SamplingOptions;
+use uhlm_server::{Server, ServerConfig, kv_bytes_per_token};
+
+const PROMPTS: [&str; 16] = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The first man on the moon was",
+    "A haiku about autumn leaves:",
+    "def fibonacci(n):",
+    "The largest planet in our solar system is",
+    "Photosynthesis is the process by which",
+    "Once upon a time, in a small village,",
+    "The chemical symbol for gold is",
+    "To make a cup of tea, first",
+    "The speed of light in vacuum is about",
+    "Shakespeare wrote the play",
+    "In mathematics, a prime number is",
+    "The Great Wall of China was built",
+    "My favourite programming language is",
+    "The opposite of hot is",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_sessions_get_greedy_verdicts() {
+    let model = llm();
+    let server = Server::start_with_model(
+        ServerConfig::local(common::LLM_PATH, [API_KEY]),
+        model.clone(),
+    )
+    .await
+    .unwrap();
+    let (addr, fp) = (server.local_addr(), server.model_fingerprint());
+    // 4 connections with 4 sessions each.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(std::sync::Arc::new(
+            Client::ready(addr, server.cert_der(), fp).await,
+        ));
+    }
+    let mut tasks = Vec::new();
+    for (i, text) in PROMPTS.iter().enumerate() {
+        let (client, model) = (clients[i % 4].clone(), model.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = client.0.session().await;
+            let prompt = prompt_tokens(&model, text);
+            s.send(start(i as u64, &prompt)).await;
+            match s.recv().await {
+                Some(Message::Started(st)) => assert_eq!(st.context_len as usize, prompt.len()),
+                other => panic!("session {i}: expected Started, got {other:?}"),
+            }
+            let mut mirror = Mirror::new(&model, &prompt);
+            greedy_verifies(&mut s, &mut mirror, 6, 3)
+                .await
+                .map_err(|e| format!("session {i}: {e}"))?;
+            s.send(Close {
+                reason: "done".into(),
+            })
+            .await;
+            s.send.finish().ok();
+            Ok::<_, String>(mirror.context)
+        }));
+    }
+    let mut contexts = Vec::new();
+    for t in tasks {
+        contexts.push(t.await.unwrap().unwrap());
+    }
+    // Each session produced its own continuation of its own prompt.
+    for (i, c) in contexts.iter().enumerate() {
+        assert!(c.len() > prompt_tokens(&model, PROMPTS[i]).len() + 6);
+    }
+    let metrics = server.metrics_text();
+    assert!(
+        metrics.contains("uhlm_tokens_verified_total 96"),
+        "{metrics}"
+    );
+    // Half the drafts were the argmax (accepted), half were not (resampled).
+    assert!(
+        metrics.contains("uhlm_tokens_accepted_total 48"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("uhlm_tokens_resampled_total 48"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_session_resyncs_and_continues_correctly() {
+    let model = llm();
+    let a_prompt = prompt_tokens(
+        &model,
+        "The history of the printing press begins in the fifteenth century when",
+    );
+    let b_prompt = prompt_tokens(
+        &model,
+        "In a distant galaxy, a small robot named Pip discovered that",
+    );
+    let per_token = kv_bytes_per_token(model.info());
+    // Room for either session alone, not for both.
+    let budget_tokens = a_prompt.len().max(b_prompt.len()) + 6;
+    assert!(a_prompt.len() + b_prompt.len() > budget_tokens);
+    let mut config = ServerConfig::local(common::LLM_PATH, [API_KEY]);
+    config.kv_memory_budget_bytes = per_token * budget_tokens as u64;
+    config.batch_wait = Duration::ZERO;
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready(
+        server.local_addr(),
+        server.cert_der(),
+        server.model_fingerprint(),
+    )
+    .await;
+
+    let mut a = client.session().await;
+    a.send(start(1, &a_prompt)).await;
+    assert!(matches!(a.recv().await, Some(Message::Started(_))));
+    let mut ma = Mirror::new(&model, &a_prompt);
+    greedy_verifies(&mut a, &mut ma, 1, 0).await.unwrap();
+
+    let mut b = client.session().await;
+    b.send(start(2, &b_prompt)).await;
+    assert!(matches!(b.recv().await, Some(Message::Started(_))));
+    let mut mb = Mirror::new(&model, &b_prompt);
+    greedy_verifies(&mut b, &mut mb, 1, 0).await.unwrap();
+
+    // B's cache pushed A's out: A's next Verify is told to resync.
+    a.send(Verify {
+        seq: 7,
+        position: ma.context.len() as u32,
+        skipped: vec![],
+        draft: None,
+        uncertainty: 0.0,
+    })
+    .await;
+    match a.recv().await {
+        Some(Message::Error(e)) => {
+            assert_eq!((e.code, e.seq), (ErrorCode::NeedResync, Some(7)), "{e}")
+        }
+        other => panic!("expected NeedResync, got {other:?}"),
+    }
+    a.send(Resync {
+        context: ma.context.clone(),
+    })
+    .await;
+    match a.recv().await {
+        Some(Message::Started(s)) => assert_eq!(s.context_len as usize, ma.context.len()),
+        other => panic!("expected Started after Resync, got {other:?}"),
+    }
+    ma.resync();
+    greedy_verifies(&mut a, &mut ma, 3, 2).await.unwrap();
+    assert!(
+        server.metrics_text().contains("uhlm_evictions_total"),
+        "no eviction counted"
+    );
+    assert!(
+        !server.metrics_text().contains("uhlm_evictions_total 0"),
+        "no eviction counted"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_prompts_are_rendered_by_the_server() {
+    let model = llm();
+    let server = Server::start_with_model(
+        ServerConfig::local(common::LLM_PATH, [API_KEY]),
+        model.clone(),
+    )
+    .await
+    .unwrap();
+    let (client, _control) = Client::ready(
+        server.local_addr(),
+        server.cert_der(),
+        server.model_fingerprint(),
+    )
+    .await;
+    let messages = vec![ChatMessage::user("What is the capital of Italy?")];
+    let mut s = client.session().await;
+    s.send(Start {
+        session_id: 9,
+        prompt: Prompt::Chat(messages.clone()),
+        sampling: SamplingOptions::greedy(8),
+    })
+    .await;
+    let rendered = match s.recv().await {
+        Some(Message::Started(st)) => st.rendered.expect("rendered ids for a chat prompt"),
+        other => panic!("expected Started, got {other:?}"),
+    };
+    let text = model
+        .chat_template()
+        .unwrap()
+        .render(&messages, true)
+        .unwrap();
+    assert_eq!(rendered, model.tokenizer().encode(&text, false).unwrap());
+    let mut mirror = Mirror::new(&model, &rendered);
+    greedy_verifies(&mut s, &mut mirror, 2, 0).await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_rate_and_idle_limits() {
+    let model = llm();
+    let mut config = ServerConfig::local(common::LLM_PATH, [API_KEY]);
+    config.max_sessions = 2;
+    config.rate_limit = 3.0;
+    config.idle_timeout = Duration::from_secs(6);
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready(
+        server.local_addr(),
+        server.cert_der(),
+        server.model_fingerprint(),
+    )
+    .await;
+
+    let mut s1 = client.session().await;
+    s1.send(start(1, &[1, 2, 3])).await;
+    assert!(matches!(s1.recv().await, Some(Message::Started(_))));
+    let mut s2 = client.session().await;
+    s2.send(start(2, &[1, 2, 3])).await;
+    assert!(matches!(s2.recv().await, Some(Message::Started(_))));
+    // The third session is over the limit; the error is retryable on the same stream.
+    let mut s3 = client.session().await;
+    s3.send(start(3, &[1, 2, 3])).await;
+    match s3.recv().await {
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::SessionLimit),
+        other => panic!("expected SessionLimit, got {other:?}"),
+    }
+    // Requests beyond the key's budget of 3/s are refused, and retrying later works.
+    let mut position = 3;
+    let mut limited = None;
+    for seq in 0..20 {
+        s1.send(Verify {
+            seq,
+            position,
+            skipped: vec![],
+            draft: None,
+            uncertainty: 0.0,
+        })
+        .await;
+        match s1.recv().await {
+            Some(Message::Verdict(v)) => {
+                assert_eq!(v.seq, seq);
+                position += 1;
+            }
+            Some(Message::Error(e)) => {
+                assert_eq!((e.code, e.seq), (ErrorCode::RateLimited, Some(seq)), "{e}");
+                limited = Some(seq);
+                break;
+            }
+            other => panic!("expected a Verdict or RateLimited, got {other:?}"),
+        }
+    }
+    let seq = limited.expect("20 requests in a burst were never rate limited");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s1.send(Verify {
+        seq,
+        position,
+        skipped: vec![],
+        draft: None,
+        uncertainty: 0.0,
+    })
+    .await;
+    assert!(matches!(s1.recv().await, Some(Message::Verdict(v)) if v.seq == seq));
+
+    // Closing s2 frees a slot for s3's retry.
+    s2.send(Close {
+        reason: "done".into(),
+    })
+    .await;
+    assert!(s2.recv().await.is_none());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s3.send(start(3, &[1, 2, 3])).await;
+    assert!(
+        matches!(s3.recv().await, Some(Message::Started(_))),
+        "slot not freed"
+    );
+
+    // Left alone, a session is closed after the idle timeout.
+    let closed = tokio::time::timeout(Duration::from_secs(20), s3.recv())
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, Some(Message::Close(ref c)) if c.reason.contains("idle")),
+        "{closed:?}"
+    );
+    server.shutdown().await;
+}
