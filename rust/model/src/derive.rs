@@ -193,7 +193,7 @@ fn tensor_order(name: &str) -> (usize, String) {
 /// Whether `t` is a weight matrix whose rows split into whole `q` blocks.
 fn fits(t: &QTensor, q: GgmlDType) -> bool {
     let dims = t.shape().dims();
-    dims.len() >= 2 && t.dtype() != q && dims[dims.len() - 1] % q.block_size() == 0
+    dims.len() >= 2 && t.dtype() != q && dims[dims.len() - 1].is_multiple_of(q.block_size())
 }
 
 fn set(metadata: &mut Vec<(String, Value)>, key: &str, value: Value) {
