@@ -115,10 +115,10 @@ fn test() -> Result<()> {
     check_core_deps()?;
     // The real-model tests need the default weights: fetch them (idempotent, sha256-checked)
     // and make a missing model a failure rather than a skip.
-    run(
-        "cargo",
-        &["run", "-q", "-p", "uhlm-model", "--example", "fetch_models"],
-    )?;
+    // Built with the whole workspace's features, so `cargo test` reuses every artifact.
+    run("cargo", &["build", "--workspace", "--all-targets"])?;
+    let fetch = bindings::target_dir().join("debug/examples/fetch_models");
+    run(&fetch.to_string_lossy(), &[])?;
     run_with_env(
         "cargo",
         &["test", "--workspace"],
