@@ -84,18 +84,18 @@ fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()
 }
 
 fn demo(args: &[String]) -> Result<()> {
+    // `uhlm demo` fetches and derives the default models itself.
     let mut cmd = vec![
         "run",
         "--release",
         "-p",
-        "uhlm-core",
-        "--example",
-        "hybrid_step",
+        "uhlm-cli",
+        "--bin",
+        "uhlm",
+        "--",
+        "demo",
     ];
-    if !args.is_empty() {
-        cmd.push("--");
-        cmd.extend(args.iter().map(String::as_str));
-    }
+    cmd.extend(args.iter().map(String::as_str));
     run("cargo", &cmd)
 }
 

@@ -178,7 +178,7 @@ fn print_summary(summary: &GenerationSummary, vocab: usize) -> Result<()> {
             "uplink bytes",
             format!("{} (dense-f32 HLM baseline {baseline})", s.uplink_bytes),
         ),
-        ("bytes saved vs baseline", format!("{saved:.1}%")),
+        ("bytes saved vs baseline", format!("{saved:.2}%")),
         ("downlink bytes", format!("{}", s.downlink_bytes)),
         (
             "round-trip time",

@@ -1,6 +1,7 @@
 //! `uhlm`: fetch and derive models, tokenize, generate locally, benchmark.
 
 mod bench;
+mod calibrate;
 mod demo;
 mod generate;
 mod models;
@@ -38,6 +39,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Fit rejection probability against uncertainty on an SLM/LLM pair; write a calibration.
+    Calibrate(calibrate::CalibrateArgs),
     /// Generate with the hybrid loop against a uhlm server.
     Run(run::RunArgs),
     /// Run the whole system locally: in-process server, on-device draft, coloured tokens.
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Run(args) => run::run(args),
         Command::Demo(args) => demo::run(args),
     };

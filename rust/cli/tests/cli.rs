@@ -21,6 +21,10 @@ fn stderr(o: &Output) -> String {
 fn have(name: &str) -> bool {
     let ok = uhlm_model::fetch::resolve_model(name).is_ok();
     if !ok {
+        assert!(
+            std::env::var_os("UHLM_REQUIRE_MODELS").is_none(),
+            "model `{name}` is not in the cache and UHLM_REQUIRE_MODELS is set"
+        );
         eprintln!("skipping: model `{name}` is not in the cache");
     }
     ok

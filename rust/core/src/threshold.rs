@@ -275,7 +275,10 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             mode: ThresholdMode::TargetRisk { epsilon: 0.1 },
-            initial_threshold: 0.1,
+            // The target-risk threshold (epsilon 0.1) measured for the default pair with the
+            // default estimator (`uhlm calibrate`, docs/MODELS.md): 0.42. A little below it,
+            // since the online fit takes over once verdicts arrive.
+            initial_threshold: 0.4,
             online: true,
             probe_rate: 0.05,
             forgetting: 0.995,

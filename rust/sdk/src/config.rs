@@ -141,7 +141,9 @@ impl EngineConfig {
         if let Some(pin) = &self.pin {
             crate::tls::parse_pin(pin)?;
         }
-        self.uncertainty.validate().map_err(SdkError::InvalidConfig)?;
+        self.uncertainty
+            .validate()
+            .map_err(SdkError::InvalidConfig)?;
         self.policy
             .validate()
             .map_err(|e| SdkError::InvalidConfig(format!("policy: {e}")))?;

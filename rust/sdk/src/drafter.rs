@@ -72,7 +72,8 @@ impl Drafter {
             .take_while(|(a, b)| a == b)
             .count();
         // Keep at least one prompt token to score: its logits predict the first new token.
-        self.session.truncate(common.min(prompt.len().saturating_sub(1)));
+        self.session
+            .truncate(common.min(prompt.len().saturating_sub(1)));
         let fresh = &prompt[self.session.len()..];
         self.logits = self.session.score(fresh)?.last().to_vec();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -97,7 +98,12 @@ impl Drafter {
             .params
             .as_mut()
             .ok_or_else(|| SdkError::Model("draft before start".into()))?;
-        if !probabilities_into(&self.logits, &p.sampling, &mut self.probs, &mut self.scratch) {
+        if !probabilities_into(
+            &self.logits,
+            &p.sampling,
+            &mut self.probs,
+            &mut self.scratch,
+        ) {
             return Err(SdkError::Model(
                 "the on-device model produced no finite logit".into(),
             ));

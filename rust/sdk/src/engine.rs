@@ -178,7 +178,11 @@ impl HybridEngine {
     }
 
     /// Token ids the engine would generate from for `prompt`.
-    pub fn tokenize_prompt(&self, prompt: &Prompt, chat_template: bool) -> Result<Vec<u32>, SdkError> {
+    pub fn tokenize_prompt(
+        &self,
+        prompt: &Prompt,
+        chat_template: bool,
+    ) -> Result<Vec<u32>, SdkError> {
         self.inner.render(prompt, chat_template)
     }
 
@@ -203,7 +207,8 @@ impl HybridEngine {
         listener: Arc<dyn TokenListener>,
         cancel: CancelToken,
     ) -> Result<GenerationSummary, SdkError> {
-        self.start(prompt, options, listener, cancel).wait_blocking()
+        self.start(prompt, options, listener, cancel)
+            .wait_blocking()
     }
 
     /// Starts a generation in the background.

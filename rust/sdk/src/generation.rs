@@ -280,7 +280,9 @@ impl Generation {
             (_, None) => None,
         };
         for _attempt in 0..2 {
-            let result = self.exchange_verify(wire_draft.clone(), draft.uncertainty).await;
+            let result = self
+                .exchange_verify(wire_draft.clone(), draft.uncertainty)
+                .await;
             match result {
                 Ok(Some(v)) => return Ok(Outcome::Verdict(v)),
                 // Resynced: try the same token again.
@@ -330,8 +332,13 @@ impl Generation {
         let t0 = Instant::now();
         let c = &mut self.stats.counters;
         link.stream.send(&msg, &mut c.uplink_bytes).await?;
-        let reply = recv_within(&mut link.stream, &mut c.downlink_bytes, timeout, &self.cancel)
-            .await?;
+        let reply = recv_within(
+            &mut link.stream,
+            &mut c.downlink_bytes,
+            timeout,
+            &self.cancel,
+        )
+        .await?;
         self.stats.record_rtt(t0.elapsed());
         link.state
             .on_message(Side::Server, &reply)
@@ -374,8 +381,13 @@ impl Generation {
         let t0 = Instant::now();
         let c = &mut self.stats.counters;
         link.stream.send(&msg, &mut c.uplink_bytes).await?;
-        let reply = recv_within(&mut link.stream, &mut c.downlink_bytes, timeout, &self.cancel)
-            .await?;
+        let reply = recv_within(
+            &mut link.stream,
+            &mut c.downlink_bytes,
+            timeout,
+            &self.cancel,
+        )
+        .await?;
         self.stats.record_rtt(t0.elapsed());
         link.state
             .on_message(Side::Server, &reply)
@@ -395,7 +407,11 @@ impl Generation {
 
     /// Opens a session stream starting from the full context. Link trouble leaves the
     /// generation offline; only cancellation and fatal errors are returned.
-    async fn open_session(&mut self, conn: Arc<ClientConn>, reconnect: bool) -> Result<(), SdkError> {
+    async fn open_session(
+        &mut self,
+        conn: Arc<ClientConn>,
+        reconnect: bool,
+    ) -> Result<(), SdkError> {
         match self.try_open(conn.clone()).await {
             Ok(link) => {
                 self.link = Some(link);
@@ -502,8 +518,9 @@ impl Generation {
         });
         if link.state.on_message(Side::Device, &msg).is_ok() {
             let c = &mut self.stats.counters;
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.stream.send(&msg, &mut c.uplink_bytes))
-                .await;
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, link.stream.send(&msg, &mut c.uplink_bytes))
+                    .await;
         }
         link.stream.finish();
     }

@@ -64,12 +64,11 @@ impl Link {
                 addr: addr.clone(),
                 reason: "cannot resolve the address".into(),
             })?;
-        let ep = Endpoint::client(bind_addr_for(&peer)).map_err(|e| {
-            SdkError::ServerUnreachable {
+        let ep =
+            Endpoint::client(bind_addr_for(&peer)).map_err(|e| SdkError::ServerUnreachable {
                 addr,
                 reason: format!("cannot open a UDP socket: {e}"),
-            }
-        })?;
+            })?;
         let mut slot = lock(&self.endpoint);
         Ok(slot.get_or_insert(ep).clone())
     }

@@ -104,7 +104,10 @@ mod tests {
 
     #[test]
     fn a_stop_string_split_over_tokens_is_never_shown() {
-        assert_eq!(run(&["Hi", " EN", "D more"], &["END"]), ("Hi ".into(), true));
+        assert_eq!(
+            run(&["Hi", " EN", "D more"], &["END"]),
+            ("Hi ".into(), true)
+        );
     }
 
     #[test]

@@ -178,10 +178,7 @@ mod tests {
         assert_eq!(parse_pin(&hex64).unwrap(), [0xab; 32]);
         let colons = vec!["AB"; 32].join(":");
         assert_eq!(parse_pin(&colons).unwrap(), [0xab; 32]);
-        assert!(matches!(
-            parse_pin("abc"),
-            Err(SdkError::InvalidConfig(_))
-        ));
+        assert!(matches!(parse_pin("abc"), Err(SdkError::InvalidConfig(_))));
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use quinn::{ConnectionError, Endpoint, RecvStream, SendStream};
 use uhlm_core::protocol::{
-    ControlStream, DEFAULT_MAX_FRAME_BYTES, FrameDecoder, Hello, Message,
-    PROTOCOL_VERSION, Side, Welcome, encode_frame,
+    ControlStream, DEFAULT_MAX_FRAME_BYTES, FrameDecoder, Hello, Message, PROTOCOL_VERSION, Side,
+    Welcome, encode_frame,
 };
 
 use crate::error::SdkError;

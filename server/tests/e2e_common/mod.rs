@@ -230,12 +230,15 @@ pub fn llm_greedy(prompt: &[u32], max_tokens: u32) -> Vec<u32> {
     .tokens
 }
 
+/// Runs on every token a [`Recorder`] sees (a test's way to act mid-generation).
+pub type TokenHook = Box<dyn Fn(&TokenEvent) + Send + Sync>;
+
 /// Records every event; optionally runs a hook on each token.
 #[derive(Default)]
 pub struct Recorder {
     pub events: Mutex<Vec<TokenEvent>>,
     pub links: Mutex<Vec<(bool, String)>>,
-    pub hook: Option<Box<dyn Fn(&TokenEvent) + Send + Sync>>,
+    pub hook: Option<TokenHook>,
 }
 
 impl Recorder {

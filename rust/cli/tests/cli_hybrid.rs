@@ -1,0 +1,272 @@
+//! `uhlm run` and `uhlm demo` against a real `uhlm-server` process over QUIC on loopback.
+//!
+//! Needs the cached SmolLM2 model (`uhlm models fetch`); `UHLM_REQUIRE_MODELS=1` turns its
+//! absence into a failure. The `uhlm-server` binary is the workspace's, built next to `uhlm`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+const PROMPT: &str = "The three primary colours are";
+
+fn uhlm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_uhlm"))
+        .args(args)
+        .output()
+        .expect("run uhlm")
+}
+
+fn ok_stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "uhlm failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn llm() -> Option<PathBuf> {
+    match uhlm_model::fetch::resolve_model("smollm2") {
+        Ok(p) => Some(p),
+        Err(e) => {
+            assert!(
+                std::env::var_os("UHLM_REQUIRE_MODELS").is_none(),
+                "{e} and UHLM_REQUIRE_MODELS is set"
+            );
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+/// A `uhlm-server` child process; killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    pin: String,
+    key: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path, llm: &Path) -> Server {
+    let exe = Path::new(env!("CARGO_BIN_EXE_uhlm")).with_file_name("uhlm-server");
+    assert!(
+        exe.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        exe.display()
+    );
+    let key = "cli-test-key".to_string();
+    std::fs::write(dir.join("keys.txt"), format!("{key}\n")).unwrap();
+    let mut child = Command::new(exe)
+        .arg("--model")
+        .arg(llm)
+        .args(["--listen", "127.0.0.1:0", "--self-signed", "--cert-dir"])
+        .arg(dir)
+        .arg("--api-keys")
+        .arg(dir.join("keys.txt"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn uhlm-server");
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("server stdout");
+        if let ["uhlm-server", "listening", "on", addr, "fingerprint", fp] =
+            line.split_whitespace().collect::<Vec<_>>().as_slice()
+        {
+            return Server {
+                addr: addr.to_string(),
+                pin: fp.to_string(),
+                key,
+                child,
+            };
+        }
+    }
+    panic!("uhlm-server exited before printing its address");
+}
+
+fn run_json(server: &Server, slm: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "run".to_string(),
+        "--slm".into(),
+        slm.display().to_string(),
+        "--server".into(),
+        server.addr.clone(),
+        "--pin".into(),
+        server.pin.clone(),
+        "--api-key".into(),
+        server.key.clone(),
+        "--json".into(),
+        "--seed".into(),
+        "3".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(PROMPT.into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    serde_json::from_str(&ok_stdout(&uhlm(&argv))).expect("one JSON object")
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+fn stat(v: &Value, name: &str) -> u64 {
+    v["stats"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats.{name} missing in {v}"))
+}
+
+#[test]
+fn run_reproduces_the_llm_and_skips_with_the_default_policy() {
+    let Some(llm) = llm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let slm = dir.path().join("draft.gguf");
+    ok_stdout(&uhlm(&[
+        "models",
+        "derive-draft",
+        "--from",
+        llm.to_str().unwrap(),
+        "--out",
+        slm.to_str().unwrap(),
+    ]));
+    let server = start_server(dir.path(), &llm);
+
+    let alone = ok_stdout(&uhlm(&[
+        "generate",
+        "--model",
+        llm.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+        "--ids",
+        PROMPT,
+    ]));
+    let alone: Vec<u64> = alone
+        .trim()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(alone.len(), 20);
+
+    // Greedy, every token verified: the LLM's own output, whatever the uplink codec.
+    for codec in ["dense-f32", "topk:8", "topp:0.9"] {
+        let v = run_json(
+            &server,
+            &slm,
+            &[
+                "--mode",
+                "hlm",
+                "--codec",
+                codec,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "20",
+            ],
+        );
+        assert_eq!(ids(&v), alone, "hlm with {codec}");
+        assert_eq!(stat(&v, "skipped"), 0);
+        assert_eq!(
+            stat(&v, "sent"),
+            stat(&v, "accepted") + stat(&v, "resampled")
+        );
+        let sources = v["sources"].as_array().unwrap();
+        assert_eq!(sources.len(), alone.len());
+        assert!(sources.iter().all(|s| s == "accepted" || s == "resampled"));
+    }
+    // The hybrid mode with a threshold that skips nothing is the same loop.
+    let v = run_json(
+        &server,
+        &slm,
+        &[
+            "--threshold",
+            "0",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "20",
+        ],
+    );
+    assert_eq!(ids(&v), alone, "uhlm with threshold 0");
+    assert_eq!(stat(&v, "skipped"), 0);
+
+    // The default policy decides some tokens on the device; the counters add up.
+    let v = run_json(
+        &server,
+        &slm,
+        &["--temperature", "0.7", "--max-tokens", "48"],
+    );
+    let (drafted, skipped, sent) = (stat(&v, "drafted"), stat(&v, "skipped"), stat(&v, "sent"));
+    assert!(skipped > 0 && sent > 0, "{v}");
+    assert_eq!(drafted, skipped + sent);
+    assert_eq!(sent, stat(&v, "accepted") + stat(&v, "resampled"));
+    assert_eq!(stat(&v, "offline"), 0);
+    assert!(stat(&v, "uplink_bytes") > 0 && stat(&v, "downlink_bytes") > 0);
+    let local = v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| *s == "local")
+        .count() as u64;
+    // The last draft may be an EOS that is decided but not shown.
+    assert!(local == skipped || local + 1 == skipped, "{v}");
+
+    // A wrong key is refused with a message that says so, and nothing is printed on stdout.
+    let o = uhlm(&[
+        "run",
+        "--slm",
+        slm.to_str().unwrap(),
+        "--server",
+        &server.addr,
+        "--pin",
+        &server.pin,
+        "--api-key",
+        "wrong",
+        "--json",
+        PROMPT,
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(
+        err.contains("api key") || err.contains("unauthori"),
+        "{err}"
+    );
+}
+
+#[test]
+fn demo_prints_the_text_and_a_summary() {
+    if llm().is_none() {
+        return;
+    }
+    let out = ok_stdout(&uhlm(&[
+        "demo",
+        "--max-tokens",
+        "24",
+        "--seed",
+        "1",
+        "Name three fruits.",
+    ]));
+    for row in [
+        "tokens",
+        "skipped",
+        "sent for verification",
+        "uplink bytes",
+        "tokens/s",
+    ] {
+        assert!(out.contains(row), "no `{row}` in:\n{out}");
+    }
+}

@@ -1,0 +1,50 @@
+//! `uhlm-eval`: the measurements behind the U-HLM and CU-HLM claims, on real models.
+//!
+//! - [`prompts`]: packaged prompt sets (Debian's fortunes) and JSONL files.
+//! - [`pair`]: an SLM/LLM pair and the prompt tokens both see.
+//! - [`calibrate`]: (uncertainty, rejection probability) per drafted token, fitted per estimator.
+//! - [`plot`]: SVG plots of the results.
+
+pub mod calibrate;
+pub mod pair;
+pub mod plot;
+pub mod prompts;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything the harness can fail with.
+#[derive(Debug, Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Model(#[from] uhlm_model::ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] uhlm_model::tokenizer::TokenizerError),
+    #[error(transparent)]
+    ChatTemplate(#[from] uhlm_model::chat_template::ChatTemplateError),
+    #[error(
+        "the SLM and LLM have different vocabularies ({slm} vs {llm}); the pair cannot verify drafts"
+    )]
+    VocabularyMismatch { slm: String, llm: String },
+    #[error("{model} has no chat template, but a prompt asks for chat formatting")]
+    NoChatTemplate { model: String },
+    #[error("prompt corpus {} is missing: {hint}", path.display())]
+    MissingCorpus { path: PathBuf, hint: &'static str },
+    #[error("bad prompt file {}: {reason}", path.display())]
+    BadPrompts { path: PathBuf, reason: String },
+    #[error("no usable logits at position {0}")]
+    NoUsableLogits(usize),
+    #[error(transparent)]
+    Verify(#[from] uhlm_core::verify::VerifyError),
+    #[error(transparent)]
+    Threshold(#[from] uhlm_core::threshold::ThresholdError),
+    #[error("plotting {}: {reason}", path.display())]
+    Plot { path: PathBuf, reason: String },
+    #[error("I/O error on {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

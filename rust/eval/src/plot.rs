@@ -1,0 +1,138 @@
+//! SVG plots (plotters' SVG backend: no font or image stack to build, readable in any browser).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::EvalError;
+
+/// One named line (or point cloud) of a chart.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// What a chart shows.
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn plot_error(path: &Path, e: impl std::fmt::Display) -> EvalError {
+    EvalError::Plot {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn bounds(series: &[&Series]) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let pts = series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        return (0.0..1.0, 0.0..1.0);
+    }
+    let pad = |lo: f64, hi: f64| {
+        let d = ((hi - lo) * 0.05).max(1e-3);
+        (lo - d)..(hi + d)
+    };
+    (pad(x0, x1), pad(y0, y1))
+}
+
+/// Draws `points` as a scatter and `lines` as lines on one chart.
+pub fn draw(
+    path: &Path,
+    chart: &Chart,
+    points: &[Series],
+    lines: &[Series],
+) -> Result<(), EvalError> {
+    let all: Vec<&Series> = points.iter().chain(lines).collect();
+    let (xr, yr) = bounds(&all);
+    let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
+    let mut ctx = ChartBuilder::on(&root)
+        .caption(chart.title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(xr, yr)
+        .map_err(|e| plot_error(path, e))?;
+    ctx.configure_mesh()
+        .x_desc(chart.x_label)
+        .y_desc(chart.y_label)
+        .draw()
+        .map_err(|e| plot_error(path, e))?;
+    for (i, s) in points.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        ctx.draw_series(
+            s.points
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 2, color.mix(0.5).filled())),
+        )
+        .map_err(|e| plot_error(path, e))?
+        .label(s.name.as_str())
+        .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+    }
+    for (i, s) in lines.iter().enumerate() {
+        let color = PALETTE[(i + points.len()) % PALETTE.len()];
+        ctx.draw_series(LineSeries::new(
+            s.points.iter().copied(),
+            color.stroke_width(2),
+        ))
+        .map_err(|e| plot_error(path, e))?
+        .label(s.name.as_str())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    ctx.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| plot_error(path, e))?;
+    root.present().map_err(|e| plot_error(path, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_an_svg_with_points_lines_and_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.svg");
+        let chart = Chart {
+            title: "beta vs u",
+            x_label: "u",
+            y_label: "beta",
+        };
+        let pts = Series {
+            name: "samples".into(),
+            points: vec![(0.1, 0.0), (0.5, 0.3), (0.9, 0.8)],
+        };
+        let line = Series {
+            name: "fit".into(),
+            points: vec![(0.0, -0.05), (1.0, 0.85)],
+        };
+        draw(&path, &chart, &[pts], &[line]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
+        assert!(svg.contains("beta vs u") && svg.contains("fit"));
+        assert_eq!(
+            svg.matches("<circle").count(),
+            3 + 1,
+            "three points and a legend mark"
+        );
+    }
+}
