@@ -77,20 +77,24 @@ fn start_server(dir: &Path, llm: &Path) -> Server {
         .spawn()
         .expect("spawn uhlm-server");
     let stdout = child.stdout.take().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("server stdout");
-        if let ["uhlm-server", "listening", "on", addr, "fingerprint", fp] =
-            line.split_whitespace().collect::<Vec<_>>().as_slice()
-        {
-            return Server {
-                addr: addr.to_string(),
-                pin: fp.to_string(),
-                key,
-                child,
-            };
+    let listening = BufReader::new(stdout).lines().find_map(|line| {
+        let line = line.ok()?;
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["uhlm-server", "listening", "on", addr, "fingerprint", fp] => {
+                Some((addr.to_string(), fp.to_string()))
+            }
+            _ => None,
         }
-    }
-    panic!("uhlm-server exited before printing its address");
+    });
+    // Owned by a `Server` before any panic, so the child is reaped either way.
+    let mut server = Server {
+        addr: String::new(),
+        pin: String::new(),
+        key,
+        child,
+    };
+    (server.addr, server.pin) = listening.expect("uhlm-server exited before printing its address");
+    server
 }
 
 fn run_json(server: &Server, slm: &Path, extra: &[&str]) -> Value {
