@@ -292,7 +292,11 @@ pub fn test_python(lib: &Path) -> Result<()> {
             .unwrap_or(false)
     };
     let mut missing = Vec::new();
-    for (module, package) in [("pytest", "pytest"), ("setuptools", "setuptools>=64")] {
+    for (module, package) in [
+        ("pytest", "pytest"),
+        ("setuptools", "setuptools>=64"),
+        ("wheel", "wheel"),
+    ] {
         if !has(module) {
             missing.push(package);
         }

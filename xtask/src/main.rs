@@ -35,8 +35,7 @@ enum Task {
         check: bool,
     },
     /// Check the generated bindings, build the host library and run the Kotlin and Python
-    /// tests against it. Not yet part of `test`: rust/ffi is outside the workspace until the
-    /// SDK and server it wraps are verified.
+    /// tests against it (also part of `test`).
     TestBindings,
     /// Build the Android libraries (cargo-ndk) into the AAR module's jniLibs.
     Android,
@@ -99,7 +98,64 @@ fn demo(args: &[String]) -> Result<()> {
     run("cargo", &cmd)
 }
 
+/// Debian packages the tests need: the JVM and Maven for the Kotlin bindings, venv for the
+/// Python ones, and `fortunes-min`, the public corpus of the evaluation prompts.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("mvn", "maven"),
+    ("java", "default-jdk-headless"),
+    ("/usr/share/games/fortunes/fortunes", "fortunes-min"),
+    ("/usr/lib/python3/dist-packages/ensurepip", "python3-venv"),
+];
+
+/// Installs whichever of [`DEBIAN_PACKAGES`] is missing (idempotent; needs apt and root or sudo).
+fn ensure_debian_packages() -> Result<()> {
+    let present = |what: &str| {
+        if what.starts_with('/') {
+            Path::new(what).exists()
+        } else {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {what}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }
+    };
+    let python_venv_works = || {
+        Command::new("python3")
+            .args(["-c", "import venv, ensurepip"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(what, package)| {
+            let satisfied = present(what) || (*package == "python3-venv" && python_venv_works());
+            !satisfied
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let (program, prefix): (&str, &[&str]) = if root {
+        ("apt-get", &[])
+    } else {
+        ("sudo", &["apt-get"])
+    };
+    let mut update = prefix.to_vec();
+    update.extend(["update", "-q"]);
+    run(program, &update)?;
+    let mut install = prefix.to_vec();
+    install.extend(["install", "-y", "-q", "--no-install-recommends"]);
+    install.extend(&missing);
+    run_with_env(program, &install, &[("DEBIAN_FRONTEND", "noninteractive")])
+}
+
 fn test() -> Result<()> {
+    ensure_debian_packages()?;
     run("cargo", &["fmt", "--all", "--check"])?;
     run(
         "cargo",
@@ -124,7 +180,7 @@ fn test() -> Result<()> {
         &["test", "--workspace"],
         &[("UHLM_REQUIRE_MODELS", "1")],
     )?;
-    Ok(())
+    test_bindings()
 }
 
 fn test_bindings() -> Result<()> {

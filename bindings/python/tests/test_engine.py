@@ -14,13 +14,16 @@ LONG = GenerationOptions(temperature=0.0, max_tokens=200)
 
 
 def test_a_hybrid_generation_streams_tokens_in_order_and_its_counts_add_up(make_config):
+    progress = []
+
     async def main():
         events = []
-        async with uhlm.Engine.load(make_config(Mode.HLM)) as engine:
+        async with uhlm.Engine.load(make_config(Mode.HLM), progress.append) as engine:
             summary = await engine.generate("The capital of France is", GREEDY, events.append)
             return summary, events, engine.stats()
 
     summary, events, lifetime = asyncio.run(main())
+    assert len(progress) > 2 and progress == sorted(progress) and progress[-1] == 1.0
     assert summary.token_ids
     assert [e.position for e in events] == list(range(len(summary.token_ids)))
     assert [e.token_id for e in events] == summary.token_ids
@@ -95,6 +98,7 @@ def test_a_missing_model_file_is_model_not_found():
             uhlm.EngineConfig(slm_path="/nonexistent/uhlm-draft.gguf", mode=Mode.SLM)
         )
     assert "uhlm-draft.gguf" in info.value.path
+    assert str(info.value) == "on-device model not found: /nonexistent/uhlm-draft.gguf"
 
 
 def test_a_wrong_api_key_is_unauthorized(make_config):
@@ -102,5 +106,6 @@ def test_a_wrong_api_key_is_unauthorized(make_config):
         async with uhlm.Engine.load(make_config(Mode.HLM, api_key="not-the-key")) as engine:
             await engine.generate("Hello", GREEDY)
 
-    with pytest.raises(UhlmError.Unauthorized):
+    with pytest.raises(UhlmError.Unauthorized) as info:
         asyncio.run(main())
+    assert str(info.value).startswith("the server rejected the API key")

@@ -24,11 +24,15 @@ from .uhlm_ffi import (
     GenerationOptions,
     GenerationSummary,
     HybridEngine,
+    LoadProgressListener,
     TokenEvent,
     TokenListener,
 )
 
 __all__ = ["Engine"] + [n for n in dir() if not n.startswith("_")]
+
+# uniffi's exceptions print their fields; print the Rust text instead, as Kotlin and Swift do.
+UhlmError.__str__ = lambda self: describe_error(self)  # type: ignore[name-defined]  # noqa: F405
 
 
 class _Listener(TokenListener):
@@ -47,15 +51,26 @@ class _Listener(TokenListener):
         pass
 
 
+class _Progress(LoadProgressListener):
+    """Forwards loading progress to a callable; runs on the loading thread."""
+
+    def __init__(self, on_progress: Callable[[float], None]):
+        self._on_progress = on_progress
+
+    def on_progress(self, fraction: float) -> None:
+        self._on_progress(fraction)
+
+
 class _Loading:
     """``Engine.load(...)``: awaitable, and usable directly as ``async with``."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, on_progress: Optional[Callable[[float], None]]):
         self._config = config
+        self._on_progress = on_progress
         self._engine: Optional[Engine] = None
 
     def __await__(self):
-        return asyncio.to_thread(Engine, self._config).__await__()
+        return asyncio.to_thread(Engine, self._config, self._on_progress).__await__()
 
     async def __aenter__(self) -> "Engine":
         self._engine = await self
@@ -70,13 +85,19 @@ class Engine:
     """A :class:`HybridEngine` with coroutine methods. Close it (or use ``with``) to release
     the on-device model."""
 
-    def __init__(self, config: EngineConfig):
-        self._engine: Optional[HybridEngine] = HybridEngine(config)
+    def __init__(
+        self, config: EngineConfig, on_progress: Optional[Callable[[float], None]] = None
+    ):
+        progress = _Progress(on_progress) if on_progress else None
+        self._engine: Optional[HybridEngine] = HybridEngine.with_progress(config, progress)
 
     @staticmethod
-    def load(config: EngineConfig) -> _Loading:
-        """Loads the on-device model in a worker thread."""
-        return _Loading(config)
+    def load(
+        config: EngineConfig, on_progress: Optional[Callable[[float], None]] = None
+    ) -> _Loading:
+        """Loads the on-device model in a worker thread; ``on_progress`` gets the fraction
+        read so far (0 to 1)."""
+        return _Loading(config, on_progress)
 
     @property
     def raw(self) -> HybridEngine:

@@ -525,6 +525,8 @@ def _uniffi_check_contract_api_version(lib):
         raise InternalError("UniFFI contract version mismatch: try cleaning and rebuilding your project")
 
 def _uniffi_check_api_checksums(lib):
+    if lib.uniffi_uhlm_ffi_checksum_func_describe_error() != 9704:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_func_ensure_default_models() != 8952:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_address() != 61421:
@@ -550,6 +552,10 @@ def _uniffi_check_api_checksums(lib):
     if lib.uniffi_uhlm_ffi_checksum_method_hybridengine_threshold() != 63696:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new() != 11163:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress() != 13858:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress() != 31171:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_method_tokenlistener_on_token() != 57173:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -586,6 +592,9 @@ _UniffiLib.ffi_uhlm_ffi_rustbuffer_reserve.restype = _UniffiRustBuffer
 _UniffiLib.ffi_uhlm_ffi_uniffi_contract_version.argtypes = (
 )
 _UniffiLib.ffi_uhlm_ffi_uniffi_contract_version.restype = ctypes.c_uint32
+_UniffiLib.uniffi_uhlm_ffi_checksum_func_describe_error.argtypes = (
+)
+_UniffiLib.uniffi_uhlm_ffi_checksum_func_describe_error.restype = ctypes.c_uint16
 _UniffiLib.uniffi_uhlm_ffi_checksum_func_ensure_default_models.argtypes = (
 )
 _UniffiLib.uniffi_uhlm_ffi_checksum_func_ensure_default_models.restype = ctypes.c_uint16
@@ -625,6 +634,12 @@ _UniffiLib.uniffi_uhlm_ffi_checksum_method_hybridengine_threshold.restype = ctyp
 _UniffiLib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new.argtypes = (
 )
 _UniffiLib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new.restype = ctypes.c_uint16
+_UniffiLib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress.argtypes = (
+)
+_UniffiLib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress.restype = ctypes.c_uint16
+_UniffiLib.uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress.argtypes = (
+)
+_UniffiLib.uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress.restype = ctypes.c_uint16
 _UniffiLib.uniffi_uhlm_ffi_checksum_method_tokenlistener_on_token.argtypes = (
 )
 _UniffiLib.uniffi_uhlm_ffi_checksum_method_tokenlistener_on_token.restype = ctypes.c_uint16
@@ -634,6 +649,11 @@ _UniffiLib.uniffi_uhlm_ffi_checksum_method_tokenlistener_on_link_change.restype 
 _UniffiLib.uniffi_uhlm_ffi_checksum_method_tokenlistener_on_tail_text.argtypes = (
 )
 _UniffiLib.uniffi_uhlm_ffi_checksum_method_tokenlistener_on_tail_text.restype = ctypes.c_uint16
+_UniffiLib.uniffi_uhlm_ffi_fn_func_describe_error.argtypes = (
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_func_describe_error.restype = _UniffiRustBuffer
 _UniffiLib.uniffi_uhlm_ffi_fn_func_ensure_default_models.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
@@ -703,6 +723,18 @@ _UniffiLib.uniffi_uhlm_ffi_fn_constructor_hybridengine_new.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_uhlm_ffi_fn_constructor_hybridengine_new.restype = ctypes.c_uint64
+_UniffiLib.uniffi_uhlm_ffi_fn_constructor_hybridengine_with_progress.argtypes = (
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_constructor_hybridengine_with_progress.restype = ctypes.c_uint64
+_UniffiLib.uniffi_uhlm_ffi_fn_method_loadprogresslistener_on_progress.argtypes = (
+    ctypes.c_uint64,
+    ctypes.c_float,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_method_loadprogresslistener_on_progress.restype = None
 _UniffiLib.uniffi_uhlm_ffi_fn_method_tokenlistener_on_token.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -722,6 +754,11 @@ _UniffiLib.uniffi_uhlm_ffi_fn_method_tokenlistener_on_tail_text.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_uhlm_ffi_fn_method_tokenlistener_on_tail_text.restype = None
+_UniffiLib.uniffi_uhlm_ffi_fn_method_uhlmerror_uniffi_trait_display.argtypes = (
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_method_uhlmerror_uniffi_trait_display.restype = _UniffiRustBuffer
 _UniffiLib.uniffi_uhlm_ffi_fn_clone_embeddedserver.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -742,6 +779,16 @@ _UniffiLib.uniffi_uhlm_ffi_fn_free_hybridengine.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_uhlm_ffi_fn_free_hybridengine.restype = None
+_UniffiLib.uniffi_uhlm_ffi_fn_clone_loadprogresslistener.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_clone_loadprogresslistener.restype = ctypes.c_uint64
+_UniffiLib.uniffi_uhlm_ffi_fn_free_loadprogresslistener.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_free_loadprogresslistener.restype = None
 _UniffiLib.uniffi_uhlm_ffi_fn_clone_tokenlistener.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -752,6 +799,23 @@ _UniffiLib.uniffi_uhlm_ffi_fn_free_tokenlistener.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_uhlm_ffi_fn_free_tokenlistener.restype = None
+_UNIFFI_CALLBACK_INTERFACE_UHLM_FFI_LOAD_PROGRESS_LISTENER_METHOD0 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,ctypes.c_float,ctypes.c_void_p,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UNIFFI_CALLBACK_INTERFACE_CLONE_UHLM_FFI_LOAD_PROGRESS_LISTENER = ctypes.CFUNCTYPE(ctypes.c_uint64,ctypes.c_uint64,
+)
+_UNIFFI_CALLBACK_INTERFACE_FREE_UHLM_FFI_LOAD_PROGRESS_LISTENER = ctypes.CFUNCTYPE(None,ctypes.c_uint64,
+)
+class _UniffiVTableCallbackInterfaceUhlmFfiLoadProgressListener(ctypes.Structure):
+    _fields_ = [
+        ("uniffi_free", _UNIFFI_CALLBACK_INTERFACE_FREE_UHLM_FFI_LOAD_PROGRESS_LISTENER),
+        ("uniffi_clone", _UNIFFI_CALLBACK_INTERFACE_CLONE_UHLM_FFI_LOAD_PROGRESS_LISTENER),
+        ("on_progress", _UNIFFI_CALLBACK_INTERFACE_UHLM_FFI_LOAD_PROGRESS_LISTENER_METHOD0),
+    ]
+_UniffiLib.uniffi_uhlm_ffi_fn_init_callback_vtable_loadprogresslistener.argtypes = (
+    ctypes.POINTER(_UniffiVTableCallbackInterfaceUhlmFfiLoadProgressListener),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_init_callback_vtable_loadprogresslistener.restype = None
 _UNIFFI_CALLBACK_INTERFACE_UHLM_FFI_TOKEN_LISTENER_METHOD0 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,ctypes.c_void_p,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
@@ -2765,7 +2829,8 @@ class _UniffiFfiConverterTypeTokenEvent(_UniffiConverterRustBuffer):
 class UhlmError(Exception):
     """
     Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
-    case; `message` (Kotlin/Python) and `localizedDescription` (Swift) read like the Rust text.
+    case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
+    `description` (Swift) give the Rust text, the same words the CLI prints.
 """
     pass
 
@@ -2774,7 +2839,8 @@ _UniffiTempUhlmError = UhlmError
 class UhlmError:  # type: ignore
     """
     Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
-    case; `message` (Kotlin/Python) and `localizedDescription` (Swift) read like the Rust text.
+    case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
+    `description` (Swift) give the Rust text, the same words the CLI prints.
 """
     
     class ModelNotFound(_UniffiTempUhlmError):
@@ -3249,10 +3315,6 @@ class _UniffiFfiConverterTypeEmbeddedServer:
 
 
 class TokenListener():
-    """
-    Implemented by the app to receive a generation's events. Called on the engine's threads,
-    in token order: hand the event to the UI thread and return quickly.
-"""
     
     def on_token(self, event: TokenEvent) -> None:
         raise NotImplementedError
@@ -3268,10 +3330,6 @@ class TokenListener():
         raise NotImplementedError
 
 class TokenListenerImpl(TokenListener):
-    """
-    Implemented by the app to receive a generation's events. Called on the engine's threads,
-    in token order: hand the event to the UI thread and return quickly.
-"""
     
     _handle: ctypes.c_uint64
     
@@ -3562,6 +3620,28 @@ class HybridEngine(HybridEngineProtocol):
             *_uniffi_lowered_args,
         )
         self._handle = _uniffi_ffi_result
+    @classmethod
+    def with_progress(cls, config: EngineConfig,progress: typing.Optional[LoadProgressListener]) -> HybridEngine:
+        """
+        Like the constructor, telling `progress` how much of the model has been read (0 to 1),
+        for a progress bar while the weights load.
+"""
+        
+        _UniffiFfiConverterTypeEngineConfig.check_lower(config)
+
+        _UniffiFfiConverterOptionalTypeLoadProgressListener.check_lower(progress)
+        _uniffi_lowered_args = (
+            _UniffiFfiConverterTypeEngineConfig.lower(config),
+            _UniffiFfiConverterOptionalTypeLoadProgressListener.lower(progress),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeHybridEngine.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeUhlmError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_uhlm_ffi_fn_constructor_hybridengine_with_progress,
+            *_uniffi_lowered_args,
+        )
+        return cls._uniffi_make_instance(_uniffi_ffi_result)
 
     def __del__(self):
         # In case of partial initialization of instances.
@@ -3724,6 +3804,188 @@ class _UniffiFfiConverterTypeHybridEngine:
     @classmethod
     def write(cls, value: HybridEngine, buf: _UniffiRustBuffer):
         buf.write_u64(cls.lower(value))
+
+
+class LoadProgressListener():
+    """
+    Implemented by the app to receive a generation's events. Called on the engine's threads,
+    in token order: hand the event to the UI thread and return quickly.
+    Told the fraction (0 to 1) of the on-device model loaded so far; ends with 1.
+"""
+    
+    def on_progress(self, fraction: float) -> None:
+        raise NotImplementedError
+
+class LoadProgressListenerImpl(LoadProgressListener):
+    """
+    Implemented by the app to receive a generation's events. Called on the engine's threads,
+    in token order: hand the event to the UI thread and return quickly.
+    Told the fraction (0 to 1) of the on-device model loaded so far; ends with 1.
+"""
+    
+    _handle: ctypes.c_uint64
+    
+    def __init__(self, *args, **kwargs):
+        raise ValueError("This class has no default constructor")
+
+    def __del__(self):
+        # In case of partial initialization of instances.
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            _uniffi_rust_call(_UniffiLib.uniffi_uhlm_ffi_fn_free_loadprogresslistener, handle)
+
+    def _uniffi_clone_handle(self):
+        return _uniffi_rust_call(_UniffiLib.uniffi_uhlm_ffi_fn_clone_loadprogresslistener, self._handle)
+
+    # Used by alternative constructors or any methods which return this type.
+    @classmethod
+    def _uniffi_make_instance(cls, handle):
+        # Lightly yucky way to bypass the usual __init__ logic
+        # and just create a new instance with the required handle.
+        inst = cls.__new__(cls)
+        inst._handle = handle
+        return inst
+    def on_progress(self, fraction: float) -> None:
+        
+        _UniffiFfiConverterFloat32.check_lower(fraction)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterFloat32.lower(fraction),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_uhlm_ffi_fn_method_loadprogresslistener_on_progress,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+
+
+
+
+# Put all the bits inside a class to keep the top-level namespace clean
+class _UniffiTraitImplLoadProgressListenerImpl:
+    # For each method, generate a callback function to pass to Rust
+
+    @_UNIFFI_CALLBACK_INTERFACE_UHLM_FFI_LOAD_PROGRESS_LISTENER_METHOD0
+    def on_progress(
+            uniffi_handle,
+            fraction,
+            uniffi_out_return,
+            uniffi_call_status_ptr,
+        ):
+        uniffi_obj = _UniffiFfiConverterTypeLoadProgressListener._handle_map.get(uniffi_handle)
+        def make_call():
+            uniffi_args = (_UniffiFfiConverterFloat32.lift(fraction), )
+            uniffi_method = uniffi_obj.on_progress
+            return uniffi_method(*uniffi_args)
+        write_return_value = lambda v: None
+        _uniffi_trait_interface_call(
+                uniffi_call_status_ptr.contents,
+                make_call,
+                write_return_value,
+        )
+
+    @_UNIFFI_CALLBACK_INTERFACE_FREE_UHLM_FFI_LOAD_PROGRESS_LISTENER
+    def _uniffi_free(uniffi_handle):
+        _UniffiFfiConverterTypeLoadProgressListener._handle_map.remove(uniffi_handle)
+
+    @_UNIFFI_CALLBACK_INTERFACE_CLONE_UHLM_FFI_LOAD_PROGRESS_LISTENER
+    def _uniffi_clone(uniffi_handle):
+        return _UniffiFfiConverterTypeLoadProgressListener._handle_map.clone(uniffi_handle)
+
+    # Generate the FFI VTable.  This has a field for each callback interface method.
+    _uniffi_vtable = _UniffiVTableCallbackInterfaceUhlmFfiLoadProgressListener(
+        _uniffi_free,
+        _uniffi_clone,
+        on_progress,
+    )
+    # Send Rust a pointer to the VTable.  Note: this means we need to keep the struct alive forever,
+    # or else bad things will happen when Rust tries to access it.
+    _UniffiLib.uniffi_uhlm_ffi_fn_init_callback_vtable_loadprogresslistener(ctypes.byref(_uniffi_vtable))
+
+class _UniffiFfiConverterTypeLoadProgressListener:
+    _handle_map = _UniffiHandleMap()
+
+    @staticmethod
+    def lift(value: int):
+        if (value & 1) == 0:
+            # Rust-generated handle, construct a new class that uses the handle to implement the
+            # interface
+            return LoadProgressListenerImpl._uniffi_make_instance(value)
+        else:
+            # Python-generated handle, get the object from the handle map
+            return _UniffiFfiConverterTypeLoadProgressListener._handle_map.remove(value)
+
+    @staticmethod
+    def check_lower(value: LoadProgressListener):
+        if not isinstance(value, LoadProgressListener):
+            raise TypeError("Expected LoadProgressListener subclass, {} found".format(type(value).__name__))
+
+    @staticmethod
+    def lower(value: LoadProgressListener):
+         if isinstance(value, LoadProgressListenerImpl):
+            # Rust-implementated object.  Clone the handle and return it
+            return value._uniffi_clone_handle()
+         else:
+            # Python-implementated object, generate a new vtable handle and return that.
+            return _UniffiFfiConverterTypeLoadProgressListener._handle_map.insert(value)
+
+    @classmethod
+    def read(cls, buf: _UniffiRustBuffer):
+        ptr = buf.read_u64()
+        if ptr == 0:
+            raise InternalError("Raw handle value was null")
+        return cls.lift(ptr)
+
+    @classmethod
+    def write(cls, value: LoadProgressListener, buf: _UniffiRustBuffer):
+        buf.write_u64(cls.lower(value))
+
+class _UniffiFfiConverterOptionalTypeLoadProgressListener(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterTypeLoadProgressListener.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterTypeLoadProgressListener.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterTypeLoadProgressListener.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+def describe_error(error: UhlmError) -> str:
+    """
+    The Rust text of `error`. Kotlin and Swift get it from the exported `Display`; uniffi's
+    Python exceptions print their fields instead, so the Python package installs this as
+    `UhlmError.__str__`.
+"""
+    
+    _UniffiFfiConverterTypeUhlmError.check_lower(error)
+    _uniffi_lowered_args = (
+        _UniffiFfiConverterTypeUhlmError.lower(error),
+    )
+    _uniffi_lift_return = _UniffiFfiConverterString.lift
+    _uniffi_error_converter = None
+    _uniffi_ffi_result = _uniffi_rust_call_with_error(
+        _uniffi_error_converter,
+        _UniffiLib.uniffi_uhlm_ffi_fn_func_describe_error,
+        *_uniffi_lowered_args,
+    )
+    return _uniffi_lift_return(_uniffi_ffi_result)
 def ensure_default_models() -> DefaultModels:
     """
     Finds the default LLM in the model cache (`uhlm fetch smollm2` puts it there) and derives
@@ -3757,6 +4019,7 @@ __all__ = [
     "GenerationOptions",
     "GenerationSummary",
     "TokenEvent",
+    "describe_error",
     "ensure_default_models",
     "EmbeddedServer",
     "EmbeddedServerProtocol",
@@ -3764,4 +4027,6 @@ __all__ = [
     "TokenListener",
     "HybridEngine",
     "HybridEngineProtocol",
+    "LoadProgressListenerImpl",
+    "LoadProgressListener",
 ]

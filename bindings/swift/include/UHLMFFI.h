@@ -243,6 +243,13 @@ typedef void (*UniffiForeignFutureCompleteVoid)(uint64_t, UniffiForeignFutureRes
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOAD_PROGRESS_LISTENER_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOAD_PROGRESS_LISTENER_METHOD0
+typedef void (*UniffiCallbackInterfaceLoadProgressListenerMethod0)(uint64_t, float, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_LISTENER_METHOD0
 #define UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_LISTENER_METHOD0
 typedef void (*UniffiCallbackInterfaceTokenListenerMethod0)(uint64_t, RustBuffer, void* _Nonnull, 
@@ -262,6 +269,15 @@ typedef void (*UniffiCallbackInterfaceTokenListenerMethod1)(uint64_t, int8_t, Ru
 typedef void (*UniffiCallbackInterfaceTokenListenerMethod2)(uint64_t, RustBuffer, void* _Nonnull, 
         RustCallStatus *_Nonnull uniffiCallStatus
     );
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOAD_PROGRESS_LISTENER
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOAD_PROGRESS_LISTENER
+typedef struct UniffiVTableCallbackInterfaceLoadProgressListener {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceLoadProgressListenerMethod0 _Nonnull onProgress;
+} UniffiVTableCallbackInterfaceLoadProgressListener;
 
 #endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TOKEN_LISTENER
@@ -288,6 +304,11 @@ void uniffi_uhlm_ffi_fn_free_hybridengine(uint64_t handle, RustCallStatus *_Nonn
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CONSTRUCTOR_HYBRIDENGINE_NEW
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CONSTRUCTOR_HYBRIDENGINE_NEW
 uint64_t uniffi_uhlm_ffi_fn_constructor_hybridengine_new(RustBuffer config, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CONSTRUCTOR_HYBRIDENGINE_WITH_PROGRESS
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CONSTRUCTOR_HYBRIDENGINE_WITH_PROGRESS
+uint64_t uniffi_uhlm_ffi_fn_constructor_hybridengine_with_progress(RustBuffer config, RustBuffer progress, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_HYBRIDENGINE_CANCEL
@@ -318,6 +339,26 @@ RustBuffer uniffi_uhlm_ffi_fn_method_hybridengine_stats(uint64_t ptr, RustCallSt
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_HYBRIDENGINE_THRESHOLD
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_HYBRIDENGINE_THRESHOLD
 float uniffi_uhlm_ffi_fn_method_hybridengine_threshold(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CLONE_LOADPROGRESSLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CLONE_LOADPROGRESSLISTENER
+uint64_t uniffi_uhlm_ffi_fn_clone_loadprogresslistener(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_FREE_LOADPROGRESSLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_FREE_LOADPROGRESSLISTENER
+void uniffi_uhlm_ffi_fn_free_loadprogresslistener(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_INIT_CALLBACK_VTABLE_LOADPROGRESSLISTENER
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_INIT_CALLBACK_VTABLE_LOADPROGRESSLISTENER
+void uniffi_uhlm_ffi_fn_init_callback_vtable_loadprogresslistener(const UniffiVTableCallbackInterfaceLoadProgressListener* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_LOADPROGRESSLISTENER_ON_PROGRESS
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_LOADPROGRESSLISTENER_ON_PROGRESS
+void uniffi_uhlm_ffi_fn_method_loadprogresslistener_on_progress(uint64_t ptr, float fraction, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CLONE_TOKENLISTENER
@@ -383,6 +424,16 @@ RustBuffer uniffi_uhlm_ffi_fn_method_embeddedserver_cert_fingerprint(uint64_t pt
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_EMBEDDEDSERVER_STOP
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_EMBEDDEDSERVER_STOP
 void uniffi_uhlm_ffi_fn_method_embeddedserver_stop(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_UHLMERROR_UNIFFI_TRAIT_DISPLAY
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_UHLMERROR_UNIFFI_TRAIT_DISPLAY
+RustBuffer uniffi_uhlm_ffi_fn_method_uhlmerror_uniffi_trait_display(RustBuffer ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_FUNC_DESCRIBE_ERROR
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_FUNC_DESCRIBE_ERROR
+RustBuffer uniffi_uhlm_ffi_fn_func_describe_error(RustBuffer error, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_FUNC_ENSURE_DEFAULT_MODELS
@@ -651,6 +702,12 @@ void ffi_uhlm_ffi_rust_future_free_void(uint64_t handle
 void ffi_uhlm_ffi_rust_future_complete_void(uint64_t handle, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_FUNC_DESCRIBE_ERROR
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_FUNC_DESCRIBE_ERROR
+uint16_t uniffi_uhlm_ffi_checksum_func_describe_error(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_FUNC_ENSURE_DEFAULT_MODELS
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_FUNC_ENSURE_DEFAULT_MODELS
 uint16_t uniffi_uhlm_ffi_checksum_func_ensure_default_models(void
@@ -690,6 +747,12 @@ uint16_t uniffi_uhlm_ffi_checksum_method_hybridengine_stats(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_HYBRIDENGINE_THRESHOLD
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_HYBRIDENGINE_THRESHOLD
 uint16_t uniffi_uhlm_ffi_checksum_method_hybridengine_threshold(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_LOADPROGRESSLISTENER_ON_PROGRESS
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_LOADPROGRESSLISTENER_ON_PROGRESS
+uint16_t uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress(void
     
 );
 #endif
@@ -738,6 +801,12 @@ uint16_t uniffi_uhlm_ffi_checksum_method_embeddedserver_stop(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_CONSTRUCTOR_HYBRIDENGINE_NEW
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_CONSTRUCTOR_HYBRIDENGINE_NEW
 uint16_t uniffi_uhlm_ffi_checksum_constructor_hybridengine_new(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_CONSTRUCTOR_HYBRIDENGINE_WITH_PROGRESS
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_CONSTRUCTOR_HYBRIDENGINE_WITH_PROGRESS
+uint16_t uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress(void
     
 );
 #endif

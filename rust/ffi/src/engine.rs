@@ -8,7 +8,9 @@ use uhlm_sdk as sdk;
 
 use crate::config::{ChatMessage, EngineConfig, GenerationOptions};
 use crate::error::UhlmError;
-use crate::events::{EngineStats, GenerationSummary, ListenerAdapter, TokenListener};
+use crate::events::{
+    EngineStats, GenerationSummary, ListenerAdapter, LoadProgressListener, TokenListener,
+};
 
 /// The device-side engine: loads the SLM once, then generates with the server verifying the
 /// uncertain tokens. One generation runs at a time; concurrent calls queue.
@@ -78,7 +80,19 @@ impl HybridEngine {
     /// connection, which opens on the first generation.
     #[uniffi::constructor]
     pub fn new(config: EngineConfig) -> Result<Arc<Self>, UhlmError> {
-        let engine = sdk::HybridEngine::new(config.try_into()?)?;
+        Self::with_progress(config, None)
+    }
+
+    /// Like the constructor, telling `progress` how much of the model has been read (0 to 1),
+    /// for a progress bar while the weights load.
+    #[uniffi::constructor]
+    pub fn with_progress(
+        config: EngineConfig,
+        progress: Option<Arc<dyn LoadProgressListener>>,
+    ) -> Result<Arc<Self>, UhlmError> {
+        let progress =
+            progress.map(|p| sdk::LoadProgress::new(move |fraction| p.on_progress(fraction)));
+        let engine = sdk::HybridEngine::with_progress(config.try_into()?, progress)?;
         Ok(Arc::new(Self {
             engine,
             running: Mutex::new(HashMap::new()),

@@ -4,8 +4,10 @@
 use uhlm_sdk::SdkError;
 
 /// Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
-/// case; `message` (Kotlin/Python) and `localizedDescription` (Swift) read like the Rust text.
+/// case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
+/// `description` (Swift) give the Rust text, the same words the CLI prints.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, uniffi::Error)]
+#[uniffi::export(Display)]
 pub enum UhlmError {
     #[error("on-device model not found: {path}")]
     ModelNotFound { path: String },
@@ -40,6 +42,14 @@ pub enum UhlmError {
     /// The [`EmbeddedServer`](crate::EmbeddedServer) could not start (bad model, no port, ...).
     #[error("the embedded server failed: {reason}")]
     Server { reason: String },
+}
+
+/// The Rust text of `error`. Kotlin and Swift get it from the exported `Display`; uniffi's
+/// Python exceptions print their fields instead, so the Python package installs this as
+/// `UhlmError.__str__`.
+#[uniffi::export]
+pub fn describe_error(error: UhlmError) -> String {
+    error.to_string()
 }
 
 impl From<SdkError> for UhlmError {

@@ -159,6 +159,12 @@ impl From<sdk::GenerationSummary> for GenerationSummary {
 
 /// Implemented by the app to receive a generation's events. Called on the engine's threads,
 /// in token order: hand the event to the UI thread and return quickly.
+/// Told the fraction (0 to 1) of the on-device model loaded so far; ends with 1.
+#[uniffi::export(with_foreign)]
+pub trait LoadProgressListener: Send + Sync {
+    fn on_progress(&self, fraction: f32);
+}
+
 #[uniffi::export(with_foreign)]
 pub trait TokenListener: Send + Sync {
     fn on_token(&self, event: TokenEvent);

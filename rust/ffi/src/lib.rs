@@ -16,9 +16,10 @@ pub use config::{
     ChatMessage, EngineConfig, GenerationOptions, Mode, PolicyConfig, ThresholdMode, Uncertainty,
 };
 pub use engine::HybridEngine;
-pub use error::UhlmError;
+pub use error::{UhlmError, describe_error};
 pub use events::{
-    EngineStats, GenerationSummary, StopReason, TokenEvent, TokenListener, TokenSource,
+    EngineStats, GenerationSummary, LoadProgressListener, StopReason, TokenEvent, TokenListener,
+    TokenSource,
 };
 pub use models::{DefaultModels, ensure_default_models};
 pub use server::EmbeddedServer;

@@ -14,6 +14,10 @@ pub(crate) struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
     pub file_bytes: u64,
+    /// Told the fraction of tensor bytes read after each tensor.
+    pub progress: Option<crate::model::LoadProgress>,
+    tensor_bytes: u64,
+    read_bytes: u64,
     reader: BufReader<File>,
 }
 
@@ -31,6 +35,7 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader)
             .map_err(|e| ModelError::corrupt(path, format!("unreadable GGUF header: {e}")))?;
+        let mut tensor_bytes = 0u64;
         for (name, info) in &content.tensor_infos {
             let block = info.ggml_dtype.block_size();
             let elems = info.shape.elem_count();
@@ -41,6 +46,7 @@ impl GgufFile {
                 ));
             }
             let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            tensor_bytes += bytes;
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)
@@ -58,6 +64,9 @@ impl GgufFile {
             path: path.to_path_buf(),
             content,
             file_bytes,
+            progress: None,
+            tensor_bytes,
+            read_bytes: 0,
             reader,
         })
     }
@@ -147,6 +156,13 @@ impl GgufFile {
             .content
             .tensor(&mut self.reader, name, device)
             .map_err(|e| ModelError::corrupt(&self.path, format!("tensor {name}: {e}")))?;
+        if let Some(progress) = &self.progress {
+            self.read_bytes += t.storage_size_in_bytes() as u64;
+            // Below 1 until the model is assembled; `Model::load` reports the final 1.
+            (progress.0)(
+                (self.read_bytes as f64 / self.tensor_bytes.max(1) as f64).min(0.99) as f32,
+            );
+        }
         if let Some(dims) = dims {
             if t.shape().dims() != dims {
                 return Err(ModelError::corrupt(

@@ -55,6 +55,24 @@ pub struct LoadOptions {
     /// faster at ~1.7x their memory, with logits that differ only in the last bits of the
     /// weights.
     pub keep_weight_types: bool,
+    /// Called as weights are read, with the fraction of tensor bytes loaded so far (ends at 1).
+    pub progress: Option<LoadProgress>,
+}
+
+/// A loading-progress callback (apps show a progress bar: a phone reads ~100 MB of weights).
+#[derive(Clone)]
+pub struct LoadProgress(pub Arc<dyn Fn(f32) + Send + Sync>);
+
+impl LoadProgress {
+    pub fn new(f: impl Fn(f32) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress(..)")
+    }
 }
 
 /// Architectures this runtime implements, by their GGUF `general.architecture` name.
@@ -156,6 +174,7 @@ impl Model {
         configure_threads(opts.threads);
         let device = opts.device.to_candle()?;
         let mut g = GgufFile::open(path)?;
+        g.progress = opts.progress.clone();
         let arch_name = g.architecture()?;
         let arch = Architecture::from_gguf_name(&arch_name).ok_or_else(|| {
             ModelError::UnsupportedArchitecture {
@@ -198,6 +217,9 @@ impl Model {
             file_bytes: g.file_bytes,
             dtypes: dtype_summary(&g),
         };
+        if let Some(progress) = &opts.progress {
+            (progress.0)(1.0);
+        }
         tracing::info!(path = %path.display(), ?info, "model loaded");
         Ok(Arc::new(Model {
             info,

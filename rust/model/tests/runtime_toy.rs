@@ -10,7 +10,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use support::{Toy, max_abs_diff, write_toy};
 use uhlm_model::{
-    Architecture, DeriveOptions, LoadOptions, Model, ModelError, Session, derive_draft,
+    Architecture, DeriveOptions, LoadOptions, LoadProgress, Model, ModelError, Session,
+    derive_draft,
 };
 
 fn load_toy(toy: &Toy) -> (tempfile::TempDir, Arc<Model>) {
@@ -153,6 +154,29 @@ fn interleaved_sessions_do_not_interfere() {
     }
     assert!(max_abs_diff(&last_a, solo_a.last()) < 1e-3);
     assert!(max_abs_diff(&last_b, solo_b.last()) < 1e-3);
+}
+
+#[test]
+fn loading_reports_monotone_progress_ending_at_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("toy.gguf");
+    write_toy(&path, &Toy::gemma3(), &[]);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let opts = LoadOptions {
+        progress: Some(LoadProgress::new(move |f| sink.lock().unwrap().push(f))),
+        ..LoadOptions::default()
+    };
+    Model::load(&path, &opts).unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 3, "one report per tensor: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(
+        seen[..seen.len() - 1]
+            .iter()
+            .all(|f| (0.0..1.0).contains(f))
+    );
+    assert_eq!(*seen.last().unwrap(), 1.0);
 }
 
 #[test]

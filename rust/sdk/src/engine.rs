@@ -9,7 +9,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 use uhlm_core::chat::ChatMessage;
 use uhlm_core::threshold::{Calibration, ThresholdPolicy};
-use uhlm_model::{LoadOptions, Model, ModelInfo};
+use uhlm_model::{LoadOptions, LoadProgress, Model, ModelInfo};
 
 use crate::cancel::CancelToken;
 use crate::config::{EngineConfig, GenerationOptions, Prompt};
@@ -89,19 +89,35 @@ impl HybridEngine {
     /// Loads the SLM and prepares (but does not open) the server connection, on a runtime of
     /// its own.
     pub fn new(config: EngineConfig) -> Result<Self, SdkError> {
+        Self::with_progress(config, None)
+    }
+
+    /// Like [`new`](Self::new), telling `progress` the fraction of the SLM's weights loaded.
+    pub fn with_progress(
+        config: EngineConfig,
+        progress: Option<LoadProgress>,
+    ) -> Result<Self, SdkError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("uhlm-sdk")
             .enable_all()
             .build()
             .map_err(|e| SdkError::InvalidConfig(format!("cannot start a runtime: {e}")))?;
-        let mut engine = Self::with_runtime(config, runtime.handle().clone())?;
+        let mut engine = Self::load(config, runtime.handle().clone(), progress)?;
         engine.runtime = Some(runtime);
         Ok(engine)
     }
 
     /// Like [`new`](Self::new), on the caller's tokio runtime.
     pub fn with_runtime(config: EngineConfig, rt: Handle) -> Result<Self, SdkError> {
+        Self::load(config, rt, None)
+    }
+
+    fn load(
+        config: EngineConfig,
+        rt: Handle,
+        progress: Option<LoadProgress>,
+    ) -> Result<Self, SdkError> {
         config.validate()?;
         let calibration = match &config.calibration {
             Some(path) => {
@@ -125,6 +141,7 @@ impl HybridEngine {
         .map_err(|e| SdkError::InvalidConfig(format!("policy: {e}")))?;
         let opts = LoadOptions {
             threads: config.threads,
+            progress,
             ..LoadOptions::default()
         };
         let model = Model::load(&config.slm_path, &opts)?;

@@ -59,3 +59,4 @@ pub use uhlm_core::codec::Codec;
 pub use uhlm_core::sampling::SamplingOptions;
 pub use uhlm_core::threshold::{PolicyConfig, ThresholdMode};
 pub use uhlm_core::uncertainty::UncertaintyKind;
+pub use uhlm_model::LoadProgress;

@@ -9,13 +9,19 @@ public actor Uhlm {
     private let engine: HybridEngine
 
     /// Loads the on-device model synchronously; prefer `load(_:)` from async code.
-    public init(config: EngineConfig) throws {
-        engine = try HybridEngine(config: config)
+    /// `onProgress` gets the fraction of the weights read (0 to 1), on the loading thread.
+    public init(config: EngineConfig, onProgress: (@Sendable (Float) -> Void)? = nil) throws {
+        engine = try HybridEngine.withProgress(
+            config: config, progress: onProgress.map(ProgressForwarder.init))
     }
 
     /// Loads the on-device model on a background thread.
-    public static func load(_ config: EngineConfig) async throws -> Uhlm {
-        try await Task.detached(priority: .userInitiated) { try Uhlm(config: config) }.value
+    public static func load(
+        _ config: EngineConfig, onProgress: (@Sendable (Float) -> Void)? = nil
+    ) async throws -> Uhlm {
+        try await Task.detached(priority: .userInitiated) {
+            try Uhlm(config: config, onProgress: onProgress)
+        }.value
     }
 
     /// Generates from `prompt`; `onToken` sees every final token in order, on an engine thread.
@@ -90,4 +96,17 @@ private final class Listener: TokenListener, @unchecked Sendable {
     func onLinkChange(online: Bool, detail: String) {}
 
     func onTailText(text: String) {}
+}
+
+/// Hands loading progress to a closure.
+private final class ProgressForwarder: LoadProgressListener, @unchecked Sendable {
+    private let onProgress: @Sendable (Float) -> Void
+
+    init(_ onProgress: @escaping @Sendable (Float) -> Void) {
+        self.onProgress = onProgress
+    }
+
+    func onProgress(fraction: Float) {
+        onProgress(fraction)
+    }
 }

@@ -102,6 +102,8 @@ final class UhlmTests: XCTestCase {
                 return XCTFail("expected ModelNotFound, got \(error)")
             }
             XCTAssertTrue(path.contains("uhlm-draft.gguf"))
+            XCTAssertEqual(
+                String(describing: error), "on-device model not found: /nonexistent/uhlm-draft.gguf")
         }
     }
 

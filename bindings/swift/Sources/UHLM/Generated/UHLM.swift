@@ -908,6 +908,20 @@ public convenience init(config: EngineConfig)throws  {
     }
 
     
+    /**
+     * Like the constructor, telling `progress` how much of the model has been read (0 to 1),
+     * for a progress bar while the weights load.
+     */
+public static func withProgress(config: EngineConfig, progress: LoadProgressListener?)throws  -> HybridEngine  {
+    return try  FfiConverterTypeHybridEngine_lift(try rustCallWithError(FfiConverterTypeUhlmError_lift) {
+        uniffiCallStatus in
+    uniffi_uhlm_ffi_fn_constructor_hybridengine_with_progress(
+        FfiConverterTypeEngineConfig_lower(config),
+        FfiConverterOptionTypeLoadProgressListener.lower(progress),uniffiCallStatus
+    )
+})
+}
+    
 
     
     /**
@@ -1050,7 +1064,211 @@ public func FfiConverterTypeHybridEngine_lower(_ value: HybridEngine) -> UInt64 
 /**
  * Implemented by the app to receive a generation's events. Called on the engine's threads,
  * in token order: hand the event to the UI thread and return quickly.
+ * Told the fraction (0 to 1) of the on-device model loaded so far; ends with 1.
  */
+public protocol LoadProgressListener: AnyObject, Sendable {
+    
+    func onProgress(fraction: Float) 
+    
+}
+/**
+ * Implemented by the app to receive a generation's events. Called on the engine's threads,
+ * in token order: hand the event to the UI thread and return quickly.
+ * Told the fraction (0 to 1) of the on-device model loaded so far; ends with 1.
+ */
+open class LoadProgressListenerImpl: LoadProgressListener, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_uhlm_ffi_fn_clone_loadprogresslistener(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_uhlm_ffi_fn_free_loadprogresslistener(handle, $0) }
+    }
+
+    
+
+    
+open func onProgress(fraction: Float)  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_uhlm_ffi_fn_method_loadprogresslistener_on_progress(
+            self.uniffiCloneHandle(),
+        FfiConverterFloat.lower(fraction),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceLoadProgressListener {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceLoadProgressListener = UniffiVTableCallbackInterfaceLoadProgressListener(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterTypeLoadProgressListener.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface LoadProgressListener: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterTypeLoadProgressListener.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface LoadProgressListener: handle missing in uniffiClone")
+            }
+        },
+        onProgress: { (
+            uniffiHandle: UInt64,
+            fraction: Float,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterTypeLoadProgressListener.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return uniffiObj.onProgress(
+                     fraction: try FfiConverterFloat.lift(fraction)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCall(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceLoadProgressListener> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceLoadProgressListener>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitLoadProgressListener() {
+    uniffi_uhlm_ffi_fn_init_callback_vtable_loadprogresslistener(UniffiCallbackInterfaceLoadProgressListener.vtablePtr)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLoadProgressListener: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<LoadProgressListener>()
+
+    typealias FfiType = UInt64
+    typealias SwiftType = LoadProgressListener
+
+    public static func lift(_ handle: UInt64) throws -> LoadProgressListener {
+        if ((handle & 1) == 0) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return LoadProgressListenerImpl(unsafeFromHandle: handle)
+        } else {
+            // Swift-generated handle, get the object from the handle map
+            return try handleMap.remove(handle: handle)
+        }
+    }
+
+    public static func lower(_ value: LoadProgressListener) -> UInt64 {
+         if let rustImpl = value as? LoadProgressListenerImpl {
+             // Rust-implemented object.  Clone the handle and return it
+            return rustImpl.uniffiCloneHandle()
+         } else {
+            // Swift object, generate a new vtable handle and return that.
+            return handleMap.insert(obj: value)
+         }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LoadProgressListener {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: LoadProgressListener, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLoadProgressListener_lift(_ handle: UInt64) throws -> LoadProgressListener {
+    return try FfiConverterTypeLoadProgressListener.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLoadProgressListener_lower(_ value: LoadProgressListener) -> UInt64 {
+    return FfiConverterTypeLoadProgressListener.lower(value)
+}
+
+
+
+
+
+
 public protocol TokenListener: AnyObject, Sendable {
     
     func onToken(event: TokenEvent) 
@@ -1066,10 +1284,6 @@ public protocol TokenListener: AnyObject, Sendable {
     func onTailText(text: String) 
     
 }
-/**
- * Implemented by the app to receive a generation's events. Called on the engine's threads,
- * in token order: hand the event to the UI thread and return quickly.
- */
 open class TokenListenerImpl: TokenListener, @unchecked Sendable {
     fileprivate let handle: UInt64
 
@@ -2461,7 +2675,8 @@ public func FfiConverterTypeTokenSource_lower(_ value: TokenSource) -> RustBuffe
 
 /**
  * Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
- * case; `message` (Kotlin/Python) and `localizedDescription` (Swift) read like the Rust text.
+ * case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
+ * `description` (Swift) give the Rust text, the same words the CLI prints.
  */
 public 
 enum UhlmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
@@ -2500,6 +2715,17 @@ enum UhlmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     
 
     
+// The local Rust `Display` implementation.
+public var description: String {
+    return try!  FfiConverterString.lift(
+        try! rustCall() {
+        uniffiCallStatus in
+    uniffi_uhlm_ffi_fn_method_uhlmerror_uniffi_trait_display(
+            FfiConverterTypeUhlmError_lower(self),uniffiCallStatus
+    )
+}
+    )
+}
 
     
     public var errorDescription: String? {
@@ -2862,6 +3088,30 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionTypeLoadProgressListener: FfiConverterRustBuffer {
+    typealias SwiftType = LoadProgressListener?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeLoadProgressListener.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeLoadProgressListener.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypePolicyConfig: FfiConverterRustBuffer {
     typealias SwiftType = PolicyConfig?
 
@@ -3079,6 +3329,19 @@ fileprivate func uniffiFutureContinuationCallback(handle: UInt64, pollResult: In
     }
 }
 /**
+ * The Rust text of `error`. Kotlin and Swift get it from the exported `Display`; uniffi's
+ * Python exceptions print their fields instead, so the Python package installs this as
+ * `UhlmError.__str__`.
+ */
+public func describeError(error: UhlmError) -> String  {
+    return try!  FfiConverterString.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_uhlm_ffi_fn_func_describe_error(
+        FfiConverterTypeUhlmError_lower(error),uniffiCallStatus
+    )
+})
+}
+/**
  * Finds the default LLM in the model cache (`uhlm fetch smollm2` puts it there) and derives
  * the default draft next to it unless it already exists. Blocking; the first call takes a few
  * seconds.
@@ -3106,6 +3369,9 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
+    if (uniffi_uhlm_ffi_checksum_func_describe_error() != 9704) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_uhlm_ffi_checksum_func_ensure_default_models() != 8952) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3125,6 +3391,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_uhlm_ffi_checksum_method_hybridengine_threshold() != 63696) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress() != 31171) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_uhlm_ffi_checksum_method_tokenlistener_on_token() != 57173) {
@@ -3151,10 +3420,14 @@ private let initializationResult: InitializationResult = {
     if (uniffi_uhlm_ffi_checksum_constructor_hybridengine_new() != 11163) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress() != 13858) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_uhlm_ffi_checksum_constructor_embeddedserver_start() != 4692) {
         return InitializationResult.apiChecksumMismatch
     }
 
+    uniffiCallbackInitLoadProgressListener()
     uniffiCallbackInitTokenListener()
     return InitializationResult.ok
 }()

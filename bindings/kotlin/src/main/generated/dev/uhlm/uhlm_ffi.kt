@@ -657,6 +657,9 @@ internal open class UniffiForeignFutureResultVoid(
 internal interface UniffiForeignFutureCompleteVoid : com.sun.jna.Callback {
     fun callback(`callbackData`: Long,`result`: UniffiForeignFutureResultVoid.UniffiByValue,)
 }
+internal interface UniffiCallbackInterfaceLoadProgressListenerMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`fraction`: Float,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 internal interface UniffiCallbackInterfaceTokenListenerMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`event`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
 }
@@ -665,6 +668,25 @@ internal interface UniffiCallbackInterfaceTokenListenerMethod1 : com.sun.jna.Cal
 }
 internal interface UniffiCallbackInterfaceTokenListenerMethod2 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`text`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "onProgress")
+internal open class UniffiVTableCallbackInterfaceLoadProgressListener(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `onProgress`: UniffiCallbackInterfaceLoadProgressListenerMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `onProgress`: UniffiCallbackInterfaceLoadProgressListenerMethod0? = null,
+    ): UniffiVTableCallbackInterfaceLoadProgressListener(`uniffiFree`,`uniffiClone`,`onProgress`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceLoadProgressListener) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `onProgress` = other.`onProgress`
+    }
+
 }
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "onToken", "onLinkChange", "onTailText")
 internal open class UniffiVTableCallbackInterfaceTokenListener(
@@ -716,6 +738,8 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
+    external fun uniffi_uhlm_ffi_checksum_func_describe_error(
+    ): Int
     external fun uniffi_uhlm_ffi_checksum_func_ensure_default_models(
     ): Int
     external fun uniffi_uhlm_ffi_checksum_method_hybridengine_cancel(
@@ -729,6 +753,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_uhlm_ffi_checksum_method_hybridengine_stats(
     ): Int
     external fun uniffi_uhlm_ffi_checksum_method_hybridengine_threshold(
+    ): Int
+    external fun uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress(
     ): Int
     external fun uniffi_uhlm_ffi_checksum_method_tokenlistener_on_token(
     ): Int
@@ -745,6 +771,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_uhlm_ffi_checksum_method_embeddedserver_stop(
     ): Int
     external fun uniffi_uhlm_ffi_checksum_constructor_hybridengine_new(
+    ): Int
+    external fun uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress(
     ): Int
     external fun uniffi_uhlm_ffi_checksum_constructor_embeddedserver_start(
     ): Int
@@ -764,6 +792,7 @@ internal object UniffiLib {
 
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "uhlm_ffi"))
+        uniffiCallbackInterfaceLoadProgressListener.register(this)
         uniffiCallbackInterfaceTokenListener.register(this)
         
     }
@@ -774,6 +803,8 @@ internal object UniffiLib {
     external fun uniffi_uhlm_ffi_fn_free_hybridengine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_uhlm_ffi_fn_constructor_hybridengine_new(`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_uhlm_ffi_fn_constructor_hybridengine_with_progress(`config`: RustBuffer.ByValue,`progress`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_uhlm_ffi_fn_method_hybridengine_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
@@ -787,6 +818,14 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_uhlm_ffi_fn_method_hybridengine_threshold(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Float
+    external fun uniffi_uhlm_ffi_fn_clone_loadprogresslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_uhlm_ffi_fn_free_loadprogresslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_uhlm_ffi_fn_init_callback_vtable_loadprogresslistener(`vtable`: UniffiVTableCallbackInterfaceLoadProgressListener,
+    ): Unit
+    external fun uniffi_uhlm_ffi_fn_method_loadprogresslistener_on_progress(`ptr`: Long,`fraction`: Float,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_uhlm_ffi_fn_clone_tokenlistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_uhlm_ffi_fn_free_tokenlistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -813,6 +852,10 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_uhlm_ffi_fn_method_embeddedserver_stop(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_uhlm_ffi_fn_method_uhlmerror_uniffi_trait_display(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_uhlm_ffi_fn_func_describe_error(`error`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_uhlm_ffi_fn_func_ensure_default_models(uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_uhlm_ffi_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -934,6 +977,9 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
+    if ((lib.uniffi_uhlm_ffi_checksum_func_describe_error() and 0xFFFF) != 9704) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_uhlm_ffi_checksum_func_ensure_default_models() and 0xFFFF) != 8952) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -953,6 +999,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_method_hybridengine_threshold() and 0xFFFF) != 63696) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress() and 0xFFFF) != 31171) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_method_tokenlistener_on_token() and 0xFFFF) != 57173) {
@@ -977,6 +1026,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new() and 0xFFFF) != 11163) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress() and 0xFFFF) != 13858) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_constructor_embeddedserver_start() and 0xFFFF) != 4692) {
@@ -2110,11 +2162,27 @@ open class HybridEngine: Disposable, AutoCloseable, HybridEngineInterface
 
 
     
-    
+    companion object {
+        
     /**
-     * @suppress
+     * Like the constructor, telling `progress` how much of the model has been read (0 to 1),
+     * for a progress bar while the weights load.
      */
-    companion object
+    @Throws(UhlmException::class) fun `withProgress`(`config`: EngineConfig, `progress`: LoadProgressListener?): HybridEngine {
+            return FfiConverterTypeHybridEngine.lift(
+    uniffiRustCallWithError(UhlmException) { _status ->
+    UniffiLib.uniffi_uhlm_ffi_fn_constructor_hybridengine_with_progress(
+    
+        
+        FfiConverterTypeEngineConfig.lower(`config`),
+        FfiConverterOptionalTypeLoadProgressListener.lower(`progress`),_status)
+}
+    )
+    }
+    
+
+        
+    }
     
 }
 
@@ -2241,7 +2309,324 @@ public object FfiConverterTypeHybridEngine: FfiConverter<HybridEngine, Long> {
 /**
  * Implemented by the app to receive a generation's events. Called on the engine's threads,
  * in token order: hand the event to the UI thread and return quickly.
+ * Told the fraction (0 to 1) of the on-device model loaded so far; ends with 1.
  */
+public interface LoadProgressListener {
+    
+    fun `onProgress`(`fraction`: kotlin.Float)
+    
+    companion object
+}
+
+/**
+ * Implemented by the app to receive a generation's events. Called on the engine's threads,
+ * in token order: hand the event to the UI thread and return quickly.
+ * Told the fraction (0 to 1) of the on-device model loaded so far; ends with 1.
+ */
+open class LoadProgressListenerImpl: Disposable, AutoCloseable, LoadProgressListener
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_uhlm_ffi_fn_free_loadprogresslistener(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_uhlm_ffi_fn_clone_loadprogresslistener(handle, status)
+        }
+    }
+
+    override fun `onProgress`(`fraction`: kotlin.Float)
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_uhlm_ffi_fn_method_loadprogresslistener_on_progress(
+        it,
+        
+        FfiConverterFloat.lower(`fraction`),_status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceLoadProgressListener {
+    internal object `onProgress`: UniffiCallbackInterfaceLoadProgressListenerMethod0 {
+        override fun callback(`uniffiHandle`: Long,`fraction`: Float,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeLoadProgressListener.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`onProgress`(
+                    FfiConverterFloat.lift(`fraction`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCall(uniffiCallStatus, makeCall, writeReturn)
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeLoadProgressListener.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeLoadProgressListener.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceLoadProgressListener.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `onProgress`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_uhlm_ffi_fn_init_callback_vtable_loadprogresslistener(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLoadProgressListener: FfiConverter<LoadProgressListener, Long> {
+    internal val handleMap = UniffiHandleMap<LoadProgressListener>()
+
+    override fun lower(value: LoadProgressListener): Long {
+        if (value is LoadProgressListenerImpl) {
+             // Rust-implemented object.  Clone the handle and return it
+            return value.uniffiCloneHandle()
+         } else {
+            // Kotlin object, generate a new vtable handle and return that.
+            return handleMap.insert(value)
+         }
+    }
+
+    override fun lift(value: Long): LoadProgressListener {
+        if ((value and 1.toLong()) == 0.toLong()) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return LoadProgressListenerImpl(UniffiWithHandle, value)
+        } else {
+            // Kotlin-generated handle, get the object from the handle map
+            return handleMap.remove(value)
+        }
+    }
+
+    override fun read(buf: ByteBuffer): LoadProgressListener {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: LoadProgressListener) = 8UL
+
+    override fun write(value: LoadProgressListener, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
 public interface TokenListener {
     
     fun `onToken`(`event`: TokenEvent)
@@ -2259,10 +2644,6 @@ public interface TokenListener {
     companion object
 }
 
-/**
- * Implemented by the app to receive a generation's events. Called on the engine's threads,
- * in token order: hand the event to the UI thread and return quickly.
- */
 open class TokenListenerImpl: Disposable, AutoCloseable, TokenListener
 {
 
@@ -3429,7 +3810,8 @@ public object FfiConverterTypeTokenSource: FfiConverterRustBuffer<TokenSource> {
 
 /**
  * Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
- * case; `message` (Kotlin/Python) and `localizedDescription` (Swift) read like the Rust text.
+ * case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
+ * `description` (Swift) give the Rust text, the same words the CLI prints.
  */
 sealed class UhlmException: kotlin.Exception() {
     
@@ -3547,6 +3929,15 @@ sealed class UhlmException: kotlin.Exception() {
 
     
 
+    // The local Rust `Display`/`Debug` implementation.
+    override fun toString(): String {
+        return FfiConverterString.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_uhlm_ffi_fn_method_uhlmerror_uniffi_trait_display(FfiConverterTypeUhlmError.lower(this),
+        _status)
+}
+    )
+    }
 
     companion object ErrorHandler : UniffiRustCallStatusErrorHandler<UhlmException> {
         override fun lift(error_buf: RustBuffer.ByValue): UhlmException = FfiConverterTypeUhlmError.lift(error_buf)
@@ -4035,6 +4426,38 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
 /**
  * @suppress
  */
+public object FfiConverterOptionalTypeLoadProgressListener: FfiConverterRustBuffer<LoadProgressListener?> {
+    override fun read(buf: ByteBuffer): LoadProgressListener? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeLoadProgressListener.read(buf)
+    }
+
+    override fun allocationSize(value: LoadProgressListener?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeLoadProgressListener.allocationSize(value)
+        }
+    }
+
+    override fun write(value: LoadProgressListener?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeLoadProgressListener.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalTypePolicyConfig: FfiConverterRustBuffer<PolicyConfig?> {
     override fun read(buf: ByteBuffer): PolicyConfig? {
         if (buf.get().toInt() == 0) {
@@ -4243,6 +4666,22 @@ public object FfiConverterSequenceTypeTokenSource: FfiConverterRustBuffer<List<T
 
 
 
+
+        /**
+         * The Rust text of `error`. Kotlin and Swift get it from the exported `Display`; uniffi's
+         * Python exceptions print their fields instead, so the Python package installs this as
+         * `UhlmError.__str__`.
+         */ fun `describeError`(`error`: UhlmException): kotlin.String {
+            return FfiConverterString.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_uhlm_ffi_fn_func_describe_error(
+    
+        
+        FfiConverterTypeUhlmError.lower(`error`),_status)
+}
+    )
+    }
+    
 
         /**
          * Finds the default LLM in the model cache (`uhlm fetch smollm2` puts it there) and derives

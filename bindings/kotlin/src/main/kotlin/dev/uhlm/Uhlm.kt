@@ -19,9 +19,17 @@ import kotlinx.coroutines.withContext
  */
 class Uhlm private constructor(private val engine: HybridEngine) : Closeable {
     companion object {
-        /** Loads the on-device model on [Dispatchers.IO]. Throws [UhlmException]. */
-        suspend fun load(config: EngineConfig): Uhlm =
-            withContext(Dispatchers.IO) { Uhlm(HybridEngine(config)) }
+        /**
+         * Loads the on-device model on [Dispatchers.IO], telling [onProgress] the fraction
+         * read so far (0 to 1, on the loading thread). Throws [UhlmException].
+         */
+        suspend fun load(config: EngineConfig, onProgress: (Float) -> Unit = {}): Uhlm =
+            withContext(Dispatchers.IO) {
+                val progress = object : LoadProgressListener {
+                    override fun onProgress(fraction: Float) = onProgress(fraction)
+                }
+                Uhlm(HybridEngine.withProgress(config, progress))
+            }
     }
 
     /**

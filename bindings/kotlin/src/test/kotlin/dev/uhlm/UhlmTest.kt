@@ -46,7 +46,11 @@ class UhlmTest {
 
     @Test
     fun `a hybrid generation streams tokens in order and its counts add up`() = runBlocking {
-        Uhlm.load(config(Mode.HLM)).use { uhlm ->
+        val progress = Collections.synchronizedList(mutableListOf<Float>())
+        Uhlm.load(config(Mode.HLM)) { progress += it }.use { uhlm ->
+            assertTrue(progress.size > 2, "progress reports: $progress")
+            assertEquals(progress.sorted(), progress.toList())
+            assertEquals(1.0f, progress.last())
             val events = Collections.synchronizedList(mutableListOf<TokenEvent>())
             val summary = uhlm.generate("The capital of France is", greedy) { events += it }
 
@@ -112,13 +116,14 @@ class UhlmTest {
             HybridEngine(EngineConfig(slmPath = "/nonexistent/uhlm-draft.gguf", mode = Mode.SLM))
         }
         assertTrue(e.path.contains("uhlm-draft.gguf"))
-        assertFalse(e.message.isNullOrBlank())
+        assertEquals("on-device model not found: /nonexistent/uhlm-draft.gguf", e.toString())
     }
 
     @Test
     fun `a wrong API key is Unauthorized`() = runBlocking {
         Uhlm.load(config(Mode.HLM, apiKey = "not-the-key")).use { uhlm ->
-            assertThrows<UhlmException.Unauthorized> { uhlm.generate("Hello", greedy) }
+            val e = assertThrows<UhlmException.Unauthorized> { uhlm.generate("Hello", greedy) }
+            assertTrue(e.toString().startsWith("the server rejected the API key"), e.toString())
         }
         Unit
     }
