@@ -53,9 +53,10 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// Builds the host cdylib (debug) and returns its path.
+/// Builds the host cdylib (debug) and returns its path. Built as part of the whole workspace,
+/// so the dependencies' features (and artifacts) are the ones `cargo xtask test` already built.
 pub fn build_host_library() -> Result<PathBuf> {
-    run("cargo", &["build", "-p", FFI_CRATE, "--lib"])?;
+    run("cargo", &["build", "--workspace", "--all-targets"])?;
     let file = format!(
         "{}{FFI_LIB}{}",
         std::env::consts::DLL_PREFIX,
