@@ -107,7 +107,9 @@ async fn run(model: Arc<Model>, max_batch: usize, verifies: u32) -> anyhow::Resu
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().unwrap_or_else(|| common::LLM_PATH.to_string());
+    let path = args
+        .next()
+        .unwrap_or_else(|| common::llm_path().to_string());
     let verifies: u32 = args.next().map(|v| v.parse()).transpose()?.unwrap_or(16);
     let model = Model::load(path.as_ref(), &LoadOptions::default())?;
     println!("| max_batch | verifies/s (16 sessions) | mean batch size |");

@@ -4,7 +4,7 @@ mod e2e_common;
 
 use std::sync::Arc;
 
-use e2e_common::{GEMMA_PATH, ServerProc};
+use e2e_common::{ServerProc, gemma_path};
 use uhlm_sdk::{
     CancelToken, Codec, GenerationOptions, HybridEngine, Mode, NoopListener, PolicyConfig, Prompt,
     SamplingOptions, SdkError,
@@ -49,7 +49,7 @@ fn each_misconfiguration_is_a_distinct_typed_error() {
     assert!(err.to_string().contains("pinned fingerprint"), "{err}");
 
     let mut config = base();
-    config.slm_path = GEMMA_PATH.into();
+    config.slm_path = gemma_path().into();
     let err = try_generate(&HybridEngine::new(config).unwrap()).unwrap_err();
     assert!(matches!(err, SdkError::VocabularyMismatch(_)), "{err:?}");
     assert!(err.to_string().contains("vocabulary"), "{err}");

@@ -8,7 +8,7 @@ use uhlm_core::protocol::{ErrorCode, Message, PROTOCOL_VERSION};
 use uhlm_server::{Server, ServerConfig, ServerHandle};
 
 async fn server() -> ServerHandle {
-    Server::start_with_model(ServerConfig::local(common::LLM_PATH, [API_KEY]), llm())
+    Server::start_with_model(ServerConfig::local(common::llm_path(), [API_KEY]), llm())
         .await
         .expect("start server")
 }

@@ -119,7 +119,7 @@ fn config_file_with_flag_overrides_and_a_stable_self_signed_pin() {
         dir.path().join("server.toml"),
         format!(
             "model = \"{}\"\nlisten = \"127.0.0.1:1\"\nself_signed = true\napi_keys = \"keys.txt\"\nmax_batch = 4\n",
-            common::LLM_PATH
+            common::llm_path()
         ),
     )
     .unwrap();
@@ -152,7 +152,7 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
     let running = spawn(
         &[
             "--model",
-            common::LLM_PATH,
+            common::llm_path(),
             "--listen",
             "127.0.0.1:0",
             "--self-signed",

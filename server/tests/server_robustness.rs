@@ -27,7 +27,7 @@ async fn error_then_end(stream: &mut Stream) -> Option<ErrorCode> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_end_their_stream_only() {
     let model = llm();
-    let config = ServerConfig::local(common::LLM_PATH, [API_KEY]);
+    let config = ServerConfig::local(common::llm_path(), [API_KEY]);
     let server = Server::start_with_model(config, model.clone())
         .await
         .unwrap();
@@ -123,7 +123,7 @@ async fn bad_frames_end_their_stream_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_get_typed_errors() {
     let model = llm();
-    let mut config = ServerConfig::local(common::LLM_PATH, [API_KEY]);
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
     config.max_context_tokens = 16;
     let server = Server::start_with_model(config, model.clone())
         .await

@@ -34,7 +34,7 @@ const PROMPTS: [&str; 16] = [
 async fn sixteen_concurrent_sessions_get_greedy_verdicts() {
     let model = llm();
     let server = Server::start_with_model(
-        ServerConfig::local(common::LLM_PATH, [API_KEY]),
+        ServerConfig::local(common::llm_path(), [API_KEY]),
         model.clone(),
     )
     .await
@@ -110,7 +110,7 @@ async fn evicted_session_resyncs_and_continues_correctly() {
     // Room for either session alone, not for both.
     let budget_tokens = a_prompt.len().max(b_prompt.len()) + 6;
     assert!(a_prompt.len() + b_prompt.len() > budget_tokens);
-    let mut config = ServerConfig::local(common::LLM_PATH, [API_KEY]);
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
     config.kv_memory_budget_bytes = per_token * budget_tokens as u64;
     config.batch_wait = Duration::ZERO;
     let server = Server::start_with_model(config, model.clone())
@@ -175,7 +175,7 @@ async fn evicted_session_resyncs_and_continues_correctly() {
 async fn chat_prompts_are_rendered_by_the_server() {
     let model = llm();
     let server = Server::start_with_model(
-        ServerConfig::local(common::LLM_PATH, [API_KEY]),
+        ServerConfig::local(common::llm_path(), [API_KEY]),
         model.clone(),
     )
     .await
@@ -212,7 +212,7 @@ async fn chat_prompts_are_rendered_by_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_rate_and_idle_limits() {
     let model = llm();
-    let mut config = ServerConfig::local(common::LLM_PATH, [API_KEY]);
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
     config.max_sessions = 2;
     config.rate_limit = 3.0;
     config.idle_timeout = Duration::from_secs(6);

@@ -13,6 +13,8 @@ use uhlm_model::{BenchReport, bench_model, fetch};
 pub enum BenchCommand {
     /// Load / prefill / decode throughput of one model.
     Model(BenchModelArgs),
+    /// The U-HLM / CU-HLM comparison: SLM, LLM, HLM, U-HLM, CU-HLM and uhlm on the same prompts.
+    Paper(crate::paper::PaperArgs),
 }
 
 #[derive(Debug, Args)]
@@ -35,6 +37,7 @@ pub struct BenchModelArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(args) => bench(args),
+        BenchCommand::Paper(args) => crate::paper::run(args),
     }
 }
 

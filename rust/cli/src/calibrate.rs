@@ -8,7 +8,7 @@ use clap::Args;
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_eval::calibrate::{CalibrationOptions, CalibrationRun, calibrate};
 use uhlm_eval::pair::Pair;
-use uhlm_eval::plot::{Chart, Series, draw};
+use uhlm_eval::plot;
 use uhlm_eval::prompts::PromptSet;
 use uhlm_model::{LoadOptions, fetch};
 
@@ -85,7 +85,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        plot(&run, path)?;
+        plot::calibration(&run, path)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -127,39 +127,4 @@ fn print_table(run: &CalibrationRun) {
             ),
         }
     }
-}
-
-fn plot(run: &CalibrationRun, path: &std::path::Path) -> Result<()> {
-    let Some((i, c)) = run
-        .fits
-        .iter()
-        .enumerate()
-        .find_map(|(i, f)| Some((i, f.calibration.as_ref()?)))
-    else {
-        anyhow::bail!("no estimator could be fitted; nothing to plot");
-    };
-    let points: Vec<_> = run
-        .samples_of(i)
-        .iter()
-        .map(|s| (s.u as f64, s.beta as f64))
-        .collect();
-    let line = [0.0, 1.0].map(|u| (u, c.fit.predict(u))).to_vec();
-    let name = &run.fits[i].name;
-    draw(
-        path,
-        &Chart {
-            title: &format!("{name}: beta vs u (R2 {:.2})", c.fit.r2),
-            x_label: "uncertainty u",
-            y_label: "rejection probability beta",
-        },
-        &[Series {
-            name: format!("{} drafted tokens", points.len()),
-            points,
-        }],
-        &[Series {
-            name: format!("beta = {:.3} u {:+.3}", c.fit.a, c.fit.b),
-            points: line,
-        }],
-    )?;
-    Ok(())
 }

@@ -5,6 +5,7 @@ mod calibrate;
 mod demo;
 mod generate;
 mod models;
+mod paper;
 mod run;
 mod tokenize;
 

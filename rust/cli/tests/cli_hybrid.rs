@@ -97,6 +97,20 @@ fn start_server(dir: &Path, llm: &Path) -> Server {
     server
 }
 
+/// The default draft, derived from `llm` into `dir` by the CLI.
+fn derive_draft(dir: &Path, llm: &Path) -> PathBuf {
+    let slm = dir.join("draft.gguf");
+    ok_stdout(&uhlm(&[
+        "models",
+        "derive-draft",
+        "--from",
+        llm.to_str().unwrap(),
+        "--out",
+        slm.to_str().unwrap(),
+    ]));
+    slm
+}
+
 fn run_json(server: &Server, slm: &Path, extra: &[&str]) -> Value {
     let mut args = vec![
         "run".to_string(),
@@ -137,15 +151,7 @@ fn stat(v: &Value, name: &str) -> u64 {
 fn run_reproduces_the_llm_and_skips_with_the_default_policy() {
     let Some(llm) = llm() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let slm = dir.path().join("draft.gguf");
-    ok_stdout(&uhlm(&[
-        "models",
-        "derive-draft",
-        "--from",
-        llm.to_str().unwrap(),
-        "--out",
-        slm.to_str().unwrap(),
-    ]));
+    let slm = derive_draft(dir.path(), &llm);
     let server = start_server(dir.path(), &llm);
 
     let alone = ok_stdout(&uhlm(&[
@@ -273,4 +279,83 @@ fn demo_prints_the_text_and_a_summary() {
     ] {
         assert!(out.contains(row), "no `{row}` in:\n{out}");
     }
+}
+
+/// `uhlm bench paper --quick`: every system is reported, and the numbers are consistent with
+/// what each system is (not with any speed).
+#[test]
+fn bench_paper_quick_reports_every_system_consistently() {
+    let Some(llm) = llm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let slm = derive_draft(dir.path(), &llm);
+    let out = dir.path().join("bench");
+    let v: Value = serde_json::from_str(&ok_stdout(&uhlm(&[
+        "bench",
+        "paper",
+        "--quick",
+        "--json",
+        "--slm",
+        slm.to_str().unwrap(),
+        "--llm",
+        llm.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])))
+    .expect("one JSON object");
+    let systems = v["systems"].as_array().expect("systems");
+    let names: Vec<&str> = systems
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["slm", "llm", "hlm", "u-hlm", "cu-hlm", "uhlm"]);
+    let get = |name: &str, metric: &str| -> f64 {
+        systems.iter().find(|s| s["name"] == name).unwrap()[metric]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}.{metric}"))
+    };
+    for s in systems {
+        for metric in ["skip_rate", "agreement", "fidelity"] {
+            let x = s[metric].as_f64().unwrap();
+            assert!(
+                (0.0..=1.0 + 1e-9).contains(&x),
+                "{}: {metric} {x}",
+                s["name"]
+            );
+        }
+        assert!(s["llm_loglik"].as_f64().unwrap() < 0.0);
+        let tput = s["throughput_tokens_per_s"].as_object().unwrap();
+        assert_eq!(tput.len(), 2, "one value per simulated SNR");
+        assert!(tput.values().all(|t| t.as_f64().unwrap() > 0.0));
+    }
+    assert!(v["positions"].as_u64().unwrap() > 0);
+    // What each system is: the SLM never asks, HLM always does and is exact.
+    assert_eq!(get("slm", "skip_rate"), 1.0);
+    assert_eq!(get("slm", "uplink_bytes_per_token"), 0.0);
+    assert_eq!(get("hlm", "skip_rate"), 0.0);
+    assert_eq!(get("hlm", "agreement"), 1.0);
+    assert!(get("hlm", "fidelity") > 0.999);
+    assert_eq!(get("llm", "fidelity"), 1.0);
+    assert!((get("hlm", "llm_loglik") - get("llm", "llm_loglik")).abs() < 1e-3);
+    // Dense f32 over a 49,152-token vocabulary is ~196 KB a token; our codec a few hundred bytes.
+    assert!(get("hlm", "uplink_bytes_per_token") > 196_000.0);
+    assert!(get("uhlm", "uplink_bytes_per_token") < get("hlm", "uplink_bytes_per_token") / 100.0);
+    // An exact uplink keeps fidelity wherever nothing is skipped; its deviation is the skips'.
+    assert!(get("uhlm", "fidelity") >= get("slm", "fidelity"));
+    for file in [
+        "paper.json",
+        "systems.csv",
+        "threshold_sweep.csv",
+        "calibration.svg",
+        "threshold_sweep.svg",
+        "throughput_snr.svg",
+    ] {
+        let path = out.join(file);
+        assert!(
+            std::fs::metadata(&path).is_ok_and(|m| m.len() > 0),
+            "{} missing",
+            path.display()
+        );
+    }
+    let csv = std::fs::read_to_string(out.join("systems.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + systems.len());
 }

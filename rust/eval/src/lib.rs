@@ -3,10 +3,12 @@
 //! - [`prompts`]: packaged prompt sets (Debian's fortunes) and JSONL files.
 //! - [`pair`]: an SLM/LLM pair and the prompt tokens both see.
 //! - [`calibrate`]: (uncertainty, rejection probability) per drafted token, fitted per estimator.
+//! - [`paper`]: every system of the papers' comparisons, evaluated exactly, teacher-forced.
 //! - [`plot`]: SVG plots of the results.
 
 pub mod calibrate;
 pub mod pair;
+pub mod paper;
 pub mod plot;
 pub mod prompts;
 
@@ -33,6 +35,8 @@ pub enum EvalError {
     MissingCorpus { path: PathBuf, hint: &'static str },
     #[error("bad prompt file {}: {reason}", path.display())]
     BadPrompts { path: PathBuf, reason: String },
+    #[error("encoding a frame: {0}")]
+    Frame(String),
     #[error("no usable logits at position {0}")]
     NoUsableLogits(usize),
     #[error(transparent)]

@@ -5,6 +5,8 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::EvalError;
+use crate::calibrate::CalibrationRun;
+use crate::paper::{PaperReport, snr_key};
 
 /// One named line (or point cloud) of a chart.
 pub struct Series {
@@ -102,6 +104,99 @@ pub fn draw(
         .map_err(|e| plot_error(path, e))?;
     root.present().map_err(|e| plot_error(path, e))?;
     Ok(())
+}
+
+/// Beta against u for the first fitted estimator, with the fitted line.
+pub fn calibration(run: &CalibrationRun, path: &Path) -> Result<(), EvalError> {
+    let Some((i, c)) = run
+        .fits
+        .iter()
+        .enumerate()
+        .find_map(|(i, f)| Some((i, f.calibration.as_ref()?)))
+    else {
+        return Err(plot_error(
+            path,
+            "no estimator could be fitted; nothing to plot",
+        ));
+    };
+    let points: Vec<_> = run
+        .samples_of(i)
+        .iter()
+        .map(|s| (s.u as f64, s.beta as f64))
+        .collect();
+    let name = &run.fits[i].name;
+    draw(
+        path,
+        &Chart {
+            title: &format!("{name}: beta vs u (R2 {:.2})", c.fit.r2),
+            x_label: "uncertainty u",
+            y_label: "rejection probability beta",
+        },
+        &[Series {
+            name: format!("{} drafted tokens", points.len()),
+            points,
+        }],
+        &[Series {
+            name: format!("beta = {:.3} u {:+.3}", c.fit.a, c.fit.b),
+            points: [0.0, 1.0].map(|u| (u, c.fit.predict(u))).to_vec(),
+        }],
+    )
+}
+
+/// Skip rate, fidelity and agreement of our system against its threshold.
+pub fn threshold_sweep(report: &PaperReport, path: &Path) -> Result<(), EvalError> {
+    let line = |name: &str, f: fn(&crate::paper::SweepPoint) -> f64| Series {
+        name: name.into(),
+        points: report
+            .sweep
+            .iter()
+            .map(|s| (s.threshold as f64, f(s)))
+            .collect(),
+    };
+    draw(
+        path,
+        &Chart {
+            title: "uhlm: skip rate and fidelity vs threshold",
+            x_label: "threshold u_th",
+            y_label: "fraction",
+        },
+        &[],
+        &[
+            line("skip rate", |s| s.skip_rate),
+            line("fidelity (1 - TV)", |s| s.fidelity),
+            line("agreement (greedy)", |s| s.agreement),
+        ],
+    )
+}
+
+/// Simulated throughput of every system against the uplink SNR.
+pub fn throughput_vs_snr(report: &PaperReport, path: &Path) -> Result<(), EvalError> {
+    let lines: Vec<Series> = report
+        .systems
+        .iter()
+        .map(|s| Series {
+            name: s.name.clone(),
+            points: report
+                .options
+                .snr_db
+                .iter()
+                .filter_map(|&snr| {
+                    let v = *s.throughput_tokens_per_s.get(&snr_key(snr))?;
+                    Some((snr, v.max(1e-3).log10()))
+                })
+                .collect(),
+        })
+        .collect();
+    draw(
+        path,
+        &Chart {
+            title: "throughput vs uplink SNR (simulated fading channel)",
+            x_label: "SNR (dB)",
+            y_label: "log10 tokens/s",
+        },
+        &[],
+        &lines,
+    )
 }
 
 #[cfg(test)]

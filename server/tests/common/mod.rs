@@ -14,7 +14,11 @@ use uhlm_core::protocol::{
 use uhlm_core::sampling::{SamplingOptions, argmax, probabilities_into};
 use uhlm_model::{LoadOptions, Model, Session};
 
-pub const LLM_PATH: &str = "/root/.cache/uhlm/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The default LLM in the model cache (`$UHLM_MODELS`, else the user's cache dir).
+pub fn llm_path() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| cached_file("SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
 pub const API_KEY: &str = "test-key-1";
 
 /// The LLM, loaded once per test binary.
@@ -22,7 +26,7 @@ pub fn llm() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            Model::load(LLM_PATH.as_ref(), &LoadOptions::default()).expect("load the LLM")
+            Model::load(llm_path().as_ref(), &LoadOptions::default()).expect("load the LLM")
         })
         .clone()
 }
@@ -272,4 +276,9 @@ fn second_best(logits: &[f32], best: u32) -> u32 {
     let mut masked = logits.to_vec();
     masked[best as usize] = f32::NEG_INFINITY;
     argmax(&masked).expect("a second token")
+}
+
+fn cached_file(file: &str) -> String {
+    let dir = uhlm_model::fetch::models_dir().expect("the model cache directory");
+    dir.join(file).to_string_lossy().into_owned()
 }

@@ -12,15 +12,23 @@ use std::time::{Duration, Instant};
 use uhlm_model::{LoadOptions, Model};
 use uhlm_sdk::{Codec, EngineConfig, Mode, PolicyConfig, TokenEvent, TokenListener, TokenSource};
 
-pub const LLM_PATH: &str = "/root/.cache/uhlm/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const GEMMA_PATH: &str = "/root/.cache/uhlm/models/gemma-3-270m-q4_k_m.gguf";
+/// The default LLM in the model cache (`$UHLM_MODELS`, else the user's cache dir).
+pub fn llm_path() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| cached_file("SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+/// Gemma 3 270M in the model cache: a model with another vocabulary.
+pub fn gemma_path() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| cached_file("gemma-3-270m-q4_k_m.gguf"))
+}
 pub const API_KEY: &str = "e2e-key";
 
 /// The default on-device draft: the cached one, else derived once into the target dir.
 pub fn draft_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let cached = Path::new(LLM_PATH).with_file_name(uhlm_model::DEFAULT_DRAFT_FILE_NAME);
+        let cached = Path::new(llm_path()).with_file_name(uhlm_model::DEFAULT_DRAFT_FILE_NAME);
         if cached.is_file() {
             return cached;
         }
@@ -31,7 +39,7 @@ pub fn draft_path() -> PathBuf {
             // Derive under a unique name and rename: test binaries may race for it.
             let tmp = dir.join(format!("draft-{}.tmp", std::process::id()));
             uhlm_model::derive_draft(
-                Path::new(LLM_PATH),
+                Path::new(llm_path()),
                 &tmp,
                 &uhlm_model::DeriveOptions::default_draft(),
             )
@@ -169,7 +177,7 @@ fn spawn(dir: &Path, listen: SocketAddr) -> (Child, SocketAddr, String, SocketAd
     let mut child = Command::new(env!("CARGO_BIN_EXE_uhlm-server"))
         .args([
             "--model",
-            LLM_PATH,
+            llm_path(),
             "--listen",
             &listen.to_string(),
             "--self-signed",
@@ -212,7 +220,7 @@ pub fn llm() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            Model::load(LLM_PATH.as_ref(), &LoadOptions::default()).expect("load the LLM")
+            Model::load(llm_path().as_ref(), &LoadOptions::default()).expect("load the LLM")
         })
         .clone()
 }
@@ -279,4 +287,9 @@ impl TokenListener for Recorder {
     fn on_link_change(&self, online: bool, detail: String) {
         self.links.lock().unwrap().push((online, detail));
     }
+}
+
+fn cached_file(file: &str) -> String {
+    let dir = uhlm_model::fetch::models_dir().expect("the model cache directory");
+    dir.join(file).to_string_lossy().into_owned()
 }

@@ -14,11 +14,7 @@ pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 /// A real model from the uhlm cache, or `None` (with a note) when it is not there. Set
 /// `UHLM_REQUIRE_MODELS=1` to turn a missing model into a failure.
 pub fn cached_model(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("UHLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/uhlm/models"))
-        })?;
+    let dir = uhlm_model::fetch::models_dir().ok()?;
     let path = dir.join(name);
     if path.exists() {
         return Some(path);
