@@ -50,6 +50,14 @@ pub struct CalibrateArgs {
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
+    if let Some(path) = &args.plot {
+        anyhow::ensure!(
+            path.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("svg")),
+            "plots are written as SVG: give --plot a .svg path, not {}",
+            path.display()
+        );
+    }
     let prompts = PromptSet::load(&args.prompts, args.count, args.seed)?;
     let opts = LoadOptions {
         threads: args.threads,
