@@ -754,13 +754,32 @@ mod tests {
         }
     }
 
+    /// One position where the SLM and the LLM disagree on the top token.
+    struct Fixture {
+        z_q: [f32; 6],
+        q: Vec<f32>,
+        p: Vec<f32>,
+        ln_p: Vec<f32>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let z_q = [2.0f32, 1.0, 0.5, -1.0, 0.0, 3.0];
+            let p = softmax(&[0.0f32, 2.5, 0.5, 1.0, -2.0, 1.0]);
+            Self {
+                z_q,
+                q: softmax(&z_q),
+                ln_p: p.iter().map(|x| x.ln()).collect(),
+                p,
+            }
+        }
+    }
+
     #[test]
     fn exact_hybrid_without_skipping_reproduces_the_llm() {
-        let z_q = [2.0f32, 1.0, 0.5, -1.0, 0.0, 3.0];
-        let z_p = [0.0f32, 2.5, 0.5, 1.0, -2.0, 1.0];
-        let (q, p) = (softmax(&z_q), softmax(&z_p));
-        let ln_p: Vec<f32> = p.iter().map(|x| x.ln()).collect();
-        let pos = position(&z_q, &q, &p, &ln_p);
+        let f = Fixture::new();
+        let (z_q, q, p, ln_p) = (&f.z_q[..], &f.q[..], &f.p[..], &f.ln_p[..]);
+        let pos = position(z_q, q, p, ln_p);
         let frames = FrameSizes::new().unwrap();
         for codec in ["dense-f32", "topk:2", "topp:0.5"] {
             let kind = SystemKind::Hybrid {
@@ -768,7 +787,7 @@ mod tests {
                 threshold: 0.0,
                 codec: codec.parse().unwrap(),
             };
-            let out = hybrid(&kind, &pos, &ranking(&z_q), &[], &frames).unwrap();
+            let out = hybrid(&kind, &pos, &ranking(z_q), &[], &frames).unwrap();
             assert!(
                 (out.fidelity - 1.0).abs() < 1e-5,
                 "{codec}: {}",
@@ -776,7 +795,7 @@ mod tests {
             );
             assert_eq!(out.skip, 0.0);
             assert_eq!(out.agree, 1.0);
-            assert!((out.loglik - expected_ln(&p, &ln_p)).abs() < 1e-5);
+            assert!((out.loglik - expected_ln(p, ln_p)).abs() < 1e-5);
         }
         // The uniform tail is not exact: CU-HLM loses fidelity on the same position.
         let kind = SystemKind::Hybrid {
@@ -784,22 +803,20 @@ mod tests {
             threshold: 0.0,
             codec: Codec::TopKUniformTail { k: 1 },
         };
-        let out = hybrid(&kind, &pos, &ranking(&z_q), &[], &frames).unwrap();
+        let out = hybrid(&kind, &pos, &ranking(z_q), &[], &frames).unwrap();
         assert!(out.fidelity < 0.999, "{}", out.fidelity);
     }
 
     #[test]
     fn skipping_everything_is_the_slm_and_a_prefix_is_skipped() {
-        let z_q = [2.0f32, 1.0, 0.5, -1.0, 0.0, 3.0];
-        let z_p = [0.0f32, 2.5, 0.5, 1.0, -2.0, 1.0];
-        let (q, p) = (softmax(&z_q), softmax(&z_p));
-        let ln_p: Vec<f32> = p.iter().map(|x| x.ln()).collect();
-        let pos = position(&z_q, &q, &p, &ln_p);
+        let f = Fixture::new();
+        let (z_q, q, p, ln_p) = (&f.z_q[..], &f.q[..], &f.p[..], &f.ln_p[..]);
+        let pos = position(z_q, q, p, ln_p);
         let frames = FrameSizes::new().unwrap();
-        let ranked = ranking(&z_q);
+        let ranked = ranking(z_q);
         assert_eq!(ranked[..2], [5, 0]);
         let mut est = UncertaintyKind::default().build();
-        let u = uncertainties(est.as_mut(), &z_q, &ranked);
+        let u = uncertainties(est.as_mut(), z_q, &ranked);
         assert!(
             u.windows(2).all(|w| w[0] <= w[1]),
             "u rises down the ranking: {u:?}"
@@ -811,7 +828,7 @@ mod tests {
         };
         let out = hybrid(&all, &pos, &ranked, &u, &frames).unwrap();
         assert!((out.skip - 1.0).abs() < 1e-6);
-        assert!((out.fidelity - overlap(&q, &p)).abs() < 1e-5);
+        assert!((out.fidelity - overlap(q, p)).abs() < 1e-5);
         assert_eq!(out.agree, 0.0, "the SLM's top token is not the LLM's");
         // Between the first and second u: only the top token is skipped.
         let one = SystemKind::Hybrid {
