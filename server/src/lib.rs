@@ -20,6 +20,7 @@ mod error;
 mod http;
 mod metrics;
 mod rate_limit;
+pub mod serve;
 mod server;
 mod session;
 mod tls;

@@ -7,22 +7,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_eval::calibrate::{CalibrationOptions, CalibrationRun, calibrate};
-use uhlm_eval::pair::Pair;
 use uhlm_eval::plot;
 use uhlm_eval::prompts::PromptSet;
-use uhlm_model::{LoadOptions, fetch};
+
+use crate::pair_args::PairArgs;
 
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
-    /// Draft model (path or registry name).
-    #[arg(long, default_value = fetch::DRAFT_NAME)]
-    slm: String,
-    /// Verifying model (path or registry name).
-    #[arg(long, default_value = "smollm2")]
-    llm: String,
-    /// A packaged set (fortunes, riddles, mixed) or a JSONL file.
-    #[arg(long, default_value = "mixed")]
-    prompts: String,
+    #[command(flatten)]
+    pair: PairArgs,
     /// How many prompts of the set to use [default: all].
     #[arg(long)]
     count: Option<usize>,
@@ -34,8 +27,6 @@ pub struct CalibrateArgs {
     /// Mean rejection probability the target-risk threshold allows among skipped tokens.
     #[arg(long, default_value_t = 0.1)]
     epsilon: f32,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
     /// The calibration file for the SDK (default estimator).
     #[arg(long, default_value = "calib.json")]
     out: PathBuf,
@@ -45,8 +36,6 @@ pub struct CalibrateArgs {
     /// Scatter of beta against u with the fitted line (SVG).
     #[arg(long)]
     plot: Option<PathBuf>,
-    #[arg(long)]
-    threads: Option<usize>,
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
@@ -58,25 +47,18 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             path.display()
         );
     }
-    let prompts = PromptSet::load(&args.prompts, args.count, args.seed)?;
-    let opts = LoadOptions {
-        threads: args.threads,
-        ..LoadOptions::default()
-    };
-    let pair = Pair::load(
-        &fetch::resolve_model(&args.slm)?,
-        &fetch::resolve_model(&args.llm)?,
-        &opts,
-    )?;
+    let seed = args.pair.seed;
+    let prompts = PromptSet::load(&args.pair.prompts, args.count, seed)?;
+    let (_, _, pair) = args.pair.load()?;
     let options = CalibrationOptions {
         sampling: SamplingOptions {
             temperature: args.temperature,
             max_tokens: args.max_tokens,
-            seed: Some(args.seed),
+            seed: Some(seed),
             ..SamplingOptions::default()
         },
         target_risk_epsilon: args.epsilon,
-        seed: args.seed,
+        seed,
         ..CalibrationOptions::default()
     };
     eprintln!("calibrating on {}", prompts.source);

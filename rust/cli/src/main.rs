@@ -5,6 +5,7 @@ mod calibrate;
 mod demo;
 mod generate;
 mod models;
+mod pair_args;
 mod paper;
 mod run;
 mod tokenize;
@@ -44,6 +45,8 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Generate with the hybrid loop against a uhlm server.
     Run(run::RunArgs),
+    /// Host the LLM for devices over QUIC (the same server as the `uhlm-server` binary).
+    Serve(uhlm_server::serve::ServeArgs),
     /// Run the whole system locally: in-process server, on-device draft, coloured tokens.
     Demo(demo::DemoArgs),
 }
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Calibrate(args) => calibrate::run(args),
         Command::Run(args) => run::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Serve(args) => uhlm_server::serve::serve_blocking(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,23 +5,17 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use uhlm_eval::pair::Pair;
-use uhlm_eval::paper::{PaperOptions, PaperReport, bench_paper, snr_key};
+use uhlm_eval::measured::{MeasureOptions, ServerProcess, measure};
+use uhlm_eval::paper::{PaperOptions, PaperReport, bench_paper};
 use uhlm_eval::plot;
 use uhlm_eval::prompts::PromptSet;
-use uhlm_model::{LoadOptions, fetch};
+
+use crate::pair_args::PairArgs;
 
 #[derive(Debug, Args)]
 pub struct PaperArgs {
-    /// Draft model (path or registry name).
-    #[arg(long, default_value = fetch::DRAFT_NAME)]
-    slm: String,
-    /// Verifying model (path or registry name).
-    #[arg(long, default_value = "smollm2")]
-    llm: String,
-    /// A packaged set (fortunes, riddles, mixed) or a JSONL file.
-    #[arg(long, default_value = "mixed")]
-    prompts: String,
+    #[command(flatten)]
+    pair: PairArgs,
     /// Prompts used to calibrate the thresholds (taken first, not evaluated).
     #[arg(long)]
     calibration_prompts: Option<usize>,
@@ -31,19 +25,25 @@ pub struct PaperArgs {
     /// Tokens of the LLM's reference continuation per evaluated prompt.
     #[arg(long)]
     max_tokens: Option<u32>,
+    /// Link profiles to measure each system through for real (`uhlm-linkemu` presets; `none`
+    /// skips the measured runs).
+    #[arg(long, value_delimiter = ',', default_value = "good,cell-edge,poor")]
+    links: Vec<String>,
+    /// Prompts generated from per system and link profile.
+    #[arg(long)]
+    link_prompts: Option<usize>,
+    /// Tokens per generation of the measured runs.
+    #[arg(long)]
+    link_tokens: Option<u32>,
     /// A tiny run that checks the harness end to end.
     #[arg(long)]
     quick: bool,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
     /// Where the JSON, CSV and SVG files go.
     #[arg(long, default_value = "bench-paper")]
     out: PathBuf,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-    #[arg(long)]
-    threads: Option<usize>,
 }
 
 pub fn run(args: PaperArgs) -> Result<()> {
@@ -52,30 +52,52 @@ pub fn run(args: PaperArgs) -> Result<()> {
     } else {
         PaperOptions::default()
     };
-    options.seed = args.seed;
-    options.calibration.seed = args.seed;
+    options.seed = args.pair.seed;
+    options.calibration.seed = args.pair.seed;
     if let Some(n) = args.calibration_prompts {
         options.calibration_prompts = n;
     }
     if let Some(n) = args.max_tokens {
         options.max_tokens = n;
     }
+    let mut measure_options = if args.quick {
+        MeasureOptions::quick()
+    } else {
+        MeasureOptions::default()
+    };
+    measure_options.profiles = args.links.into_iter().filter(|p| p != "none").collect();
+    measure_options.seed = args.pair.seed;
+    if let Some(n) = args.link_prompts {
+        measure_options.prompts = n;
+    }
+    if let Some(n) = args.link_tokens {
+        measure_options.max_tokens = n;
+    }
+    measure_options.link_profiles()?;
     let eval = args.eval_prompts.unwrap_or(if args.quick { 2 } else { 24 });
     let prompts = PromptSet::load(
-        &args.prompts,
+        &args.pair.prompts,
         Some(options.calibration_prompts + eval),
-        args.seed,
+        args.pair.seed,
     )?;
-    let pair = Pair::load(
-        &fetch::resolve_model(&args.slm)?,
-        &fetch::resolve_model(&args.llm)?,
-        &LoadOptions {
-            threads: args.threads,
-            ..LoadOptions::default()
-        },
-    )?;
+    let (slm, llm, pair) = args.pair.load()?;
     eprintln!("prompts: {}", prompts.source);
-    let report = bench_paper(&pair, &prompts, &options)?;
+    let mut report = bench_paper(&pair, &prompts, &options)?;
+    drop(pair);
+    if !measure_options.profiles.is_empty() {
+        eprintln!(
+            "measuring every system through the {} link(s)",
+            measure_options.profiles.join(", ")
+        );
+        let exe = std::env::current_exe().context("locating the uhlm executable")?;
+        let mut serve = std::process::Command::new(exe);
+        serve.arg("serve");
+        let server = ServerProcess::spawn(serve, &llm)?;
+        let specs: Vec<_> = report.systems.iter().map(|s| s.spec()).collect();
+        let eval = &prompts.prompts[prompts.prompts.len() - report.eval_prompts..];
+        let runs = measure(&slm, &server, &specs, eval, &measure_options)?;
+        report.add_measured(measure_options, runs);
+    }
     write_files(&report, &args.out)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -95,10 +117,10 @@ fn write_files(report: &PaperReport, dir: &std::path::Path) -> Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
     };
     write("paper.json", serde_json::to_string_pretty(report)?)?;
-    let snrs: Vec<String> = report.options.snr_db.iter().map(|s| snr_key(*s)).collect();
+    let keys = report.throughput_keys();
     let mut csv = format!(
         "name,skip_rate,uplink_bytes_per_token,agreement,fidelity,llm_loglik,{}\n",
-        snrs.iter()
+        keys.iter()
             .map(|k| format!("throughput_{k}"))
             .collect::<Vec<_>>()
             .join(",")
@@ -112,8 +134,14 @@ fn write_files(report: &PaperReport, dir: &std::path::Path) -> Result<()> {
             s.agreement,
             s.fidelity,
             s.llm_loglik,
-            snrs.iter()
-                .map(|k| format!("{:.4}", s.throughput_tokens_per_s[k]))
+            keys.iter()
+                .map(|k| format!(
+                    "{:.4}",
+                    s.throughput_tokens_per_s
+                        .get(k)
+                        .copied()
+                        .unwrap_or(f64::NAN)
+                ))
                 .collect::<Vec<_>>()
                 .join(",")
         );
@@ -130,6 +158,35 @@ fn write_files(report: &PaperReport, dir: &std::path::Path) -> Result<()> {
     plot::calibration(&report.calibration, &dir.join("calibration.svg"))?;
     plot::threshold_sweep(report, &dir.join("threshold_sweep.svg"))?;
     plot::throughput_vs_snr(report, &dir.join("throughput_snr.svg"))?;
+    if !report.measured.is_empty() {
+        let mut csv =
+            "system,profile,tokens,seconds,tokens_per_s,skip_rate,uplink_bytes_per_token,\
+                       downlink_bytes_per_token,rtt_mean_ms,offline,reconnects,uplink_packets,\
+                       uplink_lost,uplink_queue_drops\n"
+                .to_string();
+        for r in &report.measured {
+            let up = &r.link.uplink;
+            csv += &format!(
+                "{},{},{},{:.3},{:.4},{:.6},{:.1},{:.1},{:.2},{},{},{},{},{}\n",
+                r.system,
+                r.profile,
+                r.tokens,
+                r.seconds,
+                r.tokens_per_s,
+                r.skip_rate,
+                r.uplink_bytes_per_token,
+                r.downlink_bytes_per_token,
+                r.rtt_mean_ms,
+                r.offline,
+                r.reconnects,
+                up.offered.packets,
+                up.dropped.loss.packets,
+                up.dropped.queue_full.packets
+            );
+        }
+        write("measured.csv", csv)?;
+        plot::measured_links(report, &dir.join("measured_links.svg"))?;
+    }
     Ok(())
 }
 
@@ -142,14 +199,14 @@ fn print_table(report: &PaperReport, out: &mut impl Write) -> Result<()> {
         report.compute.slm_step_s * 1e3,
         report.compute.llm_step_s * 1e3
     )?;
-    let snrs: Vec<f64> = report.options.snr_db.clone();
     write!(
         out,
         "{:<8} {:>7} {:>11} {:>9} {:>8} {:>8}",
         "system", "skip %", "B/token up", "agree %", "fidelity", "loglik"
     )?;
-    for snr in &snrs {
-        write!(out, " {:>10}", format!("x HLM@{snr}dB"))?;
+    let keys = report.throughput_keys();
+    for k in &keys {
+        write!(out, " {:>14}", format!("x HLM {}", k.replace('_', " ")))?;
     }
     writeln!(out)?;
     for s in &report.systems {
@@ -163,10 +220,41 @@ fn print_table(report: &PaperReport, out: &mut impl Write) -> Result<()> {
             s.fidelity,
             s.llm_loglik
         )?;
-        for snr in &snrs {
-            write!(out, " {:>10.2}", s.speedup_over_hlm[&snr_key(*snr)])?;
+        for k in &keys {
+            let x = s.speedup_over_hlm.get(k).copied().unwrap_or(f64::NAN);
+            write!(out, " {x:>14.2}")?;
         }
         writeln!(out)?;
+    }
+    if let Some(o) = &report.measure_options {
+        writeln!(
+            out,
+            "\nmeasured (QUIC through uhlm-linkemu, {} prompt(s) x {} tokens): tokens/s, skip %",
+            o.prompts, o.max_tokens
+        )?;
+        write!(out, "{:<8}", "system")?;
+        for p in &o.profiles {
+            write!(out, " {p:>18}")?;
+        }
+        writeln!(out)?;
+        for s in &report.systems {
+            write!(out, "{:<8}", s.name)?;
+            for p in &o.profiles {
+                let run = report
+                    .measured
+                    .iter()
+                    .find(|r| r.system == s.name && &r.profile == p);
+                match run {
+                    Some(r) => write!(
+                        out,
+                        " {:>18}",
+                        format!("{:.2} ({:.0}%)", r.tokens_per_s, r.skip_rate * 100.0)
+                    )?,
+                    None => write!(out, " {:>18}", "-")?,
+                }
+            }
+            writeln!(out)?;
+        }
     }
     Ok(())
 }

@@ -180,6 +180,24 @@ fn chat_on_a_model_without_template_is_an_error() {
 }
 
 #[test]
+fn bench_paper_rejects_an_unknown_link_profile_before_any_work() {
+    let out = uhlm(&[
+        "bench",
+        "paper",
+        "--links",
+        "good,wifi",
+        "--slm",
+        "nope.gguf",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("unknown link profile \"wifi\"") && err.contains("cell-edge"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_quantization_is_rejected_by_the_parser() {
     let o = uhlm(&["models", "derive-draft", "--quant", "q9_9"]);
     assert!(!o.status.success());

@@ -324,7 +324,18 @@ fn bench_paper_quick_reports_every_system_consistently() {
         }
         assert!(s["llm_loglik"].as_f64().unwrap() < 0.0);
         let tput = s["throughput_tokens_per_s"].as_object().unwrap();
-        assert_eq!(tput.len(), 2, "one value per simulated SNR");
+        let keys: Vec<&str> = tput.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "link_cell_edge",
+                "link_good",
+                "link_poor",
+                "snr_0db",
+                "snr_20db"
+            ],
+            "one value per simulated SNR and per measured link profile"
+        );
         assert!(tput.values().all(|t| t.as_f64().unwrap() > 0.0));
     }
     assert!(v["positions"].as_u64().unwrap() > 0);
@@ -358,4 +369,83 @@ fn bench_paper_quick_reports_every_system_consistently() {
     }
     let csv = std::fs::read_to_string(out.join("systems.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + systems.len());
+
+    // Measured for real: a `uhlm serve` process, QUIC through the emulated link, per profile.
+    let measured = v["measured"].as_array().expect("measured runs");
+    assert_eq!(
+        measured.len(),
+        3 * systems.len(),
+        "every system on every profile"
+    );
+    let run = |system: &str, profile: &str| {
+        measured
+            .iter()
+            .find(|r| r["system"] == system && r["profile"] == profile)
+            .unwrap_or_else(|| panic!("no {system} run on {profile}"))
+    };
+    for profile in ["good", "cell-edge", "poor"] {
+        for name in &names {
+            let r = run(name, profile);
+            let tokens = r["tokens"].as_u64().unwrap();
+            assert!(
+                (1..=3).contains(&tokens),
+                "{name} on {profile}: {tokens} tokens"
+            );
+            assert_eq!(r["offline"], 0, "{name} on {profile} lost the server");
+            let up = &r["link"]["uplink"];
+            let packets = up["offered"]["packets"].as_u64().unwrap();
+            if *name == "slm" {
+                assert_eq!(r["skip_rate"], 1.0);
+                assert_eq!(r["uplink_bytes_per_token"], 0.0);
+                assert_eq!(packets, 0, "the SLM alone never touches the link");
+            } else {
+                assert!(
+                    packets > 0,
+                    "{name} on {profile} sent nothing through the link"
+                );
+            }
+            // The same throughput in the system's map.
+            let key = format!("link_{}", profile.replace('-', "_"));
+            let listed =
+                systems.iter().find(|s| s["name"] == *name).unwrap()["throughput_tokens_per_s"]
+                    [&key]
+                    .as_f64()
+                    .unwrap();
+            assert_eq!(listed, r["tokens_per_s"].as_f64().unwrap());
+        }
+        // Every token verified with a dense f32 distribution: the bytes say so.
+        assert_eq!(run("hlm", profile)["skip_rate"], 0.0);
+        assert!(
+            run("hlm", profile)["uplink_bytes_per_token"]
+                .as_f64()
+                .unwrap()
+                > 196_000.0
+        );
+        assert!(
+            run("uhlm", profile)["uplink_bytes_per_token"]
+                .as_f64()
+                .unwrap()
+                < 2_000.0
+        );
+    }
+    // Loss is emulated for real on the poor link (3% each way) but never on the good one.
+    let lost = |p: &str| -> u64 {
+        measured
+            .iter()
+            .filter(|r| r["profile"] == p)
+            .map(|r| {
+                r["link"]["uplink"]["dropped"]["loss"]["packets"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum()
+    };
+    assert_eq!(lost("good"), 0);
+    assert!(
+        lost("poor") > 0,
+        "3% of the poor link's uplink packets are lost"
+    );
+    for file in ["measured.csv", "measured_links.svg"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
 }

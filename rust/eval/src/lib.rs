@@ -4,9 +4,12 @@
 //! - [`pair`]: an SLM/LLM pair and the prompt tokens both see.
 //! - [`calibrate`]: (uncertainty, rejection probability) per drafted token, fitted per estimator.
 //! - [`paper`]: every system of the papers' comparisons, evaluated exactly, teacher-forced.
+//! - [`measured`]: the same systems for real, device and server processes over QUIC through an
+//!   emulated link, per link profile.
 //! - [`plot`]: SVG plots of the results.
 
 pub mod calibrate;
+pub mod measured;
 pub mod pair;
 pub mod paper;
 pub mod plot;
@@ -43,6 +46,14 @@ pub enum EvalError {
     Verify(#[from] uhlm_core::verify::VerifyError),
     #[error(transparent)]
     Threshold(#[from] uhlm_core::threshold::ThresholdError),
+    #[error("server for the measured runs: {0}")]
+    Server(String),
+    #[error("unknown link profile {0:?}; expected good, cell-edge, poor or ideal")]
+    UnknownLinkProfile(String),
+    #[error(transparent)]
+    Link(#[from] uhlm_linkemu::StartError),
+    #[error(transparent)]
+    Sdk(#[from] uhlm_sdk::SdkError),
     #[error("plotting {}: {reason}", path.display())]
     Plot { path: PathBuf, reason: String },
     #[error("I/O error on {}: {source}", path.display())]

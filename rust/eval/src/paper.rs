@@ -29,6 +29,7 @@ use uhlm_core::uncertainty::{UncertaintyEstimator, UncertaintyKind};
 
 use crate::EvalError;
 use crate::calibrate::{CalibrationOptions, CalibrationRun, calibrate};
+use crate::measured::{MeasureOptions, MeasuredRun, link_key};
 use crate::pair::Pair;
 use crate::prompts::PromptSet;
 
@@ -48,6 +49,10 @@ pub enum SystemKind {
         estimator: UncertaintyKind,
         threshold: f32,
         codec: Codec,
+        /// Whether the device refits the threshold from verdicts while generating (ours). The
+        /// exact evaluation holds every threshold fixed; the measured runs honour this.
+        #[serde(default)]
+        recalibrate: bool,
     },
 }
 
@@ -127,10 +132,22 @@ pub struct SystemResult {
     pub agreement: f64,
     pub fidelity: f64,
     pub llm_loglik: f64,
-    /// Tokens/s on the simulated channel, keyed `snr_<dB>db`.
+    /// Tokens/s on the simulated channel, keyed `snr_<dB>db`, and measured through the
+    /// emulated link, keyed `link_<profile>` (see [`crate::measured`]).
     pub throughput_tokens_per_s: BTreeMap<String, f64>,
     /// Throughput over HLM's at the same SNR, keyed like `throughput_tokens_per_s`.
     pub speedup_over_hlm: BTreeMap<String, f64>,
+}
+
+impl SystemResult {
+    /// What was compared, without its results.
+    pub fn spec(&self) -> SystemSpec {
+        SystemSpec {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            kind: self.kind.clone(),
+        }
+    }
 }
 
 /// Our system at one threshold of the sweep.
@@ -153,6 +170,53 @@ pub struct PaperReport {
     pub calibration: CalibrationRun,
     pub systems: Vec<SystemResult>,
     pub sweep: Vec<SweepPoint>,
+    /// Every system run for real through each link profile (empty when not measured).
+    #[serde(default)]
+    pub measured: Vec<MeasuredRun>,
+    #[serde(default)]
+    pub measure_options: Option<MeasureOptions>,
+}
+
+impl PaperReport {
+    /// Adds measured runs: their tokens/s join each system's throughput (and speedup) maps.
+    pub fn add_measured(&mut self, options: MeasureOptions, runs: Vec<MeasuredRun>) {
+        for run in &runs {
+            if let Some(s) = self.systems.iter_mut().find(|s| s.name == run.system) {
+                s.throughput_tokens_per_s
+                    .insert(link_key(&run.profile), run.tokens_per_s);
+            }
+        }
+        fill_speedups(&mut self.systems);
+        self.measured = runs;
+        self.measure_options = Some(options);
+    }
+
+    /// Keys of the throughput maps in reading order: simulated SNRs, then measured profiles.
+    pub fn throughput_keys(&self) -> Vec<String> {
+        let profiles = self.measure_options.iter().flat_map(|o| &o.profiles);
+        self.options
+            .snr_db
+            .iter()
+            .map(|s| snr_key(*s))
+            .chain(profiles.map(|p| link_key(p)))
+            .collect()
+    }
+}
+
+/// Each system's throughput over HLM's under the same condition.
+fn fill_speedups(results: &mut [SystemResult]) {
+    let hlm = results
+        .iter()
+        .find(|r| r.name == "hlm")
+        .map(|r| r.throughput_tokens_per_s.clone())
+        .unwrap_or_default();
+    for r in results {
+        r.speedup_over_hlm = r
+            .throughput_tokens_per_s
+            .iter()
+            .map(|(k, v)| (k.clone(), v / hlm.get(k).copied().unwrap_or(f64::NAN)))
+            .collect();
+    }
 }
 
 /// Sums over positions. Time per token is linear in what is summed here, so it is computed at
@@ -288,18 +352,7 @@ pub fn bench_paper(
             speedup_over_hlm: BTreeMap::new(),
         })
         .collect();
-    let hlm = results
-        .iter()
-        .find(|r| r.name == "hlm")
-        .map(|r| r.throughput_tokens_per_s.clone())
-        .unwrap_or_default();
-    for r in &mut results {
-        r.speedup_over_hlm = r
-            .throughput_tokens_per_s
-            .iter()
-            .map(|(k, v)| (k.clone(), v / hlm.get(k).copied().unwrap_or(f64::NAN)))
-            .collect();
-    }
+    fill_speedups(&mut results);
     Ok(PaperReport {
         prompts: prompts.source.clone(),
         eval_prompts: eval.len(),
@@ -308,6 +361,8 @@ pub fn bench_paper(
         compute: compute_times,
         calibration,
         systems: results,
+        measured: Vec::new(),
+        measure_options: None,
         sweep: options
             .sweep
             .iter()
@@ -326,7 +381,8 @@ pub fn bench_paper(
 struct Evaluation<'a> {
     systems: &'a [SystemSpec],
     sweep: &'a [f32],
-    estimators: Vec<Box<dyn UncertaintyEstimator>>,
+    /// Each hybrid system's estimator (`None` for systems that never estimate).
+    estimators: Vec<Option<Box<dyn UncertaintyEstimator>>>,
     sweep_estimator: Box<dyn UncertaintyEstimator>,
     accs: Vec<Acc>,
     sweep_accs: Vec<Acc>,
@@ -345,8 +401,8 @@ impl<'a> Evaluation<'a> {
             estimators: systems
                 .iter()
                 .map(|s| match &s.kind {
-                    SystemKind::Hybrid { estimator, .. } => estimator.build(),
-                    _ => UncertaintyKind::MaxProbability.build(),
+                    SystemKind::Hybrid { estimator, .. } => Some(estimator.build()),
+                    _ => None,
                 })
                 .collect(),
             sweep_estimator: UncertaintyKind::default().build(),
@@ -396,6 +452,7 @@ impl<'a> Evaluation<'a> {
                 estimator: UncertaintyKind::default(),
                 threshold,
                 codec: Codec::default(),
+                recalibrate: false,
             };
             let out = hybrid(&kind, &pos, &ranked, &u, &self.frames)?;
             self.sweep_accs[j].add(&out);
@@ -431,6 +488,7 @@ pub fn systems(our_threshold: f32, paper_threshold: f32, cuhlm_k: u32) -> Vec<Sy
                 estimator: paper_estimator.clone(),
                 threshold: 0.0,
                 codec: Codec::DenseF32,
+                recalibrate: false,
             },
         },
         SystemSpec {
@@ -442,6 +500,7 @@ pub fn systems(our_threshold: f32, paper_threshold: f32, cuhlm_k: u32) -> Vec<Sy
                 estimator: paper_estimator.clone(),
                 threshold: paper_threshold,
                 codec: Codec::DenseF32,
+                recalibrate: false,
             },
         },
         SystemSpec {
@@ -453,6 +512,7 @@ pub fn systems(our_threshold: f32, paper_threshold: f32, cuhlm_k: u32) -> Vec<Sy
                 estimator: paper_estimator,
                 threshold: paper_threshold,
                 codec: Codec::TopKUniformTail { k: cuhlm_k },
+                recalibrate: false,
             },
         },
         SystemSpec {
@@ -465,6 +525,7 @@ pub fn systems(our_threshold: f32, paper_threshold: f32, cuhlm_k: u32) -> Vec<Sy
                 estimator: UncertaintyKind::default(),
                 threshold: our_threshold,
                 codec: Codec::default(),
+                recalibrate: true,
             },
         },
     ]
@@ -588,7 +649,7 @@ fn evaluate(
     system: &SystemSpec,
     pos: &Position,
     ranked: &[u32],
-    estimator: &mut dyn UncertaintyEstimator,
+    estimator: Option<&mut Box<dyn UncertaintyEstimator>>,
     frames: &FrameSizes,
 ) -> Result<Outcome, EvalError> {
     Ok(match &system.kind {
@@ -616,10 +677,9 @@ fn evaluate(
             downlink: frames.verdict,
         },
         SystemKind::Hybrid { threshold, .. } => {
-            let u = if *threshold > 0.0 {
-                uncertainties(estimator, pos.z_q, ranked)
-            } else {
-                Vec::new()
+            let u = match estimator {
+                Some(est) if *threshold > 0.0 => uncertainties(est.as_mut(), pos.z_q, ranked),
+                _ => Vec::new(),
             };
             let mut out = hybrid(&system.kind, pos, ranked, &u, frames)?;
             out.downlink = frames.verdict;
@@ -786,6 +846,7 @@ mod tests {
                 estimator: UncertaintyKind::default(),
                 threshold: 0.0,
                 codec: codec.parse().unwrap(),
+                recalibrate: false,
             };
             let out = hybrid(&kind, &pos, &ranking(z_q), &[], &frames).unwrap();
             assert!(
@@ -802,6 +863,7 @@ mod tests {
             estimator: UncertaintyKind::default(),
             threshold: 0.0,
             codec: Codec::TopKUniformTail { k: 1 },
+            recalibrate: false,
         };
         let out = hybrid(&kind, &pos, &ranking(z_q), &[], &frames).unwrap();
         assert!(out.fidelity < 0.999, "{}", out.fidelity);
@@ -825,6 +887,7 @@ mod tests {
             estimator: UncertaintyKind::default(),
             threshold: 1.1,
             codec: Codec::DenseF32,
+            recalibrate: false,
         };
         let out = hybrid(&all, &pos, &ranked, &u, &frames).unwrap();
         assert!((out.skip - 1.0).abs() < 1e-6);
@@ -835,6 +898,7 @@ mod tests {
             estimator: UncertaintyKind::default(),
             threshold: (u[0] + u[1]) / 2.0,
             codec: Codec::DenseF32,
+            recalibrate: false,
         };
         let out = hybrid(&one, &pos, &ranked, &u, &frames).unwrap();
         assert!((out.skip - q[5] as f64).abs() < 1e-6);

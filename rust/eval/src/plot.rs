@@ -6,7 +6,7 @@ use plotters::prelude::*;
 
 use crate::EvalError;
 use crate::calibrate::CalibrationRun;
-use crate::paper::{PaperReport, snr_key};
+use crate::paper::{PaperReport, SystemResult, snr_key};
 
 /// One named line (or point cloud) of a chart.
 pub struct Series {
@@ -171,32 +171,57 @@ pub fn threshold_sweep(report: &PaperReport, path: &Path) -> Result<(), EvalErro
 
 /// Simulated throughput of every system against the uplink SNR.
 pub fn throughput_vs_snr(report: &PaperReport, path: &Path) -> Result<(), EvalError> {
+    let chart = Chart {
+        title: "throughput vs uplink SNR (simulated fading channel)",
+        x_label: "SNR (dB)",
+        y_label: "log10 tokens/s",
+    };
+    throughput_lines(report, path, &chart, |s| {
+        report
+            .options
+            .snr_db
+            .iter()
+            .filter_map(|&snr| Some((snr, *s.throughput_tokens_per_s.get(&snr_key(snr))?)))
+            .collect()
+    })
+}
+
+/// Measured tokens/s of every system against each link profile's uplink rate.
+pub fn measured_links(report: &PaperReport, path: &Path) -> Result<(), EvalError> {
+    let chart = Chart {
+        title: "measured throughput: QUIC through the emulated link (poor, cell-edge, good)",
+        x_label: "log10 uplink Mbit/s",
+        y_label: "log10 tokens/s",
+    };
+    throughput_lines(report, path, &chart, |s| {
+        report
+            .measured
+            .iter()
+            .filter(|r| r.system == s.name)
+            .filter_map(|r| Some(((r.uplink_bps? as f64 / 1e6).log10(), r.tokens_per_s)))
+            .collect()
+    })
+}
+
+/// One line per system of `(x, tokens/s)` points, drawn on a log10 throughput axis.
+fn throughput_lines(
+    report: &PaperReport,
+    path: &Path,
+    chart: &Chart,
+    points: impl Fn(&SystemResult) -> Vec<(f64, f64)>,
+) -> Result<(), EvalError> {
     let lines: Vec<Series> = report
         .systems
         .iter()
         .map(|s| Series {
             name: s.name.clone(),
-            points: report
-                .options
-                .snr_db
-                .iter()
-                .filter_map(|&snr| {
-                    let v = *s.throughput_tokens_per_s.get(&snr_key(snr))?;
-                    Some((snr, v.max(1e-3).log10()))
-                })
+            points: points(s)
+                .into_iter()
+                .map(|(x, tps)| (x, tps.max(1e-3).log10()))
                 .collect(),
         })
         .collect();
-    draw(
-        path,
-        &Chart {
-            title: "throughput vs uplink SNR (simulated fading channel)",
-            x_label: "SNR (dB)",
-            y_label: "log10 tokens/s",
-        },
-        &[],
-        &lines,
-    )
+    draw(path, chart, &[], &lines)
 }
 
 #[cfg(test)]

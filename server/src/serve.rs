@@ -1,0 +1,81 @@
+//! What the `uhlm-server` binary and `uhlm serve` run: flags over an optional TOML file, a
+//! runtime, one machine-readable line on stdout once listening, and a graceful stop on Ctrl-C
+//! or SIGTERM. Scripts (and `uhlm bench paper`) read the address and pin from that line:
+//! `uhlm-server listening on 127.0.0.1:4433 fingerprint <sha256 hex>`, then
+//! `uhlm-server metrics on 127.0.0.1:9464` when the metrics endpoint is enabled.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::{Server, ServerArgs, ServerConfig};
+
+/// The command line of a server.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub args: ServerArgs,
+}
+
+/// Runs a server until Ctrl-C or SIGTERM, then lets in-flight requests finish.
+pub fn serve_blocking(cli: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &cli.config {
+        Some(path) => ServerConfig::from_toml_file(path)?,
+        None => ServerConfig::default(),
+    };
+    cli.args.apply(&mut config);
+    if config.self_signed && config.cert_dir.is_none() {
+        config.cert_dir = Some(std::env::current_dir().context("current directory")?);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("uhlm-io")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let handle = Server::start(config)
+        .await
+        .context("starting uhlm-server")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "uhlm-server listening on {} fingerprint {}",
+            handle.local_addr(),
+            handle.cert_fingerprint()
+        )?;
+        if let Some(addr) = handle.metrics_addr() {
+            writeln!(out, "uhlm-server metrics on {addr}")?;
+        }
+        out.flush()?;
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down: finishing in-flight requests");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    Ok(())
+}
