@@ -308,7 +308,6 @@ impl Generation {
         draft: Option<protocol::Draft>,
         uncertainty: f32,
     ) -> Result<Option<protocol::Verdict>, Wait> {
-        let timeout = self.inner.config.request_timeout();
         let skipped = self.skipped.clone();
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
@@ -326,23 +325,7 @@ impl Generation {
             draft,
             uncertainty,
         });
-        link.state
-            .on_message(Side::Device, &msg)
-            .map_err(|c| LinkError::Protocol(format!("cannot send Verify: {c}")))?;
-        let t0 = Instant::now();
-        let c = &mut self.stats.counters;
-        link.stream.send(&msg, &mut c.uplink_bytes).await?;
-        let reply = recv_within(
-            &mut link.stream,
-            &mut c.downlink_bytes,
-            timeout,
-            &self.cancel,
-        )
-        .await?;
-        self.stats.record_rtt(t0.elapsed());
-        link.state
-            .on_message(Side::Server, &reply)
-            .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
+        let reply = self.round_trip(msg).await?;
         match reply {
             Message::Verdict(v) => Ok(Some(v)),
             Message::Error(e) => match e.code.recovery() {
@@ -368,16 +351,33 @@ impl Generation {
 
     /// Replaces the server's context with ours.
     async fn resync(&mut self) -> Result<(), Wait> {
+        let msg = Message::Resync(Resync {
+            context: self.context.clone(),
+        });
+        let reply = self.round_trip(msg).await?;
+        match reply {
+            Message::Started(_) => {
+                self.skipped.clear();
+                Ok(())
+            }
+            Message::Error(e) => Err(Wait::Link(LinkError::Protocol(e.to_string()))),
+            other => Err(Wait::Link(LinkError::Protocol(format!(
+                "expected Started, got {}",
+                other.kind()
+            )))),
+        }
+    }
+
+    /// Sends `msg` on the session and waits, within the request timeout, for the server's
+    /// answer; both pass the session's state machine, and bytes and round-trip time are counted.
+    async fn round_trip(&mut self, msg: Message) -> Result<Message, Wait> {
         let timeout = self.inner.config.request_timeout();
         let Some(link) = self.link.as_mut() else {
             return Err(Wait::Link(LinkError::Down("no session".into())));
         };
-        let msg = Message::Resync(Resync {
-            context: self.context.clone(),
-        });
         link.state
             .on_message(Side::Device, &msg)
-            .map_err(|c| LinkError::Protocol(format!("cannot send Resync: {c}")))?;
+            .map_err(|c| LinkError::Protocol(format!("cannot send {}: {c}", msg.kind())))?;
         let t0 = Instant::now();
         let c = &mut self.stats.counters;
         link.stream.send(&msg, &mut c.uplink_bytes).await?;
@@ -392,17 +392,7 @@ impl Generation {
         link.state
             .on_message(Side::Server, &reply)
             .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
-        match reply {
-            Message::Started(_) => {
-                self.skipped.clear();
-                Ok(())
-            }
-            Message::Error(e) => Err(Wait::Link(LinkError::Protocol(e.to_string()))),
-            other => Err(Wait::Link(LinkError::Protocol(format!(
-                "expected Started, got {}",
-                other.kind()
-            )))),
-        }
+        Ok(reply)
     }
 
     /// Opens a session stream starting from the full context. Link trouble leaves the
