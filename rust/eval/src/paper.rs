@@ -135,7 +135,7 @@ pub struct SystemResult {
     /// Tokens/s on the simulated channel, keyed `snr_<dB>db`, and measured through the
     /// emulated link, keyed `link_<profile>` (see [`crate::measured`]).
     pub throughput_tokens_per_s: BTreeMap<String, f64>,
-    /// Throughput over HLM's at the same SNR, keyed like `throughput_tokens_per_s`.
+    /// Throughput over HLM's under the same condition, keyed like `throughput_tokens_per_s`.
     pub speedup_over_hlm: BTreeMap<String, f64>,
 }
 
