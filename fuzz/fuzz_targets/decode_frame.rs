@@ -54,10 +54,17 @@ fn check(msg: &Message, control: &mut ControlStream, session: &mut SessionStream
         "decoding lost information"
     );
     let side = match msg {
-        Message::Hello(_) | Message::Start(_) | Message::Verify(_) | Message::Resync(_) => {
-            Side::Device
-        }
-        Message::Welcome(_) | Message::Started(_) | Message::Verdict(_) => Side::Server,
+        Message::Hello(_)
+        | Message::Start(_)
+        | Message::Verify(_)
+        | Message::Resync(_)
+        | Message::Generate(_)
+        | Message::Cancel(_) => Side::Device,
+        Message::Welcome(_)
+        | Message::Started(_)
+        | Message::Verdict(_)
+        | Message::Tokens(_)
+        | Message::Finished(_) => Side::Server,
         Message::Error(e) => {
             if e.message.len() % 2 == 0 {
                 Side::Server

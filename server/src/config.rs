@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// Most tokens in one session's context (also capped by the model's context window).
     pub max_context_tokens: u32,
+    /// Most tokens one `Generate` request may ask for (announced in `Welcome`); a device that
+    /// wants more sends another request, so no single request holds a model worker unboundedly.
+    pub max_generate_tokens: u32,
     /// KV-cache memory for all sessions; beyond it idle sessions are evicted, least recently
     /// used first, and must `Resync`.
     pub kv_memory_budget_bytes: u64,
@@ -46,7 +49,7 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Largest frame payload accepted (and announced in `Welcome`).
     pub max_frame_bytes: u32,
-    /// Requests (`Start`, `Verify`, `Resync`) per second per API key; 0 = unlimited. Bursts of
+    /// Requests (`Start`, `Verify`, `Resync`, `Generate`) per second per API key; 0 = unlimited. Bursts of
     /// one second's worth are allowed.
     pub rate_limit: f64,
     /// How long a worker waits for more requests to batch after the first one arrives.
@@ -75,6 +78,7 @@ impl Default for ServerConfig {
             api_key_list: Vec::new(),
             max_sessions: 256,
             max_context_tokens: 8192,
+            max_generate_tokens: 4096,
             kv_memory_budget_bytes: 4 << 30,
             idle_timeout: Duration::from_secs(300),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
@@ -160,6 +164,9 @@ impl ServerConfig {
         if self.max_context_tokens < 2 {
             return bad("max_context_tokens must be at least 2");
         }
+        if self.max_generate_tokens == 0 {
+            return bad("max_generate_tokens must be at least 1");
+        }
         if self.max_frame_bytes < 1024 {
             return bad("max_frame_bytes must be at least 1024");
         }
@@ -202,6 +209,9 @@ pub struct ServerArgs {
     pub max_sessions: Option<usize>,
     #[arg(long)]
     pub max_context_tokens: Option<u32>,
+    /// Most tokens one Generate request (LLM-only streaming) may ask for.
+    #[arg(long)]
+    pub max_generate_tokens: Option<u32>,
     #[arg(long)]
     pub kv_memory_budget_bytes: Option<u64>,
     /// e.g. `5m`, `30s`.
@@ -256,6 +266,7 @@ impl ServerArgs {
         }
         set(&mut config.max_sessions, self.max_sessions);
         set(&mut config.max_context_tokens, self.max_context_tokens);
+        set(&mut config.max_generate_tokens, self.max_generate_tokens);
         set(
             &mut config.kv_memory_budget_bytes,
             self.kv_memory_budget_bytes,

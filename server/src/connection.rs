@@ -68,6 +68,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         server: format!("uhlm-server/{}", env!("CARGO_PKG_VERSION")),
         max_frame_bytes: shared.config.max_frame_bytes,
         max_context_tokens: shared.max_context_tokens,
+        max_generate_tokens: shared.config.max_generate_tokens,
     };
     if !control.send(&welcome.into()).await {
         return;

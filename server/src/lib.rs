@@ -1,8 +1,10 @@
-//! `uhlm-server`: hosts the LLM for many devices behind QUIC (TLS 1.3, ALPN `uhlm/1`).
+//! `uhlm-server`: hosts the LLM for many devices behind QUIC (TLS 1.3, ALPN `uhlm/2`).
 //!
 //! Devices send only their uncertain tokens; for each, the server catches its KV cache up on
 //! the tokens the device committed locally and verifies the draft with speculative-sampling
-//! rules (`uhlm_core::verify`). Model compute runs on dedicated worker threads; tokio only moves bytes.
+//! rules (`uhlm_core::verify`). A device in LLM-only mode instead sends `Generate` once and the
+//! server streams the tokens it samples. Model compute runs on dedicated worker threads; tokio
+//! only moves bytes.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), uhlm_server::ServerError> {

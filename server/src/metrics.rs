@@ -24,6 +24,9 @@ pub struct Metrics {
     pub tokens_accepted: Counter,
     pub tokens_resampled: Counter,
     pub catchup_tokens: Counter,
+    pub generate_requests: Counter,
+    pub tokens_generated: Counter,
+    pub generations_stopped: Counter,
     pub evictions: Counter,
     pub batch_size: Histogram,
     pub verify_latency: Histogram,
@@ -54,6 +57,9 @@ impl Metrics {
             tokens_accepted: Counter::default(),
             tokens_resampled: Counter::default(),
             catchup_tokens: Counter::default(),
+            generate_requests: Counter::default(),
+            tokens_generated: Counter::default(),
+            generations_stopped: Counter::default(),
             evictions: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             // 0.5 ms .. ~4 s.
@@ -88,6 +94,21 @@ impl Metrics {
             "catchup_tokens",
             "Skipped tokens the server appended before verifying",
             m.catchup_tokens.clone(),
+        );
+        registry.register(
+            "generate_requests",
+            "Generate requests admitted (LLM-only streaming)",
+            m.generate_requests.clone(),
+        );
+        registry.register(
+            "tokens_generated",
+            "Tokens sampled and streamed for Generate requests",
+            m.tokens_generated.clone(),
+        );
+        registry.register(
+            "generations_stopped",
+            "Generations ended early because the device cancelled or went away",
+            m.generations_stopped.clone(),
         );
         registry.register(
             "evictions",

@@ -130,6 +130,7 @@ impl Server {
             max_batch: config.max_batch,
             kv_memory_budget_bytes: config.kv_memory_budget_bytes,
             max_context_tokens: max_context_tokens as usize,
+            max_generate_tokens: config.max_generate_tokens,
         };
         let workers = WorkerPool::start(model.clone(), &settings, metrics.clone())
             .map_err(|e| ServerError::Config(format!("cannot start model worker threads: {e}")))?;

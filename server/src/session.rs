@@ -1,20 +1,24 @@
 //! The server side of one session stream: frames in, one request at a time to the worker,
 //! frames out. Everything derived from client bytes is checked; a bad frame or a request the
 //! protocol forbids gets an `Error` frame, and ends at most this stream.
+//!
+//! A `Generate` is the one request with many answers: while its tokens stream out, the task
+//! keeps reading the stream, so a `Cancel` stops the worker and a `Close` or a reset ends it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use quinn::{RecvStream, SendStream};
 use tokio::sync::OwnedSemaphorePermit;
 use uhlm_core::protocol::{
-    Close, ErrorCode, ErrorMessage, FrameDecoder, FrameError, Message, Prompt, SessionPhase,
-    SessionStream, Side, Start, Started, Verify, encode_frame,
+    Close, ErrorCode, ErrorMessage, Finished, FrameDecoder, FrameError, Generate, Message, Prompt,
+    SessionPhase, SessionStream, Side, Start, Started, Tokens, Verify, encode_frame,
 };
 
 use crate::auth::KeyId;
 use crate::server::Shared;
-use crate::worker::{Failure, Job, SessionKey};
+use crate::worker::{Failure, GenEvent, Job, SessionKey};
 
 /// How long a finished stream waits for the peer to acknowledge its last frames.
 const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -182,6 +186,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, key_id: KeyId, send: SendStream, 
         };
         let seq = match &msg {
             Message::Verify(v) => Some(v.seq),
+            Message::Generate(g) => Some(g.seq),
             _ => None,
         };
         if let Err(code) = state.on_message(Side::Device, &msg) {
@@ -236,6 +241,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, key_id: KeyId, send: SendStream, 
                     Err(e) => e.into(),
                 }
             }
+            Message::Generate(g) => {
+                if generate(&shared, &mut io, &mut state, key, key_id, g).await {
+                    continue;
+                }
+                break;
+            }
+            // A `Cancel` that crossed its generation's `Finished`: nothing left to stop.
+            Message::Cancel(_) => continue,
             // Close or Error from the device: the stream is over.
             _ => break,
         };
@@ -377,5 +390,113 @@ async fn handle_verify(shared: &Arc<Shared>, key: SessionKey, key_id: KeyId, v: 
             ..e
         }
         .into(),
+    }
+}
+
+/// Runs one `Generate`: queues it on the worker and forwards its tokens as they come, while
+/// still reading the device's side for `Cancel`, `Close` or a reset. `false` when the stream is
+/// over. Leaving early drops the event receiver, which stops the worker's generation.
+async fn generate(
+    shared: &Arc<Shared>,
+    io: &mut Framed,
+    state: &mut SessionStream,
+    key: SessionKey,
+    key_id: KeyId,
+    g: Generate,
+) -> bool {
+    let seq = g.seq;
+    let with_seq = |e: Failure| -> Message {
+        ErrorMessage {
+            seq: Some(seq),
+            ..e
+        }
+        .into()
+    };
+    if !shared.limiter.allow(key_id, Instant::now()) {
+        return reply(io, state, with_seq(rate_limited())).await;
+    }
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let job = Job::Generate {
+        key,
+        generate: g,
+        events,
+        cancel: cancel.clone(),
+    };
+    if let Err(e) = shared.workers.submit(job) {
+        return reply(io, state, with_seq(e)).await;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            event = rx.recv() => {
+                let mut tokens = Vec::new();
+                let mut end = None;
+                let mut next = event;
+                // Tokens that are ready together travel in one frame.
+                loop {
+                    match next {
+                        Some(GenEvent::Token(t)) => tokens.push(t),
+                        other => {
+                            end = Some(other);
+                            break;
+                        }
+                    }
+                    match rx.try_recv() {
+                        Ok(e) => next = Some(e),
+                        Err(_) => break,
+                    }
+                }
+                if !tokens.is_empty() && !reply(io, state, Tokens { seq, tokens }.into()).await {
+                    return false;
+                }
+                let answer = match end {
+                    None => continue,
+                    Some(Some(GenEvent::Finished { reason, context_len })) => Finished {
+                        seq,
+                        reason,
+                        context_len,
+                    }
+                    .into(),
+                    Some(Some(GenEvent::Failed(e))) => with_seq(e),
+                    // Tokens were handled above; a closed channel means the worker is gone.
+                    Some(Some(GenEvent::Token(_)) | None) => with_seq(ErrorMessage::new(
+                        ErrorCode::ShuttingDown,
+                        "the model worker stopped during the generation",
+                    )),
+                };
+                return reply(io, state, answer).await;
+            }
+            next = io.next(true) => match next {
+                Next::Message(msg) => {
+                    if let Err(code) = state.on_message(Side::Device, &msg) {
+                        let text = format!("{} is not allowed while generating", msg.kind());
+                        return reply(io, state, ErrorMessage::for_seq(code, text, seq).into()).await;
+                    }
+                    match msg {
+                        Message::Cancel(_) => cancel.store(true, Ordering::Release),
+                        // Close or Error: the device is done with this stream.
+                        _ => return false,
+                    }
+                }
+                // The device is silent while it listens: not idle.
+                Next::Idle => {}
+                Next::End | Next::Lost => return false,
+                Next::Bad(e) => {
+                    tracing::debug!(session = key, error = %e, "bad frame while generating");
+                    io.send(&ErrorMessage::new(e.code(), e.to_string()).into()).await;
+                    return false;
+                }
+                Next::Shutdown => {
+                    let msg = ErrorMessage::for_seq(
+                        ErrorCode::ShuttingDown,
+                        "the server is shutting down",
+                        seq,
+                    );
+                    io.send(&msg.into()).await;
+                    return false;
+                }
+            },
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The server's TLS identity and QUIC crypto: TLS 1.3 only, ALPN `uhlm/1`, ring as the crypto
+//! The server's TLS identity and QUIC crypto: TLS 1.3 only, ALPN `uhlm/2`, ring as the crypto
 //! provider (the SDK uses the same, so both cross-compile to phones).
 
 use std::path::{Path, PathBuf};
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
-use uhlm_core::protocol::ALPN;
+use uhlm_core::protocol::{ALPN, LEGACY_ALPNS};
 
 use crate::config::ServerConfig;
 use crate::error::ServerError;
@@ -118,7 +118,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     f.write_all(bytes).map_err(|e| ServerError::io(path, e))
 }
 
-/// The QUIC server configuration: TLS 1.3 only, ALPN `uhlm/1`, no client certificates.
+/// The QUIC server configuration: TLS 1.3 only, ALPN `uhlm/2` (and the older `uhlm/1`, only
+/// so that old clients reach `Hello` and learn `UnsupportedVersion`), no client certificates.
 pub(crate) fn quic_server_config(
     identity: &Identity,
     config: &ServerConfig,
@@ -131,7 +132,10 @@ pub(crate) fn quic_server_config(
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(tls_err)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = std::iter::once(ALPN)
+        .chain(LEGACY_ALPNS.iter().copied())
+        .map(<[u8]>::to_vec)
+        .collect();
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));

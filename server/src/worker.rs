@@ -6,13 +6,19 @@
 //! uhlm-model has no multi-session forward pass yet, so a batch runs its requests one after the
 //! other; the batch-size histogram still shows how much batching a batched forward could use.
 //!
+//! `Generate` (LLM-only streaming) is not one job but a stream of small ones: the worker keeps
+//! each running generation in a run queue and samples one token per generation per turn, after
+//! the requests already queued. A long generation therefore shares the model fairly with
+//! verification traffic and with other generations instead of holding the worker until it ends.
+//!
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
 //! token. When the sum over a worker's sessions exceeds its share of the budget, the least
 //! recently used sessions outside the current batch lose their cache; their next `Verify` is
 //! answered `NeedResync`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc as async_mpsc, oneshot};
 use uhlm_core::codec;
-use uhlm_core::protocol::{ErrorCode, ErrorMessage, Verdict, Verify};
+use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Generate, Verdict, Verify};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
 use uhlm_model::{Model, ModelError, Session};
 
@@ -49,6 +55,14 @@ pub(crate) enum Job {
         verify: Verify,
         reply: oneshot::Sender<Result<Verdict, Failure>>,
     },
+    /// Starts sampling tokens after the session's context, streamed through `events`.
+    Generate {
+        key: SessionKey,
+        generate: Generate,
+        events: async_mpsc::UnboundedSender<GenEvent>,
+        /// Set by the session task when the device sends `Cancel`.
+        cancel: Arc<AtomicBool>,
+    },
     /// Replaces the session's context.
     Resync {
         key: SessionKey,
@@ -66,11 +80,33 @@ impl Job {
         match self {
             Job::Open { key, .. }
             | Job::Verify { key, .. }
+            | Job::Generate { key, .. }
             | Job::Resync { key, .. }
             | Job::Close { key } => Some(*key),
             Job::Stop => None,
         }
     }
+}
+
+/// What a generation sends back to its session task, in order: tokens, then exactly one of
+/// `Finished` or `Failed` (none if the device went away first).
+#[derive(Debug)]
+pub(crate) enum GenEvent {
+    Token(u32),
+    Finished {
+        reason: FinishReason,
+        context_len: u32,
+    },
+    Failed(Failure),
+}
+
+/// A generation in a worker's run queue.
+struct Streaming {
+    key: SessionKey,
+    /// Tokens still allowed by `Generate.max_tokens`.
+    left: u32,
+    events: async_mpsc::UnboundedSender<GenEvent>,
+    cancel: Arc<AtomicBool>,
 }
 
 /// Settings the workers need from the server configuration.
@@ -81,6 +117,7 @@ pub(crate) struct WorkerSettings {
     pub max_batch: usize,
     pub kv_memory_budget_bytes: u64,
     pub max_context_tokens: usize,
+    pub max_generate_tokens: u32,
 }
 
 /// Estimated KV-cache bytes per context token: keys and values, f32, every layer.
@@ -117,6 +154,8 @@ impl WorkerPool {
                 probs: Vec::new(),
                 scratch: Vec::new(),
                 clock: 0,
+                streams: VecDeque::new(),
+                eos: model.tokenizer().eos_ids().to_vec(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("uhlm-worker-{i}"))
@@ -194,6 +233,10 @@ struct Worker {
     scratch: Vec<u32>,
     /// Logical time for LRU order.
     clock: u64,
+    /// Running generations, each waiting for its next token (round robin).
+    streams: VecDeque<Streaming>,
+    /// End-of-sequence ids of the model: a generation stops after sampling one.
+    eos: Vec<u32>,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
@@ -202,17 +245,32 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            let deadline = Instant::now() + self.settings.batch_wait;
-            while batch.len() < self.settings.max_batch {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                match rx.recv_timeout(deadline - now) {
+        loop {
+            let mut batch = Vec::new();
+            if self.streams.is_empty() {
+                match rx.recv() {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
+                }
+                let deadline = Instant::now() + self.settings.batch_wait;
+                while batch.len() < self.settings.max_batch {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match rx.recv_timeout(deadline - now) {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+            } else {
+                // Generations wait for their next token: take only what is already queued, so
+                // streaming never pays the batching delay.
+                while batch.len() < self.settings.max_batch {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
                 }
             }
             let verifies = batch
@@ -222,7 +280,8 @@ impl Worker {
             if verifies > 0 {
                 self.metrics.batch_size.observe(verifies as f64);
             }
-            let protected: HashSet<SessionKey> = batch.iter().filter_map(Job::key).collect();
+            let mut protected: HashSet<SessionKey> = batch.iter().filter_map(Job::key).collect();
+            protected.extend(self.streams.iter().map(|s| s.key));
             let mut stop = false;
             for job in batch {
                 if matches!(job, Job::Stop) {
@@ -234,7 +293,10 @@ impl Worker {
             if stop {
                 break;
             }
+            self.step_generation(&protected);
         }
+        // Generations still running end here; their session tasks see the channel close.
+        self.streams.clear();
         self.metrics.sessions.dec_by(self.sessions.len() as i64);
     }
 
@@ -274,6 +336,25 @@ impl Worker {
                 }
                 let _ = reply.send(r);
             }
+            Job::Generate {
+                key,
+                generate,
+                events,
+                cancel,
+            } => match self.admit_generation(key, &generate) {
+                Ok(()) => {
+                    self.metrics.generate_requests.inc();
+                    self.streams.push_back(Streaming {
+                        key,
+                        left: generate.max_tokens,
+                        events,
+                        cancel,
+                    });
+                }
+                Err(e) => {
+                    let _ = events.send(GenEvent::Failed(e));
+                }
+            },
             Job::Close { key } => {
                 if self.sessions.remove(&key).is_some() {
                     self.metrics.sessions.dec();
@@ -465,6 +546,143 @@ impl Worker {
             self.metrics.tokens_resampled.inc();
         }
         Ok(verdict)
+    }
+
+    /// Checks a `Generate` against the session and the limits before it joins the run queue.
+    fn admit_generation(&self, key: SessionKey, g: &Generate) -> Result<(), Failure> {
+        if self.streams.iter().any(|s| s.key == key) {
+            return Err(fail(
+                ErrorCode::UnexpectedMessage,
+                "this session is already generating",
+            ));
+        }
+        let entry = self.sessions.get(&key).ok_or_else(|| {
+            fail(
+                ErrorCode::NeedResync,
+                "the server has no context for this session",
+            )
+        })?;
+        let Some(llm) = entry.llm.as_ref() else {
+            return Err(fail(
+                ErrorCode::NeedResync,
+                "this session's cache was evicted to free memory; resend the context",
+            ));
+        };
+        g.check(
+            llm.len() + entry.pending.len(),
+            self.settings.max_context_tokens,
+            self.settings.max_generate_tokens,
+        )
+    }
+
+    /// Samples one token for the generation at the front of the run queue and puts it back at
+    /// the end unless it is over.
+    fn step_generation(&mut self, protected: &HashSet<SessionKey>) {
+        let Some(mut s) = self.streams.pop_front() else {
+            return;
+        };
+        self.clock += 1;
+        // Nobody is listening any more (stream reset, connection lost, session closed): stop
+        // computing tokens for it.
+        if s.events.is_closed() {
+            self.metrics.generations_stopped.inc();
+            return;
+        }
+        let key = s.key;
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.generate_one(&mut s)))
+            .unwrap_or_else(|_| {
+                tracing::error!(key, "model panicked during generate; dropping the session");
+                self.sessions.remove(&key);
+                Err(fail(
+                    ErrorCode::Internal,
+                    "the model failed on this request",
+                ))
+            });
+        match r {
+            Ok(None) => {
+                self.enforce_budget(protected);
+                self.streams.push_back(s);
+            }
+            Ok(Some(reason)) => {
+                if reason == FinishReason::Cancelled {
+                    self.metrics.generations_stopped.inc();
+                }
+                self.enforce_budget(protected);
+            }
+            Err(e) => {
+                let _ = s.events.send(GenEvent::Failed(e));
+            }
+        }
+    }
+
+    /// One step of a generation: `Some(reason)` once it is over (`Finished` already sent).
+    fn generate_one(&mut self, s: &mut Streaming) -> Result<Option<FinishReason>, Failure> {
+        let max_context = self.settings.max_context_tokens;
+        let clock = self.clock;
+        let entry = self.sessions.get_mut(&s.key).ok_or_else(|| {
+            fail(
+                ErrorCode::NeedResync,
+                "the server has no context for this session",
+            )
+        })?;
+        let Some(llm) = entry.llm.as_mut() else {
+            return Err(fail(
+                ErrorCode::NeedResync,
+                "this session's cache was evicted to free memory; resend the context",
+            ));
+        };
+        let finish = |reason, len: usize| GenEvent::Finished {
+            reason,
+            context_len: u32::try_from(len).unwrap_or(u32::MAX),
+        };
+        if s.cancel.load(Ordering::Acquire) {
+            let len = llm.len() + entry.pending.len();
+            let _ = s.events.send(finish(FinishReason::Cancelled, len));
+            return Ok(Some(FinishReason::Cancelled));
+        }
+        // The same steps as a `Verify` without a draft: score what is not cached yet (the
+        // prompt, then the last token), sample from the session's distribution with its RNG.
+        // At temperature 0 that is the LLM's greedy continuation, token for token.
+        let chunk = std::mem::take(&mut entry.pending);
+        let logits = match llm.score(&chunk) {
+            Ok(l) => l,
+            Err(e) => {
+                entry.pending = chunk;
+                return Err(model_failure(e));
+            }
+        };
+        if !probabilities_into(
+            logits.last(),
+            &entry.sampling,
+            &mut self.probs,
+            &mut self.scratch,
+        ) {
+            let old_len = llm.len() - chunk.len();
+            llm.truncate(old_len);
+            entry.pending = chunk;
+            return Err(fail(
+                ErrorCode::Internal,
+                "the model produced no finite logits",
+            ));
+        }
+        let token = sample(&self.probs, &mut entry.rng);
+        entry.pending = vec![token];
+        entry.last_used = clock;
+        let len = llm.len() + 1;
+        self.metrics.tokens_generated.inc();
+        s.left -= 1;
+        let _ = s.events.send(GenEvent::Token(token));
+        let reason = if self.eos.contains(&token) {
+            FinishReason::Eos
+        } else if s.left == 0 {
+            FinishReason::MaxTokens
+        } else if len >= max_context {
+            FinishReason::ContextFull
+        } else {
+            return Ok(None);
+        };
+        let _ = s.events.send(finish(reason, len));
+        Ok(Some(reason))
     }
 
     /// Evicts least recently used sessions outside `protected` until the caches fit the budget.

@@ -64,6 +64,19 @@ async fn unknown_protocol_version_is_refused() {
     server.shutdown().await;
 }
 
+/// A client of the previous version, which offers ALPN `uhlm/1`, still completes the TLS
+/// handshake and learns why it cannot continue.
+#[tokio::test]
+async fn a_version_1_client_is_told_the_version_is_unsupported() {
+    let server = server().await;
+    let endpoint = common::client_endpoint_with_alpn(server.cert_der(), b"uhlm/1");
+    let client = Client::connect_with(endpoint, server.local_addr()).await;
+    let (_control, answer) = client.hello(API_KEY, server.model_fingerprint(), 1).await;
+    let message = assert_refused(&client, answer, ErrorCode::UnsupportedVersion).await;
+    assert!(message.contains("version 2"), "{message}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn right_key_and_vocabulary_are_welcome() {
     let server = server().await;
@@ -77,6 +90,10 @@ async fn right_key_and_vocabulary_are_welcome() {
     assert_eq!(w.protocol_version, PROTOCOL_VERSION);
     assert_eq!(w.max_frame_bytes, ServerConfig::default().max_frame_bytes);
     assert!(w.max_context_tokens >= 2048);
+    assert_eq!(
+        w.max_generate_tokens,
+        ServerConfig::default().max_generate_tokens
+    );
     // The pin a device would configure is the SHA-256 of the certificate it received.
     let fp = server.cert_fingerprint().to_string();
     assert_eq!(fp, uhlm_server::cert_fingerprint(server.cert_der()));
@@ -104,7 +121,7 @@ async fn a_client_without_the_alpn_cannot_connect() {
         .await;
     assert!(
         result.is_err(),
-        "a connection without ALPN uhlm/1 was accepted"
+        "a connection without a uhlm ALPN was accepted"
     );
     server.shutdown().await;
 }

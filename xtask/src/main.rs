@@ -22,10 +22,18 @@ enum Task {
     /// Run the demo (the README's first command).
     Demo {
         /// Extra arguments for the demo.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Run every check and test (the README's second command; what CI runs).
     Test,
+    /// `uhlm bench humaneval` on the real pair (Qwen2.5-Coder 0.5B/1.5B, fetched on first use):
+    /// `--limit 5` unless arguments are given (then they replace it).
+    Humaneval {
+        /// Arguments for `uhlm bench humaneval`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Check that uhlm-core stays free of I/O, async and model crates.
     CheckCoreDeps,
     /// Regenerate the Kotlin, Swift and Python bindings from the host library (uniffi).
@@ -47,6 +55,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Demo { args } => demo(&args),
         Task::Test => test(),
+        Task::Humaneval { args } => humaneval(&args),
         Task::CheckCoreDeps => check_core_deps(),
         Task::Bindgen { check } => bindings::bindgen(check),
         Task::TestBindings => test_bindings(),
@@ -94,6 +103,25 @@ fn demo(args: &[String]) -> Result<()> {
         "--",
         "demo",
     ];
+    cmd.extend(args.iter().map(String::as_str));
+    run("cargo", &cmd)
+}
+
+fn humaneval(args: &[String]) -> Result<()> {
+    let mut cmd = vec![
+        "run",
+        "--release",
+        "-p",
+        "uhlm-cli",
+        "--bin",
+        "uhlm",
+        "--",
+        "bench",
+        "humaneval",
+    ];
+    if args.is_empty() {
+        cmd.extend(["--limit", "5", "--out", "target/bench-humaneval-limit5"]);
+    }
     cmd.extend(args.iter().map(String::as_str));
     run("cargo", &cmd)
 }

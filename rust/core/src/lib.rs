@@ -9,6 +9,7 @@
 //! - [`verify`]: speculative-sampling verification of one draft token.
 //! - [`uncertainty`]: how unsure the SLM is about its draft, from one forward pass.
 //! - [`threshold`]: when an uncertain token is worth sending (fit, thresholds, recalibration).
+//! - [`risk_control`]: a threshold whose quality cost is bounded with confidence (Learn-then-Test).
 //! - [`codec`]: the compressed distribution sent uplink, and the exact `q'` the server sees.
 //! - [`protocol`]: the messages and framing on the wire.
 //! - [`channel`]: a simulated wireless link for throughput estimates.
@@ -17,6 +18,7 @@ pub mod channel;
 pub mod chat;
 pub mod codec;
 pub mod protocol;
+pub mod risk_control;
 pub mod sampling;
 pub mod threshold;
 pub mod uncertainty;

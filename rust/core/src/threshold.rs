@@ -6,6 +6,10 @@
 //! risk-prone `u_th = (Δ - b)/a`. We add a target-risk threshold (the largest `u_th` whose skipped
 //! tokens have mean `beta <= ε`) and online recalibration from the server's verdicts.
 //!
+//! Those are point estimates of the wrong quantity, kept as baselines. The default,
+//! [`ThresholdMode::Quality`], bounds the risk per generated token `E[1{u < u_th}·beta]` (how
+//! often the output may differ from the LLM's) with confidence, via [`crate::risk_control`].
+//!
 //! A token is skipped when `u < u_th`.
 
 use rand::{Rng, SeedableRng};
@@ -14,7 +18,18 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use thiserror::Error;
 
+use crate::risk_control::{
+    RiskControlError, RiskControlled, WeightedSample, controlled_threshold,
+    controlled_threshold_weighted, excess_p_value, min_certifying_samples, weighted_risk,
+};
 use crate::uncertainty::UncertaintyKind;
+
+/// Default [`ThresholdMode::Quality`] `max_risk`: at most 1% of generated tokens may differ in
+/// distribution from the LLM's, i.e. about 99% of the LLM's quality.
+pub const DEFAULT_MAX_RISK: f32 = 0.01;
+/// Default [`ThresholdMode::Quality`] `confidence` (`1 − δ`): the bound holds for 9 in 10
+/// calibrations. Higher confidence costs skips; 0.9 is the usual choice in risk control.
+pub const DEFAULT_CONFIDENCE: f32 = 0.9;
 
 /// One calibration observation: the device's uncertainty and the server's rejection probability.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +51,8 @@ pub enum ThresholdError {
     InvalidParameter(String),
     #[error("calibration file: {0}")]
     Json(String),
+    #[error(transparent)]
+    RiskControl(#[from] RiskControlError),
 }
 
 /// Least-squares fit `beta ≈ a·u + b`.
@@ -140,15 +157,19 @@ pub fn delta(samples: &[Sample]) -> f64 {
 /// Thresholds are only placed between distinct uncertainties, so ties are skipped or sent
 /// together. Returns 0 (skip nothing) when even the most certain sample is too risky, and a
 /// value above every sample when all of them may be skipped.
-fn target_risk_weighted(points: &mut [(f32, f32, f64)], epsilon: f64) -> f32 {
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+fn target_risk_weighted(points: &mut [WeightedSample], epsilon: f64) -> f32 {
+    points.sort_by(|a, b| a.u.total_cmp(&b.u));
     let mut best = 0.0f32;
     let (mut w, mut wb) = (0.0f64, 0.0f64);
     for i in 0..points.len() {
-        let (u, beta, wi) = points[i];
+        let WeightedSample {
+            u,
+            beta,
+            weight: wi,
+        } = points[i];
         w += wi;
         wb += wi * beta as f64;
-        let boundary = points.get(i + 1).map(|n| n.0);
+        let boundary = points.get(i + 1).map(|n| n.u);
         if boundary == Some(u) {
             continue;
         }
@@ -171,7 +192,14 @@ fn next_up(u: f32) -> f32 {
 
 /// [`target_risk_weighted`] over unweighted samples.
 pub fn target_risk(samples: &[Sample], epsilon: f64) -> f32 {
-    let mut pts: Vec<_> = samples.iter().map(|s| (s.u, s.beta, 1.0)).collect();
+    let mut pts: Vec<_> = samples
+        .iter()
+        .map(|s| WeightedSample {
+            u: s.u,
+            beta: s.beta,
+            weight: 1.0,
+        })
+        .collect();
     target_risk_weighted(&mut pts, epsilon)
 }
 
@@ -185,8 +213,61 @@ pub enum ThresholdMode {
     RiskAverse,
     /// The paper's `(Δ - b)/a`.
     RiskProne,
-    /// Largest `u_th` with mean skipped beta `<= epsilon`.
+    /// Largest `u_th` with mean skipped beta `<= epsilon` (a point estimate; a baseline).
     TargetRisk { epsilon: f32 },
+    /// Largest `u_th` whose risk per generated token `E[1{u < u_th}·beta]` is at most
+    /// `max_risk` with probability at least `confidence` over the calibration (see
+    /// [`crate::risk_control`]). `max_risk` is the largest share of generated tokens that may
+    /// differ in distribution from what the LLM alone would produce; with too little evidence
+    /// the bound sends everything.
+    Quality { max_risk: f32, confidence: f32 },
+}
+
+impl ThresholdMode {
+    /// The default [`ThresholdMode::Quality`].
+    pub fn quality() -> Self {
+        ThresholdMode::Quality {
+            max_risk: DEFAULT_MAX_RISK,
+            confidence: DEFAULT_CONFIDENCE,
+        }
+    }
+}
+
+fn check_quality(max_risk: f32, confidence: f32) -> Result<(), ThresholdError> {
+    if !(max_risk > 0.0 && max_risk < 1.0) {
+        return Err(ThresholdError::InvalidParameter(
+            "max_risk must be in (0, 1)".into(),
+        ));
+    }
+    if !(confidence > 0.0 && confidence < 1.0) {
+        return Err(ThresholdError::InvalidParameter(
+            "confidence must be in (0, 1)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A [`ThresholdMode::Quality`] threshold computed from calibration samples.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QualityCalibration {
+    pub max_risk: f32,
+    pub confidence: f32,
+    pub controlled: RiskControlled,
+}
+
+impl QualityCalibration {
+    pub fn from_samples(
+        samples: &[Sample],
+        max_risk: f32,
+        confidence: f32,
+    ) -> Result<Self, ThresholdError> {
+        check_quality(max_risk, confidence)?;
+        Ok(Self {
+            max_risk,
+            confidence,
+            controlled: controlled_threshold(samples, max_risk as f64, 1.0 - confidence as f64)?,
+        })
+    }
 }
 
 /// A calibration as computed from a labelled run and shipped to devices as JSON.
@@ -201,10 +282,14 @@ pub struct Calibration {
     pub target_risk: f32,
     /// Number of (u, beta) samples behind the calibration.
     pub samples: usize,
+    /// The risk-controlled threshold; absent in calibrations written before it existed.
+    #[serde(default)]
+    pub quality: Option<QualityCalibration>,
 }
 
 impl Calibration {
-    /// Computes every threshold from labelled samples.
+    /// Computes every threshold from labelled samples; the quality threshold at
+    /// [`DEFAULT_MAX_RISK`] and [`DEFAULT_CONFIDENCE`] (see [`Calibration::with_quality`]).
     pub fn from_samples(
         estimator: UncertaintyKind,
         samples: &[Sample],
@@ -221,7 +306,25 @@ impl Calibration {
             target_risk_epsilon,
             target_risk: target_risk(samples, target_risk_epsilon as f64),
             samples: samples.len(),
+            quality: Some(QualityCalibration::from_samples(
+                samples,
+                DEFAULT_MAX_RISK,
+                DEFAULT_CONFIDENCE,
+            )?),
         })
+    }
+
+    /// Recomputes the quality threshold for another `max_risk` / `confidence`.
+    pub fn with_quality(
+        mut self,
+        samples: &[Sample],
+        max_risk: f32,
+        confidence: f32,
+    ) -> Result<Self, ThresholdError> {
+        self.quality = Some(QualityCalibration::from_samples(
+            samples, max_risk, confidence,
+        )?);
+        Ok(self)
     }
 
     /// The threshold this calibration gives under `mode`.
@@ -237,6 +340,17 @@ impl Calibration {
             ThresholdMode::TargetRisk { epsilon } => {
                 (((epsilon as f64 - self.fit.b) / self.fit.a).max(0.0)) as f32
             }
+            // A calibration at least as strict (lower risk, higher confidence) still guarantees
+            // the request; anything else is not evidence for it, so send everything.
+            ThresholdMode::Quality {
+                max_risk,
+                confidence,
+            } => match self.quality {
+                Some(q) if q.max_risk <= max_risk && q.confidence >= confidence => {
+                    q.controlled.u_th
+                }
+                _ => 0.0,
+            },
         }
     }
 
@@ -254,7 +368,14 @@ impl Calibration {
 #[serde(default)]
 pub struct PolicyConfig {
     pub mode: ThresholdMode,
-    /// Threshold used until enough verdicts arrive (or a calibration sets one).
+    /// Threshold used until `min_samples` verdicts arrive, unless a calibration sets one.
+    ///
+    /// Under [`ThresholdMode::Quality`] this is a guess outside the guarantee: it holds only
+    /// until the first refit, where the bound replaces it (with 0 — send everything — while
+    /// the window is too small to certify anything). Set it from a shipped calibration's
+    /// `quality` threshold, or to 0 to be strict from the first token. A threshold from
+    /// [`ThresholdPolicy::with_calibration`] is evidence and is kept until the window can
+    /// certify on its own or shows it unsafe.
     pub initial_threshold: f32,
     /// Refit from the server's verdicts while generating.
     pub online: bool,
@@ -274,10 +395,11 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
-            mode: ThresholdMode::TargetRisk { epsilon: 0.1 },
+            mode: ThresholdMode::quality(),
             // The target-risk threshold (epsilon 0.1) measured for the default pair with the
-            // default estimator (`uhlm calibrate`, docs/MODELS.md): 0.42. A little below it,
-            // since the online fit takes over once verdicts arrive.
+            // default estimator (`uhlm calibrate`, docs/MODELS.md): 0.42, a little below it.
+            // Under the quality mode it only lasts until the first refit (`min_samples`
+            // verdicts), where the bound takes over; a calibration replaces it.
             initial_threshold: 0.4,
             online: true,
             probe_rate: 0.05,
@@ -324,10 +446,22 @@ impl PolicyConfig {
         if self.window < 2 || self.refit_every == 0 {
             return bad("window must be >= 2 and refit_every >= 1");
         }
-        if let ThresholdMode::TargetRisk { epsilon } = self.mode {
-            if !(0.0..=1.0).contains(&epsilon) {
+        match self.mode {
+            ThresholdMode::TargetRisk { epsilon } if !(0.0..=1.0).contains(&epsilon) => {
                 return bad("epsilon must be in [0, 1]");
             }
+            ThresholdMode::Quality {
+                max_risk,
+                confidence,
+            } => {
+                check_quality(max_risk, confidence)?;
+                // Without probes the window holds only sent tokens, so the risk of the
+                // skipped ones would be estimated as zero.
+                if self.online && self.probe_rate <= 0.0 {
+                    return bad("online quality mode needs probe_rate > 0");
+                }
+            }
+            _ => {}
         }
         if !self.initial_threshold.is_finite() {
             return bad("initial_threshold must be finite");
@@ -362,7 +496,11 @@ pub struct ThresholdPolicy {
     window: VecDeque<Observation>,
     since_refit: usize,
     last_fit: Option<LinearFit>,
-    scratch: Vec<(f32, f32, f64)>,
+    /// Whether `u_th` rests on evidence (0, a calibration, or a passed bound) rather than on
+    /// `initial_threshold`; only [`ThresholdMode::Quality`] refits look at it.
+    evidenced: bool,
+    last_control: Option<RiskControlled>,
+    scratch: Vec<WeightedSample>,
 }
 
 impl ThresholdPolicy {
@@ -378,6 +516,8 @@ impl ThresholdPolicy {
             window: VecDeque::with_capacity(config.window),
             since_refit: 0,
             last_fit: None,
+            evidenced: u_th <= 0.0,
+            last_control: None,
             scratch: Vec::new(),
             config,
         })
@@ -391,6 +531,7 @@ impl ThresholdPolicy {
         let mut policy = Self::new(config)?;
         policy.u_th = calibration.threshold(&policy.config.mode);
         policy.last_fit = Some(calibration.fit);
+        policy.evidenced = true;
         Ok(policy)
     }
 
@@ -402,6 +543,12 @@ impl ThresholdPolicy {
     /// The latest online fit, if any.
     pub fn fit(&self) -> Option<LinearFit> {
         self.last_fit
+    }
+
+    /// The latest online risk-controlled threshold ([`ThresholdMode::Quality`] only), whether
+    /// or not it was put in force.
+    pub fn risk_control(&self) -> Option<RiskControlled> {
+        self.last_control
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -427,9 +574,14 @@ impl ThresholdPolicy {
         if !self.config.online || !u.is_finite() || !beta.is_finite() {
             return;
         }
+        // Horvitz–Thompson: each token enters the window with probability 1 (sent) or
+        // probe_rate (a probe, standing for the skipped tokens), so it is weighted by the
+        // inverse. A skipped token is not part of that design: a verdict for it would
+        // over-represent the skipped region, so it is ignored.
         let importance = match decision {
             Decision::Send { probe: true } => 1.0 / self.config.probe_rate as f64,
-            _ => 1.0,
+            Decision::Send { probe: false } => 1.0,
+            Decision::Skip => return,
         };
         if self.window.len() == self.config.window {
             self.window.pop_front();
@@ -458,13 +610,17 @@ impl ThresholdPolicy {
             if age > 0 {
                 decay *= lambda;
             }
-            self.scratch.push((o.u, o.beta, o.importance * decay));
+            self.scratch.push(WeightedSample {
+                u: o.u,
+                beta: o.beta,
+                weight: o.importance * decay,
+            });
         }
         debug_assert_eq!(self.scratch.len(), n);
         let fit = weighted_fit(
             self.scratch
                 .iter()
-                .map(|&(u, b, w)| (u as f64, b as f64, w)),
+                .map(|s| (s.u as f64, s.beta as f64, s.weight)),
         )
         .ok();
         if fit.is_some() {
@@ -474,17 +630,52 @@ impl ThresholdPolicy {
             ThresholdMode::Fixed { u_th } => Some(u_th),
             ThresholdMode::RiskAverse => fit.and_then(|f| f.risk_averse().ok()).map(|t| t as f32),
             ThresholdMode::RiskProne => {
-                let total: f64 = self.scratch.iter().map(|p| p.2).sum();
-                let rejected: f64 = self.scratch.iter().filter(|p| p.1 > 0.0).map(|p| p.2).sum();
+                let total: f64 = self.scratch.iter().map(|p| p.weight).sum();
+                let rejected: f64 = self
+                    .scratch
+                    .iter()
+                    .filter(|p| p.beta > 0.0)
+                    .map(|p| p.weight)
+                    .sum();
                 let delta = if total > 0.0 { rejected / total } else { 0.0 };
                 fit.and_then(|f| f.risk_prone(delta).ok()).map(|t| t as f32)
             }
             ThresholdMode::TargetRisk { epsilon } => {
                 Some(target_risk_weighted(&mut self.scratch, epsilon as f64))
             }
+            ThresholdMode::Quality {
+                max_risk,
+                confidence,
+            } => self.quality_refit(max_risk as f64, 1.0 - confidence as f64),
         };
         if let Some(t) = new_th.filter(|t| t.is_finite()) {
             self.u_th = t;
+        }
+    }
+
+    /// The online bound over the importance-weighted window (approximate, see
+    /// [`controlled_threshold_weighted`]; it also assumes the stream is stationary over the
+    /// window's memory).
+    ///
+    /// The bound replaces the threshold in force when (a) the window is large enough to
+    /// certify any skipping (`n_eff` at least [`min_certifying_samples`]), or (b) the threshold
+    /// in force is only `initial_threshold`, a guess, or (c) the window shows with the same
+    /// confidence that the threshold in force exceeds `max_risk`. Otherwise a calibrated or
+    /// previously certified threshold stays: a window too small to certify anything says
+    /// nothing against it, and dropping it would throw a calibration away after a few dozen
+    /// verdicts, and make the policy oscillate as probes (weight `1/probe_rate`) shrink `n_eff`
+    /// whenever it skips.
+    fn quality_refit(&mut self, alpha: f64, delta: f64) -> Option<f32> {
+        let current_risk = weighted_risk(&self.scratch, self.u_th);
+        let control = controlled_threshold_weighted(&mut self.scratch, alpha, delta).ok()?;
+        self.last_control = Some(control);
+        let informative = control.n_eff >= min_certifying_samples(alpha, delta);
+        let unsafe_now = excess_p_value(current_risk, control.n_eff, alpha) <= delta;
+        if informative || !self.evidenced || unsafe_now {
+            self.evidenced = true;
+            Some(control.u_th)
+        } else {
+            None
         }
     }
 }

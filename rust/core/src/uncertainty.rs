@@ -24,6 +24,16 @@ pub trait UncertaintyEstimator: Send {
     /// The uncertainty of `draft` given the SLM's raw `logits`. Returns 1.0 (maximally unsure)
     /// when the logits have no finite value.
     fn estimate(&mut self, logits: &[f32], draft: u32) -> f32;
+
+    /// The uncertainty of each of `drafts` at one position, into `out` (same order). Estimators
+    /// that normalise over the whole vocabulary share that work between the drafts; each
+    /// value has the distribution [`estimate`](Self::estimate) would give it.
+    fn estimate_many(&mut self, logits: &[f32], drafts: &[u32], out: &mut Vec<f32>) {
+        out.clear();
+        for &d in drafts {
+            out.push(self.estimate(logits, d));
+        }
+    }
 }
 
 /// Serialisable choice of estimator, as found in configs and calibration files.
@@ -144,14 +154,9 @@ impl UncertaintyKind {
     }
 }
 
-/// Logits shifted so the maximum is 0, keeping only the non-negligible ones.
-/// Returns the shifted logit of `draft` (or `None` if it is negligible or absent).
-fn shifted_candidates(
-    logits: &[f32],
-    draft: u32,
-    theta_max: f32,
-    out: &mut Vec<f32>,
-) -> Option<Option<f32>> {
+/// Logits shifted so the maximum is 0, keeping only the non-negligible ones. Returns the
+/// maximum, or `None` when no logit is finite.
+fn shift_logits(logits: &[f32], theta_max: f32, out: &mut Vec<f32>) -> Option<f32> {
     let max = logits
         .iter()
         .copied()
@@ -168,22 +173,44 @@ fn shifted_candidates(
             .map(|&z| z - max)
             .filter(|&s| s.is_finite() && s > cutoff),
     );
-    let draft_shift = logits
-        .get(draft as usize)
-        .map(|&z| z - max)
-        .filter(|s| s.is_finite() && *s > cutoff);
-    Some(draft_shift)
+    Some(max)
 }
 
-/// `softmax(z / theta)_d` from shifted logits.
-fn softmax_at(shifted: &[f32], draft_shift: f32, theta: f32) -> f64 {
+/// The shifted logit of `draft`, or `None` if it is negligible or absent.
+fn draft_shift(logits: &[f32], draft: u32, max: f32, theta_max: f32) -> Option<f32> {
+    let cutoff = -NEGLIGIBLE_NATS * theta_max;
+    logits
+        .get(draft as usize)
+        .map(|&z| z - max)
+        .filter(|s| s.is_finite() && *s > cutoff)
+}
+
+/// Reusable buffers of the estimators that normalise over the vocabulary.
+#[derive(Default)]
+struct Scratch {
+    shifted: Vec<f32>,
+    /// Each draft's shifted logit (`None`: negligible or absent).
+    shifts: Vec<Option<f32>>,
+    /// Per draft: expected probability (quadrature) or differing samples (Monte Carlo).
+    acc: Vec<f64>,
+    /// The output buffer of a single [`UncertaintyEstimator::estimate`].
+    single: Vec<f32>,
+}
+
+/// `sum_x exp(shifted_x / theta)`: the softmax normaliser at temperature `theta`.
+fn normaliser(shifted: &[f32], theta: f32) -> f64 {
     let inv = 1.0 / theta;
     let mut total = 0.0f64;
     for chunk in shifted.chunks(1024) {
         let s: f32 = chunk.iter().map(|&x| (x * inv).exp()).sum();
         total += s as f64;
     }
-    ((draft_shift * inv).exp() as f64 / total).min(1.0)
+    total
+}
+
+/// `softmax(z / theta)_d` given the normaliser at `theta`.
+fn softmax_from(draft_shift: f32, theta: f32, total: f64) -> f64 {
+    (((draft_shift / theta).exp()) as f64 / total).min(1.0)
 }
 
 /// The paper's estimator: `K` temperatures `theta_k ~ U(theta_min, theta_max]`, one token
@@ -196,7 +223,7 @@ pub struct TemperaturePerturbation {
     theta_min: f32,
     theta_max: f32,
     rng: ChaCha8Rng,
-    shifted: Vec<f32>,
+    scratch: Scratch,
 }
 
 impl TemperaturePerturbation {
@@ -206,7 +233,7 @@ impl TemperaturePerturbation {
             theta_min,
             theta_max,
             rng: ChaCha8Rng::seed_from_u64(seed),
-            shifted: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 }
@@ -217,22 +244,48 @@ impl UncertaintyEstimator for TemperaturePerturbation {
     }
 
     fn estimate(&mut self, logits: &[f32], draft: u32) -> f32 {
-        let Some(draft_shift) =
-            shifted_candidates(logits, draft, self.theta_max, &mut self.shifted)
-        else {
-            return 1.0;
+        let mut out = std::mem::take(&mut self.scratch.single);
+        self.estimate_many(logits, &[draft], &mut out);
+        let u = out[0];
+        self.scratch.single = out;
+        u
+    }
+
+    /// One temperature draw per sample, shared by every draft: each draft still sees `K`
+    /// independent temperatures and Bernoulli draws.
+    fn estimate_many(&mut self, logits: &[f32], drafts: &[u32], out: &mut Vec<f32>) {
+        out.clear();
+        let Scratch {
+            shifted,
+            shifts,
+            acc,
+            ..
+        } = &mut self.scratch;
+        let Some(max) = shift_logits(logits, self.theta_max, shifted) else {
+            out.resize(drafts.len(), 1.0);
+            return;
         };
-        let mut differ = 0u32;
+        shifts.clear();
+        shifts.extend(
+            drafts
+                .iter()
+                .map(|&d| draft_shift(logits, d, max, self.theta_max)),
+        );
+        acc.clear();
+        acc.resize(drafts.len(), 0.0);
         for _ in 0..self.samples {
             // U(theta_min, theta_max]: 1 - U[0,1) lies in (0, 1].
             let theta = self.theta_min
                 + (self.theta_max - self.theta_min) * (1.0 - self.rng.random::<f32>());
-            let p_d = draft_shift.map_or(0.0, |s| softmax_at(&self.shifted, s, theta));
-            if self.rng.random::<f64>() >= p_d {
-                differ += 1;
+            let total = normaliser(shifted, theta);
+            for (shift, differ) in shifts.iter().zip(acc.iter_mut()) {
+                let p_d = shift.map_or(0.0, |s| softmax_from(s, theta, total));
+                if self.rng.random::<f64>() >= p_d {
+                    *differ += 1.0;
+                }
             }
         }
-        differ as f32 / self.samples as f32
+        out.extend(acc.iter().map(|&n| (n / self.samples as f64) as f32));
     }
 }
 
@@ -250,7 +303,7 @@ pub struct ExpectedTemperature {
     /// (theta, weight) pairs, weights summing to 1.
     nodes: Vec<(f32, f64)>,
     theta_max: f32,
-    shifted: Vec<f32>,
+    scratch: Scratch,
 }
 
 impl ExpectedTemperature {
@@ -268,7 +321,7 @@ impl ExpectedTemperature {
         Self {
             nodes,
             theta_max,
-            shifted: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 }
@@ -279,20 +332,51 @@ impl UncertaintyEstimator for ExpectedTemperature {
     }
 
     fn estimate(&mut self, logits: &[f32], draft: u32) -> f32 {
-        let Some(draft_shift) =
-            shifted_candidates(logits, draft, self.theta_max, &mut self.shifted)
-        else {
-            return 1.0;
+        let mut out = std::mem::take(&mut self.scratch.single);
+        self.estimate_many(logits, &[draft], &mut out);
+        let u = out[0];
+        self.scratch.single = out;
+        u
+    }
+
+    /// One normaliser per quadrature node, shared by every draft.
+    fn estimate_many(&mut self, logits: &[f32], drafts: &[u32], out: &mut Vec<f32>) {
+        out.clear();
+        let Scratch {
+            shifted,
+            shifts,
+            acc: expected,
+            ..
+        } = &mut self.scratch;
+        let Some(max) = shift_logits(logits, self.theta_max, shifted) else {
+            out.resize(drafts.len(), 1.0);
+            return;
         };
-        let Some(s) = draft_shift else {
-            return 1.0;
-        };
-        let expected: f64 = self
-            .nodes
-            .iter()
-            .map(|&(theta, w)| w * softmax_at(&self.shifted, s, theta))
-            .sum();
-        (1.0 - expected).clamp(0.0, 1.0) as f32
+        shifts.clear();
+        shifts.extend(
+            drafts
+                .iter()
+                .map(|&d| draft_shift(logits, d, max, self.theta_max)),
+        );
+        expected.clear();
+        expected.resize(drafts.len(), 0.0);
+        for &(theta, w) in &self.nodes {
+            let total = normaliser(shifted, theta);
+            for (shift, e) in shifts.iter().zip(expected.iter_mut()) {
+                if let Some(s) = shift {
+                    *e += w * softmax_from(*s, theta, total);
+                }
+            }
+        }
+        out.extend(
+            shifts
+                .iter()
+                .zip(expected.iter())
+                .map(|(shift, e)| match shift {
+                    Some(_) => (1.0 - e).clamp(0.0, 1.0) as f32,
+                    None => 1.0,
+                }),
+        );
     }
 }
 
@@ -426,14 +510,13 @@ mod tests {
         let mut e = ExpectedTemperature::new(0.05, 2.0, 8);
         let u = e.estimate(&logits, draft);
         let mut shifted = Vec::new();
-        let s = shifted_candidates(&logits, draft, 2.0, &mut shifted)
-            .unwrap()
-            .unwrap();
+        let max = shift_logits(&logits, 2.0, &mut shifted).unwrap();
+        let s = draft_shift(&logits, draft, max, 2.0).unwrap();
         let n = 100_000;
         let mean: f64 = (0..n)
             .map(|i| {
                 let theta = 0.05 + 1.95 * (i as f32 + 0.5) / n as f32;
-                softmax_at(&shifted, s, theta)
+                softmax_from(s, theta, normaliser(&shifted, theta))
             })
             .sum::<f64>()
             / n as f64;
@@ -442,6 +525,45 @@ mod tests {
             "{u} vs {}",
             1.0 - mean
         );
+    }
+
+    #[test]
+    fn estimating_many_drafts_at_once_agrees_with_one_at_a_time() {
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919 % 997) as f32) * 0.013)
+            .collect();
+        let drafts = [3u32, 996, 4999, 17, 5000];
+        let mut e = ExpectedTemperature::new(0.05, 2.0, 8);
+        let mut many = Vec::new();
+        e.estimate_many(&logits, &drafts, &mut many);
+        for (&d, &u) in drafts.iter().zip(&many) {
+            assert_eq!(u, e.estimate(&logits, d), "draft {d}");
+        }
+        assert_eq!(
+            many[4], 1.0,
+            "an id outside the vocabulary is maximally uncertain"
+        );
+        // Monte Carlo: same mean as one-at-a-time estimates, over many positions' draws.
+        let mut a = TemperaturePerturbation::new(20, 0.05, 2.0, 1);
+        let mut b = TemperaturePerturbation::new(20, 0.05, 2.0, 2);
+        let (mut sum_many, mut sum_one) = (vec![0.0f64; 4], vec![0.0f64; 4]);
+        for _ in 0..400 {
+            a.estimate_many(&logits, &drafts[..4], &mut many);
+            for i in 0..4 {
+                sum_many[i] += many[i] as f64;
+                sum_one[i] += b.estimate(&logits, drafts[i]) as f64;
+            }
+        }
+        for i in 0..4 {
+            let (m, o) = (sum_many[i] / 400.0, sum_one[i] / 400.0);
+            assert!((m - o).abs() < 0.02, "draft {}: {m} vs {o}", drafts[i]);
+            let exact = 1.0 - e.estimate(&logits, drafts[i]) as f64;
+            assert!(
+                (1.0 - m - exact).abs() < 0.02,
+                "draft {}: {m} vs exact",
+                drafts[i]
+            );
+        }
     }
 
     #[test]

@@ -104,7 +104,9 @@ fn trailing_garbage_inside_the_declared_length_is_malformed() {
 fn short_payloads_and_bad_values_are_malformed() {
     let cases: &[(&str, &[u8])] = &[
         ("empty payload", &[]),
-        ("unknown variant", &[9]),
+        ("unknown variant", &[13]),
+        ("Generate cut short", &[9, 1]),
+        ("unknown finish reason", &[11, 0, 4, 0]),
         ("huge variant", &[0xff, 0xff, 0xff, 0xff, 0x0f]),
         ("varint too long", &[0, 0xff, 0xff, 0xff]),
         ("fingerprint cut short", &[0, 1, 7, 7]),
@@ -182,7 +184,8 @@ fn hello_version_check() {
     let reply = hello.check_version().unwrap_err();
     assert_eq!(reply.code, ErrorCode::UnsupportedVersion);
     assert_eq!(reply.code.recovery(), Recovery::Fatal);
-    assert!(reply.message.contains("version 1"), "{reply}");
+    let speaks = format!("speaks protocol version {PROTOCOL_VERSION}");
+    assert!(reply.message.contains(&speaks), "{reply}");
 }
 
 #[test]

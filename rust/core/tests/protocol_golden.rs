@@ -6,7 +6,7 @@ use uhlm_core::protocol::*;
 
 fn golden_hello() -> Message {
     Hello {
-        protocol_version: 1,
+        protocol_version: 2,
         model_fingerprint: std::array::from_fn(|i| i as u8),
         api_key: "key".into(),
         client: "uhlm/0.1".into(),
@@ -17,7 +17,7 @@ fn golden_hello() -> Message {
 const GOLDEN_HELLO: &[u8] = &[
     0x00, 0x00, 0x00, 0x2f, // payload length 47, big-endian
     0x00, // variant 0: Hello
-    0x01, // protocol_version 1
+    0x02, // protocol_version 2
     0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, // model_fingerprint: 32 raw bytes
     0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, //
     0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, //
@@ -66,12 +66,73 @@ const GOLDEN_ERROR: &[u8] = &[
     0x00, // seq: None
 ];
 
+fn golden_generate() -> Message {
+    Generate {
+        seq: 3,
+        max_tokens: 300,
+    }
+    .into()
+}
+
+const GOLDEN_GENERATE: &[u8] = &[
+    0x00, 0x00, 0x00, 0x04, // payload length 4
+    0x09, // variant 9: Generate
+    0x03, // seq 3
+    0xac, 0x02, // max_tokens 300
+];
+
+fn golden_tokens() -> Message {
+    Tokens {
+        seq: 3,
+        tokens: vec![17, 200, 49152],
+    }
+    .into()
+}
+
+const GOLDEN_TOKENS: &[u8] = &[
+    0x00, 0x00, 0x00, 0x09, // payload length 9
+    0x0a, // variant 10: Tokens
+    0x03, // seq 3
+    0x03, 0x11, 0xc8, 0x01, 0x80, 0x80, 0x03, // tokens: length 3, then 17, 200, 49152
+];
+
+fn golden_finished() -> Message {
+    Finished {
+        seq: 3,
+        reason: FinishReason::Eos,
+        context_len: 304,
+    }
+    .into()
+}
+
+const GOLDEN_FINISHED: &[u8] = &[
+    0x00, 0x00, 0x00, 0x05, // payload length 5
+    0x0b, // variant 11: Finished
+    0x03, // seq 3
+    0x01, // reason 1: Eos
+    0xb0, 0x02, // context_len 304
+];
+
+fn golden_cancel() -> Message {
+    Cancel { seq: 3 }.into()
+}
+
+const GOLDEN_CANCEL: &[u8] = &[
+    0x00, 0x00, 0x00, 0x02, // payload length 2
+    0x0c, // variant 12: Cancel
+    0x03, // seq 3
+];
+
 #[test]
 fn golden_frames_encode_exactly() {
     for (msg, bytes) in [
         (golden_hello(), GOLDEN_HELLO),
         (golden_verify(), GOLDEN_VERIFY),
         (golden_error(), GOLDEN_ERROR),
+        (golden_generate(), GOLDEN_GENERATE),
+        (golden_tokens(), GOLDEN_TOKENS),
+        (golden_finished(), GOLDEN_FINISHED),
+        (golden_cancel(), GOLDEN_CANCEL),
     ] {
         assert_eq!(encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES).unwrap(), bytes);
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
@@ -83,8 +144,9 @@ fn golden_frames_encode_exactly() {
 
 #[test]
 fn golden_constants() {
-    assert_eq!(PROTOCOL_VERSION, 1);
-    assert_eq!(ALPN, b"uhlm/1");
+    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(ALPN, b"uhlm/2");
+    assert_eq!(LEGACY_ALPNS, &[b"uhlm/1".as_slice()]);
     assert_eq!(DEFAULT_MAX_FRAME_BYTES, 1024 * 1024);
     assert_eq!(LARGE_VOCAB_MAX_FRAME_BYTES, 2 * 1024 * 1024);
 }

@@ -22,6 +22,7 @@ fn welcome() -> Message {
         server: "test".into(),
         max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
         max_context_tokens: 4096,
+        max_generate_tokens: 1024,
     }
     .into()
 }
@@ -351,4 +352,267 @@ fn next_position_never_overflows() {
     assert_eq!(s.next_position(usize::MAX), None);
     assert_eq!(s.next_position(u32::MAX as usize), None);
     assert_eq!(s.next_position(u32::MAX as usize - 10), Some(u32::MAX));
+}
+
+fn generate(seq: u32, max_tokens: u32) -> Message {
+    Generate { seq, max_tokens }.into()
+}
+
+fn tokens(seq: u32, n: u32) -> Message {
+    Tokens {
+        seq,
+        tokens: (100..100 + n).collect(),
+    }
+    .into()
+}
+
+fn finished(seq: u32, reason: FinishReason, context_len: u32) -> Message {
+    Finished {
+        seq,
+        reason,
+        context_len,
+    }
+    .into()
+}
+
+fn cancel(seq: u32) -> Message {
+    Cancel { seq }.into()
+}
+
+#[test]
+fn generate_streams_tokens_and_finishes_with_the_context_length() {
+    let mut s = ready_session();
+    assert_eq!(
+        s.on_message(Device, &generate(4, 0)),
+        Err(ErrorCode::InvalidRequest),
+        "a Generate for no token"
+    );
+    assert_eq!(s.phase(), SessionPhase::Ready);
+    s.on_message(Device, &generate(4, 5)).unwrap();
+    assert_eq!(
+        s.phase(),
+        SessionPhase::Generating {
+            seq: 4,
+            cancel_sent: false
+        }
+    );
+    // One request at a time, and only answers to this one.
+    for (side, msg) in [
+        (Device, generate(5, 1)),
+        (Device, verify(5, 10, 0)),
+        (Device, resync(10)),
+        (Server, tokens(3, 1)),
+        (Server, verdict(4)),
+        (Server, finished(3, FinishReason::Eos, 10)),
+    ] {
+        assert_eq!(
+            s.on_message(side, &msg),
+            Err(ErrorCode::UnexpectedMessage),
+            "{side:?} {}",
+            msg.kind()
+        );
+    }
+    s.on_message(Server, &tokens(4, 1)).unwrap();
+    s.on_message(Server, &tokens(4, 3)).unwrap();
+    assert_eq!(s.context_len(), Some(14));
+    assert_eq!(
+        s.on_message(Server, &tokens(4, 2)),
+        Err(ErrorCode::InvalidRequest),
+        "more tokens than asked for"
+    );
+    assert_eq!(
+        s.on_message(Server, &tokens(4, 0)),
+        Err(ErrorCode::InvalidRequest),
+        "an empty Tokens"
+    );
+    assert_eq!(
+        s.on_message(Server, &finished(4, FinishReason::MaxTokens, 14)),
+        Err(ErrorCode::InvalidRequest),
+        "MaxTokens before max_tokens tokens"
+    );
+    assert_eq!(
+        s.on_message(Server, &finished(4, FinishReason::Cancelled, 14)),
+        Err(ErrorCode::InvalidRequest),
+        "Cancelled without a Cancel"
+    );
+    s.on_message(Server, &tokens(4, 1)).unwrap();
+    assert_eq!(
+        s.on_message(Server, &finished(4, FinishReason::MaxTokens, 16)),
+        Err(ErrorCode::InvalidRequest),
+        "a context length that is not ours"
+    );
+    s.on_message(Server, &finished(4, FinishReason::MaxTokens, 15))
+        .unwrap();
+    assert_eq!(s.phase(), SessionPhase::Ready);
+    assert_eq!(s.context_len(), Some(15));
+    // The session goes on: hybrid requests see the generated tokens in the context.
+    s.on_message(Device, &verify(5, 15, 0)).unwrap();
+    s.on_message(Server, &verdict(5)).unwrap();
+    s.on_message(Device, &generate(6, 8)).unwrap();
+    s.on_message(Server, &tokens(6, 2)).unwrap();
+    s.on_message(Server, &finished(6, FinishReason::Eos, 18))
+        .unwrap();
+    s.on_message(Device, &generate(7, 8)).unwrap();
+    s.on_message(Server, &finished(7, FinishReason::ContextFull, 18))
+        .unwrap();
+    assert_eq!(s.context_len(), Some(18));
+}
+
+#[test]
+fn cancel_is_answered_by_finished_even_when_they_cross() {
+    // The device cancels; the server sends what it had, then Finished { Cancelled }.
+    let mut s = ready_session();
+    assert_eq!(
+        s.on_message(Device, &cancel(1)),
+        Err(ErrorCode::UnexpectedMessage),
+        "nothing to cancel"
+    );
+    s.on_message(Device, &generate(1, 50)).unwrap();
+    assert_eq!(
+        s.on_message(Device, &cancel(2)),
+        Err(ErrorCode::UnexpectedMessage),
+        "another request's seq"
+    );
+    s.on_message(Server, &tokens(1, 2)).unwrap();
+    s.on_message(Device, &cancel(1)).unwrap();
+    assert_eq!(
+        s.phase(),
+        SessionPhase::Generating {
+            seq: 1,
+            cancel_sent: true
+        }
+    );
+    assert_eq!(
+        s.on_message(Device, &cancel(1)),
+        Err(ErrorCode::UnexpectedMessage),
+        "cancelled twice"
+    );
+    s.on_message(Server, &tokens(1, 1)).unwrap();
+    s.on_message(Server, &finished(1, FinishReason::Cancelled, 13))
+        .unwrap();
+    assert_eq!(s.phase(), SessionPhase::Ready);
+    assert_eq!(
+        s.on_message(Device, &cancel(1)),
+        Err(ErrorCode::UnexpectedMessage),
+        "the Cancel was already answered"
+    );
+
+    // Device view of a crossing: Cancel sent, then Finished { MaxTokens } arrives.
+    let mut device = ready_session();
+    device.on_message(Device, &generate(2, 1)).unwrap();
+    device.on_message(Device, &cancel(2)).unwrap();
+    device.on_message(Server, &tokens(2, 1)).unwrap();
+    device
+        .on_message(Server, &finished(2, FinishReason::MaxTokens, 11))
+        .unwrap();
+    assert_eq!(device.phase(), SessionPhase::Ready);
+
+    // Server view of the same crossing: Finished sent, then the Cancel arrives and is a no-op.
+    let mut server = ready_session();
+    server.on_message(Device, &generate(2, 1)).unwrap();
+    server.on_message(Server, &tokens(2, 1)).unwrap();
+    server
+        .on_message(Server, &finished(2, FinishReason::MaxTokens, 11))
+        .unwrap();
+    server.on_message(Device, &cancel(2)).unwrap();
+    assert_eq!(server.phase(), SessionPhase::Ready);
+    assert_eq!(server.context_len(), Some(11));
+    assert_eq!(
+        server.on_message(Device, &cancel(2)),
+        Err(ErrorCode::UnexpectedMessage),
+        "only one late Cancel"
+    );
+    // A late Cancel after the next request is a bug.
+    let mut server = ready_session();
+    server.on_message(Device, &generate(3, 1)).unwrap();
+    server.on_message(Server, &tokens(3, 1)).unwrap();
+    server
+        .on_message(Server, &finished(3, FinishReason::MaxTokens, 11))
+        .unwrap();
+    server.on_message(Device, &verify(4, 11, 0)).unwrap();
+    assert_eq!(
+        server.on_message(Device, &cancel(3)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+}
+
+#[test]
+fn errors_during_a_generation() {
+    // Refused before any token (rate limit): nothing applied, the session is ready again.
+    let mut s = ready_session();
+    s.on_message(Device, &generate(1, 4)).unwrap();
+    assert_eq!(
+        s.on_message(Server, &error(ErrorCode::RateLimited, Some(2))),
+        Err(ErrorCode::UnexpectedMessage),
+        "an error answering another seq"
+    );
+    s.on_message(Server, &error(ErrorCode::RateLimited, Some(1)))
+        .unwrap();
+    assert_eq!(s.phase(), SessionPhase::Ready);
+    assert_eq!(s.context_len(), Some(10));
+    // Evicted context: resync, then generate again.
+    s.on_message(Device, &generate(2, 4)).unwrap();
+    s.on_message(Server, &error(ErrorCode::NeedResync, Some(2)))
+        .unwrap();
+    assert_eq!(s.phase(), SessionPhase::NeedResync);
+    s.on_message(Device, &resync(10)).unwrap();
+    s.on_message(Server, &started(10, None)).unwrap();
+    // A model failure mid-stream ends the session; so does the device closing it.
+    s.on_message(Device, &generate(3, 4)).unwrap();
+    s.on_message(Server, &tokens(3, 2)).unwrap();
+    s.on_message(Server, &error(ErrorCode::Internal, Some(3)))
+        .unwrap();
+    assert_eq!(s.phase(), SessionPhase::Closed);
+    let mut s = ready_session();
+    s.on_message(Device, &generate(1, 4)).unwrap();
+    s.on_message(Device, &close()).unwrap();
+    assert_eq!(s.phase(), SessionPhase::Closed);
+    // Generate and Cancel come from the device only; Tokens and Finished from the server only.
+    let mut s = ready_session();
+    assert_eq!(
+        s.on_message(Server, &generate(1, 4)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+    s.on_message(Device, &generate(1, 4)).unwrap();
+    assert_eq!(
+        s.on_message(Device, &tokens(1, 1)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+    assert_eq!(
+        s.on_message(Server, &cancel(1)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+    assert_eq!(
+        s.on_message(Device, &finished(1, FinishReason::Eos, 10)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+    // Before Started there is no session to generate on.
+    let mut s = SessionStream::new();
+    s.on_message(Device, &start_tokens(3)).unwrap();
+    assert_eq!(
+        s.on_message(Device, &generate(1, 4)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+}
+
+#[test]
+fn generate_limits_are_checked_with_typed_errors() {
+    let g = Generate {
+        seq: 9,
+        max_tokens: 100,
+    };
+    g.check(10, 4096, 100).unwrap();
+    // Partly possible: allowed, the generation ends with ContextFull.
+    g.check(4095, 4096, 100).unwrap();
+    let e = g.check(4096, 4096, 100).unwrap_err();
+    assert_eq!((e.code, e.seq), (ErrorCode::ContextTooLong, Some(9)));
+    let e = g.check(10, 4096, 99).unwrap_err();
+    assert_eq!((e.code, e.seq), (ErrorCode::InvalidRequest, Some(9)));
+    let e = Generate {
+        seq: 1,
+        max_tokens: 0,
+    }
+    .check(10, 4096, 100)
+    .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidRequest);
 }

@@ -7,8 +7,10 @@
 //! - [`measured`]: the same systems for real, device and server processes over QUIC through an
 //!   emulated link, per link profile.
 //! - [`plot`]: SVG plots of the results.
+//! - [`humaneval`]: the HumanEval task, scored by executing completions against its tests.
 
 pub mod calibrate;
+pub mod humaneval;
 pub mod measured;
 pub mod pair;
 pub mod paper;
@@ -54,6 +56,12 @@ pub enum EvalError {
     Link(#[from] uhlm_linkemu::StartError),
     #[error(transparent)]
     Sdk(#[from] uhlm_sdk::SdkError),
+    #[error(transparent)]
+    HumanEval(#[from] crate::humaneval::HumanEvalError),
+    #[error(transparent)]
+    RiskControl(#[from] uhlm_core::risk_control::RiskControlError),
+    #[error("cannot resume: {0}")]
+    Resume(String),
     #[error("plotting {}: {reason}", path.display())]
     Plot { path: PathBuf, reason: String },
     #[error("I/O error on {}: {source}", path.display())]

@@ -285,14 +285,31 @@ fn engine_config(
     system: &SystemSpec,
     options: &MeasureOptions,
 ) -> EngineConfig {
+    EngineConfig {
+        connect_timeout_ms: options.connect_timeout_ms,
+        ..engine_config_for(slm, server, addr, system, options.request_timeout_ms)
+    }
+}
+
+/// The SDK configuration that runs `system` against `server`, reached at `addr` (the server
+/// itself or a link emulator in front of it): SLM only → [`Mode::Slm`], LLM only →
+/// [`Mode::Llm`], a hybrid that never skips → [`Mode::Hlm`], any other hybrid →
+/// [`Mode::Uhlm`] with its estimator, threshold and codec.
+pub fn engine_config_for(
+    slm: &Path,
+    server: &ServerProcess,
+    addr: SocketAddr,
+    system: &SystemSpec,
+    request_timeout_ms: u64,
+) -> EngineConfig {
     let base = EngineConfig {
         slm_path: slm.to_path_buf(),
         server: Some(addr.to_string()),
         pin: Some(server.pin.clone()),
         api_key: server.api_key.clone(),
-        request_timeout_ms: options.request_timeout_ms,
-        connect_timeout_ms: options.connect_timeout_ms,
-        idle_timeout_ms: options.request_timeout_ms.max(15_000),
+        request_timeout_ms,
+        connect_timeout_ms: 30_000,
+        idle_timeout_ms: request_timeout_ms.max(15_000),
         client_name: format!("uhlm-bench/{}", system.name),
         ..EngineConfig::default()
     };

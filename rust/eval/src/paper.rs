@@ -13,9 +13,11 @@
 //! - expected time per token on the core's fading channel at each SNR, with the SLM and LLM step
 //!   times measured on this machine.
 //!
-//! Skipping is decided by `u(x) < u_th`. Every estimator's `u` falls as the token's logit rises,
-//! so the skipped tokens are a prefix of the logit ranking; `u` is computed for the top
-//! [`RANKED`] tokens and the rest are sent (exact whenever `u_th` is below the last one's `u`).
+//! Skipping is decided by `u(x) < u_th`, each token by its own estimate. `u` is computed for the
+//! top [`RANKED`] tokens of the SLM's ranking and the rest are sent: exact for the closed form
+//! (its `u` rises down the ranking) whenever `u_th` is below the last ranked token's `u`; for the
+//! Monte-Carlo estimator a token further down could draw a low `u` only with negligible
+//! probability, since its chance of being sampled at every temperature is tiny.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -23,7 +25,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use uhlm_core::channel::{Channel, ChannelConfig};
 use uhlm_core::codec::{Codec, encode};
-use uhlm_core::protocol::{Draft, Message, Verdict, Verify, encode_frame};
+use uhlm_core::protocol::{Draft, Generate, Message, Tokens, Verdict, Verify, encode_frame};
 use uhlm_core::sampling::{SamplingOptions, argmax, probabilities_into};
 use uhlm_core::uncertainty::{UncertaintyEstimator, UncertaintyKind};
 
@@ -229,6 +231,7 @@ struct Acc {
     fidelity: f64,
     loglik: f64,
     exchanges: f64,
+    server_steps: f64,
     downlink: f64,
     slm_runs: f64,
 }
@@ -241,7 +244,8 @@ impl Acc {
         self.fidelity += o.fidelity;
         self.loglik += o.loglik;
         self.exchanges += o.exchanges;
-        self.downlink += o.exchanges * o.downlink;
+        self.server_steps += o.server_steps;
+        self.downlink += o.downlink;
         self.slm_runs += o.runs_slm as u8 as f64;
     }
 
@@ -250,7 +254,8 @@ impl Acc {
         self.slm_runs * compute.slm_step_s
             + self.bytes * 8.0 / rate
             + self.downlink * 8.0 / channel.downlink_bps
-            + self.exchanges * (channel.rtt_s + compute.llm_step_s)
+            + self.exchanges * channel.rtt_s
+            + self.server_steps * compute.llm_step_s
     }
 }
 
@@ -408,7 +413,7 @@ impl<'a> Evaluation<'a> {
             sweep_estimator: UncertaintyKind::default().build(),
             accs: vec![Acc::default(); systems.len()],
             sweep_accs: vec![Acc::default(); options.sweep.len()],
-            frames: FrameSizes::new()?,
+            frames: FrameSizes::new(options.max_tokens)?,
             positions: 0,
             p: Vec::new(),
             q: Vec::new(),
@@ -478,7 +483,8 @@ pub fn systems(our_threshold: f32, paper_threshold: f32, cuhlm_k: u32) -> Vec<Sy
         },
         SystemSpec {
             name: "llm".into(),
-            description: "LLM only, remote (every token sampled by the server)".into(),
+            description: "LLM only: the server generates and streams every token (one request)"
+                .into(),
             kind: SystemKind::LlmOnly,
         },
         SystemSpec {
@@ -570,15 +576,25 @@ impl TimeAcc {
 
 /// Sizes of the frames that do not depend on the distribution.
 struct FrameSizes {
-    /// A `Verify` without draft (remote LLM only).
-    ask: f64,
-    /// A `Verdict` (the downlink of every exchange).
+    /// Remote LLM only: one `Generate` per generation of `tokens_per_generation` tokens.
+    generate: f64,
+    tokens_per_generation: f64,
+    /// A `Tokens` frame carrying one id (the server streams each token as it is sampled).
+    streamed_token: f64,
+    /// A `Verdict` (the downlink of every verification).
     verdict: f64,
 }
 
 impl FrameSizes {
-    fn new() -> Result<Self, EvalError> {
-        let ask = verify_frame_bytes(None)?;
+    fn new(tokens_per_generation: u32) -> Result<Self, EvalError> {
+        let generate = frame_bytes(&Message::Generate(Generate {
+            seq: 1000,
+            max_tokens: tokens_per_generation,
+        }))?;
+        let streamed_token = frame_bytes(&Message::Tokens(Tokens {
+            seq: 1000,
+            tokens: vec![40_000],
+        }))?;
         let verdict = frame_bytes(&Message::Verdict(Verdict {
             seq: 1000,
             token: 40_000,
@@ -586,7 +602,12 @@ impl FrameSizes {
             beta: 0.25,
             tv_distance: 0.25,
         }))?;
-        Ok(Self { ask, verdict })
+        Ok(Self {
+            generate,
+            tokens_per_generation: tokens_per_generation.max(1) as f64,
+            streamed_token,
+            verdict,
+        })
     }
 }
 
@@ -627,7 +648,9 @@ fn ranking(z_q: &[f32]) -> Vec<u32> {
 }
 
 fn uncertainties(est: &mut dyn UncertaintyEstimator, z_q: &[f32], ranked: &[u32]) -> Vec<f32> {
-    ranked.iter().map(|&d| est.estimate(z_q, d)).collect()
+    let mut u = Vec::with_capacity(ranked.len());
+    est.estimate_many(z_q, ranked, &mut u);
+    u
 }
 
 /// What one system does at one position (expectations over its sampling).
@@ -635,8 +658,10 @@ struct Outcome {
     skip: f64,
     /// Expected uplink bytes.
     bytes: f64,
-    /// Expected number of exchanges with the server (0 to 1).
+    /// Expected round trips waited for (0 to 1).
     exchanges: f64,
+    /// Expected forward passes of the LLM the device waits for.
+    server_steps: f64,
     /// Whether the device runs its SLM for this token.
     runs_slm: bool,
     agree: f64,
@@ -659,6 +684,7 @@ fn evaluate(
                 skip: 1.0,
                 bytes: 0.0,
                 exchanges: 0.0,
+                server_steps: 0.0,
                 runs_slm: true,
                 agree: (draft == pos.reference) as u8 as f64,
                 fidelity: overlap(pos.q, pos.p),
@@ -666,24 +692,25 @@ fn evaluate(
                 downlink: 0.0,
             }
         }
+        // The streaming server: one request and one round trip per generation, then a
+        // forward pass and a streamed `Tokens` frame per token.
         SystemKind::LlmOnly => Outcome {
             skip: 0.0,
-            bytes: frames.ask,
-            exchanges: 1.0,
+            bytes: frames.generate / frames.tokens_per_generation,
+            exchanges: 1.0 / frames.tokens_per_generation,
+            server_steps: 1.0,
             runs_slm: false,
             agree: 1.0,
             fidelity: 1.0,
             loglik: expected_ln(pos.p, pos.ln_p),
-            downlink: frames.verdict,
+            downlink: frames.streamed_token,
         },
         SystemKind::Hybrid { threshold, .. } => {
             let u = match estimator {
                 Some(est) if *threshold > 0.0 => uncertainties(est.as_mut(), pos.z_q, ranked),
                 _ => Vec::new(),
             };
-            let mut out = hybrid(&system.kind, pos, ranked, &u, frames)?;
-            out.downlink = frames.verdict;
-            out
+            hybrid(&system.kind, pos, ranked, &u, frames)?
         }
     })
 }
@@ -707,11 +734,12 @@ fn hybrid(
     let server_q = &encoded.q_prime;
     // Exact codecs make the device draft from what it sends; CU-HLM drafts from the full q.
     let device_q: &[f32] = if codec.is_exact() { server_q } else { pos.q };
-    // Skipped: the prefix of the ranking with u below the threshold.
+    // Skipped: every ranked token whose own estimate is below the threshold. (For the
+    // Monte-Carlo estimator these need not be a prefix of the ranking.)
     let skipped: Vec<u32> = ranked
         .iter()
         .zip(u)
-        .take_while(|(_, u)| **u < *threshold)
+        .filter(|(_, u)| **u < *threshold)
         .map(|(&id, _)| id)
         .collect();
     let is_skipped = |x: usize| skipped.contains(&(x as u32));
@@ -774,11 +802,12 @@ fn hybrid(
         skip,
         bytes: send * frame + skip * varint_len(draft),
         exchanges: send,
+        server_steps: send,
         runs_slm: true,
         agree,
         fidelity: fidelity.min(1.0),
         loglik,
-        downlink: frames.verdict,
+        downlink: send * frames.verdict,
     })
 }
 
@@ -840,7 +869,7 @@ mod tests {
         let f = Fixture::new();
         let (z_q, q, p, ln_p) = (&f.z_q[..], &f.q[..], &f.p[..], &f.ln_p[..]);
         let pos = position(z_q, q, p, ln_p);
-        let frames = FrameSizes::new().unwrap();
+        let frames = FrameSizes::new(32).unwrap();
         for codec in ["dense-f32", "topk:2", "topp:0.5"] {
             let kind = SystemKind::Hybrid {
                 estimator: UncertaintyKind::default(),
@@ -874,7 +903,7 @@ mod tests {
         let f = Fixture::new();
         let (z_q, q, p, ln_p) = (&f.z_q[..], &f.q[..], &f.p[..], &f.ln_p[..]);
         let pos = position(z_q, q, p, ln_p);
-        let frames = FrameSizes::new().unwrap();
+        let frames = FrameSizes::new(32).unwrap();
         let ranked = ranking(z_q);
         assert_eq!(ranked[..2], [5, 0]);
         let mut est = UncertaintyKind::default().build();
@@ -903,6 +932,32 @@ mod tests {
         let out = hybrid(&one, &pos, &ranked, &u, &frames).unwrap();
         assert!((out.skip - q[5] as f64).abs() < 1e-6);
         assert!(out.bytes > 0.0 && out.exchanges < 1.0);
+    }
+
+    #[test]
+    fn each_token_is_judged_by_its_own_estimate() {
+        // A Monte-Carlo draw can rank the second token as more certain than the first: it is
+        // skipped on its own, while the first is sent.
+        let f = Fixture::new();
+        let (z_q, q, p, ln_p) = (&f.z_q[..], &f.q[..], &f.p[..], &f.ln_p[..]);
+        let pos = position(z_q, q, p, ln_p);
+        let frames = FrameSizes::new(32).unwrap();
+        let ranked = ranking(z_q);
+        let mut u = vec![0.9f32; ranked.len()];
+        u[0] = 0.5;
+        u[1] = 0.1;
+        let kind = SystemKind::Hybrid {
+            estimator: UncertaintyKind::paper(7),
+            threshold: 0.3,
+            codec: Codec::DenseF32,
+            recalibrate: false,
+        };
+        let out = hybrid(&kind, &pos, &ranked, &u, &frames).unwrap();
+        assert!((out.skip - q[ranked[1] as usize] as f64).abs() < 1e-6);
+        assert_eq!(
+            out.agree, 1.0,
+            "the top draft is sent, so the server decides it"
+        );
     }
 
     #[test]

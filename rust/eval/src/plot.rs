@@ -6,6 +6,7 @@ use plotters::prelude::*;
 
 use crate::EvalError;
 use crate::calibrate::CalibrationRun;
+use crate::humaneval::bench::{HumanEvalReport, SystemScore};
 use crate::paper::{PaperReport, SystemResult, snr_key};
 
 /// One named line (or point cloud) of a chart.
@@ -222,6 +223,48 @@ fn throughput_lines(
         })
         .collect();
     draw(path, chart, &[], &lines)
+}
+
+/// HumanEval pass@1 (greedy) against the share of tokens decided on the device: one point per
+/// system, and the fixed-threshold sweep of uhlm as a line.
+pub fn humaneval(report: &HumanEvalReport, path: &Path) -> Result<(), EvalError> {
+    let scored = |s: &&SystemScore| s.pass_at_1_greedy.is_some();
+    let points: Vec<Series> = report
+        .systems
+        .iter()
+        .filter(scored)
+        .filter(|s| !s.name.contains('@'))
+        .map(|s| Series {
+            name: s.name.clone(),
+            points: vec![(s.device_share, s.pass_at_1_greedy.unwrap_or(f64::NAN))],
+        })
+        .collect();
+    let mut sweep: Vec<(f64, f64)> = report
+        .systems
+        .iter()
+        .filter(scored)
+        .filter(|s| s.name.starts_with("uhlm"))
+        .map(|s| (s.device_share, s.pass_at_1_greedy.unwrap_or(f64::NAN)))
+        .collect();
+    sweep.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let lines = if sweep.len() > 1 {
+        vec![Series {
+            name: "uhlm, threshold sweep".into(),
+            points: sweep,
+        }]
+    } else {
+        Vec::new()
+    };
+    draw(
+        path,
+        &Chart {
+            title: "HumanEval pass@1 (greedy) against tokens decided on the device",
+            x_label: "share of tokens decided on the device",
+            y_label: "pass@1",
+        },
+        &points,
+        &lines,
+    )
 }
 
 #[cfg(test)]

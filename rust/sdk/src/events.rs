@@ -14,7 +14,7 @@ pub enum TokenSource {
     Accepted,
     /// Sent to the server, which replaced the draft with its own sample.
     Resampled,
-    /// Sampled by the server without a draft ([`Mode::Llm`](crate::Mode::Llm)).
+    /// Sampled and streamed by the server without a draft ([`Mode::Llm`](crate::Mode::Llm)).
     Remote,
     /// Would have been sent, but the server was unreachable: the SLM's draft was kept.
     Offline,
@@ -42,7 +42,8 @@ pub struct TokenEvent {
     /// Index of the token in the generated output (0 = first generated token).
     pub position: u32,
     pub source: TokenSource,
-    /// The SLM's uncertainty about its draft for this position, in `[0, 1]`.
+    /// The SLM's uncertainty about its draft for this position, in `[0, 1]`; `0` for
+    /// [`TokenSource::Remote`] tokens, which no SLM drafted (LLM-only mode does not run it).
     pub uncertainty: f32,
 }
 

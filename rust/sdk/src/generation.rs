@@ -6,12 +6,18 @@
 //! been sent keep their draft and are marked `Offline`; as soon as a background reconnect
 //! succeeds, a new session starts from the full context and the loop is hybrid again. Tokens
 //! are emitted only once committed, so nothing shown is ever revised.
+//!
+//! [`Mode::Llm`] is the LLM-only baseline as a user would run it: one `Generate` request and the
+//! server streams its tokens (no per-token round trip, and the SLM does not run). If the link
+//! fails mid-stream, the SLM catches up on the context in one pass and continues on the device
+//! (`Offline` tokens), and streaming resumes once a reconnect succeeds.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use uhlm_core::protocol::{
-    self, Close, Message, Recovery, Resync, SessionStream, Side, Start, Verify,
+    self, Close, FinishReason, Generate, Message, Recovery, Resync, SessionStream, Side, Start,
+    Verify,
 };
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_core::threshold::Decision;
@@ -76,7 +82,8 @@ pub(crate) async fn run(
     let prompt_ids = inner.render(&prompt, options.chat_template)?;
     let mode = inner.config.mode;
     let codec = matches!(mode, Mode::Uhlm | Mode::Hlm).then(|| inner.config.codec.clone());
-    {
+    // LLM-only mode runs the SLM only if it has to take over (see `Generation::catch_up`).
+    if mode != Mode::Llm {
         let (ids, s) = (prompt_ids.clone(), sampling.clone());
         blocking(&inner.drafter, move |d| d.start(&ids, s, codec, seed)).await?;
     }
@@ -93,6 +100,7 @@ pub(crate) async fn run(
         online: false,
         retry_at: None,
         stats: StatsAccumulator::default(),
+        eos: inner.model.tokenizer().eos_ids().to_vec(),
     };
     let started = Instant::now();
     let result = g.run_loop(seed).await;
@@ -129,6 +137,24 @@ struct Generation {
     /// No new session before this time (after a failed session start on a live connection).
     retry_at: Option<Instant>,
     stats: StatsAccumulator,
+    /// End-of-sequence ids of the tokenizer: deciding one ends the generation.
+    eos: Vec<u32>,
+}
+
+/// What a generation has shown so far.
+struct Output {
+    text: TextStream,
+    token_ids: Vec<u32>,
+    sources: Vec<TokenSource>,
+}
+
+/// How a stretch of server-streamed generation ended.
+enum Streamed {
+    /// The generation is over.
+    Done(StopReason),
+    /// The link failed or the server asked to back off; the session is dropped and the
+    /// generation continues on the device.
+    Offline,
 }
 
 impl Generation {
@@ -141,31 +167,47 @@ impl Generation {
                 Err(e) => self.went_offline(format!("{e}")),
             }
         }
-        let model = self.inner.model.clone();
-        let tokenizer = model.tokenizer();
-        let eos = tokenizer.eos_ids().to_vec();
         let context_limit = {
             let d = lock(&self.inner.drafter);
             d.context_length()
         };
-        let mut text = TextStream::new(&self.sampling.stop);
-        let mut token_ids = Vec::new();
-        let mut sources = Vec::new();
-        let mut stop = StopReason::MaxTokens;
+        let mut out = Output {
+            text: TextStream::new(&self.sampling.stop),
+            token_ids: Vec::new(),
+            sources: Vec::new(),
+        };
+        // Whether the SLM has scored the whole context (LLM-only mode starts it lazily).
+        let mut slm_ready = self.mode != Mode::Llm;
         let mut feed: Option<u32> = None;
-        for position in 0..self.sampling.max_tokens {
+        let mut stop = loop {
+            if out.token_ids.len() as u32 >= self.sampling.max_tokens {
+                break StopReason::MaxTokens;
+            }
             if self.cancel.is_cancelled() {
                 return Err(SdkError::Cancelled);
             }
             if self.context.len() >= context_limit {
-                stop = StopReason::ContextFull;
-                break;
+                break StopReason::ContextFull;
             }
             let may_retry = self.retry_at.is_none_or(|t| Instant::now() >= t);
             if self.mode.uses_server() && self.link.is_none() && may_retry {
                 if let Some(conn) = self.inner.link.poll(&self.inner.rt) {
                     self.open_session(conn, true).await?;
                 }
+            }
+            if self.mode == Mode::Llm && self.link.is_some() {
+                match self.stream_remote(&mut out, context_limit).await? {
+                    Streamed::Done(stop) => break stop,
+                    Streamed::Offline => {
+                        slm_ready = false;
+                        continue;
+                    }
+                }
+            }
+            if !slm_ready {
+                self.catch_up(seed).await?;
+                slm_ready = true;
+                feed = None;
             }
             let prev = feed.take();
             let draft = blocking(&self.inner.drafter, move |d| {
@@ -176,29 +218,12 @@ impl Generation {
             })
             .await?;
             let (token, source) = self.decide(&draft).await?;
-            self.context.push(token);
-            if eos.contains(&token) {
-                stop = StopReason::Eos;
-                break;
-            }
-            token_ids.push(token);
-            sources.push(source);
-            self.stats.counters.generated_tokens += 1;
-            let (shown, hit) = text.push(tokenizer, token);
-            self.listener.on_token(TokenEvent {
-                text: shown,
-                token_id: token,
-                position,
-                source,
-                uncertainty: draft.uncertainty,
-            });
-            if hit {
-                stop = StopReason::StopString;
-                break;
+            if let Some(stop) = self.commit(&mut out, token, source, draft.uncertainty) {
+                break stop;
             }
             feed = Some(token);
-        }
-        let (tail, hit) = text.finish();
+        };
+        let (tail, hit) = out.text.finish();
         if hit {
             stop = StopReason::StopString;
         }
@@ -206,14 +231,211 @@ impl Generation {
             self.listener.on_tail_text(tail);
         }
         Ok(GenerationSummary {
-            text: text.text().to_string(),
-            token_ids,
-            sources,
+            text: out.text.text().to_string(),
+            token_ids: out.token_ids,
+            sources: out.sources,
             stop,
             prompt_tokens,
             seed,
             stats: Default::default(),
         })
+    }
+
+    /// Commits a decided token: context, counters, the listener. `Some` ends the generation.
+    fn commit(
+        &mut self,
+        out: &mut Output,
+        token: u32,
+        source: TokenSource,
+        uncertainty: f32,
+    ) -> Option<StopReason> {
+        self.context.push(token);
+        if self.eos.contains(&token) {
+            return Some(StopReason::Eos);
+        }
+        let position = out.token_ids.len() as u32;
+        out.token_ids.push(token);
+        out.sources.push(source);
+        self.stats.counters.generated_tokens += 1;
+        let (shown, hit) = out.text.push(self.inner.model.tokenizer(), token);
+        self.listener.on_token(TokenEvent {
+            text: shown,
+            token_id: token,
+            position,
+            source,
+            uncertainty,
+        });
+        hit.then_some(StopReason::StopString)
+    }
+
+    /// Prepares the SLM to take over in LLM-only mode: scores the context it has not seen
+    /// (the prompt and every streamed token) in one pass.
+    async fn catch_up(&mut self, seed: u64) -> Result<(), SdkError> {
+        let (ids, s) = (self.context.clone(), self.sampling.clone());
+        blocking(&self.inner.drafter, move |d| d.start(&ids, s, None, seed)).await
+    }
+
+    /// LLM-only mode: asks the server to generate what is left (several `Generate`s when it is
+    /// more than the server allows per request) and commits the streamed tokens as they arrive.
+    /// Stop strings, `max_tokens` and the context limit apply exactly as on the per-token path;
+    /// stopping early needs no message, since the session's `Close` ends the server's work.
+    async fn stream_remote(
+        &mut self,
+        out: &mut Output,
+        context_limit: usize,
+    ) -> Result<Streamed, SdkError> {
+        let timeout = self.inner.config.request_timeout();
+        // A resync that is not followed by progress twice in a row means the server cannot keep
+        // this session; give up on it rather than loop.
+        let mut resynced = false;
+        loop {
+            let generated = out.token_ids.len() as u32;
+            let left = self.sampling.max_tokens.saturating_sub(generated);
+            let room =
+                u32::try_from(context_limit.saturating_sub(self.context.len())).unwrap_or(u32::MAX);
+            let Some(link) = self.link.as_mut() else {
+                return Ok(Streamed::Offline);
+            };
+            let want = left
+                .min(room)
+                .min(link.conn.welcome.max_generate_tokens.max(1));
+            if want == 0 {
+                return Ok(Streamed::Done(if left == 0 {
+                    StopReason::MaxTokens
+                } else {
+                    StopReason::ContextFull
+                }));
+            }
+            let seq = self.seq;
+            self.seq = self.seq.wrapping_add(1);
+            let msg = Message::Generate(Generate {
+                seq,
+                max_tokens: want,
+            });
+            if let Err(c) = link.state.on_message(Side::Device, &msg) {
+                self.drop_session(LinkError::Protocol(format!("cannot send Generate: {c}")));
+                return Ok(Streamed::Offline);
+            }
+            let t0 = Instant::now();
+            let c = &mut self.stats.counters;
+            if let Err(e) = link.stream.send(&msg, &mut c.uplink_bytes).await {
+                self.drop_session(e);
+                return Ok(Streamed::Offline);
+            }
+            let mut first = true;
+            loop {
+                let Some(link) = self.link.as_mut() else {
+                    return Ok(Streamed::Offline);
+                };
+                let c = &mut self.stats.counters;
+                let reply = match recv_within(
+                    &mut link.stream,
+                    &mut c.downlink_bytes,
+                    timeout,
+                    &self.cancel,
+                )
+                .await
+                {
+                    Ok(m) => m,
+                    Err(Wait::Cancelled) => return Err(SdkError::Cancelled),
+                    Err(Wait::Fatal(e)) => return Err(e),
+                    Err(Wait::Link(e)) => {
+                        self.drop_session(e);
+                        return Ok(Streamed::Offline);
+                    }
+                    Err(Wait::Retry) => {
+                        self.drop_session(LinkError::Down("the server is busy".into()));
+                        return Ok(Streamed::Offline);
+                    }
+                };
+                if first {
+                    // One round trip per request: until its first answer.
+                    self.stats.record_rtt(t0.elapsed());
+                    first = false;
+                }
+                if let Err(c) = link.state.on_message(Side::Server, &reply) {
+                    self.drop_session(LinkError::Protocol(format!(
+                        "unexpected {}: {c}",
+                        reply.kind()
+                    )));
+                    return Ok(Streamed::Offline);
+                }
+                match reply {
+                    Message::Tokens(t) => {
+                        resynced = false;
+                        for token in t.tokens {
+                            // As on the per-token path: nothing is shown after a cancel.
+                            if self.cancel.is_cancelled() {
+                                return Err(SdkError::Cancelled);
+                            }
+                            let c = &mut self.stats.counters;
+                            c.decisions += 1;
+                            c.remote += 1;
+                            if let Some(stop) = self.commit(out, token, TokenSource::Remote, 0.0) {
+                                return Ok(Streamed::Done(stop));
+                            }
+                        }
+                    }
+                    Message::Finished(f) => match f.reason {
+                        // More to generate than one request allows: ask again.
+                        FinishReason::MaxTokens => break,
+                        // An end-of-sequence id of the server's model that ours does not
+                        // list, or a server context smaller than ours.
+                        FinishReason::Eos => return Ok(Streamed::Done(StopReason::Eos)),
+                        FinishReason::ContextFull => {
+                            return Ok(Streamed::Done(StopReason::ContextFull));
+                        }
+                        // We never cancel (the state machine rejects this reason otherwise).
+                        FinishReason::Cancelled => return Err(SdkError::Cancelled),
+                    },
+                    Message::Error(e) => match e.code.recovery() {
+                        Recovery::Resync if !resynced => {
+                            tracing::debug!(code = %e.code, "server asked for a resync");
+                            if let Err(w) = self.resync().await {
+                                return self.stream_failed(w);
+                            }
+                            resynced = true;
+                            break;
+                        }
+                        Recovery::Fatal => return Err(SdkError::from_server(&e)),
+                        Recovery::Reconnect => {
+                            self.drop_session(LinkError::Down(e.to_string()));
+                            return Ok(Streamed::Offline);
+                        }
+                        _ => {
+                            self.drop_session(LinkError::Protocol(e.to_string()));
+                            return Ok(Streamed::Offline);
+                        }
+                    },
+                    other => {
+                        self.drop_session(LinkError::Protocol(format!(
+                            "expected Tokens or Finished, got {}",
+                            other.kind()
+                        )));
+                        return Ok(Streamed::Offline);
+                    }
+                }
+            }
+            if self.cancel.is_cancelled() {
+                return Err(SdkError::Cancelled);
+            }
+        }
+    }
+
+    /// A failed resync while streaming: the session is gone, the device takes over.
+    fn stream_failed(&mut self, w: Wait) -> Result<Streamed, SdkError> {
+        match w {
+            Wait::Cancelled => Err(SdkError::Cancelled),
+            Wait::Fatal(e) => Err(e),
+            Wait::Link(e) => {
+                self.drop_session(e);
+                Ok(Streamed::Offline)
+            }
+            Wait::Retry => {
+                self.drop_session(LinkError::Down("the server is busy".into()));
+                Ok(Streamed::Offline)
+            }
+        }
     }
 
     /// Decides one token: locally, or through the server when the mode and policy say so.

@@ -5,7 +5,7 @@
 //! - `drafted = skipped + sent + offline`: decisions where the SLM's draft was the candidate
 //!   (every decision except server-sampled [`Mode::Llm`](crate::Mode::Llm) ones);
 //! - `sent = accepted + resampled`: drafts the server verified;
-//! - `remote`: tokens the server sampled without a draft (`Mode::Llm`).
+//! - `remote`: tokens the server sampled and streamed without a draft (`Mode::Llm`).
 //!
 //! Bytes are whole frames (length prefix included) written to or read from session streams,
 //! counted where they cross the QUIC stream API.
@@ -29,7 +29,8 @@ pub struct Stats {
     pub offline: u64,
     pub uplink_bytes: u64,
     pub downlink_bytes: u64,
-    /// Request/answer exchanges with the server (Verify, Start, Resync).
+    /// Request/answer exchanges with the server (Start, Verify, Resync, and one per Generate,
+    /// however many tokens it streams; its round-trip time runs to the first token).
     pub round_trips: u64,
     pub rtt_mean_ms: f64,
     pub rtt_p50_ms: f64,

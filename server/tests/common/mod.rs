@@ -33,6 +33,11 @@ pub fn llm() -> Arc<Model> {
 
 /// A client endpoint trusting exactly `cert_der` (the server's self-signed certificate).
 pub fn client_endpoint(cert_der: &[u8]) -> Endpoint {
+    client_endpoint_with_alpn(cert_der, ALPN)
+}
+
+/// Like [`client_endpoint`], offering `alpn` (e.g. an older version's) instead of ours.
+pub fn client_endpoint_with_alpn(cert_der: &[u8], alpn: &[u8]) -> Endpoint {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(cert_der.to_vec().into())
@@ -43,7 +48,7 @@ pub fn client_endpoint(cert_der: &[u8]) -> Endpoint {
         .expect("TLS 1.3")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS config");
     let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("client endpoint");
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -104,7 +109,11 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr, cert_der: &[u8]) -> Self {
-        let endpoint = client_endpoint(cert_der);
+        Self::connect_with(client_endpoint(cert_der), addr).await
+    }
+
+    /// Connects through an endpoint of the caller's making (another ALPN, ...).
+    pub async fn connect_with(endpoint: Endpoint, addr: SocketAddr) -> Self {
         let conn = endpoint
             .connect(addr, "localhost")
             .expect("connect")

@@ -35,6 +35,14 @@ pub enum Message {
     Resync(Resync),
     /// \[8\] Either direction: ends the stream gracefully.
     Close(Close),
+    /// \[9\] Device → server, asks the server to generate tokens itself (LLM-only mode).
+    Generate(Generate),
+    /// \[10\] Server → device, tokens of a `Generate`, streamed as they are sampled.
+    Tokens(Tokens),
+    /// \[11\] Server → device, ends a `Generate` and says why.
+    Finished(Finished),
+    /// \[12\] Device → server, stops a `Generate` early; the session stays usable.
+    Cancel(Cancel),
 }
 
 impl Message {
@@ -50,6 +58,10 @@ impl Message {
             Message::Verdict(_) => "Verdict",
             Message::Resync(_) => "Resync",
             Message::Close(_) => "Close",
+            Message::Generate(_) => "Generate",
+            Message::Tokens(_) => "Tokens",
+            Message::Finished(_) => "Finished",
+            Message::Cancel(_) => "Cancel",
         }
     }
 }
@@ -94,6 +106,9 @@ pub struct Welcome {
     pub max_frame_bytes: u32,
     /// Largest context (prompt + generated tokens) a session may reach.
     pub max_context_tokens: u32,
+    /// Largest `Generate.max_tokens` the server accepts; a device wanting more sends several
+    /// `Generate`s, so one request cannot hold a worker for an unbounded time.
+    pub max_generate_tokens: u32,
 }
 
 /// A failed request, or the reason a stream or connection is being abandoned.
@@ -248,6 +263,101 @@ pub struct Close {
     pub reason: String,
 }
 
+/// Asks the server to sample up to `max_tokens` tokens after the session's context, with the
+/// session's `SamplingOptions` (temperature, top-k, top-p and seed as in `Start`), streaming them
+/// in `Tokens` and ending with `Finished`. This is the LLM-only baseline as a user would run it:
+/// one request, not one round trip per token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generate {
+    /// Request number, echoed by every `Tokens`, the `Finished` and an `Error`.
+    pub seq: u32,
+    /// At least 1 and at most `Welcome.max_generate_tokens`. The server may stop earlier (end of
+    /// sequence, full context, `Cancel`); `Finished.reason` says which.
+    pub max_tokens: u32,
+}
+
+impl Generate {
+    /// Checks this request against a server's limits, for a session holding `context_len`
+    /// tokens: the `Err` is the reply to send (nothing is applied).
+    ///
+    /// A request only has to be able to produce one token: a context that fills up before
+    /// `max_tokens` ends the generation with [`FinishReason::ContextFull`], as streaming LLM
+    /// servers report "length", rather than refusing work that is partly possible.
+    pub fn check(
+        &self,
+        context_len: usize,
+        max_context_tokens: usize,
+        max_generate_tokens: u32,
+    ) -> Result<(), ErrorMessage> {
+        let refuse = |code, message: String| Err(ErrorMessage::for_seq(code, message, self.seq));
+        if self.max_tokens == 0 {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                "Generate.max_tokens must be at least 1".into(),
+            );
+        }
+        if self.max_tokens > max_generate_tokens {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "Generate.max_tokens {} exceeds the server's limit of {max_generate_tokens} \
+                     per request (Welcome.max_generate_tokens)",
+                    self.max_tokens
+                ),
+            );
+        }
+        if context_len >= max_context_tokens {
+            return refuse(
+                ErrorCode::ContextTooLong,
+                format!(
+                    "the context of {context_len} tokens leaves no room under the limit of \
+                     {max_context_tokens}"
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Tokens the server sampled for `Generate { seq }`, in order; both sides append them to the
+/// context. Usually one per frame, sent as soon as it is sampled; several when they were ready
+/// together (e.g. the stream was briefly blocked).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tokens {
+    pub seq: u32,
+    /// Never empty; an end-of-sequence token is included (it is part of the context).
+    pub tokens: Vec<u32>,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// \[0\] `Generate.max_tokens` tokens were sent.
+    MaxTokens,
+    /// \[1\] The last token sent is an end-of-sequence token of the server's model.
+    Eos,
+    /// \[2\] The context reached `Welcome.max_context_tokens`.
+    ContextFull,
+    /// \[3\] The device sent `Cancel`.
+    Cancelled,
+}
+
+/// The end of `Generate { seq }`; the session is ready for the next request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finished {
+    pub seq: u32,
+    pub reason: FinishReason,
+    /// The server's context length now: a consistency check for the device.
+    pub context_len: u32,
+}
+
+/// Stops `Generate { seq }` early. Tokens already on their way still arrive, then `Finished`
+/// (usually `Cancelled`, or the reason it ended anyway if the two crossed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub seq: u32,
+}
+
 macro_rules! impl_from {
     ($($variant:ident($ty:ty)),*) => {
         $(impl From<$ty> for Message {
@@ -267,5 +377,9 @@ impl_from!(
     Verify(Verify),
     Verdict(Verdict),
     Resync(Resync),
-    Close(Close)
+    Close(Close),
+    Generate(Generate),
+    Tokens(Tokens),
+    Finished(Finished),
+    Cancel(Cancel)
 );

@@ -7,10 +7,15 @@
 //! itself fed to the machine (errors are legal at any point of an open stream).
 //!
 //! The session machine also tracks the server's context length, so `Verify.position` is checked
-//! in one place: the server's context grows by `skipped.len() + 1` per `Verdict`, is replaced by
-//! `Started`, and is untouched by a request answered with an `Error`.
+//! in one place: the server's context grows by `skipped.len() + 1` per `Verdict` and by the
+//! length of each `Tokens`, is replaced by `Started`, and is untouched by a request answered with
+//! an `Error`.
+//!
+//! `Cancel` is the one message whose effect depends on timing: the device may send it while the
+//! server's `Finished` is already on its way. The device's machine then sees `Finished` after its
+//! `Cancel`; the server's sees the `Cancel` after its `Finished`, and accepts it as a no-op.
 
-use super::{ErrorCode, Message, Prompt, Recovery};
+use super::{ErrorCode, FinishReason, Message, Prompt, Recovery};
 
 /// Who sent a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +86,9 @@ pub enum SessionPhase {
     Ready,
     /// `Verify { seq }` sent; the server must answer `Verdict { seq }` or `Error`.
     Verifying { seq: u32 },
+    /// `Generate { seq }` sent; the server streams `Tokens { seq }` and ends with
+    /// `Finished { seq }` or `Error`. `cancel_sent`: the device already sent `Cancel { seq }`.
+    Generating { seq: u32, cancel_sent: bool },
     /// The server lost the context; the device must send `Resync` (or `Close`).
     NeedResync,
     /// `Resync` sent; the server must answer `Started` or `Error`.
@@ -98,6 +106,8 @@ pub struct SessionStream {
     context_len: Option<u32>,
     /// What the outstanding request expects in its answer.
     pending: Pending,
+    /// The `seq` of the last `Generate` that finished, whose `Cancel` may still arrive late.
+    finished_generate: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +120,10 @@ enum Pending {
     /// `Verdict` makes the context `position + 1` long.
     Verify {
         position: u32,
+    },
+    /// `Tokens` may still bring this many tokens.
+    Generate {
+        remaining: u32,
     },
 }
 
@@ -126,6 +140,7 @@ impl SessionStream {
             session_id: None,
             context_len: None,
             pending: Pending::None,
+            finished_generate: None,
         }
     }
 
@@ -159,7 +174,7 @@ impl SessionStream {
                 self.close();
             }
             (_, Side::Server, Message::Error(e)) => {
-                if let (Verifying { seq }, Some(s)) = (self.phase, e.seq) {
+                if let (Verifying { seq } | Generating { seq, .. }, Some(s)) = (self.phase, e.seq) {
                     if s != seq {
                         return unexpected;
                     }
@@ -176,6 +191,7 @@ impl SessionStream {
             }
             (Ready | NeedResync, Side::Device, Message::Resync(r)) => {
                 self.pending = Pending::Tokens(token_count(r.context.len())?);
+                self.finished_generate = None;
                 self.phase = Resyncing;
             }
             (Ready, Side::Device, Message::Verify(v)) => {
@@ -189,7 +205,78 @@ impl SessionStream {
                 self.pending = Pending::Verify {
                     position: v.position,
                 };
+                self.finished_generate = None;
                 self.phase = Verifying { seq: v.seq };
+            }
+            (Ready, Side::Device, Message::Generate(g)) => {
+                if g.max_tokens == 0 {
+                    return Err(ErrorCode::InvalidRequest);
+                }
+                self.pending = Pending::Generate {
+                    remaining: g.max_tokens,
+                };
+                self.finished_generate = None;
+                self.phase = Generating {
+                    seq: g.seq,
+                    cancel_sent: false,
+                };
+            }
+            (
+                Generating {
+                    seq,
+                    cancel_sent: false,
+                },
+                Side::Device,
+                Message::Cancel(c),
+            ) if c.seq == seq => {
+                self.phase = Generating {
+                    seq,
+                    cancel_sent: true,
+                };
+            }
+            // Crossed the server's `Finished`: nothing left to stop.
+            (Ready, Side::Device, Message::Cancel(c)) if self.finished_generate == Some(c.seq) => {
+                self.finished_generate = None;
+            }
+            (Generating { seq, .. }, Side::Server, Message::Tokens(t)) => {
+                let Pending::Generate { remaining } = self.pending else {
+                    return unexpected;
+                };
+                if t.seq != seq {
+                    return unexpected;
+                }
+                let n = token_count(t.tokens.len())?;
+                let len = self.context_len.unwrap_or(0);
+                let Some(grown) = len.checked_add(n) else {
+                    return Err(ErrorCode::ContextTooLong);
+                };
+                if n == 0 || n > remaining {
+                    return Err(ErrorCode::InvalidRequest);
+                }
+                self.context_len = Some(grown);
+                self.pending = Pending::Generate {
+                    remaining: remaining - n,
+                };
+            }
+            (Generating { seq, cancel_sent }, Side::Server, Message::Finished(f)) => {
+                let Pending::Generate { remaining } = self.pending else {
+                    return unexpected;
+                };
+                if f.seq != seq {
+                    return unexpected;
+                }
+                let consistent = Some(f.context_len) == self.context_len
+                    && match f.reason {
+                        FinishReason::MaxTokens => remaining == 0,
+                        FinishReason::Cancelled => cancel_sent,
+                        FinishReason::Eos | FinishReason::ContextFull => true,
+                    };
+                if !consistent {
+                    return Err(ErrorCode::InvalidRequest);
+                }
+                self.pending = Pending::None;
+                self.finished_generate = (!cancel_sent).then_some(seq);
+                self.phase = Ready;
             }
             (Starting | Resyncing, Side::Server, Message::Started(s)) => {
                 let consistent = Some(s.session_id) == self.session_id
@@ -225,9 +312,13 @@ impl SessionStream {
     fn on_server_error(&mut self, recovery: Recovery) {
         use SessionPhase::*;
         self.phase = match (recovery, self.phase) {
-            (Recovery::Resync, Ready | Verifying { .. } | NeedResync | Resyncing) => NeedResync,
+            (
+                Recovery::Resync,
+                Ready | Verifying { .. } | Generating { .. } | NeedResync | Resyncing,
+            ) => NeedResync,
             (Recovery::RetryLater, Starting) => AwaitStart,
-            (Recovery::RetryLater, Verifying { .. }) => Ready,
+            // A refused `Generate` applied nothing; one refused mid-stream keeps what arrived.
+            (Recovery::RetryLater, Verifying { .. } | Generating { .. }) => Ready,
             (Recovery::RetryLater, Resyncing) => NeedResync,
             (Recovery::RetryLater, phase @ (AwaitStart | Ready | NeedResync)) => phase,
             _ => {
@@ -242,6 +333,7 @@ impl SessionStream {
             self.session_id = None;
         }
         self.pending = Pending::None;
+        self.finished_generate = None;
     }
 
     fn close(&mut self) {

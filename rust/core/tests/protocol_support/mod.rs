@@ -23,6 +23,7 @@ pub fn samples() -> Vec<Message> {
             server: "uhlm-server/0.1.0".into(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_context_tokens: 8192,
+            max_generate_tokens: 4096,
         }
         .into(),
         ErrorMessage::for_seq(ErrorCode::NeedResync, "context evicted", 41).into(),
@@ -96,6 +97,29 @@ pub fn samples() -> Vec<Message> {
             reason: "done".into(),
         }
         .into(),
+        Generate {
+            seq: 12,
+            max_tokens: 300,
+        }
+        .into(),
+        Tokens {
+            seq: 12,
+            tokens: vec![0, 49151, u32::MAX],
+        }
+        .into(),
+        Finished {
+            seq: 12,
+            reason: FinishReason::Eos,
+            context_len: 1003,
+        }
+        .into(),
+        Finished {
+            seq: u32::MAX,
+            reason: FinishReason::Cancelled,
+            context_len: u32::MAX,
+        }
+        .into(),
+        Cancel { seq: 12 }.into(),
     ]
 }
 
@@ -149,14 +173,22 @@ pub fn message() -> impl Strategy<Value = Message> {
                 client: c,
             })
         }),
-        (any::<u16>(), text(), any::<u32>(), any::<u32>()).prop_map(|(v, s, f, c)| {
-            Message::from(Welcome {
-                protocol_version: v,
-                server: s,
-                max_frame_bytes: f,
-                max_context_tokens: c,
-            })
-        }),
+        (
+            any::<u16>(),
+            text(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(v, s, f, c, g)| {
+                Message::from(Welcome {
+                    protocol_version: v,
+                    server: s,
+                    max_frame_bytes: f,
+                    max_context_tokens: c,
+                    max_generate_tokens: g,
+                })
+            }),
         (error_code(), text(), any::<Option<u32>>()).prop_map(|(code, message, seq)| {
             Message::from(ErrorMessage { code, message, seq })
         }),
@@ -216,5 +248,25 @@ pub fn message() -> impl Strategy<Value = Message> {
             }),
         tokens().prop_map(|context| Message::from(Resync { context })),
         text().prop_map(|reason| Message::from(Close { reason })),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(seq, max_tokens)| Message::from(Generate { seq, max_tokens })),
+        (any::<u32>(), tokens()).prop_map(|(seq, tokens)| Message::from(Tokens { seq, tokens })),
+        (any::<u32>(), finish_reason(), any::<u32>()).prop_map(|(seq, reason, context_len)| {
+            Message::from(Finished {
+                seq,
+                reason,
+                context_len,
+            })
+        }),
+        any::<u32>().prop_map(|seq| Message::from(Cancel { seq })),
+    ]
+}
+
+fn finish_reason() -> impl Strategy<Value = FinishReason> {
+    prop_oneof![
+        Just(FinishReason::MaxTokens),
+        Just(FinishReason::Eos),
+        Just(FinishReason::ContextFull),
+        Just(FinishReason::Cancelled),
     ]
 }

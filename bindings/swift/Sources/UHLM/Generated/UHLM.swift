@@ -2491,6 +2491,12 @@ public enum ThresholdMode: Equatable, Hashable {
     case riskProne
     case targetRisk(epsilon: Float
     )
+    /**
+     * At most `max_risk` of the tokens may differ from the LLM's decision, with probability
+     * `confidence` (the SDK's default: 0.01 and 0.9).
+     */
+    case quality(maxRisk: Float, confidence: Float
+    )
 
 
 
@@ -2522,6 +2528,9 @@ public struct FfiConverterTypeThresholdMode: FfiConverterRustBuffer {
         case 4: return .targetRisk(epsilon: try FfiConverterFloat.read(from: &buf)
         )
         
+        case 5: return .quality(maxRisk: try FfiConverterFloat.read(from: &buf), confidence: try FfiConverterFloat.read(from: &buf)
+        )
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -2546,6 +2555,12 @@ public struct FfiConverterTypeThresholdMode: FfiConverterRustBuffer {
         case let .targetRisk(epsilon):
             writeInt(&buf, Int32(4))
             FfiConverterFloat.write(epsilon, into: &buf)
+            
+        
+        case let .quality(maxRisk,confidence):
+            writeInt(&buf, Int32(5))
+            FfiConverterFloat.write(maxRisk, into: &buf)
+            FfiConverterFloat.write(confidence, into: &buf)
             
         }
     }

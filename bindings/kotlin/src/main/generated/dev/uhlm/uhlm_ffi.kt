@@ -3666,6 +3666,20 @@ sealed class ThresholdMode {
         companion object
     }
     
+    /**
+     * At most `max_risk` of the tokens may differ from the LLM's decision, with probability
+     * `confidence` (the SDK's default: 0.01 and 0.9).
+     */
+    data class Quality(
+        val `maxRisk`: kotlin.Float, 
+        val `confidence`: kotlin.Float) : ThresholdMode()
+        
+    {
+        
+
+        companion object
+    }
+    
 
     
 
@@ -3688,6 +3702,10 @@ public object FfiConverterTypeThresholdMode : FfiConverterRustBuffer<ThresholdMo
             2 -> ThresholdMode.RiskAverse
             3 -> ThresholdMode.RiskProne
             4 -> ThresholdMode.TargetRisk(
+                FfiConverterFloat.read(buf),
+                )
+            5 -> ThresholdMode.Quality(
+                FfiConverterFloat.read(buf),
                 FfiConverterFloat.read(buf),
                 )
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
@@ -3721,6 +3739,14 @@ public object FfiConverterTypeThresholdMode : FfiConverterRustBuffer<ThresholdMo
                 + FfiConverterFloat.allocationSize(value.`epsilon`)
             )
         }
+        is ThresholdMode.Quality -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterFloat.allocationSize(value.`maxRisk`)
+                + FfiConverterFloat.allocationSize(value.`confidence`)
+            )
+        }
     }
 
     override fun write(value: ThresholdMode, buf: ByteBuffer) {
@@ -3741,6 +3767,12 @@ public object FfiConverterTypeThresholdMode : FfiConverterRustBuffer<ThresholdMo
             is ThresholdMode.TargetRisk -> {
                 buf.putInt(4)
                 FfiConverterFloat.write(value.`epsilon`, buf)
+                Unit
+            }
+            is ThresholdMode.Quality -> {
+                buf.putInt(5)
+                FfiConverterFloat.write(value.`maxRisk`, buf)
+                FfiConverterFloat.write(value.`confidence`, buf)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
