@@ -91,39 +91,26 @@ fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()
     Ok(())
 }
 
-fn demo(args: &[String]) -> Result<()> {
-    // `uhlm demo` fetches and derives the default models itself.
-    let mut cmd = vec![
-        "run",
-        "--release",
-        "-p",
-        "uhlm-cli",
-        "--bin",
-        "uhlm",
-        "--",
-        "demo",
-    ];
-    cmd.extend(args.iter().map(String::as_str));
+/// `cargo run --release` of the `uhlm` binary with `args` (the models are fetched by `uhlm`).
+fn uhlm_release(args: &[&str]) -> Result<()> {
+    let mut cmd = vec!["run", "--release", "-p", "uhlm-cli", "--bin", "uhlm", "--"];
+    cmd.extend(args);
     run("cargo", &cmd)
 }
 
+fn demo(args: &[String]) -> Result<()> {
+    let mut cmd = vec!["demo"];
+    cmd.extend(args.iter().map(String::as_str));
+    uhlm_release(&cmd)
+}
+
 fn humaneval(args: &[String]) -> Result<()> {
-    let mut cmd = vec![
-        "run",
-        "--release",
-        "-p",
-        "uhlm-cli",
-        "--bin",
-        "uhlm",
-        "--",
-        "bench",
-        "humaneval",
-    ];
+    let mut cmd = vec!["bench", "humaneval"];
     if args.is_empty() {
         cmd.extend(["--limit", "5", "--out", "target/bench-humaneval-limit5"]);
     }
     cmd.extend(args.iter().map(String::as_str));
-    run("cargo", &cmd)
+    uhlm_release(&cmd)
 }
 
 /// Debian packages the tests need: the JVM and Maven for the Kotlin bindings, venv for the

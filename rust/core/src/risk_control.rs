@@ -51,6 +51,17 @@ pub struct WeightedSample {
     pub weight: f64,
 }
 
+impl From<crate::threshold::Sample> for WeightedSample {
+    /// An unweighted calibration sample counts once.
+    fn from(s: crate::threshold::Sample) -> Self {
+        Self {
+            u: s.u,
+            beta: s.beta,
+            weight: 1.0,
+        }
+    }
+}
+
 /// The threshold chosen by [`controlled_threshold`] and what the calibration says about it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RiskControlled {
@@ -202,14 +213,7 @@ pub fn controlled_threshold(
     alpha: f64,
     delta: f64,
 ) -> Result<RiskControlled, RiskControlError> {
-    let mut points: Vec<WeightedSample> = samples
-        .iter()
-        .map(|s| WeightedSample {
-            u: s.u,
-            beta: s.beta,
-            weight: 1.0,
-        })
-        .collect();
+    let mut points: Vec<WeightedSample> = samples.iter().copied().map(Into::into).collect();
     controlled_threshold_weighted(&mut points, alpha, delta)
 }
 

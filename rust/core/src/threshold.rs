@@ -192,14 +192,7 @@ fn next_up(u: f32) -> f32 {
 
 /// [`target_risk_weighted`] over unweighted samples.
 pub fn target_risk(samples: &[Sample], epsilon: f64) -> f32 {
-    let mut pts: Vec<_> = samples
-        .iter()
-        .map(|s| WeightedSample {
-            u: s.u,
-            beta: s.beta,
-            weight: 1.0,
-        })
-        .collect();
+    let mut pts: Vec<WeightedSample> = samples.iter().copied().map(Into::into).collect();
     target_risk_weighted(&mut pts, epsilon)
 }
 
