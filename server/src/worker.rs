@@ -482,7 +482,7 @@ impl Worker {
         let mut chunk = std::mem::take(&mut entry.pending);
         chunk.extend_from_slice(&v.skipped);
         let old_len = llm.len();
-        let logits = match llm.score(&chunk) {
+        let logits = match llm.score_last(&chunk) {
             Ok(l) => l,
             Err(e) => {
                 chunk.truncate(pending_len);
@@ -497,12 +497,7 @@ impl Worker {
             chunk.truncate(pending_len);
             entry.pending = chunk;
         };
-        if !probabilities_into(
-            logits.last(),
-            &entry.sampling,
-            &mut self.probs,
-            &mut self.scratch,
-        ) {
+        if !probabilities_into(&logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
             undo(entry, chunk);
             return Err(fail(
                 ErrorCode::Internal,
@@ -644,19 +639,14 @@ impl Worker {
         // prompt, then the last token), sample from the session's distribution with its RNG.
         // At temperature 0 that is the LLM's greedy continuation, token for token.
         let chunk = std::mem::take(&mut entry.pending);
-        let logits = match llm.score(&chunk) {
+        let logits = match llm.score_last(&chunk) {
             Ok(l) => l,
             Err(e) => {
                 entry.pending = chunk;
                 return Err(model_failure(e));
             }
         };
-        if !probabilities_into(
-            logits.last(),
-            &entry.sampling,
-            &mut self.probs,
-            &mut self.scratch,
-        ) {
+        if !probabilities_into(&logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
             let old_len = llm.len() - chunk.len();
             llm.truncate(old_len);
             entry.pending = chunk;

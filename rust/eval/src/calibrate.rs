@@ -153,8 +153,8 @@ fn label_prompt(
     rng.set_stream(prompt as u64);
     let eos = pair.llm.tokenizer().eos_ids().to_vec();
     let (mut slm, mut llm) = (pair.slm.session(), pair.llm.session());
-    let mut q_logits = slm.score(ids)?.last().to_vec();
-    let mut p_logits = llm.score(ids)?.last().to_vec();
+    let mut q_logits = slm.score_last(ids)?;
+    let mut p_logits = llm.score_last(ids)?;
     let (mut q, mut p, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
     for position in 0..sampling.max_tokens as usize {
         if !probabilities_into(&q_logits, sampling, &mut q, &mut scratch)

@@ -306,8 +306,8 @@ pub fn bench_paper(
     for prompt in eval {
         let ids = pair.prompt_ids(prompt)?;
         let (mut slm, mut llm) = (pair.slm.session(), pair.llm.session());
-        let mut z_p = llm.score(&ids)?.last().to_vec();
-        let mut z_q = slm.score(&ids)?.last().to_vec();
+        let mut z_p = llm.score_last(&ids)?;
+        let mut z_q = slm.score_last(&ids)?;
         for _ in 0..options.max_tokens {
             let reference = argmax(&z_p).ok_or(EvalError::NoUsableLogits(run.positions))?;
             run.position(&z_q, &z_p, reference)?;

@@ -54,9 +54,9 @@ pub fn bench_model(
         .collect();
     let mut session = model.session();
     let (start, cpu0) = (Instant::now(), thread_cpu_s());
-    let logits = session.score(&prompt)?;
+    let logits = session.score_last(&prompt)?;
     let (prefill_s, cpu1) = (start.elapsed().as_secs_f64(), thread_cpu_s());
-    let mut next = argmax(logits.last());
+    let mut next = argmax(&logits);
     let start = Instant::now();
     for _ in 0..decode_tokens {
         next = argmax(&session.step(next)?);

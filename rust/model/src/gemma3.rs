@@ -16,7 +16,7 @@ use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvShape};
 use crate::layers::{Embedding, Linear, RmsNorm, Rope};
-use crate::model::Dims;
+use crate::model::{Dims, Outputs};
 
 /// Every n-th layer is global when the file does not say otherwise (llama.cpp's default).
 const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
@@ -191,8 +191,14 @@ impl Gemma3 {
     }
 
     /// Runs `tokens` at positions `pos0..`, writing their keys and values into `cache`, and
-    /// returns logits `(seq, vocab)` for every position.
-    pub fn forward(&self, tokens: &[u32], pos0: usize, cache: &mut KvCache) -> Result<Tensor> {
+    /// returns logits `(rows, vocab)` for the positions `outputs` selects.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvCache,
+        outputs: Outputs,
+    ) -> Result<Tensor> {
         let seq = tokens.len();
         let dev = &self.device;
         cache.reserve(pos0 + seq)?;
@@ -228,7 +234,9 @@ impl Gemma3 {
             let ffn = b.post_ffn_norm.forward(&b.down.forward(&gated)?)?;
             x = (x + ffn)?;
         }
-        let logits = self.output.forward(&self.norm.forward(&x)?)?;
+        let logits = self
+            .output
+            .forward(&self.norm.forward(&outputs.select(&x)?)?)?;
         match self.softcap {
             Some(c) => (logits / c)?.tanh()? * c,
             None => Ok(logits),

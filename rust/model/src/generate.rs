@@ -77,7 +77,7 @@ pub fn generate<R: Rng + ?Sized>(
         .filter(|s| !s.is_empty())
         .collect();
 
-    let mut logits = session.score(prompt)?.last().to_vec();
+    let mut logits = session.score_last(prompt)?;
     let mut probs = Vec::new();
     let mut scratch = Vec::new();
     let mut decoder = StreamDecoder::new();

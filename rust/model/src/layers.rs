@@ -4,13 +4,15 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Result, Tensor};
 
-/// A bias-free linear layer whose weight stays quantized; candle dequantizes block by block
-/// inside the matmul kernel.
+use crate::qmatmul::QuantMatmul;
+use candle_core::{Device, Result, Tensor};
+
+/// A bias-free linear layer whose weight stays quantized: the kernels read its GGUF blocks
+/// directly ([`QuantMatmul`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: QMatMul,
+    weight: QuantMatmul,
     bias: Option<Tensor>,
 }
 
@@ -20,26 +22,25 @@ const SCALAR_ONLY: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType
 
 impl Linear {
     /// A layer for `weight`; with `widen`, CPU weights of a [`SCALAR_ONLY`] type are
-    /// requantized to Q8_0, whose 8 bits hold their 4-5 bit values almost exactly.
+    /// requantized to Q8_0 (whose 8 bits hold their 4-5 bit values almost exactly) where
+    /// this CPU has no fast kernel of its own for them (aarch64 today).
     pub fn load(widen: bool, weight: QTensor) -> Result<Self> {
-        let weight = if widen && SCALAR_ONLY.contains(&weight.dtype()) && weight.device().is_cpu() {
+        let dtype = weight.dtype();
+        let weight = if widen
+            && SCALAR_ONLY.contains(&dtype)
+            && !QuantMatmul::has_fast_kernel(dtype, &weight.device())
+            && weight.device().is_cpu()
+        {
             QTensor::quantize(&weight.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
         } else {
             weight
         };
-        Self::new(weight)
-    }
-
-    pub fn new(weight: QTensor) -> Result<Self> {
-        Ok(Self {
-            weight: QMatMul::from_qtensor(weight)?,
-            bias: None,
-        })
+        Self::from_arc(Arc::new(weight))
     }
 
     pub fn from_arc(weight: Arc<QTensor>) -> Result<Self> {
         Ok(Self {
-            weight: QMatMul::from_arc(weight)?,
+            weight: QuantMatmul::new(weight)?,
             bias: None,
         })
     }

@@ -13,6 +13,7 @@ mod kv_cache;
 mod layers;
 mod llama;
 mod model;
+mod qmatmul;
 mod session;
 // Text side (tokenizer, streaming detokenizer, chat templates), generation and model fetching.
 pub mod chat_template;

@@ -11,7 +11,7 @@ use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvShape};
 use crate::layers::{Embedding, Linear, RmsNorm, Rope};
-use crate::model::{Architecture, Dims};
+use crate::model::{Architecture, Dims, Outputs};
 
 struct Block {
     attn_norm: RmsNorm,
@@ -177,8 +177,14 @@ impl Llama {
     }
 
     /// Runs `tokens` at positions `pos0..`, writing their keys and values into `cache`, and
-    /// returns logits `(seq, vocab)` for every position.
-    pub fn forward(&self, tokens: &[u32], pos0: usize, cache: &mut KvCache) -> Result<Tensor> {
+    /// returns logits `(rows, vocab)` for the positions `outputs` selects.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvCache,
+        outputs: Outputs,
+    ) -> Result<Tensor> {
         let seq = tokens.len();
         let dev = &self.device;
         cache.reserve(pos0 + seq)?;
@@ -200,7 +206,8 @@ impl Llama {
             let gated = (b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?;
             x = (x + b.down.forward(&gated)?)?;
         }
-        self.output.forward(&self.norm.forward(&x)?)
+        self.output
+            .forward(&self.norm.forward(&outputs.select(&x)?)?)
     }
 }
 

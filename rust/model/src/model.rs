@@ -267,17 +267,43 @@ impl Model {
         KvCache::new(shapes, self.info.context_length, &self.device)
     }
 
-    /// Logits `(seq, vocab)` for `tokens` at positions `pos0..`; writes their keys and
-    /// values into `cache` (whose length the caller then advances).
+    /// Logits `(rows, vocab)` for `tokens` at positions `pos0..`, the rows that `outputs`
+    /// asks for; writes their keys and values into `cache` (whose length the caller then
+    /// advances).
     pub(crate) fn forward(
         &self,
         tokens: &[u32],
         pos0: usize,
         cache: &mut KvCache,
+        outputs: Outputs,
     ) -> candle_core::Result<Tensor> {
         match &self.weights {
-            Weights::Llama(m) => m.forward(tokens, pos0, cache),
-            Weights::Gemma3(m) => m.forward(tokens, pos0, cache),
+            Weights::Llama(m) => m.forward(tokens, pos0, cache, outputs),
+            Weights::Gemma3(m) => m.forward(tokens, pos0, cache, outputs),
+        }
+    }
+}
+
+/// Which positions of a forward pass get logits. The output projection over a 150k-262k
+/// vocabulary costs as much as several blocks and its result is `rows x vocab` floats, so a
+/// prefill that needs only the next token's distribution computes only that row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outputs {
+    /// Every position (verification of several drafted positions, evaluation).
+    All,
+    /// The last position only (prefill, decode).
+    Last,
+}
+
+impl Outputs {
+    /// The hidden states `(seq, d)` whose logits are wanted.
+    pub(crate) fn select(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Outputs::All => Ok(xs.clone()),
+            Outputs::Last => {
+                let seq = xs.dim(0)?;
+                xs.narrow(0, seq - 1, 1)
+            }
         }
     }
 }

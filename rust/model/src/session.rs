@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
-use crate::model::Model;
+use crate::model::{Model, Outputs};
 
 /// Next-token logits for consecutive positions, row-major `(rows, vocab)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,19 +103,30 @@ impl Session {
     /// Appends `tokens` with one forward pass and returns the logits at every new position:
     /// row `i` predicts the token following `tokens[i]`. On error the session is unchanged.
     pub fn score(&mut self, tokens: &[u32]) -> Result<Logits, ModelError> {
+        self.append(tokens, Outputs::All)
+    }
+
+    /// Appends `tokens` with one forward pass and returns only the logits that predict the
+    /// token after the last of them: a prefill that needs nothing else skips the output
+    /// projection (and the `rows x vocab` buffer) for every other position.
+    pub fn score_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        Ok(self.append(tokens, Outputs::Last)?.into_vec())
+    }
+
+    /// Appends one token and returns the logits for the next.
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
+        self.score_last(&[token])
+    }
+
+    fn append(&mut self, tokens: &[u32], outputs: Outputs) -> Result<Logits, ModelError> {
         self.check(tokens)?;
         let pos0 = self.tokens.len();
-        let logits = self.model.forward(tokens, pos0, &mut self.cache)?;
+        let logits = self.model.forward(tokens, pos0, &mut self.cache, outputs)?;
         let (rows, vocab) = logits.dims2()?;
         let data = logits.flatten_all()?.to_vec1::<f32>()?;
         self.cache.set_len(pos0 + tokens.len());
         self.tokens.extend_from_slice(tokens);
         Ok(Logits { vocab, rows, data })
-    }
-
-    /// Appends one token and returns the logits for the next.
-    pub fn step(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
-        Ok(self.score(&[token])?.into_vec())
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), ModelError> {

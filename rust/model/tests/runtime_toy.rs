@@ -84,6 +84,25 @@ fn incremental_decoding_matches_one_pass_gemma3_across_the_window() {
 }
 
 #[test]
+fn score_last_is_the_last_row_of_score_for_both_architectures() {
+    for toy in [Toy::llama(), Toy::gemma3()] {
+        let (_dir, model) = load_toy(&toy);
+        let all = model.session().score(&PROMPT).unwrap();
+        let mut s = model.session();
+        let last = s.score_last(&PROMPT).unwrap();
+        assert_eq!(last.len(), all.vocab());
+        let d = max_abs_diff(&last, all.last());
+        assert!(d < 1e-4, "{}: max abs diff {d}", model.info().name);
+        // The cache advanced as with `score`: the next step sees the whole prompt.
+        assert_eq!(s.tokens(), &PROMPT);
+        let mut reference = model.session();
+        reference.score(&PROMPT).unwrap();
+        let d = max_abs_diff(&s.step(7).unwrap(), &reference.step(7).unwrap());
+        assert!(d < 1e-4, "next step: {d}");
+    }
+}
+
+#[test]
 fn sliding_window_changes_what_gemma3_sees() {
     // The same weights with a window wider than the sequence must give different late
     // logits: proves the window is applied, not just parsed.

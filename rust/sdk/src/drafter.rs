@@ -75,7 +75,7 @@ impl Drafter {
         self.session
             .truncate(common.min(prompt.len().saturating_sub(1)));
         let fresh = &prompt[self.session.len()..];
-        self.logits = self.session.score(fresh)?.last().to_vec();
+        self.logits = self.session.score_last(fresh)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(DRAFT_STREAM);
         self.params = Some(Params {
