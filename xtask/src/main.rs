@@ -45,6 +45,10 @@ enum Task {
     /// Check the generated bindings, build the host library and run the Kotlin and Python
     /// tests against it (also part of `test`).
     TestBindings,
+    /// Build and run the model runtime's tests for aarch64 (the phones' CPU: candle's NEON
+    /// kernels) under qemu-user, with Debian's cross linker; installs both, and the rustup
+    /// target, when missing.
+    TestAarch64,
     /// Build the Android libraries (cargo-ndk) into the AAR module's jniLibs.
     Android,
     /// Build UHLMFFI.xcframework for iOS devices and simulators (macOS with Xcode).
@@ -59,6 +63,7 @@ fn main() -> Result<()> {
         Task::CheckCoreDeps => check_core_deps(),
         Task::Bindgen { check } => bindings::bindgen(check),
         Task::TestBindings => test_bindings(),
+        Task::TestAarch64 => test_aarch64(),
         Task::Android => bindings::android(),
         Task::Ios => bindings::ios(),
     }
@@ -122,8 +127,23 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("/usr/lib/python3/dist-packages/ensurepip", "python3-venv"),
 ];
 
+/// The cross linker, the target's C library and the emulator for [`test_aarch64`].
+const AARCH64_PACKAGES: &[(&str, &str)] = &[
+    ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    (
+        "/usr/aarch64-linux-gnu/lib/libc.so.6",
+        "libc6-dev-arm64-cross",
+    ),
+    ("qemu-aarch64-static", "qemu-user-static"),
+];
+
 /// Installs whichever of [`DEBIAN_PACKAGES`] is missing (idempotent; needs apt and root or sudo).
 fn ensure_debian_packages() -> Result<()> {
+    ensure_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` (what shows it is present, package) is missing.
+fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     let present = |what: &str| {
         if what.starts_with('/') {
             Path::new(what).exists()
@@ -140,7 +160,7 @@ fn ensure_debian_packages() -> Result<()> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(what, package)| {
             let satisfied = present(what) || (*package == "python3-venv" && python_venv_works());
@@ -203,6 +223,50 @@ fn test_bindings() -> Result<()> {
     let lib = bindings::build_host_library()?;
     bindings::test_kotlin(&lib)?;
     bindings::test_python(&lib)
+}
+
+fn test_aarch64() -> Result<()> {
+    ensure_packages(AARCH64_PACKAGES)?;
+    const TARGET: &str = "aarch64-unknown-linux-gnu";
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("cannot run rustup")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
+        run("rustup", &["target", "add", TARGET])?;
+    }
+    // The unit tests (every kernel against candle's), the toy models and the real models
+    // (batch invariance, own kernels against candle's, greedy decoding), in release: qemu
+    // runs the real models ~20x slower than the host.
+    run_with_env(
+        "cargo",
+        &[
+            "test",
+            "--release",
+            "--target",
+            TARGET,
+            "-p",
+            "uhlm-model",
+            "--lib",
+            "--test",
+            "runtime_toy",
+            "--test",
+            "runtime_real",
+        ],
+        &[
+            (
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                "aarch64-linux-gnu-gcc",
+            ),
+            (
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
+                "qemu-aarch64-static -L /usr/aarch64-linux-gnu",
+            ),
+        ],
+    )
 }
 
 /// Crates that would mean uhlm-core does I/O, runs async, or links a model runtime.

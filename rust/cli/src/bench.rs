@@ -69,19 +69,36 @@ fn bench(args: BenchModelArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>7} {:>9} {:>13} {:>12} {:>10}",
-        "model", "threads", "load ms", "prefill tok/s", "decode tok/s", "peak MiB"
+        "{:<32} {:>7} {:>8} {:>13} {:>12} {:>8} {:>8} {:>9} {:>9}",
+        "model",
+        "threads",
+        "load ms",
+        "prefill tok/s",
+        "decode tok/s",
+        "file MiB",
+        "KV MiB",
+        "peak MiB",
+        "model MiB"
     );
+    let mib = |b: Option<u64>| {
+        b.map(|b| format!("{:.0}", b as f64 / (1 << 20) as f64))
+            .unwrap_or_else(|| "-".into())
+    };
     for r in &reports {
-        let rss = r
-            .peak_rss_bytes
-            .map(|b| format!("{:.0}", b as f64 / (1 << 20) as f64))
-            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:>7} {:>9.0} {:>13.1} {:>12.1} {:>10}",
-            r.model, r.threads, r.load_ms, r.prefill_tok_s, r.decode_tok_s, rss
+            "{:<32} {:>7} {:>8.0} {:>13.1} {:>12.1} {:>8} {:>8} {:>9} {:>9}",
+            r.model,
+            r.threads,
+            r.load_ms,
+            r.prefill_tok_s,
+            r.decode_tok_s,
+            mib(Some(r.file_bytes)),
+            mib(Some(r.kv_cache_bytes)),
+            mib(r.peak_rss_bytes),
+            mib(r.model_rss_bytes()),
         );
     }
+    println!("(model MiB: peak resident memory minus the program's before the model loaded)");
     Ok(())
 }
 

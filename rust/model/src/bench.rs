@@ -28,6 +28,23 @@ pub struct BenchReport {
     pub decode_cpu_tok_s: Option<f64>,
     /// Peak resident memory of the process (`VmHWM`), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// Resident memory before the model was loaded (the program itself: code, runtime,
+    /// thread stacks), so that `peak - this` is what the model cost.
+    pub rss_before_load_bytes: Option<u64>,
+    /// Size of the GGUF file.
+    pub file_bytes: u64,
+    /// Bytes held by the KV cache at the end of the run.
+    pub kv_cache_bytes: u64,
+}
+
+impl BenchReport {
+    /// What loading and running the model added to the process's resident memory.
+    pub fn model_rss_bytes(&self) -> Option<u64> {
+        Some(
+            self.peak_rss_bytes?
+                .saturating_sub(self.rss_before_load_bytes?),
+        )
+    }
 }
 
 /// Loads `path`, scores a `prompt_tokens`-long prompt in one pass, then decodes
@@ -39,6 +56,10 @@ pub fn bench_model(
     prompt_tokens: usize,
     decode_tokens: usize,
 ) -> Result<BenchReport, ModelError> {
+    let rss_before_load_bytes = rss_bytes();
+    let file_bytes = std::fs::metadata(path)
+        .map_err(|e| ModelError::io(path, e))?
+        .len();
     let start = Instant::now();
     let model = Model::load(
         path,
@@ -75,6 +96,9 @@ pub fn bench_model(
         prefill_cpu_tok_s: cpu_rate(prompt_tokens, cpu0, cpu1),
         decode_cpu_tok_s: cpu_rate(decode_tokens, cpu1, cpu2),
         peak_rss_bytes: peak_rss_bytes(),
+        rss_before_load_bytes,
+        file_bytes,
+        kv_cache_bytes: session.kv_cache_bytes() as u64,
     })
 }
 
@@ -91,8 +115,17 @@ fn thread_cpu_s() -> Option<f64> {
 
 /// `VmHWM` from `/proc/self/status` (Linux and Android).
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:")
+}
+
+/// `VmRSS` from `/proc/self/status` (Linux and Android).
+fn rss_bytes() -> Option<u64> {
+    status_kib("VmRSS:")
+}
+
+fn status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

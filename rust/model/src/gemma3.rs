@@ -15,7 +15,7 @@ use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvShape};
-use crate::layers::{Embedding, Linear, RmsNorm, Rope};
+use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
 use crate::model::{Dims, Outputs};
 
 /// Every n-th layer is global when the file does not say otherwise (llama.cpp's default).
@@ -63,7 +63,7 @@ impl Gemma3 {
     pub fn load(
         g: &mut GgufFile,
         device: &Device,
-        widen: bool,
+        opts: LayerOptions,
     ) -> std::result::Result<Self, ModelError> {
         let p = "gemma3";
         let n_layer = g.usize(&format!("{p}.block_count"))?;
@@ -109,11 +109,11 @@ impl Gemma3 {
         let embd = Arc::new(g.tensor("token_embd.weight", Some(&[vocab, n_embd]), device)?);
         let output = if g.has_tensor("output.weight") {
             Linear::load(
-                widen,
+                opts,
                 g.tensor("output.weight", Some(&[vocab, n_embd]), device)?,
             )?
         } else {
-            Linear::from_arc(embd.clone())?
+            Linear::from_arc(opts, embd.clone())?
         };
         let q_dim = n_head * head_dim;
         let kv_dim = n_kv_head * head_dim;
@@ -134,17 +134,17 @@ impl Gemma3 {
                 },
                 rope: usize::from(!is_sliding),
                 attn_norm: norm(t("attn_norm.weight", &[n_embd])?)?,
-                wq: Linear::load(widen, t("attn_q.weight", &[q_dim, n_embd])?)?,
-                wk: Linear::load(widen, t("attn_k.weight", &[kv_dim, n_embd])?)?,
-                wv: Linear::load(widen, t("attn_v.weight", &[kv_dim, n_embd])?)?,
+                wq: Linear::load(opts, t("attn_q.weight", &[q_dim, n_embd])?)?,
+                wk: Linear::load(opts, t("attn_k.weight", &[kv_dim, n_embd])?)?,
+                wv: Linear::load(opts, t("attn_v.weight", &[kv_dim, n_embd])?)?,
                 q_norm: norm(t("attn_q_norm.weight", &[head_dim])?)?,
                 k_norm: norm(t("attn_k_norm.weight", &[head_dim])?)?,
-                wo: Linear::load(widen, t("attn_output.weight", &[n_embd, q_dim])?)?,
+                wo: Linear::load(opts, t("attn_output.weight", &[n_embd, q_dim])?)?,
                 post_attn_norm: norm(t("post_attention_norm.weight", &[n_embd])?)?,
                 ffn_norm: norm(t("ffn_norm.weight", &[n_embd])?)?,
-                gate: Linear::load(widen, t("ffn_gate.weight", &[n_ff, n_embd])?)?,
-                up: Linear::load(widen, t("ffn_up.weight", &[n_ff, n_embd])?)?,
-                down: Linear::load(widen, t("ffn_down.weight", &[n_embd, n_ff])?)?,
+                gate: Linear::load(opts, t("ffn_gate.weight", &[n_ff, n_embd])?)?,
+                up: Linear::load(opts, t("ffn_up.weight", &[n_ff, n_embd])?)?,
+                down: Linear::load(opts, t("ffn_down.weight", &[n_embd, n_ff])?)?,
                 post_ffn_norm: norm(t("post_ffw_norm.weight", &[n_embd])?)?,
             });
         }

@@ -1,7 +1,7 @@
 //! Reading a GGUF file with errors that name the file and the missing or malformed piece.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QTensor;
@@ -152,10 +152,12 @@ impl GgufFile {
         if !self.has_tensor(name) {
             return Err(self.missing_tensor(name));
         }
-        let t = self
-            .content
-            .tensor(&mut self.reader, name, device)
-            .map_err(|e| ModelError::corrupt(&self.path, format!("tensor {name}: {e}")))?;
+        let t = if device.is_cpu() {
+            self.read_cpu(name)
+        } else {
+            self.content.tensor(&mut self.reader, name, device)
+        }
+        .map_err(|e| ModelError::corrupt(&self.path, format!("tensor {name}: {e}")))?;
         if let Some(progress) = &self.progress {
             self.read_bytes += t.storage_size_in_bytes() as u64;
             // Below 1 until the model is assembled; `Model::load` reports the final 1.
@@ -177,6 +179,45 @@ impl GgufFile {
         Ok(t)
     }
 
+    /// Reads a tensor straight into its block storage. candle's reader goes through a byte
+    /// buffer and copies it, which doubles the peak for the largest tensor (the 30-190 MB
+    /// embedding or output tables).
+    fn read_cpu(&mut self, name: &str) -> candle_core::Result<QTensor> {
+        use candle_core::quantized::k_quants::*;
+        use candle_core::quantized::{GgmlDType as D, QStorage};
+        let info = &self.content.tensor_infos[name];
+        let (dtype, shape) = (info.ggml_dtype, info.shape.clone());
+        let bytes = shape.elem_count() / dtype.block_size() * dtype.type_size();
+        self.reader.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))?;
+        let r = &mut self.reader;
+        let storage: Box<dyn candle_core::quantized::QuantizedType> = match dtype {
+            D::F32 => read_blocks::<f32>(r, bytes)?,
+            D::F16 => read_blocks::<half::f16>(r, bytes)?,
+            D::BF16 => read_blocks::<half::bf16>(r, bytes)?,
+            D::Q4_0 => read_blocks::<BlockQ4_0>(r, bytes)?,
+            D::Q4_1 => read_blocks::<BlockQ4_1>(r, bytes)?,
+            D::Q5_0 => read_blocks::<BlockQ5_0>(r, bytes)?,
+            D::Q5_1 => read_blocks::<BlockQ5_1>(r, bytes)?,
+            D::Q8_0 => read_blocks::<BlockQ8_0>(r, bytes)?,
+            D::Q8_1 => read_blocks::<BlockQ8_1>(r, bytes)?,
+            D::Q2K => read_blocks::<BlockQ2K>(r, bytes)?,
+            D::Q3K => read_blocks::<BlockQ3K>(r, bytes)?,
+            D::Q4K => read_blocks::<BlockQ4K>(r, bytes)?,
+            D::Q5K => read_blocks::<BlockQ5K>(r, bytes)?,
+            D::Q6K => read_blocks::<BlockQ6K>(r, bytes)?,
+            D::Q8K => read_blocks::<BlockQ8K>(r, bytes)?,
+            #[allow(unreachable_patterns)]
+            _ => {
+                return self
+                    .content
+                    .tensor(&mut self.reader, name, &candle_core::Device::Cpu);
+            }
+        };
+        QTensor::new(QStorage::Cpu(storage), shape)
+    }
+
     pub fn missing_key(&self, key: &str) -> ModelError {
         ModelError::corrupt(&self.path, format!("missing metadata key {key}"))
     }
@@ -188,4 +229,23 @@ impl GgufFile {
     fn missing_tensor(&self, name: &str) -> ModelError {
         ModelError::corrupt(&self.path, format!("missing tensor {name}"))
     }
+}
+
+/// `bytes` of blocks of `T` from `r`, in a `Vec<T>` (so aligned for `T`).
+fn read_blocks<T>(
+    r: &mut impl Read,
+    bytes: usize,
+) -> candle_core::Result<Box<dyn candle_core::quantized::QuantizedType>>
+where
+    T: candle_core::quantized::k_quants::GgmlType + Send + Sync + 'static,
+{
+    let n = bytes / std::mem::size_of::<T>();
+    let mut blocks = vec![T::zeros(); n];
+    // SAFETY: the block types are plain old data (integers, f16/f32) for which any bytes are
+    // a valid value; the slice covers exactly the vector's initialised elements.
+    let raw = unsafe {
+        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), n * size_of::<T>())
+    };
+    r.read_exact(raw)?;
+    Ok(Box::new(blocks))
 }

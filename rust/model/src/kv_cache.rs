@@ -44,6 +44,14 @@ impl KvCache {
         }
     }
 
+    /// Bytes held by the key and value buffers (their capacity, not just the tokens in use).
+    pub fn allocated_bytes(&self) -> usize {
+        self.shapes
+            .iter()
+            .map(|s| 2 * s.n_kv_head * s.head_dim * self.capacity * DType::F32.size_in_bytes())
+            .sum()
+    }
+
     /// Rolls back to `n` tokens (no-op if `n >= len`).
     pub fn truncate(&mut self, n: usize) {
         self.len = self.len.min(n);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 
+use crate::model::{Kernels, LoadOptions};
 use crate::qmatmul::QuantMatmul;
 use candle_core::{Device, Result, Tensor};
 
@@ -20,27 +21,43 @@ pub(crate) struct Linear {
 /// AVX2/NEON kernels for Q4_0, Q8_0 and the k-quants).
 const SCALAR_ONLY: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
+/// How the linear layers of a model hold and run their weights.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerOptions {
+    /// Requantize [`SCALAR_ONLY`] CPU weights to Q8_0 where no fast kernel reads them.
+    pub widen: bool,
+    pub kernels: Kernels,
+}
+
+impl From<&LoadOptions> for LayerOptions {
+    fn from(o: &LoadOptions) -> Self {
+        Self {
+            widen: !o.keep_weight_types,
+            kernels: o.kernels,
+        }
+    }
+}
+
 impl Linear {
     /// A layer for `weight`; with `widen`, CPU weights of a [`SCALAR_ONLY`] type are
     /// requantized to Q8_0 (whose 8 bits hold their 4-5 bit values almost exactly) where
-    /// this CPU has no fast kernel of its own for them (aarch64 today).
-    pub fn load(widen: bool, weight: QTensor) -> Result<Self> {
+    /// the kernels in use have no fast path for them.
+    pub fn load(opts: LayerOptions, weight: QTensor) -> Result<Self> {
         let dtype = weight.dtype();
-        let weight = if widen
-            && SCALAR_ONLY.contains(&dtype)
-            && !QuantMatmul::has_fast_kernel(dtype, &weight.device())
-            && weight.device().is_cpu()
-        {
-            QTensor::quantize(&weight.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-        } else {
-            weight
-        };
-        Self::from_arc(Arc::new(weight))
+        let fast =
+            opts.kernels == Kernels::Own && QuantMatmul::has_fast_kernel(dtype, &weight.device());
+        let weight =
+            if opts.widen && SCALAR_ONLY.contains(&dtype) && !fast && weight.device().is_cpu() {
+                QTensor::quantize(&weight.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+            } else {
+                weight
+            };
+        Self::from_arc(opts, Arc::new(weight))
     }
 
-    pub fn from_arc(weight: Arc<QTensor>) -> Result<Self> {
+    pub fn from_arc(opts: LayerOptions, weight: Arc<QTensor>) -> Result<Self> {
         Ok(Self {
-            weight: QuantMatmul::new(weight)?,
+            weight: QuantMatmul::new(weight, opts.kernels)?,
             bias: None,
         })
     }

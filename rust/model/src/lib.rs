@@ -27,6 +27,6 @@ pub use candle_core::quantized::GgmlDType;
 pub use derive::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, DeriveReport, derive_draft};
 pub use error::ModelError;
 pub use model::{
-    Architecture, Device, LoadOptions, LoadProgress, Model, ModelInfo, kernel_threads,
+    Architecture, Device, Kernels, LoadOptions, LoadProgress, Model, ModelInfo, kernel_threads,
 };
 pub use session::{Logits, Session};

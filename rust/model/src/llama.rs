@@ -10,7 +10,7 @@ use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvShape};
-use crate::layers::{Embedding, Linear, RmsNorm, Rope};
+use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
 use crate::model::{Architecture, Dims, Outputs};
 
 struct Block {
@@ -42,7 +42,7 @@ impl Llama {
         g: &mut GgufFile,
         arch: Architecture,
         device: &Device,
-        widen: bool,
+        opts: LayerOptions,
     ) -> Result2<Self> {
         let p = arch.gguf_name();
         let n_layer = g.usize(&format!("{p}.block_count"))?;
@@ -77,11 +77,11 @@ impl Llama {
         let embd = Arc::new(g.tensor("token_embd.weight", Some(&[vocab, n_embd]), device)?);
         let output = if g.has_tensor("output.weight") {
             Linear::load(
-                widen,
+                opts,
                 g.tensor("output.weight", Some(&[vocab, n_embd]), device)?,
             )?
         } else {
-            Linear::from_arc(embd.clone())?
+            Linear::from_arc(opts, embd.clone())?
         };
         let q_dim = n_head * head_dim;
         let kv_dim = n_kv_head * head_dim;
@@ -97,13 +97,13 @@ impl Llama {
             let mut t = |name: &str, dims: &[usize]| {
                 g.tensor(&format!("blk.{i}.{name}"), Some(dims), device)
             };
-            let wq = Linear::load(widen, t("attn_q.weight", &[q_dim, n_embd])?)?;
-            let wk = Linear::load(widen, t("attn_k.weight", &[kv_dim, n_embd])?)?;
-            let wv = Linear::load(widen, t("attn_v.weight", &[kv_dim, n_embd])?)?;
-            let wo = Linear::load(widen, t("attn_output.weight", &[n_embd, q_dim])?)?;
-            let gate = Linear::load(widen, t("ffn_gate.weight", &[n_ff, n_embd])?)?;
-            let up = Linear::load(widen, t("ffn_up.weight", &[n_ff, n_embd])?)?;
-            let down = Linear::load(widen, t("ffn_down.weight", &[n_embd, n_ff])?)?;
+            let wq = Linear::load(opts, t("attn_q.weight", &[q_dim, n_embd])?)?;
+            let wk = Linear::load(opts, t("attn_k.weight", &[kv_dim, n_embd])?)?;
+            let wv = Linear::load(opts, t("attn_v.weight", &[kv_dim, n_embd])?)?;
+            let wo = Linear::load(opts, t("attn_output.weight", &[n_embd, q_dim])?)?;
+            let gate = Linear::load(opts, t("ffn_gate.weight", &[n_ff, n_embd])?)?;
+            let up = Linear::load(opts, t("ffn_up.weight", &[n_ff, n_embd])?)?;
+            let down = Linear::load(opts, t("ffn_down.weight", &[n_embd, n_ff])?)?;
             let mut bias = |name: &str, n: usize| -> Result2<Option<Tensor>> {
                 let full = format!("blk.{i}.{name}");
                 if g.has_tensor(&full) {

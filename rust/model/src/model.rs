@@ -50,13 +50,28 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// Use this HuggingFace `tokenizer.json` instead of the tokenizer embedded in the GGUF.
     pub tokenizer_json: Option<PathBuf>,
-    /// Keep Q4_1/Q5_0/Q5_1 matmul weights as stored. By default they are requantized to Q8_0
-    /// at load on CPU: candle has no SIMD kernels for those types, and Q8_0 decodes 3-5x
-    /// faster at ~1.7x their memory, with logits that differ only in the last bits of the
-    /// weights.
+    /// Keep Q4_1/Q5_0/Q5_1 matmul weights as stored where this CPU has no fast kernel for
+    /// them (aarch64 today: candle has only scalar code for those types). By default they are
+    /// then requantized to Q8_0 at load, which decodes 3-5x faster at ~1.7x their memory,
+    /// with logits that differ only in the last bits of the weights. On x86 with AVX2 they
+    /// are always kept.
     pub keep_weight_types: bool,
+    /// Which CPU matmul kernels run the weights. [`Kernels::Own`] by default.
+    pub kernels: Kernels,
     /// Called as weights are read, with the fraction of tensor bytes loaded so far (ends at 1).
     pub progress: Option<LoadProgress>,
+}
+
+/// The CPU matmul kernels a model runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The runtime's own kernels, reading each weight once from the GGUF blocks (or an
+    /// interleaved layout that replaces them): the fast, lean path.
+    #[default]
+    Own,
+    /// candle's `QMatMul` for every weight: the reference the runtime's kernels are tested
+    /// against (slower, and it keeps repacked copies of Q4_K/Q6_K weights).
+    Candle,
 }
 
 /// A loading-progress callback (apps show a progress bar: a phone reads ~100 MB of weights).
@@ -191,11 +206,9 @@ impl Model {
             .map_err(|e| ModelError::corrupt(path, format!("chat template: {e}")))?;
         let weights = match arch {
             Architecture::Llama | Architecture::Qwen2 => {
-                Weights::Llama(Llama::load(&mut g, arch, &device, !opts.keep_weight_types)?)
+                Weights::Llama(Llama::load(&mut g, arch, &device, opts.into())?)
             }
-            Architecture::Gemma3 => {
-                Weights::Gemma3(Gemma3::load(&mut g, &device, !opts.keep_weight_types)?)
-            }
+            Architecture::Gemma3 => Weights::Gemma3(Gemma3::load(&mut g, &device, opts.into())?),
         };
         let dims = match &weights {
             Weights::Llama(m) => m.dims(),

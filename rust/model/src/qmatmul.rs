@@ -7,54 +7,81 @@
 //! runtime used to answer by widening Q5_0/Q4_1 weights to Q8_0 (+55% memory). Here every
 //! weight exists once:
 //! - the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) run on AVX2 tile kernels
-//!   ([`avx2`]) that compute a tile of rows x columns per pass over the weights, so prefill
-//!   reads each weight block once per row tile instead of once per row;
-//! - the k-quants reuse candle's SIMD dot products (AVX2 or NEON) over the original layout.
+//!   ([`avx2`]) that unpack each weight block once for a tile of rows, so prefill does not
+//!   repeat the work per row;
+//! - Q4_K and Q6_K run on AVX2 from an interleaved layout that replaces the GGUF blocks at
+//!   load ([`avx2_kquant`]);
+//! - the other formats candle has SIMD dot products for (AVX2 or NEON: the remaining
+//!   k-quants, and Q4_0/Q8_0 without AVX2) run those block by block over the GGUF layout.
 //!
 //! Everything else (other devices, other formats, CPUs without AVX2 for the block formats)
-//! goes to candle's `QMatMul`. Set `UHLM_CANDLE_MATMUL=1` to force candle's path everywhere,
-//! e.g. to compare the two.
+//! goes to candle's `QMatMul`, as does every weight of a model loaded with
+//! [`Kernels::Candle`] (the reference these kernels are tested against).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
+use crate::model::Kernels;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_kquant;
 
-/// Which kernel family serves a weight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
+/// Which kernel family serves a weight, holding the weight in the form that kernel reads.
+#[derive(Debug, Clone)]
+enum Kernel {
     /// One of the 32-value block formats, on the AVX2 tile kernels.
     #[cfg(target_arch = "x86_64")]
-    Block32(avx2::Format),
-    /// A k-quant (256-value super-blocks), on candle's dot products.
-    KQuant(GgmlDType),
+    Block32(avx2::Format, Arc<QTensor>),
+    /// Q4_K or Q6_K interleaved by eight columns, on AVX2 (the GGUF blocks are dropped).
+    #[cfg(target_arch = "x86_64")]
+    Interleaved(Arc<avx2_kquant::Packed>),
+    /// A format candle has SIMD dot products for (AVX2 or NEON), run block by block from
+    /// the GGUF layout.
+    Blocks(GgmlDType, Arc<QTensor>),
     /// candle's `QMatMul`.
-    Candle,
+    Candle(QMatMul),
 }
 
 /// A quantized weight `(n, k)` ready to multiply `(.., k)` activations.
 #[derive(Debug, Clone)]
 pub(crate) struct QuantMatmul {
-    weight: Arc<QTensor>,
-    path: Path,
-    /// candle's path, built only when it is used (it repacks lazily on first use).
-    candle: QMatMul,
+    n: usize,
+    k: usize,
+    kernel: Kernel,
 }
 
 impl QuantMatmul {
-    pub fn new(weight: Arc<QTensor>) -> Result<Self> {
-        let path = choose_path(&weight);
-        Ok(Self {
-            candle: QMatMul::from_arc(weight.clone())?,
-            weight,
-            path,
-        })
+    /// Takes `weight`; where it becomes the only holder and the kernel uses its own layout,
+    /// the GGUF copy is freed.
+    pub fn new(weight: Arc<QTensor>, kernels: Kernels) -> Result<Self> {
+        let (n, k) = weight.shape().dims2()?;
+        let path = match kernels {
+            Kernels::Own => choose_path(&weight),
+            Kernels::Candle => Path::Candle,
+        };
+        let kernel = match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Block32(format) => Kernel::Block32(format, weight),
+            #[cfg(target_arch = "x86_64")]
+            Path::Blocks(dtype)
+                if avx2::available()
+                    && avx2_kquant::fits(dtype, n, k)
+                    && Arc::strong_count(&weight) == 1 =>
+            {
+                let packed = avx2_kquant::Packed::new(dtype, &weight.data()?, n, k)?;
+                Kernel::Interleaved(Arc::new(packed))
+            }
+            Path::Blocks(dtype) => Kernel::Blocks(dtype, weight),
+            Path::Candle => Kernel::Candle(QMatMul::from_arc(weight)?),
+        };
+        Ok(Self { n, k, kernel })
     }
 
     /// Whether this CPU multiplies `dtype` weights from their own blocks at SIMD speed, so
@@ -64,13 +91,14 @@ impl QuantMatmul {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.path == Path::Candle
-            || !xs.device().is_cpu()
-            || xs.dtype() != candle_core::DType::F32
-        {
-            return self.candle.forward(xs);
+        if let Kernel::Candle(q) = &self.kernel {
+            return q.forward(xs);
         }
-        let (n, k) = self.weight.shape().dims2()?;
+        if xs.dtype() != candle_core::DType::F32 {
+            let ys = self.forward(&xs.to_dtype(candle_core::DType::F32)?)?;
+            return ys.to_dtype(xs.dtype());
+        }
+        let (n, k) = (self.n, self.k);
         let dims = xs.dims();
         let Some((&xk, batch)) = dims.split_last() else {
             candle_core::bail!("matmul input has no dimensions");
@@ -80,26 +108,40 @@ impl QuantMatmul {
         }
         let m: usize = batch.iter().product();
         let xs = xs.contiguous()?;
-        let data = self.weight.data()?;
         let mut out = vec![0f32; m * n];
         {
             let (storage, layout) = xs.storage_and_layout();
             let candle_core::Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("expected CPU storage");
+                candle_core::bail!("a CPU weight needs CPU activations");
             };
             let start = layout.start_offset();
             let x = &cpu.as_slice::<f32>()?[start..start + m * k];
-            match self.path {
+            match &self.kernel {
                 #[cfg(target_arch = "x86_64")]
-                Path::Block32(format) => avx2::matmul(format, (m, k, n), x, &data, &mut out)?,
-                Path::KQuant(dtype) => kquant_matmul(dtype, (m, k, n), x, &data, &mut out)?,
-                Path::Candle => unreachable!("handled above"),
+                Kernel::Block32(format, w) => {
+                    avx2::matmul(*format, (m, k, n), x, &w.data()?, &mut out)?
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Interleaved(w) => avx2_kquant::matmul(w, m, n, x, &mut out),
+                Kernel::Blocks(dtype, w) => {
+                    blocks_matmul(*dtype, (m, k, n), x, &w.data()?, &mut out)?
+                }
+                Kernel::Candle(_) => unreachable!("handled above"),
             }
         }
         let mut shape = batch.to_vec();
         shape.push(n);
         Tensor::from_vec(out, shape, &Device::Cpu)
     }
+}
+
+/// Which kernel family a weight gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    #[cfg(target_arch = "x86_64")]
+    Block32(avx2::Format),
+    Blocks(GgmlDType),
+    Candle,
 }
 
 fn choose_path(weight: &QTensor) -> Path {
@@ -114,27 +156,25 @@ fn choose_path(weight: &QTensor) -> Path {
 }
 
 fn path_for(dtype: GgmlDType) -> Path {
-    if force_candle() {
-        return Path::Candle;
-    }
     #[cfg(target_arch = "x86_64")]
     if let Some(format) = avx2::Format::of(dtype).filter(|_| avx2::available()) {
         return Path::Block32(format);
     }
+    // Q4_0 and Q8_0 have candle SIMD dot products too (only reached without AVX2): run
+    // block by block, candle's own path would keep a repacked second copy on aarch64.
     match dtype {
-        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
-            Path::KQuant(dtype)
-        }
+        GgmlDType::Q4_0
+        | GgmlDType::Q8_0
+        | GgmlDType::Q2K
+        | GgmlDType::Q3K
+        | GgmlDType::Q4K
+        | GgmlDType::Q5K
+        | GgmlDType::Q6K => Path::Blocks(dtype),
         _ => Path::Candle,
     }
 }
 
-fn force_candle() -> bool {
-    static FORCE: OnceLock<bool> = OnceLock::new();
-    *FORCE.get_or_init(|| std::env::var("UHLM_CANDLE_MATMUL").is_ok_and(|v| v == "1"))
-}
-
-fn kquant_matmul(
+fn blocks_matmul(
     dtype: GgmlDType,
     mkn: (usize, usize, usize),
     x: &[f32],
@@ -142,12 +182,14 @@ fn kquant_matmul(
     dst: &mut [f32],
 ) -> Result<()> {
     match dtype {
-        GgmlDType::Q2K => kquant::<BlockQ2K>(mkn, x, data, dst),
-        GgmlDType::Q3K => kquant::<BlockQ3K>(mkn, x, data, dst),
-        GgmlDType::Q4K => kquant::<BlockQ4K>(mkn, x, data, dst),
-        GgmlDType::Q5K => kquant::<BlockQ5K>(mkn, x, data, dst),
-        GgmlDType::Q6K => kquant::<BlockQ6K>(mkn, x, data, dst),
-        other => candle_core::bail!("{other:?} is not a k-quant"),
+        GgmlDType::Q4_0 => by_blocks::<BlockQ4_0>(mkn, x, data, dst),
+        GgmlDType::Q8_0 => by_blocks::<BlockQ8_0>(mkn, x, data, dst),
+        GgmlDType::Q2K => by_blocks::<BlockQ2K>(mkn, x, data, dst),
+        GgmlDType::Q3K => by_blocks::<BlockQ3K>(mkn, x, data, dst),
+        GgmlDType::Q4K => by_blocks::<BlockQ4K>(mkn, x, data, dst),
+        GgmlDType::Q5K => by_blocks::<BlockQ5K>(mkn, x, data, dst),
+        GgmlDType::Q6K => by_blocks::<BlockQ6K>(mkn, x, data, dst),
+        other => candle_core::bail!("{other:?} has no block-by-block path"),
     }
 }
 
@@ -166,9 +208,10 @@ pub(crate) fn blocks<T>(data: &[u8], count: usize) -> Result<&[T]> {
     Ok(unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<T>(), count) })
 }
 
-/// k-quant weights times activations quantized to Q8_K: candle's per-block SIMD dot products,
-/// four output columns per call, columns split across candle's kernel threads.
-fn kquant<T: GgmlType<VecDotType = BlockQ8K> + Sync>(
+/// Weights times activations quantized to the format's dot-product partner (Q8_0 or Q8_K):
+/// candle's per-block SIMD dot products, four output columns per call, columns split across
+/// candle's kernel threads. Each output is one dot product whatever the batch.
+fn by_blocks<T: GgmlType + Sync>(
     (m, k, n): (usize, usize, usize),
     x: &[f32],
     data: &[u8],
@@ -176,9 +219,9 @@ fn kquant<T: GgmlType<VecDotType = BlockQ8K> + Sync>(
 ) -> Result<()> {
     let kb = k / T::BLCK_SIZE;
     let w: &[T] = blocks(data, n * kb)?;
-    let mut a = vec![BlockQ8K::zeros(); m * kb];
+    let mut a = vec![T::VecDotType::zeros(); m * kb];
     for (row, blocks) in x.chunks_exact(k).zip(a.chunks_exact_mut(kb)) {
-        BlockQ8K::from_float(row, blocks);
+        T::VecDotType::from_float(row, blocks);
     }
     let col = |c: usize| &w[c * kb..(c + 1) * kb];
     let dst_ptr = dst.as_mut_ptr() as usize;
@@ -227,7 +270,7 @@ mod tests {
     /// Widths cover whole and partial groups of four blocks and of four columns.
     #[test]
     fn every_format_matches_candles_kernel() {
-        for (n, k) in [(36, 512), (37, 576), (5, 256)] {
+        for (n, k) in [(40, 512), (37, 576), (5, 256)] {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5) * 0.2)
                 .collect();
@@ -247,9 +290,9 @@ mod tests {
                 if !k.is_multiple_of(dtype.block_size()) {
                     continue;
                 }
-                let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
-                let ours = QuantMatmul::new(q.clone()).unwrap();
-                let theirs = QMatMul::from_arc(q).unwrap();
+                let q = || Arc::new(QTensor::quantize(&w, dtype).unwrap());
+                let ours = QuantMatmul::new(q(), Kernels::Own).unwrap();
+                let theirs = QMatMul::from_arc(q()).unwrap();
                 for m in [1usize, 3, 4, 7, 9] {
                     let x: Vec<f32> = (0..m * k)
                         .map(|i| (i * 104729 % 1013) as f32 / 1013.0 - 0.5)

@@ -83,6 +83,11 @@ impl Session {
         &self.tokens
     }
 
+    /// Bytes held by this session's KV cache.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.cache.allocated_bytes()
+    }
+
     /// Most tokens the session can hold.
     pub fn context_length(&self) -> usize {
         self.model.info().context_length

@@ -1,12 +1,13 @@
-//! The runtime on the real cached models: SmolLM2-135M (llama) and gemma-3-270m.
+//! The runtime on the real cached models: SmolLM2-135M (llama), gemma-3-270m and
+//! Qwen2.5-Coder-0.5B (qwen2).
 
 #[path = "runtime_support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
 
-use support::{GEMMA3, SMOLLM2, argmax, cached_model, correlation, max_abs_diff};
-use uhlm_model::{DeriveOptions, LoadOptions, Model, derive_draft};
+use support::{GEMMA3, QWEN_CODER_05B, SMOLLM2, argmax, cached_model, correlation, max_abs_diff};
+use uhlm_model::{DeriveOptions, Kernels, LoadOptions, Model, derive_draft};
 
 fn load(name: &str) -> Option<Arc<Model>> {
     let path = cached_model(name)?;
@@ -17,20 +18,18 @@ fn encode(model: &Model, text: &str) -> Vec<u32> {
     model.tokenizer().encode(text, true).unwrap()
 }
 
-/// One `score` over the text versus stepping token by token: logits within `tol`, and the
-/// same greedy choice everywhere.
-fn check_incremental(model: &Arc<Model>, text: &str, tol: f32) {
+/// One `score` over the text versus stepping token by token: the same logits, bit for bit.
+/// The matmul kernels compute each row the same way whatever the batch, and the attention
+/// too, so how a context was split into forward passes never changes a distribution.
+fn check_incremental(model: &Arc<Model>, text: &str) {
     let tokens = encode(model, text);
     assert!(tokens.len() >= 8, "{tokens:?}");
     let full = model.session().score(&tokens).unwrap();
     let mut s = model.session();
-    let mut worst = 0f32;
     for (i, &t) in tokens.iter().enumerate() {
         let row = s.step(t).unwrap();
-        assert_eq!(argmax(&row), argmax(full.row(i)), "position {i}");
-        worst = worst.max(max_abs_diff(&row, full.row(i)));
+        assert_eq!(row, full.row(i), "position {i}");
     }
-    assert!(worst < tol, "max abs diff {worst}");
 }
 
 /// Greedy continuation of `prompt`.
@@ -52,21 +51,78 @@ fn smollm2_incremental_equals_one_pass() {
     check_incremental(
         &model,
         "The quick brown fox jumps over the lazy dog, then naps.",
-        1e-3,
     );
 }
 
-/// gemma3's Q6_K matmul takes a different kernel path for one row than for many (last-bit
-/// differences), which its 8-bit activation quantization amplifies over 18 layers; the
-/// attention itself is exact (see the toy gemma3 test). So: same greedy choices, logits close.
 #[test]
-fn gemma3_incremental_matches_one_pass() {
+fn gemma3_incremental_equals_one_pass() {
     let Some(model) = load(GEMMA3) else { return };
     check_incremental(
         &model,
         "The quick brown fox jumps over the lazy dog, then naps.",
-        3.0,
     );
+}
+
+#[test]
+fn qwen2_incremental_equals_one_pass() {
+    let Some(model) = load(QWEN_CODER_05B) else {
+        return;
+    };
+    check_incremental(
+        &model,
+        "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return",
+    );
+}
+
+/// The runtime's own kernels against candle's (the path they replaced), on every real
+/// model. Both quantize activations to 8 bits, candle with f16 block scales and these
+/// kernels with f32, so one rounding in a thousand lands on the other side and the
+/// difference grows over the layers: logits agree to within that (measured: worst row
+/// correlation 0.995-0.999, top token equal at 51/52, 48/50 and 53/54 positions), and
+/// greedy decoding starts the same way (the continuations part later, at near-ties).
+#[test]
+fn own_kernels_match_candles_on_the_real_models() {
+    let prompts = [
+        (SMOLLM2, "The capital of France is"),
+        (GEMMA3, "The capital of France is"),
+        (QWEN_CODER_05B, "def fibonacci(n):\n    "),
+    ];
+    for (name, prompt) in prompts {
+        let Some(path) = cached_model(name) else {
+            continue;
+        };
+        let own = Model::load(&path, &LoadOptions::default()).unwrap();
+        let reference = Model::load(
+            &path,
+            &LoadOptions {
+                kernels: Kernels::Candle,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let tokens = encode(&own, EIFFEL);
+        let a = own.session().score(&tokens).unwrap();
+        let b = reference.session().score(&tokens).unwrap();
+        let mut worst = 1f64;
+        let mut agree = 0;
+        for i in 0..a.rows() {
+            worst = worst.min(correlation(a.row(i), b.row(i)));
+            agree += usize::from(argmax(a.row(i)) == argmax(b.row(i)));
+        }
+        assert!(worst > 0.99, "{name}: worst row correlation {worst}");
+        assert!(
+            agree * 10 >= a.rows() * 9,
+            "{name}: same top token at only {agree} of {} positions",
+            a.rows()
+        );
+        let (ids_own, text) = greedy(&own, prompt, 16);
+        let (ids_ref, text_ref) = greedy(&reference, prompt, 16);
+        assert_eq!(
+            ids_own[..4],
+            ids_ref[..4],
+            "{name}: {text:?} vs {text_ref:?}"
+        );
+    }
 }
 
 /// Mean next-token negative log-likelihood of `text`, in nats.

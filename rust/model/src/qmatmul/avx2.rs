@@ -7,6 +7,9 @@
 //! are unpacked to unsigned bytes, so the integer dot product is one `maddubs` with no sign
 //! fix-up; their offset (−8·d, −16·d, or the block minimum `m`) multiplies `Σa` once per block.
 
+
+// Row loops index several per-row register arrays in lock step.
+#![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;
 
 use half::f16;
@@ -41,7 +44,9 @@ impl Format {
 }
 
 pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 // GGUF block layouts (ggml's `block_q4_0` etc.).
@@ -277,7 +282,7 @@ fn quantize(x: &[f32], m: usize, k: usize) -> Vec<Act> {
     out
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn columns<B: Block>(
     acts: &[Act],
     w: &[B],
@@ -359,6 +364,7 @@ unsafe fn tile<B: Block, const R: usize>(
         let [off0, off1] = &mut offset;
         let mut b = 0;
         while b < pairs {
+            prefetch::<1>(col.as_ptr().add(b).cast());
             step(b, acc0, off0);
             step(b + 1, acc1, off1);
             b += 2;
@@ -375,6 +381,21 @@ unsafe fn tile<B: Block, const R: usize>(
         for i in 0..R {
             *out.add(i * n) = hsum(sum[i]) + off[i];
         }
+    }
+}
+
+/// Bytes ahead of the current position to ask the memory for: decode streams every weight
+/// once, and on one core the hardware prefetcher alone leaves the loads waiting (measured on
+/// the 1.5B model: 14.5 tokens/s without, 19.5 with).
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Prefetches `LINES` cache lines starting `PREFETCH_AHEAD` bytes after `p`.
+#[inline(always)]
+pub(super) unsafe fn prefetch<const LINES: usize>(p: *const u8) {
+    let ahead = p.wrapping_add(PREFETCH_AHEAD).cast::<i8>();
+    for line in 0..LINES {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line)) };
     }
 }
 

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+pub const QWEN_CODER_05B: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
 /// A real model from the uhlm cache, or `None` (with a note) when it is not there. Set
 /// `UHLM_REQUIRE_MODELS=1` to turn a missing model into a failure.
