@@ -7,7 +7,6 @@
 //! are unpacked to unsigned bytes, so the integer dot product is one `maddubs` with no sign
 //! fix-up; their offset (−8·d, −16·d, or the block minimum `m`) multiplies `Σa` once per block.
 
-
 // Row loops index several per-row register arrays in lock step.
 #![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;

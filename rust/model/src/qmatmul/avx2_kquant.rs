@@ -12,7 +12,6 @@
 //! Values are unpacked as unsigned bytes (Q4_K 0..15, Q6_K 0..63); Q4_K's mins and Q6_K's
 //! offset of 32 multiply per-sub-block sums of the activations instead.
 
-
 // Row loops index several per-row register arrays in lock step.
 #![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;
