@@ -3,8 +3,9 @@
 //! Each worker owns the sessions routed to it (their KV caches live here, in uhlm-model
 //! `Session`s) and serves requests from a channel, replying through oneshot channels. Requests
 //! that arrive within `batch_wait` of the first are handled as one batch (up to `max_batch`).
-//! uhlm-model has no multi-session forward pass yet, so a batch runs its requests one after the
-//! other; the batch-size histogram still shows how much batching a batched forward could use.
+//! A batch still runs its requests one after the other: uhlm-model's multi-session forward
+//! pass (`Session::score_batch`, bit-identical to running each session alone) is not wired in
+//! here yet; the batch-size histogram shows how much batching it could use.
 //!
 //! `Generate` (LLM-only streaming) is not one job but a stream of small ones: the worker keeps
 //! each running generation in a run queue and samples one token per generation per turn, after

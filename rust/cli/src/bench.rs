@@ -32,6 +32,10 @@ pub struct BenchModelArgs {
     prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Sessions decoding in lock step, one batched forward pass per step (what a server
+    /// verifying many devices at once runs); the decode rate counts all their tokens.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Print the reports as JSON lines.
     #[arg(long)]
     json: bool,
@@ -50,11 +54,20 @@ fn bench(args: BenchModelArgs) -> Result<()> {
     if args.prompt_tokens == 0 {
         bail!("--prompt-tokens must be at least 1");
     }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let reports = if args.threads.len() <= 1 {
         let threads = args.threads.first().copied();
         vec![
-            bench_model(&path, threads, args.prompt_tokens, args.decode_tokens)
-                .with_context(|| format!("benchmarking {}", path.display()))?,
+            bench_model(
+                &path,
+                threads,
+                args.prompt_tokens,
+                args.decode_tokens,
+                args.batch,
+            )
+            .with_context(|| format!("benchmarking {}", path.display()))?,
         ]
     } else {
         args.threads
@@ -114,6 +127,8 @@ fn run_child(path: &std::path::Path, threads: usize, args: &BenchModelArgs) -> R
             args.prompt_tokens.to_string(),
             "--decode-tokens".to_string(),
             args.decode_tokens.to_string(),
+            "--batch".to_string(),
+            args.batch.to_string(),
         ])
         .output()
         .context("running the benchmark child process")?;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::model::{LoadOptions, Model, kernel_threads};
+use crate::session::{BatchItem, Session};
 
 /// Timings of one [`bench_model`] run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,7 +20,7 @@ pub struct BenchReport {
     pub load_ms: f64,
     /// Prompt tokens per second, scored in one forward pass.
     pub prefill_tok_s: f64,
-    /// Greedy single-token decode steps per second.
+    /// Greedy decode: tokens per second over all sessions of the batch.
     pub decode_tok_s: f64,
     /// Prompt tokens per second of the calling thread's CPU time: what prefill reaches when it
     /// does not compete for cores (exact for one thread, where all kernels run on the caller).
@@ -33,8 +34,11 @@ pub struct BenchReport {
     pub rss_before_load_bytes: Option<u64>,
     /// Size of the GGUF file.
     pub file_bytes: u64,
-    /// Bytes held by the KV cache at the end of the run.
+    /// Bytes held by the KV caches at the end of the run.
     pub kv_cache_bytes: u64,
+    /// Sessions decoding in lock step, one batched forward pass per step.
+    #[serde(default = "one")]
+    pub batch: usize,
 }
 
 impl BenchReport {
@@ -49,12 +53,15 @@ impl BenchReport {
 
 /// Loads `path`, scores a `prompt_tokens`-long prompt in one pass, then decodes
 /// `decode_tokens` tokens greedily. The prompt is a fixed synthetic id sequence: speed does not
-/// depend on which tokens are fed.
+/// depend on which tokens are fed. With `batch` > 1, that many sessions (each prefilled with its
+/// own prompt) decode in lock step, one batched forward pass per step
+/// ([`Session::score_batch`]), and the decode rate counts the tokens of all of them.
 pub fn bench_model(
     path: &Path,
     threads: Option<usize>,
     prompt_tokens: usize,
     decode_tokens: usize,
+    batch: usize,
 ) -> Result<BenchReport, ModelError> {
     let rss_before_load_bytes = rss_bytes();
     let file_bytes = std::fs::metadata(path)
@@ -70,19 +77,45 @@ pub fn bench_model(
     )?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let vocab = model.info().vocab_size;
-    let prompt: Vec<u32> = (0..prompt_tokens)
-        .map(|i| ((i * 7919 + 1009) % vocab) as u32)
-        .collect();
-    let mut session = model.session();
+    let batch = batch.max(1);
+    let prompt = |s: usize| -> Vec<u32> {
+        (0..prompt_tokens)
+            .map(|i| ((i * 7919 + 1009 + s * 104_729) % vocab) as u32)
+            .collect()
+    };
+    let mut sessions: Vec<Session> = (0..batch).map(|_| model.session()).collect();
     let (start, cpu0) = (Instant::now(), thread_cpu_s());
-    let logits = session.score_last(&prompt)?;
+    let logits = sessions[0].score_last(&prompt(0))?;
     let (prefill_s, cpu1) = (start.elapsed().as_secs_f64(), thread_cpu_s());
-    let mut next = argmax(&logits);
-    let start = Instant::now();
+    let mut next = vec![argmax(&logits)];
+    for (s, session) in sessions.iter_mut().enumerate().skip(1) {
+        next.push(argmax(&session.score_last(&prompt(s))?));
+    }
+    let (start, cpu1) = (
+        Instant::now(),
+        if batch > 1 { thread_cpu_s() } else { cpu1 },
+    );
     for _ in 0..decode_tokens {
-        next = argmax(&session.step(next)?);
+        if batch == 1 {
+            next[0] = argmax(&sessions[0].step(next[0])?);
+            continue;
+        }
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut items: Vec<BatchItem<'_>> = sessions
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(session, t)| BatchItem {
+                session,
+                tokens: t,
+                all_rows: false,
+            })
+            .collect();
+        for (n, logits) in next.iter_mut().zip(Session::score_batch(&mut items)?) {
+            *n = argmax(&logits.into_vec());
+        }
     }
     let (decode_s, cpu2) = (start.elapsed().as_secs_f64(), thread_cpu_s());
+    let decoded = decode_tokens * batch;
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     let cpu_rate = |n: usize, a: Option<f64>, b: Option<f64>| Some(rate(n, b? - a?));
     Ok(BenchReport {
@@ -92,14 +125,19 @@ pub fn bench_model(
         decode_tokens,
         load_ms,
         prefill_tok_s: rate(prompt_tokens, prefill_s),
-        decode_tok_s: rate(decode_tokens, decode_s),
+        decode_tok_s: rate(decoded, decode_s),
         prefill_cpu_tok_s: cpu_rate(prompt_tokens, cpu0, cpu1),
-        decode_cpu_tok_s: cpu_rate(decode_tokens, cpu1, cpu2),
+        decode_cpu_tok_s: cpu_rate(decoded, cpu1, cpu2),
         peak_rss_bytes: peak_rss_bytes(),
         rss_before_load_bytes,
         file_bytes,
-        kv_cache_bytes: session.kv_cache_bytes() as u64,
+        kv_cache_bytes: sessions.iter().map(|s| s.kv_cache_bytes() as u64).sum(),
+        batch,
     })
+}
+
+fn one() -> usize {
+    1
 }
 
 fn argmax(xs: &[f32]) -> u32 {

@@ -18,6 +18,9 @@ pub enum ModelError {
     /// Scoring was asked for zero tokens.
     #[error("empty prompt: at least one token is required")]
     EmptyPrompt,
+    /// A batched forward pass was given sessions of different models.
+    #[error("a batch must hold sessions of one model")]
+    MixedBatch,
     /// The session would grow past the model's context window.
     #[error("context overflow: {len} tokens exceed the model's context of {max}")]
     ContextOverflow { len: usize, max: usize },

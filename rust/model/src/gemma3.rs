@@ -14,9 +14,9 @@ use candle_core::{Device, Result, Tensor};
 use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
-use crate::kv_cache::{KvCache, KvShape};
+use crate::kv_cache::KvShape;
 use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
-use crate::model::{Dims, Outputs};
+use crate::model::{Dims, Part, concat_rows, output_rows, row_spans, split_rows};
 
 /// Every n-th layer is global when the file does not say otherwise (llama.cpp's default).
 const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
@@ -190,57 +190,60 @@ impl Gemma3 {
             .collect()
     }
 
-    /// Runs `tokens` at positions `pos0..`, writing their keys and values into `cache`, and
-    /// returns logits `(rows, vocab)` for the positions `outputs` selects.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        pos0: usize,
-        cache: &mut KvCache,
-        outputs: Outputs,
-    ) -> Result<Tensor> {
-        let seq = tokens.len();
+    /// One forward pass over `parts` (see [`crate::model::Model`]'s `forward`).
+    pub fn forward(&self, parts: &mut [Part<'_>]) -> Result<Vec<Tensor>> {
         let dev = &self.device;
-        cache.reserve(pos0 + seq)?;
-        let tables = [
-            self.ropes[0].tables(pos0, seq, dev)?,
-            self.ropes[1].tables(pos0, seq, dev)?,
-        ];
-        let mut x = self.embed.forward(tokens, dev)?;
+        let spans = row_spans(parts);
+        let mut tables = Vec::with_capacity(parts.len());
+        let mut tokens = Vec::with_capacity(spans.iter().map(|s| s.1).sum());
+        for p in parts.iter_mut() {
+            let seq = p.tokens.len();
+            p.cache.reserve(p.pos0 + seq)?;
+            tables.push([
+                self.ropes[0].tables(p.pos0, seq, dev)?,
+                self.ropes[1].tables(p.pos0, seq, dev)?,
+            ]);
+            tokens.extend_from_slice(p.tokens);
+        }
+        let mut x = self.embed.forward(&tokens, dev)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let a = &b.attn;
             let h = b.attn_norm.forward(&x)?;
-            // (seq, heads, head_dim) -> per-head norm -> (heads, seq, head_dim)
-            let heads = |t: Tensor, n: usize, norm: Option<&RmsNorm>| {
-                let t = t.reshape((seq, n, a.head_dim))?;
-                let t = match norm {
-                    Some(norm) => norm.forward(&t)?,
-                    None => t,
-                };
-                t.transpose(0, 1)
-            };
-            let q = heads(b.wq.forward(&h)?, a.n_head, Some(&b.q_norm))?;
-            let k = heads(b.wk.forward(&h)?, a.n_kv_head, Some(&b.k_norm))?;
-            let v = heads(b.wv.forward(&h)?, a.n_kv_head, None)?;
+            let (q, k, v) = (b.wq.forward(&h)?, b.wk.forward(&h)?, b.wv.forward(&h)?);
             let rope = &self.ropes[b.rope];
-            let q = rope.apply(&q, &tables[b.rope])?;
-            let k = rope.apply(&k, &tables[b.rope])?;
-            cache.write(i, pos0, &k, &v)?;
-            let att = attend(a, &q, cache, i, pos0, seq, dev)?;
-            let att = b.post_attn_norm.forward(&b.wo.forward(&att)?)?;
+            let mut att = Vec::with_capacity(parts.len());
+            for ((p, &(r0, seq)), tables) in parts.iter_mut().zip(&spans).zip(&tables) {
+                // (seq, heads, head_dim) -> per-head norm -> (heads, seq, head_dim)
+                let heads = |t: &Tensor, n: usize, norm: Option<&RmsNorm>| {
+                    let t = t.narrow(0, r0, seq)?.reshape((seq, n, a.head_dim))?;
+                    let t = match norm {
+                        Some(norm) => norm.forward(&t)?,
+                        None => t,
+                    };
+                    t.transpose(0, 1)
+                };
+                let q = rope.apply(&heads(&q, a.n_head, Some(&b.q_norm))?, &tables[b.rope])?;
+                let k = rope.apply(&heads(&k, a.n_kv_head, Some(&b.k_norm))?, &tables[b.rope])?;
+                p.cache
+                    .write(i, p.pos0, &k, &heads(&v, a.n_kv_head, None)?)?;
+                att.push(attend(a, &q, p.cache, i, p.pos0, seq, dev)?);
+            }
+            let att = b
+                .post_attn_norm
+                .forward(&b.wo.forward(&concat_rows(&att)?)?)?;
             x = (x + att)?;
             let h = b.ffn_norm.forward(&x)?;
             let gated = (b.gate.forward(&h)?.gelu()? * b.up.forward(&h)?)?;
             let ffn = b.post_ffn_norm.forward(&b.down.forward(&gated)?)?;
             x = (x + ffn)?;
         }
-        let logits = self
-            .output
-            .forward(&self.norm.forward(&outputs.select(&x)?)?)?;
-        match self.softcap {
-            Some(c) => (logits / c)?.tanh()? * c,
-            None => Ok(logits),
-        }
+        let (rows, counts) = output_rows(&x, parts)?;
+        let logits = self.output.forward(&self.norm.forward(&rows)?)?;
+        let logits = match self.softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        };
+        split_rows(&logits, &counts)
     }
 }
 

@@ -29,4 +29,4 @@ pub use error::ModelError;
 pub use model::{
     Architecture, Device, Kernels, LoadOptions, LoadProgress, Model, ModelInfo, kernel_threads,
 };
-pub use session::{Logits, Session};
+pub use session::{BatchItem, Logits, Session};

@@ -9,9 +9,9 @@ use candle_core::{Device, Result, Tensor};
 use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
-use crate::kv_cache::{KvCache, KvShape};
+use crate::kv_cache::KvShape;
 use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
-use crate::model::{Architecture, Dims, Outputs};
+use crate::model::{Architecture, Dims, Part, concat_rows, output_rows, row_spans, split_rows};
 
 struct Block {
     attn_norm: RmsNorm,
@@ -176,38 +176,41 @@ impl Llama {
         vec![s; self.blocks.len()]
     }
 
-    /// Runs `tokens` at positions `pos0..`, writing their keys and values into `cache`, and
-    /// returns logits `(rows, vocab)` for the positions `outputs` selects.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        pos0: usize,
-        cache: &mut KvCache,
-        outputs: Outputs,
-    ) -> Result<Tensor> {
-        let seq = tokens.len();
+    /// One forward pass over `parts` (see [`crate::model::Model`]'s `forward`).
+    pub fn forward(&self, parts: &mut [Part<'_>]) -> Result<Vec<Tensor>> {
         let dev = &self.device;
-        cache.reserve(pos0 + seq)?;
         let a = &self.attn;
-        let rt = self.rope.tables(pos0, seq, dev)?;
-        let mut x = self.embed.forward(tokens, dev)?;
+        let spans = row_spans(parts);
+        let mut tables = Vec::with_capacity(parts.len());
+        let mut tokens = Vec::with_capacity(spans.iter().map(|s| s.1).sum());
+        for p in parts.iter_mut() {
+            p.cache.reserve(p.pos0 + p.tokens.len())?;
+            tables.push(self.rope.tables(p.pos0, p.tokens.len(), dev)?);
+            tokens.extend_from_slice(p.tokens);
+        }
+        let mut x = self.embed.forward(&tokens, dev)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x)?;
-            let heads = |t: Tensor, n: usize| t.reshape((seq, n, a.head_dim))?.transpose(0, 1);
-            let q = heads(b.wq.forward(&h)?, a.n_head)?;
-            let k = heads(b.wk.forward(&h)?, a.n_kv_head)?;
-            let v = heads(b.wv.forward(&h)?, a.n_kv_head)?;
-            let q = self.rope.apply(&q, &rt)?;
-            let k = self.rope.apply(&k, &rt)?;
-            cache.write(i, pos0, &k, &v)?;
-            let att = attend(a, &q, cache, i, pos0, seq, dev)?;
-            x = (x + b.wo.forward(&att)?)?;
+            let (q, k, v) = (b.wq.forward(&h)?, b.wk.forward(&h)?, b.wv.forward(&h)?);
+            let mut att = Vec::with_capacity(parts.len());
+            for ((p, &(r0, seq)), rt) in parts.iter_mut().zip(&spans).zip(&tables) {
+                let heads = |t: &Tensor, n: usize| {
+                    t.narrow(0, r0, seq)?
+                        .reshape((seq, n, a.head_dim))?
+                        .transpose(0, 1)
+                };
+                let q = self.rope.apply(&heads(&q, a.n_head)?, rt)?;
+                let k = self.rope.apply(&heads(&k, a.n_kv_head)?, rt)?;
+                p.cache.write(i, p.pos0, &k, &heads(&v, a.n_kv_head)?)?;
+                att.push(attend(a, &q, p.cache, i, p.pos0, seq, dev)?);
+            }
+            x = (x + b.wo.forward(&concat_rows(&att)?)?)?;
             let h = b.ffn_norm.forward(&x)?;
             let gated = (b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?;
             x = (x + b.down.forward(&gated)?)?;
         }
-        self.output
-            .forward(&self.norm.forward(&outputs.select(&x)?)?)
+        let (rows, counts) = output_rows(&x, parts)?;
+        split_rows(&self.output.forward(&self.norm.forward(&rows)?)?, &counts)
     }
 }
 

@@ -280,21 +280,78 @@ impl Model {
         KvCache::new(shapes, self.info.context_length, &self.device)
     }
 
-    /// Logits `(rows, vocab)` for `tokens` at positions `pos0..`, the rows that `outputs`
-    /// asks for; writes their keys and values into `cache` (whose length the caller then
-    /// advances).
-    pub(crate) fn forward(
-        &self,
-        tokens: &[u32],
-        pos0: usize,
-        cache: &mut KvCache,
-        outputs: Outputs,
-    ) -> candle_core::Result<Tensor> {
+    /// One forward pass over every part: each part's new tokens at its own positions, with
+    /// its own KV cache (whose length the caller then advances). Every weight matmul runs once
+    /// over the rows of all parts; attention runs per part against its cache. Returns, per
+    /// part, logits `(rows, vocab)` for the rows its `outputs` asks for. The kernels compute a
+    /// row the same way whatever else is in the batch, so each part's logits equal those of
+    /// running it alone.
+    pub(crate) fn forward(&self, parts: &mut [Part<'_>]) -> candle_core::Result<Vec<Tensor>> {
         match &self.weights {
-            Weights::Llama(m) => m.forward(tokens, pos0, cache, outputs),
-            Weights::Gemma3(m) => m.forward(tokens, pos0, cache, outputs),
+            Weights::Llama(m) => m.forward(parts),
+            Weights::Gemma3(m) => m.forward(parts),
         }
     }
+}
+
+/// One sequence's share of a forward pass.
+pub(crate) struct Part<'a> {
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`.
+    pub pos0: usize,
+    pub cache: &'a mut KvCache,
+    pub outputs: Outputs,
+}
+
+/// Where each part's rows sit in the batch: `(first row, rows)`.
+pub(crate) fn row_spans(parts: &[Part<'_>]) -> Vec<(usize, usize)> {
+    let mut r = 0;
+    parts
+        .iter()
+        .map(|p| {
+            let span = (r, p.tokens.len());
+            r += p.tokens.len();
+            span
+        })
+        .collect()
+}
+
+/// Rows `(rows, ..)` gathered per part, one tensor (no copy for a single part).
+pub(crate) fn concat_rows(pieces: &[Tensor]) -> candle_core::Result<Tensor> {
+    match pieces {
+        [one] => Ok(one.clone()),
+        many => Tensor::cat(many, 0),
+    }
+}
+
+/// The hidden states whose logits the parts want, in one tensor, and how many rows each
+/// part contributes.
+pub(crate) fn output_rows(
+    x: &Tensor,
+    parts: &[Part<'_>],
+) -> candle_core::Result<(Tensor, Vec<usize>)> {
+    let spans = row_spans(parts);
+    let mut pieces = Vec::with_capacity(parts.len());
+    let mut counts = Vec::with_capacity(parts.len());
+    for (p, &(r0, seq)) in parts.iter().zip(&spans) {
+        let rows = p.outputs.select(&x.narrow(0, r0, seq)?)?;
+        counts.push(rows.dim(0)?);
+        pieces.push(rows);
+    }
+    Ok((concat_rows(&pieces)?, counts))
+}
+
+/// Splits `(rows, vocab)` logits back into the parts' shares.
+pub(crate) fn split_rows(logits: &Tensor, counts: &[usize]) -> candle_core::Result<Vec<Tensor>> {
+    let mut r = 0;
+    counts
+        .iter()
+        .map(|&n| {
+            let t = logits.narrow(0, r, n);
+            r += n;
+            t
+        })
+        .collect()
 }
 
 /// Which positions of a forward pass get logits. The output projection over a 150k-262k

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
-use crate::model::{Model, Outputs};
+use crate::model::{Model, Outputs, Part};
 
 /// Next-token logits for consecutive positions, row-major `(rows, vocab)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +44,16 @@ impl Logits {
     pub fn into_vec(self) -> Vec<f32> {
         self.data
     }
+}
+
+/// One session's share of [`Session::score_batch`].
+#[derive(Debug)]
+pub struct BatchItem<'a> {
+    pub session: &'a mut Session,
+    /// New tokens to append (at least one).
+    pub tokens: &'a [u32],
+    /// Logits for every new position, else only for the last.
+    pub all_rows: bool,
 }
 
 /// One sequence being decoded. Owns its KV cache; the weights are shared, so sessions are
@@ -124,14 +134,56 @@ impl Session {
     }
 
     fn append(&mut self, tokens: &[u32], outputs: Outputs) -> Result<Logits, ModelError> {
-        self.check(tokens)?;
-        let pos0 = self.tokens.len();
-        let logits = self.model.forward(tokens, pos0, &mut self.cache, outputs)?;
-        let (rows, vocab) = logits.dims2()?;
-        let data = logits.flatten_all()?.to_vec1::<f32>()?;
-        self.cache.set_len(pos0 + tokens.len());
-        self.tokens.extend_from_slice(tokens);
-        Ok(Logits { vocab, rows, data })
+        let mut item = [BatchItem {
+            session: self,
+            tokens,
+            all_rows: outputs == Outputs::All,
+        }];
+        Ok(Session::score_batch(&mut item)?.remove(0))
+    }
+
+    /// Appends each item's tokens to its session in one forward pass over all of them: every
+    /// weight matmul runs once over the rows of every session (the server verifies many
+    /// devices at once this way), attention per session against its own cache. Returns each
+    /// item's logits, every new position's (`all_rows`) or the last one's; they are bit for
+    /// bit what [`Session::score`] / [`Session::score_last`] would return for that session
+    /// alone. The sessions must share one model and be distinct. On error no session changes.
+    pub fn score_batch(items: &mut [BatchItem<'_>]) -> Result<Vec<Logits>, ModelError> {
+        let Some(first) = items.first() else {
+            return Ok(Vec::new());
+        };
+        let model = first.session.model.clone();
+        for item in items.iter() {
+            if !Arc::ptr_eq(&item.session.model, &model) {
+                return Err(ModelError::MixedBatch);
+            }
+            item.session.check(item.tokens)?;
+        }
+        let mut parts: Vec<Part<'_>> = items
+            .iter_mut()
+            .map(|item| Part {
+                tokens: item.tokens,
+                pos0: item.session.tokens.len(),
+                cache: &mut item.session.cache,
+                outputs: if item.all_rows {
+                    Outputs::All
+                } else {
+                    Outputs::Last
+                },
+            })
+            .collect();
+        let logits = model.forward(&mut parts)?;
+        drop(parts);
+        let mut out = Vec::with_capacity(items.len());
+        for (item, logits) in items.iter_mut().zip(logits) {
+            let (rows, vocab) = logits.dims2()?;
+            let data = logits.flatten_all()?.to_vec1::<f32>()?;
+            let s = &mut *item.session;
+            s.cache.set_len(s.tokens.len() + item.tokens.len());
+            s.tokens.extend_from_slice(item.tokens);
+            out.push(Logits { vocab, rows, data });
+        }
+        Ok(out)
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), ModelError> {

@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 
 use support::{GEMMA3, QWEN_CODER_05B, SMOLLM2, argmax, cached_model, correlation, max_abs_diff};
-use uhlm_model::{DeriveOptions, Kernels, LoadOptions, Model, derive_draft};
+use uhlm_model::{BatchItem, DeriveOptions, Kernels, LoadOptions, Model, Session, derive_draft};
 
 fn load(name: &str) -> Option<Arc<Model>> {
     let path = cached_model(name)?;
@@ -252,4 +252,51 @@ fn smollm2_default_draft_round_trip() {
         r > 0.5 && r < 0.9999,
         "the draft must track the source: correlation {r}"
     );
+}
+
+/// The server's batched verification on the real models: sessions of different lengths
+/// (one rolled back as after a rejection), each catching up on a different number of tokens,
+/// in one forward pass, get bit for bit the logits they get alone.
+#[test]
+fn batched_sessions_equal_each_alone_on_the_real_models() {
+    for name in [SMOLLM2, GEMMA3, QWEN_CODER_05B] {
+        let Some(model) = load(name) else { continue };
+        let texts = [
+            "def add(a, b):\n    return a + b\n",
+            EIFFEL,
+            "The quick brown fox jumps over the lazy dog, then naps.",
+        ];
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| encode(&model, t)).collect();
+        let split = [ids[0].len() - 1, ids[1].len() - 6, 4];
+        let prime = |i: usize| {
+            let mut s = model.session();
+            s.score(&ids[i][..split[i]]).unwrap();
+            if i == 0 {
+                // As after a rejection: drafted positions scored, then rolled back.
+                s.score(&ids[2][..3]).unwrap();
+                s.truncate(split[0]);
+            }
+            s
+        };
+        let mut batched: Vec<Session> = (0..3).map(prime).collect();
+        let mut items: Vec<BatchItem<'_>> = batched
+            .iter_mut()
+            .enumerate()
+            .map(|(i, session)| BatchItem {
+                session,
+                tokens: &ids[i][split[i]..],
+                all_rows: i == 1,
+            })
+            .collect();
+        let got = Session::score_batch(&mut items).unwrap();
+        for i in 0..3 {
+            let mut alone = prime(i);
+            let expect = if i == 1 {
+                alone.score(&ids[i][split[i]..]).unwrap().into_vec()
+            } else {
+                alone.score_last(&ids[i][split[i]..]).unwrap()
+            };
+            assert_eq!(got[i].clone().into_vec(), expect, "{name} session {i}");
+        }
+    }
 }

@@ -10,7 +10,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use support::{Toy, max_abs_diff, write_toy};
 use uhlm_model::{
-    Architecture, DeriveOptions, LoadOptions, LoadProgress, Model, ModelError, Session,
+    Architecture, BatchItem, DeriveOptions, LoadOptions, LoadProgress, Model, ModelError, Session,
     derive_draft,
 };
 
@@ -100,6 +100,102 @@ fn score_last_is_the_last_row_of_score_for_both_architectures() {
         let d = max_abs_diff(&s.step(7).unwrap(), &reference.step(7).unwrap());
         assert!(d < 1e-4, "next step: {d}");
     }
+}
+
+/// Three sessions at different lengths (one rolled back by a "rejection" first) in one
+/// batched pass: each gets exactly what scoring it alone gives, for both architectures and
+/// for last-row and all-row outputs.
+#[test]
+fn a_batched_pass_equals_each_session_alone() {
+    for toy in [Toy::llama(), Toy::gemma3()] {
+        let (_dir, model) = load_toy(&toy);
+        let prefixes: [&[u32]; 3] = [&PROMPT[..5], &PROMPT, &PROMPT[2..9]];
+        let new: [&[u32]; 3] = [&[7, 8, 9], &[42], &[100, 101, 102, 103, 104, 105, 106]];
+        let fresh = |i: usize| {
+            let mut s = model.session();
+            s.score(prefixes[i]).unwrap();
+            if i == 1 {
+                // Rolled back over positions whose keys stay in the cache buffers.
+                s.score(&[11, 12, 13]).unwrap();
+                s.truncate(PROMPT.len());
+            }
+            s
+        };
+        let mut batched: Vec<Session> = (0..3).map(fresh).collect();
+        let mut items: Vec<BatchItem<'_>> = batched
+            .iter_mut()
+            .enumerate()
+            .map(|(i, session)| BatchItem {
+                session,
+                tokens: new[i],
+                all_rows: i != 1,
+            })
+            .collect();
+        let got = Session::score_batch(&mut items).unwrap();
+        for i in 0..3 {
+            let mut alone = fresh(i);
+            let expect = if i == 1 {
+                alone.score_last(new[i]).unwrap()
+            } else {
+                alone.score(new[i]).unwrap().into_vec()
+            };
+            assert_eq!(
+                got[i].clone().into_vec(),
+                expect,
+                "{} session {i}",
+                model.info().name
+            );
+            assert_eq!(batched[i].tokens(), alone.tokens());
+            // The caches continue identically too.
+            let next = batched[i].step(3).unwrap();
+            assert_eq!(next, alone.step(3).unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_bad_batch_changes_no_session() {
+    let (_dir, model) = load_toy(&Toy::llama());
+    let (_dir2, other) = load_toy(&Toy::llama());
+    let mut a = model.session();
+    a.score(&PROMPT[..3]).unwrap();
+    let mut b = other.session();
+    let mut items = [
+        BatchItem {
+            session: &mut a,
+            tokens: &[5],
+            all_rows: false,
+        },
+        BatchItem {
+            session: &mut b,
+            tokens: &[6],
+            all_rows: false,
+        },
+    ];
+    assert!(matches!(
+        Session::score_batch(&mut items),
+        Err(ModelError::MixedBatch)
+    ));
+    let mut c = model.session();
+    let mut items = [
+        BatchItem {
+            session: &mut a,
+            tokens: &[5],
+            all_rows: false,
+        },
+        BatchItem {
+            session: &mut c,
+            tokens: &[1, 999],
+            all_rows: false,
+        },
+    ];
+    assert!(matches!(
+        Session::score_batch(&mut items),
+        Err(ModelError::InvalidToken { id: 999, .. })
+    ));
+    assert_eq!(a.tokens(), &PROMPT[..3]);
+    assert!(c.is_empty());
+    assert!(Session::score_batch(&mut []).unwrap().is_empty());
 }
 
 #[test]

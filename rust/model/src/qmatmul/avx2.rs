@@ -138,85 +138,39 @@ unsafe fn fifth_bits(qh: &[u8; 4]) -> __m256i {
     }
 }
 
-impl Block for Q4_0 {
-    const SIGNED: bool = false;
-    #[inline(always)]
-    unsafe fn unpack(&self) -> __m256i {
-        unsafe { nibbles(&self.qs) }
-    }
-    #[inline(always)]
-    fn d(&self) -> f32 {
-        f32_of(self.d)
-    }
-    #[inline(always)]
-    fn offset(&self) -> f32 {
-        -8.0 * f32_of(self.d)
-    }
+/// `impl Block` for a format: whether its values are signed, how to unpack them, and the
+/// offset its values carry (as a function of the block).
+macro_rules! block {
+    ($ty:ident, signed: $signed:expr, unpack: |$s:ident| $unpack:expr, offset: |$o:ident| $offset:expr) => {
+        impl Block for $ty {
+            const SIGNED: bool = $signed;
+            #[inline(always)]
+            unsafe fn unpack(&self) -> __m256i {
+                let $s = self;
+                unsafe { $unpack }
+            }
+            #[inline(always)]
+            fn d(&self) -> f32 {
+                f32_of(self.d)
+            }
+            #[inline(always)]
+            fn offset(&self) -> f32 {
+                let $o = self;
+                $offset
+            }
+        }
+    };
 }
 
-impl Block for Q4_1 {
-    const SIGNED: bool = false;
-    #[inline(always)]
-    unsafe fn unpack(&self) -> __m256i {
-        unsafe { nibbles(&self.qs) }
-    }
-    #[inline(always)]
-    fn d(&self) -> f32 {
-        f32_of(self.d)
-    }
-    #[inline(always)]
-    fn offset(&self) -> f32 {
-        f32_of(self.m)
-    }
-}
-
-impl Block for Q5_0 {
-    const SIGNED: bool = false;
-    #[inline(always)]
-    unsafe fn unpack(&self) -> __m256i {
-        unsafe { _mm256_or_si256(nibbles(&self.qs), fifth_bits(&self.qh)) }
-    }
-    #[inline(always)]
-    fn d(&self) -> f32 {
-        f32_of(self.d)
-    }
-    #[inline(always)]
-    fn offset(&self) -> f32 {
-        -16.0 * f32_of(self.d)
-    }
-}
-
-impl Block for Q5_1 {
-    const SIGNED: bool = false;
-    #[inline(always)]
-    unsafe fn unpack(&self) -> __m256i {
-        unsafe { _mm256_or_si256(nibbles(&self.qs), fifth_bits(&self.qh)) }
-    }
-    #[inline(always)]
-    fn d(&self) -> f32 {
-        f32_of(self.d)
-    }
-    #[inline(always)]
-    fn offset(&self) -> f32 {
-        f32_of(self.m)
-    }
-}
-
-impl Block for Q8_0 {
-    const SIGNED: bool = true;
-    #[inline(always)]
-    unsafe fn unpack(&self) -> __m256i {
-        unsafe { _mm256_loadu_si256(self.qs.as_ptr().cast()) }
-    }
-    #[inline(always)]
-    fn d(&self) -> f32 {
-        f32_of(self.d)
-    }
-    #[inline(always)]
-    fn offset(&self) -> f32 {
-        0.0
-    }
-}
+block!(Q4_0, signed: false, unpack: |b| nibbles(&b.qs), offset: |b| -8.0 * f32_of(b.d));
+block!(Q4_1, signed: false, unpack: |b| nibbles(&b.qs), offset: |b| f32_of(b.m));
+block!(Q5_0, signed: false,
+    unpack: |b| _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh)),
+    offset: |b| -16.0 * f32_of(b.d));
+block!(Q5_1, signed: false,
+    unpack: |b| _mm256_or_si256(nibbles(&b.qs), fifth_bits(&b.qh)),
+    offset: |b| f32_of(b.m));
+block!(Q8_0, signed: true, unpack: |b| _mm256_loadu_si256(b.qs.as_ptr().cast()), offset: |_b| 0.0);
 
 /// `dst (m, n) = x (m, k) · Wᵀ` for `W` stored as `n` rows of `k / 32` blocks in `data`.
 pub(crate) fn matmul(

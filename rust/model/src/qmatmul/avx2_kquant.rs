@@ -137,84 +137,85 @@ impl Packed {
     /// Interleaves the GGUF blocks in `data` (`n` rows of `k / 256` blocks).
     pub fn new(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Result<Self> {
         let kb = k / QK_K;
-        let groups = n / 8;
         match dtype {
             GgmlDType::Q4K => {
                 let src: &[Q4K] = blocks(data, n * kb)?;
-                let mut out = Vec::with_capacity(groups * kb);
-                for group in 0..groups {
-                    for b in 0..kb {
-                        let col = |c: usize| &src[(group * 8 + c) * kb + b];
-                        // Value i: chunk i / 64 holds 64 values as the low (first 32) and
-                        // high (next 32) nibbles of 32 bytes.
-                        let value = |c: usize, i: usize| {
-                            let byte = col(c).qs[(i / 64) * 32 + i % 32];
-                            if i % 64 < 32 { byte & 0xf } else { byte >> 4 }
-                        };
-                        let mut p = Q4Kx8 {
-                            d: std::array::from_fn(|c| col(c).d),
-                            dmin: std::array::from_fn(|c| col(c).dmin),
-                            scales: [[0; 8]; 8],
-                            mins: [[0; 16]; 4],
-                            qs: std::array::from_fn(|s| interleave_nibbles::<4>(value, s * 32)),
-                        };
-                        for c in 0..8 {
-                            for s in 0..8 {
-                                let (sc, m) = scale_min(s, &col(c).scales);
-                                p.scales[s][c] = sc;
-                                p.mins[s / 2][2 * c + s % 2] = m;
-                            }
-                        }
-                        out.push(p);
-                    }
-                }
-                Ok(Packed::Q4K(out, kb))
+                Ok(Packed::Q4K(by_eight(src, n, kb, pack_q4k), kb))
             }
             GgmlDType::Q6K => {
                 let src: &[Q6K] = blocks(data, n * kb)?;
-                let mut out = Vec::with_capacity(groups * kb);
-                for group in 0..groups {
-                    for b in 0..kb {
-                        let col = |c: usize| &src[(group * 8 + c) * kb + b];
-                        // ggml's dequantize_row_q6_K: value 128h + 32q + l.
-                        let value = |c: usize, i: usize| {
-                            let blk = col(c);
-                            let (h, q, l) = (i / 128, (i % 128) / 32, i % 32);
-                            let ql = blk.ql[64 * h + l + 32 * (q % 2)];
-                            let low = if q < 2 { ql & 0xf } else { ql >> 4 };
-                            let high = (blk.qh[32 * h + l] >> (2 * q)) & 3;
-                            low | (high << 4)
-                        };
-                        let mut qh = [[0u8; 32]; 16];
-                        for (s, bytes) in qh.iter_mut().enumerate() {
-                            for c in 0..8 {
-                                for j in 0..4 {
-                                    let mut byte = 0;
-                                    for t in 0..4 {
-                                        byte |= (value(c, s * 16 + 4 * t + j) >> 4) << (2 * t);
-                                    }
-                                    bytes[4 * c + j] = byte;
-                                }
-                            }
-                        }
-                        let scale = |c: usize, s: usize| col(c).scales[s];
-                        out.push(Q6Kx8 {
-                            d: std::array::from_fn(|c| col(c).d),
-                            scales: std::array::from_fn(|s| std::array::from_fn(|c| scale(c, s))),
-                            scale_pairs: std::array::from_fn(|p| {
-                                std::array::from_fn(|x| scale(x / 2, 2 * p + x % 2))
-                            }),
-                            subs: std::array::from_fn(|s| Q6Sub {
-                                ql: interleave_nibbles::<2>(value, s * 16),
-                                qh: qh[s],
-                            }),
-                        });
-                    }
-                }
-                Ok(Packed::Q6K(out, kb))
+                Ok(Packed::Q6K(by_eight(src, n, kb, pack_q6k), kb))
             }
             other => candle_core::bail!("{other:?} has no interleaved layout"),
         }
+    }
+}
+
+/// One packed block per super-block `b` of every eight consecutive rows (`group`), in the
+/// order the kernels walk them: `[group][b]`. `pack` gets the eight rows' blocks.
+fn by_eight<S, P>(src: &[S], n: usize, kb: usize, pack: impl Fn([&S; 8]) -> P) -> Vec<P> {
+    let mut out = Vec::with_capacity(n / 8 * kb);
+    for group in 0..n / 8 {
+        for b in 0..kb {
+            out.push(pack(std::array::from_fn(|c| {
+                &src[(group * 8 + c) * kb + b]
+            })));
+        }
+    }
+    out
+}
+
+fn pack_q4k(col: [&Q4K; 8]) -> Q4Kx8 {
+    // Value i: chunk i / 64 holds 64 values as the low (first 32) and high (next 32) nibbles
+    // of 32 bytes.
+    let value = |c: usize, i: usize| {
+        let byte = col[c].qs[(i / 64) * 32 + i % 32];
+        if i % 64 < 32 { byte & 0xf } else { byte >> 4 }
+    };
+    let mut p = Q4Kx8 {
+        d: std::array::from_fn(|c| col[c].d),
+        dmin: std::array::from_fn(|c| col[c].dmin),
+        scales: [[0; 8]; 8],
+        mins: [[0; 16]; 4],
+        qs: std::array::from_fn(|s| interleave_nibbles::<4>(value, s * 32)),
+    };
+    for (c, blk) in col.iter().enumerate() {
+        for s in 0..8 {
+            let (sc, m) = scale_min(s, &blk.scales);
+            p.scales[s][c] = sc;
+            p.mins[s / 2][2 * c + s % 2] = m;
+        }
+    }
+    p
+}
+
+fn pack_q6k(col: [&Q6K; 8]) -> Q6Kx8 {
+    // ggml's dequantize_row_q6_K: value 128h + 32q + l.
+    let value = |c: usize, i: usize| {
+        let blk = col[c];
+        let (h, q, l) = (i / 128, (i % 128) / 32, i % 32);
+        let ql = blk.ql[64 * h + l + 32 * (q % 2)];
+        let low = if q < 2 { ql & 0xf } else { ql >> 4 };
+        let high = (blk.qh[32 * h + l] >> (2 * q)) & 3;
+        low | (high << 4)
+    };
+    let high_bits = |s: usize| -> [u8; 32] {
+        std::array::from_fn(|x| {
+            let (c, j) = (x / 4, x % 4);
+            (0..4).fold(0u8, |byte, t| {
+                byte | ((value(c, s * 16 + 4 * t + j) >> 4) << (2 * t))
+            })
+        })
+    };
+    let scale = |c: usize, s: usize| col[c].scales[s];
+    Q6Kx8 {
+        d: std::array::from_fn(|c| col[c].d),
+        scales: std::array::from_fn(|s| std::array::from_fn(|c| scale(c, s))),
+        scale_pairs: std::array::from_fn(|p| std::array::from_fn(|x| scale(x / 2, 2 * p + x % 2))),
+        subs: std::array::from_fn(|s| Q6Sub {
+            ql: interleave_nibbles::<2>(value, s * 16),
+            qh: high_bits(s),
+        }),
     }
 }
 
