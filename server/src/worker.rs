@@ -599,12 +599,7 @@ impl Worker {
                 self.enforce_budget(protected);
                 self.streams.push_back(s);
             }
-            Ok(Some(reason)) => {
-                if reason == FinishReason::Cancelled {
-                    self.metrics.generations_stopped.inc();
-                }
-                self.enforce_budget(protected);
-            }
+            Ok(Some(_)) => self.enforce_budget(protected),
             Err(e) => {
                 let _ = s.events.send(GenEvent::Failed(e));
             }
@@ -633,6 +628,8 @@ impl Worker {
         };
         if s.cancel.load(Ordering::Acquire) {
             let len = llm.len() + entry.pending.len();
+            // Counted before `Finished` leaves, so that whoever sees it sees the count too.
+            self.metrics.generations_stopped.inc();
             let _ = s.events.send(finish(FinishReason::Cancelled, len));
             return Ok(Some(FinishReason::Cancelled));
         }
