@@ -14,7 +14,7 @@
 //! - the other formats candle has SIMD dot products for (AVX2 or NEON: the remaining
 //!   k-quants, and Q4_0/Q8_0 without AVX2) run those block by block over the GGUF layout.
 //!
-//! Everything else (other devices, other formats, CPUs without AVX2 for the block formats)
+//! Everything else (other devices, other formats, and Q4_1/Q5_0/Q5_1 on CPUs without AVX2)
 //! goes to candle's `QMatMul`, as does every weight of a model loaded with
 //! [`Kernels::Candle`] (the reference these kernels are tested against).
 
