@@ -24,6 +24,7 @@ pub struct Metrics {
     pub tokens_accepted: Counter,
     pub tokens_resampled: Counter,
     pub catchup_tokens: Counter,
+    pub prefilled_tokens: Counter,
     pub generate_requests: Counter,
     pub tokens_generated: Counter,
     pub generations_stopped: Counter,
@@ -57,6 +58,7 @@ impl Metrics {
             tokens_accepted: Counter::default(),
             tokens_resampled: Counter::default(),
             catchup_tokens: Counter::default(),
+            prefilled_tokens: Counter::default(),
             generate_requests: Counter::default(),
             tokens_generated: Counter::default(),
             generations_stopped: Counter::default(),
@@ -94,6 +96,11 @@ impl Metrics {
             "catchup_tokens",
             "Skipped tokens the server appended before verifying",
             m.catchup_tokens.clone(),
+        );
+        registry.register(
+            "prefilled_tokens",
+            "Context tokens scored as soon as a session opened or resynced, before any Verify",
+            m.prefilled_tokens.clone(),
         );
         registry.register(
             "generate_requests",

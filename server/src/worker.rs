@@ -311,7 +311,11 @@ impl Worker {
                 reply,
             } => {
                 let r = self.open(key, context, sampling);
+                let opened = r.is_ok();
                 let _ = reply.send(r);
+                if opened && self.prefill(key) {
+                    self.enforce_budget(protected);
+                }
             }
             Job::Resync {
                 key,
@@ -319,7 +323,11 @@ impl Worker {
                 reply,
             } => {
                 let r = self.resync(key, context);
+                let resynced = r.is_ok();
                 let _ = reply.send(r);
+                if resynced && self.prefill(key) {
+                    self.enforce_budget(protected);
+                }
             }
             Job::Verify { key, verify, reply } => {
                 // A panic in the model must not take the worker (and every session on it) down.
@@ -412,6 +420,44 @@ impl Worker {
             self.metrics.sessions.inc();
         }
         Ok(())
+    }
+
+    /// Scores a new context right after the device has its answer, all but the last token (the
+    /// first `Verify` scores that one with whatever it brings): the prompt's prefill then runs
+    /// while the device scores the same prompt with its SLM, instead of after it. A failure
+    /// here changes nothing: the tokens stay pending and the `Verify` meets the error itself.
+    /// Returns whether the cache grew (so the memory budget is checked as after a `Verify`).
+    fn prefill(&mut self, key: SessionKey) -> bool {
+        let Some(entry) = self.sessions.get_mut(&key) else {
+            return false;
+        };
+        let Some(llm) = entry.llm.as_mut() else {
+            return false;
+        };
+        if entry.pending.len() < 2 {
+            return false;
+        }
+        let last = entry.pending.split_off(entry.pending.len() - 1);
+        let old_len = llm.len();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| llm.score_last(&entry.pending))) {
+            Ok(Ok(_)) => {
+                self.metrics
+                    .prefilled_tokens
+                    .inc_by(entry.pending.len() as u64);
+                entry.pending = last;
+                true
+            }
+            failed => {
+                tracing::debug!(
+                    key,
+                    ok = failed.is_ok(),
+                    "prefill failed; left to the first Verify"
+                );
+                llm.truncate(old_len);
+                entry.pending.extend(last);
+                false
+            }
+        }
     }
 
     fn resync(&mut self, key: SessionKey, context: Vec<u32>) -> Result<(), Failure> {

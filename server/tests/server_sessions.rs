@@ -92,6 +92,16 @@ async fn sixteen_concurrent_sessions_get_greedy_verdicts() {
         metrics.contains("uhlm_tokens_resampled_total 48"),
         "{metrics}"
     );
+    // Each prompt but its last token was scored as soon as its session opened (the device
+    // prefills at the same time), and the verdicts above are still the model's own.
+    let prefilled: usize = PROMPTS
+        .iter()
+        .map(|t| prompt_tokens(&model, t).len().saturating_sub(1))
+        .sum();
+    assert!(
+        metrics.contains(&format!("uhlm_prefilled_tokens_total {prefilled}")),
+        "{metrics}"
+    );
     server.shutdown().await;
 }
 

@@ -1817,6 +1817,45 @@ class ThresholdMode:
                 return False
             return True
 
+    @dataclass
+    class OUTPUT_QUALITY:
+        """
+        At most `max_risk` of the generations may differ from what the LLM alone would have
+        written, with probability `confidence`: needs a calibration with a per-output bound;
+        verdicts are judged online per token at `max_risk / tokens_per_output`.
+"""
+        
+        def __init__(self, max_risk:float, confidence:float, tokens_per_output:int):
+            self.max_risk = max_risk
+            
+            
+            self.confidence = confidence
+            
+            
+            self.tokens_per_output = tokens_per_output
+            
+            
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "ThresholdMode.OUTPUT_QUALITY(max_risk={}, confidence={}, tokens_per_output={})".format(self.max_risk, self.confidence, self.tokens_per_output)
+        def __eq__(self, other):
+            if not isinstance(other, ThresholdMode):
+                return NotImplemented
+            if not other.is_OUTPUT_QUALITY():
+                return False
+            if self.max_risk != other.max_risk:
+                return False
+            if self.confidence != other.confidence:
+                return False
+            if self.tokens_per_output != other.tokens_per_output:
+                return False
+            return True
+
     
 
     # For each variant, we have `is_NAME` and `is_name` methods for easily checking
@@ -1841,6 +1880,10 @@ class ThresholdMode:
         return isinstance(self, ThresholdMode.QUALITY)
     def is_quality(self) -> bool:
         return isinstance(self, ThresholdMode.QUALITY)
+    def is_OUTPUT_QUALITY(self) -> bool:
+        return isinstance(self, ThresholdMode.OUTPUT_QUALITY)
+    def is_output_quality(self) -> bool:
+        return isinstance(self, ThresholdMode.OUTPUT_QUALITY)
     
 
 # Now, a little trick - we make each nested variant class be a subclass of the main
@@ -1851,6 +1894,7 @@ ThresholdMode.RISK_AVERSE = type("ThresholdMode.RISK_AVERSE", (ThresholdMode.RIS
 ThresholdMode.RISK_PRONE = type("ThresholdMode.RISK_PRONE", (ThresholdMode.RISK_PRONE, ThresholdMode,), {})  # type: ignore
 ThresholdMode.TARGET_RISK = type("ThresholdMode.TARGET_RISK", (ThresholdMode.TARGET_RISK, ThresholdMode,), {})  # type: ignore
 ThresholdMode.QUALITY = type("ThresholdMode.QUALITY", (ThresholdMode.QUALITY, ThresholdMode,), {})  # type: ignore
+ThresholdMode.OUTPUT_QUALITY = type("ThresholdMode.OUTPUT_QUALITY", (ThresholdMode.OUTPUT_QUALITY, ThresholdMode,), {})  # type: ignore
 
 
 
@@ -1878,6 +1922,12 @@ class _UniffiFfiConverterTypeThresholdMode(_UniffiConverterRustBuffer):
                 _UniffiFfiConverterFloat32.read(buf),
                 _UniffiFfiConverterFloat32.read(buf),
             )
+        if variant == 6:
+            return ThresholdMode.OUTPUT_QUALITY(
+                _UniffiFfiConverterFloat32.read(buf),
+                _UniffiFfiConverterFloat32.read(buf),
+                _UniffiFfiConverterUInt32.read(buf),
+            )
         raise InternalError("Raw enum value doesn't match any cases")
 
     @staticmethod
@@ -1895,6 +1945,11 @@ class _UniffiFfiConverterTypeThresholdMode(_UniffiConverterRustBuffer):
         if value.is_QUALITY():
             _UniffiFfiConverterFloat32.check_lower(value.max_risk)
             _UniffiFfiConverterFloat32.check_lower(value.confidence)
+            return
+        if value.is_OUTPUT_QUALITY():
+            _UniffiFfiConverterFloat32.check_lower(value.max_risk)
+            _UniffiFfiConverterFloat32.check_lower(value.confidence)
+            _UniffiFfiConverterUInt32.check_lower(value.tokens_per_output)
             return
         raise ValueError(value)
 
@@ -1914,6 +1969,11 @@ class _UniffiFfiConverterTypeThresholdMode(_UniffiConverterRustBuffer):
             buf.write_i32(5)
             _UniffiFfiConverterFloat32.write(value.max_risk, buf)
             _UniffiFfiConverterFloat32.write(value.confidence, buf)
+        if value.is_OUTPUT_QUALITY():
+            buf.write_i32(6)
+            _UniffiFfiConverterFloat32.write(value.max_risk, buf)
+            _UniffiFfiConverterFloat32.write(value.confidence, buf)
+            _UniffiFfiConverterUInt32.write(value.tokens_per_output, buf)
 
 
 

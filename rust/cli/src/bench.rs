@@ -7,7 +7,10 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use uhlm_model::{BenchReport, bench_model, fetch};
+use std::time::Duration;
+
+use uhlm_eval::token_cost::token_cost;
+use uhlm_model::{BenchReport, LoadOptions, Model, bench_model, fetch};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -18,6 +21,28 @@ pub enum BenchCommand {
     /// HumanEval, scored by running the completions: every system as real software over QUIC,
     /// pass@1, tokens decided on the device, uplink bytes, LLM passes and tokens/s.
     Humaneval(crate::humaneval::HumanEvalArgs),
+    /// What one drafted token costs the device beyond the SLM's forward pass (softmax, uplink
+    /// encoding, uncertainty, policy, frame), timed on the SLM's own logits.
+    Token(BenchTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTokenArgs {
+    /// Model: path to a GGUF or a registry name [default: the default pair's device model].
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Kernel threads of the forward pass.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Positions decoded (greedy) whose logits the stages are timed on.
+    #[arg(long, default_value_t = 64)]
+    positions: usize,
+    /// Sampling temperature of the softmax stage (0: greedy, one-hot).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +71,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Model(args) => bench(args),
         BenchCommand::Paper(args) => crate::paper::run(args),
         BenchCommand::Humaneval(args) => crate::humaneval::run(args),
+        BenchCommand::Token(args) => token(args),
     }
 }
 
@@ -112,6 +138,62 @@ fn bench(args: BenchModelArgs) -> Result<()> {
         );
     }
     println!("(model MiB: peak resident memory minus the program's before the model loaded)");
+    Ok(())
+}
+
+/// A short code prompt: the positions after it are the kind a coding demo drafts.
+const TOKEN_PROMPT: &str =
+    "def fibonacci(n: int) -> list[int]:\n    \"\"\"Return the first n Fibonacci numbers.\"\"\"\n";
+
+fn token(args: BenchTokenArgs) -> Result<()> {
+    let name = match &args.model {
+        Some(m) => m.clone(),
+        None => fetch::find_pair(fetch::DEFAULT_PAIR)?.slm.to_string(),
+    };
+    let path = fetch::resolve_model(&name)?;
+    let model = Model::load(
+        &path,
+        &LoadOptions {
+            threads: Some(args.threads),
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("loading {}", path.display()))?;
+    let prompt = model.tokenizer().encode(TOKEN_PROMPT, true)?;
+    let report = token_cost(
+        &model,
+        &prompt,
+        args.positions,
+        args.temperature,
+        Duration::from_millis(500),
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} (vocabulary {}, {} positions, temperature {}, {} thread(s))",
+        report.model, report.vocab, report.positions, report.temperature, args.threads
+    );
+    println!("{:<44} {:>12} {:>12}", "stage", "µs/token", "of forward");
+    println!(
+        "{:<44} {:>12.1} {:>11.1}%",
+        "SLM forward (decode step)", report.forward_us, 100.0
+    );
+    for s in &report.stages {
+        println!(
+            "{:<44} {:>12.1} {:>11.2}%",
+            s.stage,
+            s.us_per_token,
+            100.0 * s.of_forward
+        );
+    }
+    println!(
+        "{:<44} {:>12.1} {:>11.2}%",
+        "uhlm defaults, all stages",
+        report.uhlm_default_us,
+        100.0 * report.uhlm_default_of_forward
+    );
     Ok(())
 }
 

@@ -41,13 +41,15 @@ pub struct HumanEvalArgs {
     #[arg(long, default_value_t = 0.2)]
     temperature: f32,
     /// Problems each fold's thresholds are calibrated on (never the fold's own).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     calibration_problems: usize,
-    /// Tokens labelled per calibration problem.
-    #[arg(long, default_value_t = 128)]
+    /// Tokens labelled per calibration problem at most (each stops where its generation would:
+    /// EOS or the format's stop string).
+    #[arg(long, default_value_t = 384)]
     calibration_tokens: u32,
-    /// uhlm's quality target: the share of tokens whose decision may differ from the LLM's.
-    #[arg(long, default_value_t = 0.01)]
+    /// uhlm's quality target: the share of completions that may differ from the LLM-only one
+    /// (certified per output on the calibration problems, with --confidence).
+    #[arg(long, default_value_t = 0.1)]
     max_risk: f32,
     /// Confidence that the calibrated threshold meets --max-risk.
     #[arg(long, default_value_t = 0.9)]
@@ -114,6 +116,17 @@ impl Progress for Bar {
     }
 }
 
+/// A progress bar over `len` units of `what`, with elapsed time and an estimate of the rest.
+fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what}, eta {{eta}} {{msg}}"
+    )) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
 pub fn run(args: HumanEvalArgs) -> Result<()> {
     let options = args.options();
     if let Some(link) = &options.link {
@@ -156,11 +169,19 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
                 pair = Some(Pair::load(&slm, &llm, &load)?);
             }
             eprintln!(
-                "fold {i}: calibrating on {} problems ({} tokens each)",
+                "fold {i}: calibrating on {} problems (at most {} tokens each)",
                 fold.calibration.len(),
                 options.calibration_tokens
             );
-            let run = calibrate_fold(pair.as_ref().expect("loaded"), &problems, fold, &options)?;
+            let bar = progress_bar(fold.calibration.len() as u64, "problems calibrated");
+            let run = calibrate_fold(
+                pair.as_ref().expect("loaded"),
+                &problems,
+                fold,
+                &options,
+                &mut |_| bar.inc(1),
+            )?;
+            bar.finish_and_clear();
             std::fs::write(&path, serde_json::to_string(&run)?)
                 .with_context(|| format!("writing {}", path.display()))?;
             run
@@ -191,13 +212,7 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
         let server = ServerProcess::spawn(serve, &llm)?;
         let mut executor = Executor::new()?;
         executor.timeout = std::time::Duration::from_secs(args.exec_timeout);
-        let bar = ProgressBar::new(todo);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} generations, eta {eta} {msg}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        let progress = Bar(bar);
+        let progress = Bar(progress_bar(todo, "generations"));
         for (fold, systems) in &plan {
             generate_fold(
                 &slm, &server, &problems, fold, systems, &executor, &args.out, &options, &progress,
@@ -211,11 +226,7 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
         llm: llm.display().to_string(),
         problems: folds.iter().map(|f| f.evaluated.len()).sum(),
         systems: score(&args.out, &problems, &folds, systems, &options)?,
-        signals: signal_scores(
-            &calibrations,
-            &[0.005, 0.01, 0.02, 0.05],
-            options.confidence as f64,
-        )?,
+        signals: signal_scores(&calibrations, &[0.05, 0.1, 0.2], options.confidence as f64)?,
         folds,
         thresholds,
         options,
@@ -312,7 +323,7 @@ fn print_table(report: &HumanEvalReport, out: &mut impl Write) -> Result<()> {
     writeln!(
         out,
         "\nuncertainty signals on {tokens} calibration tokens: AUROC for a greedy mismatch; \
-         tokens skipped at risk <= 0.5% / 1% / 2% / 5%"
+         tokens skipped when at most 5% / 10% / 20% of outputs may differ from the LLM's"
     )?;
     for s in &report.signals {
         let skips: Vec<String> = s

@@ -13,10 +13,12 @@
 //! - [`codec`]: the compressed distribution sent uplink, and the exact `q'` the server sees.
 //! - [`protocol`]: the messages and framing on the wire.
 //! - [`channel`]: a simulated wireless link for throughput estimates.
+//! - [`fast_exp`]: a vectorisable `exp` for the per-token passes over the vocabulary.
 
 pub mod channel;
 pub mod chat;
 pub mod codec;
+pub mod fast_exp;
 pub mod protocol;
 pub mod risk_control;
 pub mod sampling;

@@ -19,6 +19,11 @@
 //! risk-controlling prediction sets"). Because `R` is monotone, testing from the smallest
 //! candidate up and stopping at the first that fails needs no multiplicity correction.
 //!
+//! [`controlled_threshold_per_output`] does the same for the risk per *output*, `E[min(1, Σ_t
+//! 1{u_t < λ}·β_t)]` over whole generations: at greedy decoding exactly the probability that
+//! the hybrid's output differs from the LLM's, the target a task score cares about (a few
+//! differing tokens can decide a completion), with generations as the independent draws.
+//!
 //! The guarantee assumes the calibration samples are i.i.d. draws from the distribution the
 //! threshold will meet. Small or shifted calibration therefore errs toward sending: with 24
 //! samples no threshold above 0 can pass at `α = 0.01` (even zero observed risk only gives a
@@ -297,6 +302,84 @@ pub fn controlled_threshold_weighted(
     Ok(best)
 }
 
+/// The largest threshold `λ̂` whose risk per *output* is at most `alpha` with probability at
+/// least `1 − delta` over the (i.i.d.) draw of calibration outputs. `outputs` holds one entry
+/// per calibration generation: its drafted tokens' `(u, beta)`, in any order.
+///
+/// The loss of one output is `min(1, Σ_t 1{u_t < λ}·β_t)`. At greedy decoding `β` is 1 exactly
+/// where the LLM's token differs from the draft, and a hybrid generation is the LLM's own until
+/// its first skipped token that differs (every sent token is the LLM's), so the loss is 1
+/// exactly when the hybrid's output differs from what the LLM alone would have produced: the
+/// guarantee is on "how often may the output differ", the quality a user asks for. At other
+/// temperatures the sum is the union bound on that probability (each skipped token moves the
+/// output distribution by its `β`). Outputs, unlike the tokens within one, are independent
+/// draws, so the i.i.d. assumption of the bound is the natural one here.
+///
+/// Same procedure as [`controlled_threshold`] (fixed-sequence Learn-then-Test with the
+/// Hoeffding–Bentkus p-value), with `n` the number of outputs; `skip_rate` is the share of
+/// calibration tokens below the threshold.
+pub fn controlled_threshold_per_output(
+    outputs: &[Vec<crate::threshold::Sample>],
+    alpha: f64,
+    delta: f64,
+) -> Result<RiskControlled, RiskControlError> {
+    check_levels(alpha, delta)?;
+    let mut tokens: Vec<(f32, f32, usize)> = Vec::new();
+    for (g, output) in outputs.iter().enumerate() {
+        for s in output {
+            if !s.u.is_finite() || !s.beta.is_finite() {
+                return Err(RiskControlError::NonFiniteSample {
+                    index: tokens.len(),
+                    u: s.u,
+                    beta: s.beta,
+                });
+            }
+            tokens.push((s.u, s.beta.clamp(0.0, 1.0), g));
+        }
+    }
+    let n = outputs.len();
+    let mut best = RiskControlled {
+        u_th: 0.0,
+        empirical_risk: 0.0,
+        risk_bound: 0.0,
+        skip_rate: 0.0,
+        n,
+        n_eff: n as f64,
+    };
+    if n == 0 || tokens.is_empty() {
+        return Ok(best);
+    }
+    tokens.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut sums = vec![0.0f64; n];
+    let mut loss = 0.0f64;
+    for i in 0..tokens.len() {
+        let (u, beta, g) = tokens[i];
+        let before = sums[g].min(1.0);
+        sums[g] += beta as f64;
+        loss += sums[g].min(1.0) - before;
+        let next = tokens.get(i + 1).map(|t| t.0);
+        if next == Some(u) {
+            continue; // ties are skipped or sent together
+        }
+        let risk_hat = loss / n as f64;
+        if hb_p_value(risk_hat, n, alpha) > delta {
+            break;
+        }
+        best.u_th = match next {
+            Some(n) => midpoint(u, n),
+            None => next_up(u),
+        };
+        best.empirical_risk = risk_hat;
+        best.skip_rate = (i + 1) as f64 / tokens.len() as f64;
+    }
+    best.risk_bound = if best.u_th > 0.0 {
+        hb_ucb(best.empirical_risk, n, delta)
+    } else {
+        0.0
+    };
+    Ok(best)
+}
+
 /// The weighted risk estimate `Σ wᵢ 1{uᵢ < λ} βᵢ / Σ wᵢ` of a given threshold.
 pub fn weighted_risk(samples: &[WeightedSample], u_th: f32) -> f64 {
     let (mut w, mut loss) = (0.0, 0.0);
@@ -346,6 +429,52 @@ mod tests {
         // Zero risk: Hoeffding (1-α)^n beats Bentkus e(1-α)^n.
         assert!((hb_p_value(0.0, 24, 0.01) - 0.99f64.powi(24)).abs() < 1e-12);
         assert_eq!(min_certifying_samples(0.01, 0.1).ceil(), 230.0);
+    }
+
+    fn sample(u: f32, beta: f32) -> crate::threshold::Sample {
+        crate::threshold::Sample { u, beta }
+    }
+
+    #[test]
+    fn per_output_loss_counts_an_output_once() {
+        // 40 outputs of 50 tokens; output g has one differing token at u = 0.5 + g/100, the
+        // rest agree at low u. Below 0.5 nothing is lost; each step past a differing token
+        // loses one more whole output, however many tokens it had.
+        let outputs: Vec<Vec<_>> = (0..40)
+            .map(|g| {
+                let mut o: Vec<_> = (0..49).map(|t| sample(t as f32 / 200.0, 0.0)).collect();
+                o.push(sample(0.5 + g as f32 / 100.0, 1.0));
+                o
+            })
+            .collect();
+        // Zero loss on 40 outputs certifies α = 0.1 at δ = 0.1 (0.9^40 ≈ 0.015).
+        let c = controlled_threshold_per_output(&outputs, 0.1, 0.1).unwrap();
+        assert!(c.u_th > 0.245 && c.u_th <= 0.5, "{c:?}");
+        assert_eq!(c.empirical_risk, 0.0);
+        assert!((c.skip_rate - 49.0 / 50.0).abs() < 1e-12);
+        assert!(c.risk_bound <= 0.1);
+        // A looser target lets some outputs differ: then the risk is counted per output.
+        let c = controlled_threshold_per_output(&outputs, 0.4, 0.1).unwrap();
+        let lost = outputs
+            .iter()
+            .filter(|o| o.iter().any(|s| s.u < c.u_th && s.beta > 0.0))
+            .count();
+        assert!(lost > 0);
+        assert_eq!(c.empirical_risk, lost as f64 / 40.0);
+        // Too few outputs certify nothing.
+        let c = controlled_threshold_per_output(&outputs[..10], 0.1, 0.1).unwrap();
+        assert_eq!(c.u_th, 0.0);
+    }
+
+    #[test]
+    fn per_output_loss_is_capped_at_one() {
+        // Two differing tokens in one output cost it once.
+        let mut outputs: Vec<Vec<_>> = (0..30).map(|_| vec![sample(0.1, 0.0)]).collect();
+        outputs[0] = vec![sample(0.2, 1.0), sample(0.21, 1.0)];
+        let c = controlled_threshold_per_output(&outputs, 0.5, 0.1).unwrap();
+        assert!(c.u_th > 0.21);
+        assert!((c.empirical_risk - 1.0 / 30.0).abs() < 1e-12);
+        assert!(controlled_threshold_per_output(&[vec![sample(f32::NAN, 0.0)]], 0.1, 0.1).is_err());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::fast_exp;
+
 /// Sampling options shared by every mode, the CLI, the FFI and the wire protocol.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -71,17 +73,38 @@ impl SamplingOptions {
 
 /// Index of the largest finite logit; ties go to the lowest id. `None` when nothing is finite.
 pub fn argmax(values: &[f32]) -> Option<u32> {
-    let mut best: Option<(u32, f32)> = None;
-    for (i, &v) in values.iter().enumerate() {
-        if v.is_nan() {
-            continue;
-        }
-        match best {
-            Some((_, b)) if v <= b => {}
-            _ => best = Some((i as u32, v)),
+    // The maximum, then its first position: two passes that vectorise, instead of one that
+    // branches on every element. `f32::max` ignores NaN.
+    let max = lane_max(values, |x| x);
+    values.iter().position(|&v| v == max).map(|i| i as u32)
+}
+
+/// The largest finite value (NaN and infinities ignored), `None` when there is none.
+pub fn max_finite(values: &[f32]) -> Option<f32> {
+    let max = lane_max(
+        values,
+        |x| if x.is_finite() { x } else { f32::NEG_INFINITY },
+    );
+    max.is_finite().then_some(max)
+}
+
+/// `max f(x)` over `values` (NaN ignored) with 8 independent lanes, so that it vectorises.
+#[inline(always)]
+fn lane_max(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = l.max(f(x));
         }
     }
-    best.map(|(i, _)| i)
+    chunks
+        .remainder()
+        .iter()
+        .map(|&x| f(x))
+        .chain(lanes)
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// Writes into `out` the distribution that `opts` makes of `logits`.
@@ -104,21 +127,13 @@ pub fn probabilities_into(
         out[best as usize] = 1.0;
         return true;
     }
-    let inv_t = 1.0 / opts.temperature as f64;
-    let max = logits[best as usize] as f64;
-    let mut sum = 0.0f64;
-    for (o, &z) in out.iter_mut().zip(logits) {
-        let e = if z.is_nan() {
-            0.0
-        } else {
-            ((z as f64 - max) * inv_t).exp()
-        };
-        *o = e as f32;
-        sum += e;
-    }
-    let inv = 1.0 / sum;
+    let inv_t = 1.0 / opts.temperature;
+    let max = logits[best as usize];
+    // NaN and -inf come out as 0.
+    let sum = fast_exp::map_sum(logits, out, |z| fast_exp::exp((z - max) * inv_t));
+    let inv = (1.0 / sum) as f32;
     for o in out.iter_mut() {
-        *o = (*o as f64 * inv) as f32;
+        *o *= inv;
     }
     let top_k = opts.top_k.map(|k| k as usize).filter(|&k| k < logits.len());
     let top_p = opts.top_p.filter(|&p| p < 1.0);

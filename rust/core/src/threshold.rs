@@ -20,13 +20,19 @@ use thiserror::Error;
 
 use crate::risk_control::{
     RiskControlError, RiskControlled, WeightedSample, controlled_threshold,
-    controlled_threshold_weighted, excess_p_value, min_certifying_samples, weighted_risk,
+    controlled_threshold_per_output, controlled_threshold_weighted, excess_p_value,
+    min_certifying_samples, weighted_risk,
 };
 use crate::uncertainty::UncertaintyKind;
 
 /// Default [`ThresholdMode::Quality`] `max_risk`: at most 1% of generated tokens may differ in
 /// distribution from the LLM's, i.e. about 99% of the LLM's quality.
 pub const DEFAULT_MAX_RISK: f32 = 0.01;
+/// Default [`ThresholdMode::OutputQuality`] `max_risk`: at most 10% of generations may differ
+/// from what the LLM alone would have written.
+pub const DEFAULT_MAX_OUTPUT_RISK: f32 = 0.1;
+/// Default [`ThresholdMode::OutputQuality`] `tokens_per_output`, for the online per-token check.
+pub const DEFAULT_TOKENS_PER_OUTPUT: u32 = 256;
 /// Default [`ThresholdMode::Quality`] `confidence` (`1 − δ`): the bound holds for 9 in 10
 /// calibrations. Higher confidence costs skips; 0.9 is the usual choice in risk control.
 pub const DEFAULT_CONFIDENCE: f32 = 0.9;
@@ -214,6 +220,19 @@ pub enum ThresholdMode {
     /// differ in distribution from what the LLM alone would produce; with too little evidence
     /// the bound sends everything.
     Quality { max_risk: f32, confidence: f32 },
+    /// Largest `u_th` such that at most `max_risk` of generations differ from what the LLM
+    /// alone would have produced, with probability at least `confidence` over the calibration
+    /// (a bound per output: [`crate::risk_control::controlled_threshold_per_output`]). The
+    /// threshold comes from a calibration that has that bound
+    /// ([`Calibration::with_output_quality`]). Online, verdicts are judged per token at
+    /// `max_risk / tokens_per_output` (the union bound over an output's tokens, so stricter
+    /// than the request): that can lower a threshold the stream shows unsafe, and certify one
+    /// on its own given enough verdicts.
+    OutputQuality {
+        max_risk: f32,
+        confidence: f32,
+        tokens_per_output: u32,
+    },
 }
 
 impl ThresholdMode {
@@ -222,6 +241,24 @@ impl ThresholdMode {
         ThresholdMode::Quality {
             max_risk: DEFAULT_MAX_RISK,
             confidence: DEFAULT_CONFIDENCE,
+        }
+    }
+}
+
+impl ThresholdMode {
+    /// The per-token risk the online refit certifies under the quality modes.
+    fn token_risk(&self) -> Option<(f32, f32)> {
+        match *self {
+            ThresholdMode::Quality {
+                max_risk,
+                confidence,
+            } => Some((max_risk, confidence)),
+            ThresholdMode::OutputQuality {
+                max_risk,
+                confidence,
+                tokens_per_output,
+            } => Some((max_risk / tokens_per_output.max(1) as f32, confidence)),
+            _ => None,
         }
     }
 }
@@ -278,6 +315,10 @@ pub struct Calibration {
     /// The risk-controlled threshold; absent in calibrations written before it existed.
     #[serde(default)]
     pub quality: Option<QualityCalibration>,
+    /// The threshold controlling the risk per output ([`ThresholdMode::OutputQuality`]); only
+    /// calibrations that know which tokens form one generation have it.
+    #[serde(default)]
+    pub output_quality: Option<QualityCalibration>,
 }
 
 impl Calibration {
@@ -304,7 +345,28 @@ impl Calibration {
                 DEFAULT_MAX_RISK,
                 DEFAULT_CONFIDENCE,
             )?),
+            output_quality: None,
         })
+    }
+
+    /// Adds the per-output threshold from the same samples grouped by generation.
+    pub fn with_output_quality(
+        mut self,
+        outputs: &[Vec<Sample>],
+        max_risk: f32,
+        confidence: f32,
+    ) -> Result<Self, ThresholdError> {
+        check_quality(max_risk, confidence)?;
+        self.output_quality = Some(QualityCalibration {
+            max_risk,
+            confidence,
+            controlled: controlled_threshold_per_output(
+                outputs,
+                max_risk as f64,
+                1.0 - confidence as f64,
+            )?,
+        });
+        Ok(self)
     }
 
     /// Recomputes the quality threshold for another `max_risk` / `confidence`.
@@ -342,6 +404,21 @@ impl Calibration {
                 Some(q) if q.max_risk <= max_risk && q.confidence >= confidence => {
                     q.controlled.u_th
                 }
+                _ => 0.0,
+            },
+            // Per output, or else per token at the union bound's share of it.
+            ThresholdMode::OutputQuality {
+                max_risk,
+                confidence,
+                ..
+            } => match (self.output_quality, mode.token_risk()) {
+                (Some(q), _) if q.max_risk <= max_risk && q.confidence >= confidence => {
+                    q.controlled.u_th
+                }
+                (_, Some((token_risk, _))) => self.threshold(&ThresholdMode::Quality {
+                    max_risk: token_risk,
+                    confidence,
+                }),
                 _ => 0.0,
             },
         }
@@ -443,10 +520,19 @@ impl PolicyConfig {
             ThresholdMode::TargetRisk { epsilon } if !(0.0..=1.0).contains(&epsilon) => {
                 return bad("epsilon must be in [0, 1]");
             }
-            ThresholdMode::Quality {
-                max_risk,
-                confidence,
-            } => {
+            ThresholdMode::Quality { .. } | ThresholdMode::OutputQuality { .. } => {
+                if let ThresholdMode::OutputQuality {
+                    max_risk,
+                    confidence,
+                    tokens_per_output,
+                } = self.mode
+                {
+                    check_quality(max_risk, confidence)?;
+                    if tokens_per_output == 0 {
+                        return bad("tokens_per_output must be at least 1");
+                    }
+                }
+                let (max_risk, confidence) = self.mode.token_risk().expect("a quality mode");
                 check_quality(max_risk, confidence)?;
                 // Without probes the window holds only sent tokens, so the risk of the
                 // skipped ones would be estimated as zero.
@@ -636,10 +722,10 @@ impl ThresholdPolicy {
             ThresholdMode::TargetRisk { epsilon } => {
                 Some(target_risk_weighted(&mut self.scratch, epsilon as f64))
             }
-            ThresholdMode::Quality {
-                max_risk,
-                confidence,
-            } => self.quality_refit(max_risk as f64, 1.0 - confidence as f64),
+            ThresholdMode::Quality { .. } | ThresholdMode::OutputQuality { .. } => {
+                let (max_risk, confidence) = self.config.mode.token_risk().expect("a quality mode");
+                self.quality_refit(max_risk as f64, 1.0 - confidence as f64)
+            }
         };
         if let Some(t) = new_th.filter(|t| t.is_finite()) {
             self.u_th = t;

@@ -7,9 +7,15 @@
 //! `u = 1 - E_theta[softmax(z / theta)_d]`, a smooth one-dimensional integral that we compute by
 //! Gauss-Legendre quadrature: same meaning, zero sampling noise, no RNG. It is the default.
 
+pub mod combined;
+mod normaliser;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+use crate::fast_exp;
+use normaliser::TemperatureNormaliser;
 
 /// Logits more than this many nats (at the largest temperature) below the maximum contribute
 /// less than `exp(-88)` of the mass and are skipped (they underflow f32 anyway).
@@ -154,28 +160,6 @@ impl UncertaintyKind {
     }
 }
 
-/// Logits shifted so the maximum is 0, keeping only the non-negligible ones. Returns the
-/// maximum, or `None` when no logit is finite.
-fn shift_logits(logits: &[f32], theta_max: f32, out: &mut Vec<f32>) -> Option<f32> {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return None;
-    }
-    let cutoff = -NEGLIGIBLE_NATS * theta_max;
-    out.clear();
-    out.extend(
-        logits
-            .iter()
-            .map(|&z| z - max)
-            .filter(|&s| s.is_finite() && s > cutoff),
-    );
-    Some(max)
-}
-
 /// The shifted logit of `draft`, or `None` if it is negligible or absent.
 fn draft_shift(logits: &[f32], draft: u32, max: f32, theta_max: f32) -> Option<f32> {
     let cutoff = -NEGLIGIBLE_NATS * theta_max;
@@ -188,24 +172,13 @@ fn draft_shift(logits: &[f32], draft: u32, max: f32, theta_max: f32) -> Option<f
 /// Reusable buffers of the estimators that normalise over the vocabulary.
 #[derive(Default)]
 struct Scratch {
-    shifted: Vec<f32>,
+    normaliser: TemperatureNormaliser,
     /// Each draft's shifted logit (`None`: negligible or absent).
     shifts: Vec<Option<f32>>,
     /// Per draft: expected probability (quadrature) or differing samples (Monte Carlo).
     acc: Vec<f64>,
     /// The output buffer of a single [`UncertaintyEstimator::estimate`].
     single: Vec<f32>,
-}
-
-/// `sum_x exp(shifted_x / theta)`: the softmax normaliser at temperature `theta`.
-fn normaliser(shifted: &[f32], theta: f32) -> f64 {
-    let inv = 1.0 / theta;
-    let mut total = 0.0f64;
-    for chunk in shifted.chunks(1024) {
-        let s: f32 = chunk.iter().map(|&x| (x * inv).exp()).sum();
-        total += s as f64;
-    }
-    total
 }
 
 /// `softmax(z / theta)_d` given the normaliser at `theta`.
@@ -256,12 +229,12 @@ impl UncertaintyEstimator for TemperaturePerturbation {
     fn estimate_many(&mut self, logits: &[f32], drafts: &[u32], out: &mut Vec<f32>) {
         out.clear();
         let Scratch {
-            shifted,
+            normaliser,
             shifts,
             acc,
             ..
         } = &mut self.scratch;
-        let Some(max) = shift_logits(logits, self.theta_max, shifted) else {
+        let Some(max) = normaliser.build(logits, self.theta_max, NEGLIGIBLE_NATS) else {
             out.resize(drafts.len(), 1.0);
             return;
         };
@@ -277,7 +250,7 @@ impl UncertaintyEstimator for TemperaturePerturbation {
             // U(theta_min, theta_max]: 1 - U[0,1) lies in (0, 1].
             let theta = self.theta_min
                 + (self.theta_max - self.theta_min) * (1.0 - self.rng.random::<f32>());
-            let total = normaliser(shifted, theta);
+            let total = normaliser.normaliser(logits, theta);
             for (shift, differ) in shifts.iter().zip(acc.iter_mut()) {
                 let p_d = shift.map_or(0.0, |s| softmax_from(s, theta, total));
                 if self.rng.random::<f64>() >= p_d {
@@ -343,12 +316,12 @@ impl UncertaintyEstimator for ExpectedTemperature {
     fn estimate_many(&mut self, logits: &[f32], drafts: &[u32], out: &mut Vec<f32>) {
         out.clear();
         let Scratch {
-            shifted,
+            normaliser,
             shifts,
             acc: expected,
             ..
         } = &mut self.scratch;
-        let Some(max) = shift_logits(logits, self.theta_max, shifted) else {
+        let Some(max) = normaliser.build(logits, self.theta_max, NEGLIGIBLE_NATS) else {
             out.resize(drafts.len(), 1.0);
             return;
         };
@@ -361,7 +334,7 @@ impl UncertaintyEstimator for ExpectedTemperature {
         expected.clear();
         expected.resize(drafts.len(), 0.0);
         for &(theta, w) in &self.nodes {
-            let total = normaliser(shifted, theta);
+            let total = normaliser.normaliser(logits, theta);
             for (shift, e) in shifts.iter().zip(expected.iter_mut()) {
                 if let Some(s) = shift {
                     *e += w * softmax_from(*s, theta, total);
@@ -382,21 +355,12 @@ impl UncertaintyEstimator for ExpectedTemperature {
 
 /// Softmax at temperature 1 into `probs`; `false` when nothing is finite.
 fn softmax_t1(logits: &[f32], probs: &mut Vec<f32>) -> bool {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
+    let Some(max) = crate::sampling::max_finite(logits) else {
         return false;
-    }
+    };
     probs.clear();
-    probs.extend(
-        logits
-            .iter()
-            .map(|&z| if z.is_nan() { 0.0 } else { (z - max).exp() }),
-    );
-    let sum: f64 = probs.iter().map(|&p| p as f64).sum();
+    probs.resize(logits.len(), 0.0);
+    let sum = fast_exp::map_sum(logits, probs, |z| fast_exp::exp(z - max));
     let inv = (1.0 / sum) as f32;
     probs.iter_mut().for_each(|p| *p *= inv);
     true
@@ -509,15 +473,9 @@ mod tests {
         let draft = 5;
         let mut e = ExpectedTemperature::new(0.05, 2.0, 8);
         let u = e.estimate(&logits, draft);
-        let mut shifted = Vec::new();
-        let max = shift_logits(&logits, 2.0, &mut shifted).unwrap();
-        let s = draft_shift(&logits, draft, max, 2.0).unwrap();
         let n = 100_000;
         let mean: f64 = (0..n)
-            .map(|i| {
-                let theta = 0.05 + 1.95 * (i as f32 + 0.5) / n as f32;
-                softmax_from(s, theta, normaliser(&shifted, theta))
-            })
+            .map(|i| exact_probability(&logits, draft, 0.05 + 1.95 * (i as f64 + 0.5) / n as f64))
             .sum::<f64>()
             / n as f64;
         assert!(
@@ -525,6 +483,51 @@ mod tests {
             "{u} vs {}",
             1.0 - mean
         );
+    }
+
+    /// `softmax(z / theta)_d`, summed directly in f64.
+    fn exact_probability(logits: &[f32], draft: u32, theta: f64) -> f64 {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = logits
+            .iter()
+            .map(|&v| ((v as f64 - max) / theta).exp())
+            .sum();
+        ((logits[draft as usize] as f64 - max) / theta).exp() / z
+    }
+
+    /// The closed form computed the slow way: every quadrature node summed over the whole
+    /// vocabulary in f64. The binned normaliser must stay within 1e-4 of it on a real-sized
+    /// vocabulary, for confident and flat positions and for likely and unlikely drafts.
+    #[test]
+    fn closed_form_matches_the_direct_sum_on_a_large_vocabulary() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut e = ExpectedTemperature::new(0.05, 2.0, 8);
+        let nodes = e.nodes.clone();
+        for spread in [0.3f32, 2.0, 6.0] {
+            let logits: Vec<f32> = (0..151_936)
+                .map(|i| {
+                    let g: f32 = (0..4).map(|_| rng.random::<f32>()).sum::<f32>() - 2.0;
+                    if i % 9000 == 11 {
+                        8.0 + 10.0 * rng.random::<f32>()
+                    } else {
+                        g * spread
+                    }
+                })
+                .collect();
+            let top = crate::sampling::argmax(&logits).unwrap();
+            for draft in [top, 11, 9011, 5, 77_777] {
+                let want = 1.0
+                    - nodes
+                        .iter()
+                        .map(|&(theta, w)| w * exact_probability(&logits, draft, theta as f64))
+                        .sum::<f64>();
+                let got = e.estimate(&logits, draft) as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "spread {spread}, draft {draft}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

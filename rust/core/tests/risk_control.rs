@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use statrs::distribution::{Binomial, DiscreteCDF};
 use uhlm_core::risk_control::{
     RiskControlError, WeightedSample, binomial_cdf, controlled_threshold,
-    controlled_threshold_weighted, hb_p_value, hb_ucb,
+    controlled_threshold_per_output, controlled_threshold_weighted, hb_p_value, hb_ucb,
 };
 use uhlm_core::threshold::{
     Calibration, DEFAULT_CONFIDENCE, DEFAULT_MAX_RISK, Decision, PolicyConfig, Sample,
@@ -417,4 +417,93 @@ fn quality_mode_and_calibration_serde() {
     assert_eq!(old.quality, None);
     assert_eq!(old.target_risk, c.target_risk);
     assert_eq!(old.threshold(&ThresholdMode::quality()), 0.0);
+}
+
+/// Outputs of `tokens` drafts each from [`world`]: one differs when any of its skipped drafts
+/// is rejected, so at λ its true risk is `1 − (1 − λ³/3)^tokens`.
+fn outputs(n: usize, tokens: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<Sample>> {
+    (0..n).map(|_| world(tokens, rng)).collect()
+}
+
+fn true_output_risk(lambda: f32, tokens: usize) -> f64 {
+    1.0 - (1.0 - true_risk(lambda)).powi(tokens as i32)
+}
+
+#[test]
+fn per_output_threshold_keeps_its_guarantee_over_calibration_draws() {
+    let (alpha, delta, tokens) = (0.2, 0.1, 20);
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let (mut violations, mut skipping) = (0, 0);
+    let draws = 300;
+    for _ in 0..draws {
+        let cal = outputs(60, tokens, &mut rng);
+        let c = controlled_threshold_per_output(&cal, alpha, delta).unwrap();
+        if c.u_th > 0.0 {
+            skipping += 1;
+        }
+        if true_output_risk(c.u_th, tokens) > alpha {
+            violations += 1;
+        }
+    }
+    // The bound fails in at most δ of the draws (binomial slack for 300 draws), and it is not
+    // vacuous: most draws certify some skipping.
+    assert!(violations <= 45, "{violations} of {draws} draws exceed α");
+    assert!(
+        skipping > draws * 9 / 10,
+        "{skipping} of {draws} draws skip"
+    );
+}
+
+#[test]
+fn output_quality_mode_uses_the_per_output_bound_or_the_union_bound() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let cal = outputs(400, 20, &mut rng);
+    let flat: Vec<Sample> = cal.iter().flatten().copied().collect();
+    let mode = ThresholdMode::OutputQuality {
+        max_risk: 0.1,
+        confidence: 0.9,
+        tokens_per_output: 20,
+    };
+    let without = Calibration::from_samples(UncertaintyKind::default(), &flat, 0.1).unwrap();
+    // No per-output bound: the per-token one at 0.1 / 20 = 0.005 if the calibration has it
+    // at least that strict; the default one (0.01) is not, so send everything.
+    assert_eq!(without.threshold(&mode), 0.0);
+    let union = without.clone().with_quality(&flat, 0.005, 0.9).unwrap();
+    let union_th = union.threshold(&mode);
+    assert!(union_th > 0.0);
+    let with = union.with_output_quality(&cal, 0.1, 0.9).unwrap();
+    let th = with.threshold(&mode);
+    // The per-output bound is less conservative than the union bound, and still safe.
+    assert!(th >= union_th, "{th} vs {union_th}");
+    assert!(true_output_risk(th, 20) <= 0.1, "{th}");
+    let json = with.to_json();
+    assert_eq!(Calibration::from_json(&json).unwrap(), with);
+    // The policy starts from it; bad parameters are typed errors.
+    let cfg = PolicyConfig {
+        mode: mode.clone(),
+        ..PolicyConfig::default()
+    };
+    let policy = ThresholdPolicy::with_calibration(cfg.clone(), &with).unwrap();
+    assert_eq!(policy.threshold(), th);
+    for bad in [
+        ThresholdMode::OutputQuality {
+            max_risk: 0.1,
+            confidence: 0.9,
+            tokens_per_output: 0,
+        },
+        ThresholdMode::OutputQuality {
+            max_risk: 1.5,
+            confidence: 0.9,
+            tokens_per_output: 20,
+        },
+    ] {
+        let cfg = PolicyConfig {
+            mode: bad,
+            ..cfg.clone()
+        };
+        assert!(matches!(
+            ThresholdPolicy::new(cfg),
+            Err(ThresholdError::InvalidParameter(_))
+        ));
+    }
 }

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
-use uhlm_core::threshold::{Calibration, Sample};
+use uhlm_core::threshold::{Calibration, DEFAULT_CONFIDENCE, DEFAULT_MAX_OUTPUT_RISK, Sample};
 use uhlm_core::uncertainty::UncertaintyKind;
 use uhlm_core::verify::verify;
 
@@ -84,6 +84,22 @@ impl CalibrationRun {
             .find(|c| c.estimator == default)
     }
 
+    /// `(u, beta)` of estimator `i`, one list per prompt (each prompt's generation is one
+    /// output of the per-output risk).
+    pub fn outputs_of(&self, i: usize) -> Vec<Vec<Sample>> {
+        let mut outputs: Vec<Vec<Sample>> = Vec::new();
+        for s in &self.samples {
+            if outputs.len() <= s.prompt {
+                outputs.resize_with(s.prompt + 1, Vec::new);
+            }
+            outputs[s.prompt].push(Sample {
+                u: s.u[i],
+                beta: s.beta,
+            });
+        }
+        outputs
+    }
+
     /// `(u, beta)` of estimator `i`.
     pub fn samples_of(&self, i: usize) -> Vec<Sample> {
         self.samples
@@ -102,10 +118,22 @@ pub fn calibrate(
     prompts: &PromptSet,
     options: &CalibrationOptions,
 ) -> Result<CalibrationRun, EvalError> {
+    calibrate_with_progress(pair, prompts, options, &mut |_| {})
+}
+
+/// [`calibrate`], calling `done(i)` after prompt `i` is labelled (calibrations of a real pair
+/// take minutes).
+pub fn calibrate_with_progress(
+    pair: &Pair,
+    prompts: &PromptSet,
+    options: &CalibrationOptions,
+    done: &mut dyn FnMut(usize),
+) -> Result<CalibrationRun, EvalError> {
     let mut samples = Vec::new();
     for (i, prompt) in prompts.prompts.iter().enumerate() {
         let ids = pair.prompt_ids(prompt)?;
         label_prompt(pair, i, &ids, options, &mut samples)?;
+        done(i);
     }
     let mut run = CalibrationRun {
         prompts: prompts.source.clone(),
@@ -123,11 +151,19 @@ pub fn calibrate(
         .iter()
         .enumerate()
         .map(|(i, kind)| {
+            // Every prompt's labelled run is one output of the per-output bound.
             let fit = Calibration::from_samples(
                 kind.clone(),
                 &run.samples_of(i),
                 options.target_risk_epsilon,
-            );
+            )
+            .and_then(|c| {
+                c.with_output_quality(
+                    &run.outputs_of(i),
+                    DEFAULT_MAX_OUTPUT_RISK,
+                    DEFAULT_CONFIDENCE,
+                )
+            });
             EstimatorFit {
                 name: kind.build().name().to_string(),
                 error: fit.as_ref().err().map(ToString::to_string),
@@ -152,11 +188,24 @@ fn label_prompt(
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     rng.set_stream(prompt as u64);
     let eos = pair.llm.tokenizer().eos_ids().to_vec();
+    let tokenizer = pair.llm.tokenizer();
+    let stops: Vec<&str> = sampling
+        .stop
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut generated = Vec::new();
     let (mut slm, mut llm) = (pair.slm.session(), pair.llm.session());
-    let mut q_logits = slm.score_last(ids)?;
-    let mut p_logits = llm.score_last(ids)?;
+    // The two models are independent until the verdict: each step runs them on two threads.
+    let mut next = std::thread::scope(|scope| {
+        let slm_pass = scope.spawn(|| slm.score_last(ids));
+        let p = llm.score_last(ids);
+        (slm_pass.join().expect("SLM thread panicked"), p)
+    });
     let (mut q, mut p, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
     for position in 0..sampling.max_tokens as usize {
+        let (q_logits, p_logits) = (next.0?, next.1?);
         if !probabilities_into(&q_logits, sampling, &mut q, &mut scratch)
             || !probabilities_into(&p_logits, sampling, &mut p, &mut scratch)
         {
@@ -177,11 +226,23 @@ fn label_prompt(
             accepted: verdict.accepted,
         });
         let token = verdict.token;
-        if eos.contains(&token) || slm.len() + 1 >= slm.context_length().min(llm.context_length()) {
+        generated.push(token);
+        // The generation this calibrates stops at a stop string: so do its labels.
+        let stopped = !stops.is_empty()
+            && tokenizer
+                .decode(&generated, true)
+                .is_ok_and(|text| stops.iter().any(|s| text.contains(s)));
+        if stopped
+            || eos.contains(&token)
+            || slm.len() + 1 >= slm.context_length().min(llm.context_length())
+        {
             break;
         }
-        q_logits = slm.step(token)?;
-        p_logits = llm.step(token)?;
+        next = std::thread::scope(|scope| {
+            let slm_pass = scope.spawn(|| slm.step(token));
+            let p = llm.step(token);
+            (slm_pass.join().expect("SLM thread panicked"), p)
+        });
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //!   emulated link, per link profile.
 //! - [`plot`]: SVG plots of the results.
 //! - [`humaneval`]: the HumanEval task, scored by executing completions against its tests.
+//! - [`token_cost`]: what one drafted token costs the device beyond the SLM's forward pass.
 
 pub mod calibrate;
 pub mod humaneval;
@@ -16,6 +17,7 @@ pub mod pair;
 pub mod paper;
 pub mod plot;
 pub mod prompts;
+pub mod token_cost;
 
 use std::path::PathBuf;
 

@@ -99,6 +99,14 @@ pub enum ThresholdMode {
         max_risk: f32,
         confidence: f32,
     },
+    /// At most `max_risk` of the generations may differ from what the LLM alone would have
+    /// written, with probability `confidence`: needs a calibration with a per-output bound;
+    /// verdicts are judged online per token at `max_risk / tokens_per_output`.
+    OutputQuality {
+        max_risk: f32,
+        confidence: f32,
+        tokens_per_output: u32,
+    },
 }
 
 impl From<ThresholdMode> for sdk::ThresholdMode {
@@ -114,6 +122,15 @@ impl From<ThresholdMode> for sdk::ThresholdMode {
             } => sdk::ThresholdMode::Quality {
                 max_risk,
                 confidence,
+            },
+            ThresholdMode::OutputQuality {
+                max_risk,
+                confidence,
+                tokens_per_output,
+            } => sdk::ThresholdMode::OutputQuality {
+                max_risk,
+                confidence,
+                tokens_per_output,
             },
         }
     }

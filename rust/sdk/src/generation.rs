@@ -15,6 +15,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use uhlm_core::codec::Codec;
 use uhlm_core::protocol::{
     self, Close, FinishReason, Generate, Message, Recovery, Resync, SessionStream, Side, Start,
     Verify,
@@ -82,12 +83,8 @@ pub(crate) async fn run(
     let prompt_ids = inner.render(&prompt, options.chat_template)?;
     let mode = inner.config.mode;
     let codec = matches!(mode, Mode::Uhlm | Mode::Hlm).then(|| inner.config.codec.clone());
-    // LLM-only mode runs the SLM only if it has to take over (see `Generation::catch_up`).
-    if mode != Mode::Llm {
-        let (ids, s) = (prompt_ids.clone(), sampling.clone());
-        blocking(&inner.drafter, move |d| d.start(&ids, s, codec, seed)).await?;
-    }
     let mut g = Generation {
+        codec,
         inner: inner.clone(),
         listener,
         cancel,
@@ -122,6 +119,8 @@ pub(crate) async fn run(
 
 struct Generation {
     inner: Arc<Inner>,
+    /// The uplink encoding drafts are sampled from (`None`: modes that send no draft).
+    codec: Option<Codec>,
     listener: Arc<dyn TokenListener>,
     cancel: CancelToken,
     mode: Mode,
@@ -176,8 +175,10 @@ impl Generation {
             token_ids: Vec::new(),
             sources: Vec::new(),
         };
-        // Whether the SLM has scored the whole context (LLM-only mode starts it lazily).
-        let mut slm_ready = self.mode != Mode::Llm;
+        // Whether the SLM has scored the whole context. It starts after the session is open,
+        // so that its prefill runs while the server scores the same prompt; LLM-only mode
+        // starts it only if it has to take over.
+        let mut slm_ready = false;
         let mut feed: Option<u32> = None;
         let mut stop = loop {
             if out.token_ids.len() as u32 >= self.sampling.max_tokens {
@@ -268,11 +269,15 @@ impl Generation {
         hit.then_some(StopReason::StopString)
     }
 
-    /// Prepares the SLM to take over in LLM-only mode: scores the context it has not seen
-    /// (the prompt and every streamed token) in one pass.
+    /// Prepares the SLM to draft: scores the context it has not seen (the prompt, and in
+    /// LLM-only mode every streamed token) in one pass.
     async fn catch_up(&mut self, seed: u64) -> Result<(), SdkError> {
-        let (ids, s) = (self.context.clone(), self.sampling.clone());
-        blocking(&self.inner.drafter, move |d| d.start(&ids, s, None, seed)).await
+        let (ids, s, codec) = (
+            self.context.clone(),
+            self.sampling.clone(),
+            self.codec.clone(),
+        );
+        blocking(&self.inner.drafter, move |d| d.start(&ids, s, codec, seed)).await
     }
 
     /// LLM-only mode: asks the server to generate what is left (several `Generate`s when it is

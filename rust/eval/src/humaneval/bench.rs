@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use uhlm_core::chat::ChatMessage;
 use uhlm_core::threshold::Sample as CalibrationSample;
 use uhlm_core::uncertainty::UncertaintyKind;
+use uhlm_core::uncertainty::combined::LogisticCombiner;
 use uhlm_linkemu::{LinkEmulator, LinkProfile};
 use uhlm_sdk::{
     CancelToken, GenerationOptions, HybridEngine, NoopListener, Prompt, SamplingOptions,
@@ -30,7 +31,7 @@ use uhlm_sdk::{
 
 use super::{Executor, Problem, PromptFormat, Sample, SampleFile, SampleKey, stop_strings};
 use crate::EvalError;
-use crate::calibrate::{CalibrationOptions, CalibrationRun, calibrate};
+use crate::calibrate::{CalibrationOptions, CalibrationRun, calibrate_with_progress};
 use crate::measured::{ServerProcess, engine_config_for};
 use crate::pair::Pair;
 use crate::paper::{SystemKind, SystemSpec, systems};
@@ -51,11 +52,13 @@ pub struct HumanEvalOptions {
     pub temperature: f32,
     /// Problems each fold's thresholds are calibrated on (never problems of that fold).
     pub calibration_problems: usize,
-    /// Tokens per calibration problem (greedy: drafts are labelled by whether the LLM's greedy
-    /// choice differs, the quality the greedy runs are scored on).
+    /// Tokens per calibration problem at most; each stops where its generation would (greedy:
+    /// drafts are labelled by whether the LLM's greedy choice differs, the quality the greedy
+    /// runs are scored on).
     pub calibration_tokens: u32,
-    /// uhlm's quality target: the share of generated tokens whose decision may differ from
-    /// what the LLM alone would have decided.
+    /// uhlm's quality target: the share of completions that may differ from what the LLM
+    /// alone would have written (per output, see
+    /// [`controlled_threshold_per_output`](uhlm_core::risk_control::controlled_threshold_per_output)).
     pub max_risk: f32,
     /// Probability that the calibrated threshold meets `max_risk` (finite-sample guarantee).
     pub confidence: f32,
@@ -82,9 +85,9 @@ impl Default for HumanEvalOptions {
             max_tokens: 384,
             samples: 0,
             temperature: 0.2,
-            calibration_problems: 16,
-            calibration_tokens: 128,
-            max_risk: 0.01,
+            calibration_problems: 32,
+            calibration_tokens: 384,
+            max_risk: 0.1,
             confidence: 0.9,
             sweep: Vec::new(),
             systems: Vec::new(),
@@ -159,6 +162,7 @@ pub fn calibrate_fold(
     problems: &[Problem],
     fold: &Fold,
     options: &HumanEvalOptions,
+    done: &mut dyn FnMut(usize),
 ) -> Result<CalibrationRun, EvalError> {
     let set = PromptSet {
         source: format!(
@@ -179,9 +183,10 @@ pub fn calibrate_fold(
     cal.sampling = SamplingOptions {
         temperature: 0.0,
         max_tokens: options.calibration_tokens,
+        stop: stop_strings(options.format),
         ..SamplingOptions::default()
     };
-    calibrate(pair, &set, &cal)
+    calibrate_with_progress(pair, &set, &cal, done)
 }
 
 /// The thresholds one fold's calibration gives each skipping system.
@@ -203,10 +208,10 @@ impl FoldThresholds {
         options: &HumanEvalOptions,
     ) -> Result<Self, EvalError> {
         let index = |kind: &UncertaintyKind| run.options.estimators.iter().position(|k| k == kind);
-        let ours: Vec<CalibrationSample> = index(&UncertaintyKind::default())
-            .map(|i| run.samples_of(i))
+        let ours = index(&UncertaintyKind::default())
+            .map(|i| run.outputs_of(i))
             .unwrap_or_default();
-        let controlled = uhlm_core::risk_control::controlled_threshold(
+        let controlled = uhlm_core::risk_control::controlled_threshold_per_output(
             &ours,
             options.max_risk as f64,
             1.0 - options.confidence as f64,
@@ -219,7 +224,7 @@ impl FoldThresholds {
             uhlm_calibration_skip: controlled.skip_rate,
             uhlm_calibration_risk: controlled.empirical_risk,
             paper,
-            calibration_tokens: ours.len(),
+            calibration_tokens: ours.iter().map(Vec::len).sum(),
         })
     }
 }
@@ -240,7 +245,7 @@ pub fn fold_systems(
         }
         if s.name == "uhlm" {
             s.description = format!(
-                "uhlm: closed-form u, u_th = {:.3} (risk ≤ {} with confidence {}), exact {} uplink",
+                "uhlm: closed-form u, u_th = {:.3} (at most {} of outputs differ from the LLM's, confidence {}), exact {} uplink",
                 thresholds.uhlm,
                 options.max_risk,
                 options.confidence,
@@ -554,7 +559,7 @@ pub struct SignalScore {
     /// Probability that a token the LLM decides otherwise has a higher `u` than one it agrees
     /// with (ties count half): 0.5 is no signal, 1 a perfect one.
     pub auroc: f64,
-    /// Share of tokens skipped by the risk-controlled threshold, at each `max_risk`.
+    /// Share of tokens skipped by the per-output risk-controlled threshold, at each `max_risk`.
     pub skip_at_risk: Vec<SkipAtRisk>,
 }
 
@@ -578,27 +583,110 @@ pub fn signal_scores(
     let mut scores = Vec::new();
     for (i, kind) in first.options.estimators.iter().enumerate() {
         let samples: Vec<CalibrationSample> = runs.iter().flat_map(|r| r.samples_of(i)).collect();
-        let mut skip_at_risk = Vec::new();
-        for &max_risk in max_risks {
-            let c = uhlm_core::risk_control::controlled_threshold(
-                &samples,
+        let outputs: Vec<Vec<CalibrationSample>> =
+            runs.iter().flat_map(|r| r.outputs_of(i)).collect();
+        scores.push(SignalScore {
+            estimator: kind.build().name().to_string(),
+            auroc: auroc(&samples),
+            skip_at_risk: skip_at_risks(&outputs, max_risks, confidence)?,
+        });
+    }
+    if let Some(outputs) = combined_out_of_fold(runs) {
+        let samples: Vec<CalibrationSample> = outputs.iter().flatten().copied().collect();
+        scores.push(SignalScore {
+            estimator: COMBINED.into(),
+            auroc: auroc(&samples),
+            skip_at_risk: skip_at_risks(&outputs, max_risks, confidence)?,
+        });
+    }
+    Ok(scores)
+}
+
+/// The per-output risk-controlled threshold of `outputs` at each of `max_risks`.
+fn skip_at_risks(
+    outputs: &[Vec<CalibrationSample>],
+    max_risks: &[f64],
+    confidence: f64,
+) -> Result<Vec<SkipAtRisk>, EvalError> {
+    max_risks
+        .iter()
+        .map(|&max_risk| {
+            let c = uhlm_core::risk_control::controlled_threshold_per_output(
+                outputs,
                 max_risk,
                 1.0 - confidence,
             )?;
-            skip_at_risk.push(SkipAtRisk {
+            Ok(SkipAtRisk {
                 max_risk,
                 u_th: c.u_th,
                 skip_rate: c.skip_rate,
                 empirical_risk: c.empirical_risk,
-            });
+            })
+        })
+        .collect()
+}
+
+/// Name of the combined predictor's row in the signal table.
+pub const COMBINED: &str = "combined (logistic, cross-fitted)";
+
+/// The deterministic signals the combined predictor uses (the Monte-Carlo one is a noisy copy
+/// of the closed form).
+fn combined_signals() -> [UncertaintyKind; 4] {
+    [
+        UncertaintyKind::default(),
+        UncertaintyKind::MaxProbability,
+        UncertaintyKind::Entropy,
+        UncertaintyKind::Margin,
+    ]
+}
+
+/// Every calibration output scored by a [`LogisticCombiner`] fitted without it: outputs are
+/// split into 4 folds by index, and each fold is scored by the fit on the other three, so the
+/// table judges the predictor on tokens it has not seen, as the single signals are.
+fn combined_out_of_fold(runs: &[CalibrationRun]) -> Option<Vec<Vec<CalibrationSample>>> {
+    const FOLDS: usize = 4;
+    let first = runs.first()?;
+    let columns: Vec<usize> = combined_signals()
+        .iter()
+        .map(|k| first.options.estimators.iter().position(|e| e == k))
+        .collect::<Option<_>>()?;
+    // (output, signals, beta) for every token of every run.
+    let mut outputs: Vec<Vec<(Vec<f32>, f32)>> = Vec::new();
+    for run in runs {
+        let base = outputs.len();
+        for s in &run.samples {
+            if outputs.len() <= base + s.prompt {
+                outputs.resize_with(base + s.prompt + 1, Vec::new);
+            }
+            let signals = columns.iter().map(|&c| s.u[c]).collect();
+            outputs[base + s.prompt].push((signals, s.beta));
         }
-        scores.push(SignalScore {
-            estimator: kind.build().name().to_string(),
-            auroc: auroc(&samples),
-            skip_at_risk,
-        });
     }
-    Ok(scores)
+    let mut scored: Vec<Vec<CalibrationSample>> = vec![Vec::new(); outputs.len()];
+    for fold in 0..FOLDS {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for (o, tokens) in outputs.iter().enumerate() {
+            if o % FOLDS != fold {
+                for (signals, beta) in tokens {
+                    x.push(signals.clone());
+                    y.push(*beta);
+                }
+            }
+        }
+        let model = LogisticCombiner::fit(&x, &y, None)?;
+        for (o, tokens) in outputs.iter().enumerate() {
+            if o % FOLDS == fold {
+                scored[o] = tokens
+                    .iter()
+                    .map(|(signals, beta)| CalibrationSample {
+                        u: model.score(signals),
+                        beta: *beta,
+                    })
+                    .collect();
+            }
+        }
+    }
+    Some(scored)
 }
 
 /// Area under the ROC curve of `u` as a predictor of `beta > 0.5` (a greedy mismatch).
@@ -777,6 +865,73 @@ mod tests {
         assert!((s[2].of_llm.unwrap() - 0.68 / 0.7).abs() < 1e-12);
         assert!((s[2].gap_recovered.unwrap() - 0.9).abs() < 1e-9);
         assert_eq!(s[1].gap_recovered, Some(1.0));
+    }
+
+    /// A synthetic calibration: 80 outputs of 50 tokens; every estimator's `u` is the same
+    /// noisy function of whether the LLM differs, so each signal (and their combination)
+    /// ranks the differing tokens well, and the per-output table certifies some skipping.
+    fn synthetic_run(seed: u64) -> CalibrationRun {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let estimators = UncertaintyKind::all(7);
+        let mut samples = Vec::new();
+        for prompt in 0..80 {
+            for position in 0..50 {
+                let differs = rng.random::<f32>() < 0.02;
+                let base = if differs { 0.3 } else { 0.0 } + 0.3 * rng.random::<f32>();
+                let u = estimators
+                    .iter()
+                    .map(|_| (base + 0.05 * rng.random::<f32>()).min(1.0))
+                    .collect();
+                samples.push(crate::calibrate::Labelled {
+                    prompt,
+                    position,
+                    u,
+                    beta: differs as u8 as f32,
+                    tv: 0.0,
+                    accepted: !differs,
+                });
+            }
+        }
+        CalibrationRun {
+            prompts: "synthetic".into(),
+            options: crate::calibrate::CalibrationOptions {
+                estimators,
+                ..Default::default()
+            },
+            samples,
+            fits: Vec::new(),
+            mean_acceptance: 0.0,
+        }
+    }
+
+    #[test]
+    fn signals_are_scored_per_output_and_the_combined_predictor_out_of_fold() {
+        let runs = [synthetic_run(1), synthetic_run(2)];
+        let scores = signal_scores(&runs, &[0.05, 0.1, 0.2], 0.9).unwrap();
+        assert_eq!(scores.len(), 6, "five signals and the combined predictor");
+        let combined = scores.last().unwrap();
+        assert_eq!(combined.estimator, COMBINED);
+        for s in &scores {
+            assert!(
+                s.auroc > 0.8 && s.auroc <= 1.0,
+                "{}: {}",
+                s.estimator,
+                s.auroc
+            );
+            // Looser targets skip at least as much; what is skipped meets the target.
+            for w in s.skip_at_risk.windows(2) {
+                assert!(w[1].skip_rate >= w[0].skip_rate, "{s:?}");
+            }
+            for r in &s.skip_at_risk {
+                assert!(r.empirical_risk <= r.max_risk, "{s:?}");
+            }
+            assert!(s.skip_at_risk[2].skip_rate > 0.5, "{s:?}");
+        }
+        // Every token of both runs is scored exactly once, by a fit that did not see it.
+        let outputs = combined_out_of_fold(&runs).unwrap();
+        assert_eq!(outputs.len(), 160);
+        assert!(outputs.iter().all(|o| o.len() == 50));
     }
 
     #[test]

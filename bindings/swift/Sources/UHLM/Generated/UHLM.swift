@@ -2497,6 +2497,13 @@ public enum ThresholdMode: Equatable, Hashable {
      */
     case quality(maxRisk: Float, confidence: Float
     )
+    /**
+     * At most `max_risk` of the generations may differ from what the LLM alone would have
+     * written, with probability `confidence`: needs a calibration with a per-output bound;
+     * verdicts are judged online per token at `max_risk / tokens_per_output`.
+     */
+    case outputQuality(maxRisk: Float, confidence: Float, tokensPerOutput: UInt32
+    )
 
 
 
@@ -2531,6 +2538,9 @@ public struct FfiConverterTypeThresholdMode: FfiConverterRustBuffer {
         case 5: return .quality(maxRisk: try FfiConverterFloat.read(from: &buf), confidence: try FfiConverterFloat.read(from: &buf)
         )
         
+        case 6: return .outputQuality(maxRisk: try FfiConverterFloat.read(from: &buf), confidence: try FfiConverterFloat.read(from: &buf), tokensPerOutput: try FfiConverterUInt32.read(from: &buf)
+        )
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -2561,6 +2571,13 @@ public struct FfiConverterTypeThresholdMode: FfiConverterRustBuffer {
             writeInt(&buf, Int32(5))
             FfiConverterFloat.write(maxRisk, into: &buf)
             FfiConverterFloat.write(confidence, into: &buf)
+            
+        
+        case let .outputQuality(maxRisk,confidence,tokensPerOutput):
+            writeInt(&buf, Int32(6))
+            FfiConverterFloat.write(maxRisk, into: &buf)
+            FfiConverterFloat.write(confidence, into: &buf)
+            FfiConverterUInt32.write(tokensPerOutput, into: &buf)
             
         }
     }

@@ -3680,6 +3680,22 @@ sealed class ThresholdMode {
         companion object
     }
     
+    /**
+     * At most `max_risk` of the generations may differ from what the LLM alone would have
+     * written, with probability `confidence`: needs a calibration with a per-output bound;
+     * verdicts are judged online per token at `max_risk / tokens_per_output`.
+     */
+    data class OutputQuality(
+        val `maxRisk`: kotlin.Float, 
+        val `confidence`: kotlin.Float, 
+        val `tokensPerOutput`: kotlin.UInt) : ThresholdMode()
+        
+    {
+        
+
+        companion object
+    }
+    
 
     
 
@@ -3707,6 +3723,11 @@ public object FfiConverterTypeThresholdMode : FfiConverterRustBuffer<ThresholdMo
             5 -> ThresholdMode.Quality(
                 FfiConverterFloat.read(buf),
                 FfiConverterFloat.read(buf),
+                )
+            6 -> ThresholdMode.OutputQuality(
+                FfiConverterFloat.read(buf),
+                FfiConverterFloat.read(buf),
+                FfiConverterUInt.read(buf),
                 )
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
         }
@@ -3747,6 +3768,15 @@ public object FfiConverterTypeThresholdMode : FfiConverterRustBuffer<ThresholdMo
                 + FfiConverterFloat.allocationSize(value.`confidence`)
             )
         }
+        is ThresholdMode.OutputQuality -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterFloat.allocationSize(value.`maxRisk`)
+                + FfiConverterFloat.allocationSize(value.`confidence`)
+                + FfiConverterUInt.allocationSize(value.`tokensPerOutput`)
+            )
+        }
     }
 
     override fun write(value: ThresholdMode, buf: ByteBuffer) {
@@ -3773,6 +3803,13 @@ public object FfiConverterTypeThresholdMode : FfiConverterRustBuffer<ThresholdMo
                 buf.putInt(5)
                 FfiConverterFloat.write(value.`maxRisk`, buf)
                 FfiConverterFloat.write(value.`confidence`, buf)
+                Unit
+            }
+            is ThresholdMode.OutputQuality -> {
+                buf.putInt(6)
+                FfiConverterFloat.write(value.`maxRisk`, buf)
+                FfiConverterFloat.write(value.`confidence`, buf)
+                FfiConverterUInt.write(value.`tokensPerOutput`, buf)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
