@@ -4,14 +4,17 @@
 //! verified: the SLM samples a draft from `q`, the LLM's `p` decides, the final token feeds both
 //! models. At each position we record every estimator's `u` and the rejection probability
 //! `beta = 1 - min(1, p_d / q_d)`, then fit `beta ≈ a·u + b` per estimator (U-HLM §III).
+//! Prompts are labelled a few at a time, each model stepping them in one batched forward pass
+//! (bit-identical to one at a time), the SLM and the LLM on two threads.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
 use uhlm_core::threshold::{Calibration, DEFAULT_CONFIDENCE, DEFAULT_MAX_OUTPUT_RISK, Sample};
-use uhlm_core::uncertainty::UncertaintyKind;
+use uhlm_core::uncertainty::{UncertaintyEstimator, UncertaintyKind};
 use uhlm_core::verify::verify;
+use uhlm_model::{BatchItem, Session};
 
 use crate::EvalError;
 use crate::pair::Pair;
@@ -25,6 +28,14 @@ pub struct CalibrationOptions {
     /// The mean skipped beta the target-risk threshold allows.
     pub target_risk_epsilon: f32,
     pub seed: u64,
+    /// Prompts labelled together, each model stepping them in one batched forward pass (speed
+    /// only: the logits, hence the labels, are bit for bit those of one prompt at a time).
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+fn default_batch() -> usize {
+    4
 }
 
 impl Default for CalibrationOptions {
@@ -38,6 +49,7 @@ impl Default for CalibrationOptions {
             estimators: UncertaintyKind::all(7),
             target_risk_epsilon: 0.1,
             seed: 7,
+            batch: default_batch(),
         }
     }
 }
@@ -129,11 +141,15 @@ pub fn calibrate_with_progress(
     options: &CalibrationOptions,
     done: &mut dyn FnMut(usize),
 ) -> Result<CalibrationRun, EvalError> {
+    let ids = prompts
+        .prompts
+        .iter()
+        .map(|p| pair.prompt_ids(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut samples = Vec::new();
-    for (i, prompt) in prompts.prompts.iter().enumerate() {
-        let ids = pair.prompt_ids(prompt)?;
-        label_prompt(pair, i, &ids, options, &mut samples)?;
-        done(i);
+    let batch = options.batch.max(1);
+    for (g, group) in ids.chunks(batch).enumerate() {
+        label_prompts(pair, g * batch, group, options, &mut samples, done)?;
     }
     let mut run = CalibrationRun {
         prompts: prompts.source.clone(),
@@ -174,19 +190,30 @@ pub fn calibrate_with_progress(
     Ok(run)
 }
 
-/// Labels every drafted position of one prompt.
-fn label_prompt(
-    pair: &Pair,
+/// One prompt being labelled.
+struct Labelling {
     prompt: usize,
-    ids: &[u32],
+    slm: Session,
+    llm: Session,
+    estimators: Vec<Box<dyn UncertaintyEstimator>>,
+    rng: ChaCha8Rng,
+    generated: Vec<u32>,
+    labels: Vec<Labelled>,
+    /// The next SLM and LLM logits; `None` once the prompt is done.
+    logits: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Labels every drafted position of `prompts` (indices `first..`) in lock step, calling `done`
+/// as each finishes.
+fn label_prompts(
+    pair: &Pair,
+    first: usize,
+    prompts: &[Vec<u32>],
     options: &CalibrationOptions,
     out: &mut Vec<Labelled>,
+    done: &mut dyn FnMut(usize),
 ) -> Result<(), EvalError> {
     let sampling = &options.sampling;
-    let mut estimators: Vec<_> = options.estimators.iter().map(|k| k.build()).collect();
-    // One stream per prompt, so adding prompts does not change earlier ones.
-    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-    rng.set_stream(prompt as u64);
     let eos = pair.llm.tokenizer().eos_ids().to_vec();
     let tokenizer = pair.llm.tokenizer();
     let stops: Vec<&str> = sampling
@@ -195,54 +222,112 @@ fn label_prompt(
         .map(String::as_str)
         .filter(|s| !s.is_empty())
         .collect();
-    let mut generated = Vec::new();
-    let (mut slm, mut llm) = (pair.slm.session(), pair.llm.session());
-    // The two models are independent until the verdict: each step runs them on two threads.
-    let mut next = std::thread::scope(|scope| {
-        let slm_pass = scope.spawn(|| slm.score_last(ids));
-        let p = llm.score_last(ids);
-        (slm_pass.join().expect("SLM thread panicked"), p)
-    });
+    let mut group: Vec<Labelling> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            // One stream per prompt, so adding prompts does not change earlier ones.
+            let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+            rng.set_stream((first + i) as u64);
+            Labelling {
+                prompt: first + i,
+                slm: pair.slm.session(),
+                llm: pair.llm.session(),
+                estimators: options.estimators.iter().map(|k| k.build()).collect(),
+                rng,
+                generated: Vec::new(),
+                labels: Vec::new(),
+                logits: None,
+            }
+        })
+        .collect();
+    let prompt_tokens: Vec<Option<&[u32]>> = prompts.iter().map(|p| Some(p.as_slice())).collect();
+    step(&mut group, &prompt_tokens)?;
     let (mut q, mut p, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-    for position in 0..sampling.max_tokens as usize {
-        let (q_logits, p_logits) = (next.0?, next.1?);
-        if !probabilities_into(&q_logits, sampling, &mut q, &mut scratch)
-            || !probabilities_into(&p_logits, sampling, &mut p, &mut scratch)
-        {
-            return Err(EvalError::NoUsableLogits(position));
+    loop {
+        let mut feed: Vec<Option<[u32; 1]>> = vec![None; group.len()];
+        for (l, feed) in group.iter_mut().zip(feed.iter_mut()) {
+            let Some((q_logits, p_logits)) = l.logits.take() else {
+                continue;
+            };
+            let position = l.labels.len();
+            if !probabilities_into(&q_logits, sampling, &mut q, &mut scratch)
+                || !probabilities_into(&p_logits, sampling, &mut p, &mut scratch)
+            {
+                return Err(EvalError::NoUsableLogits(position));
+            }
+            let draft = sample(&q, &mut l.rng);
+            let u = l
+                .estimators
+                .iter_mut()
+                .map(|e| e.estimate(&q_logits, draft))
+                .collect();
+            let verdict = verify(&p, &q, draft, &mut l.rng)?;
+            l.labels.push(Labelled {
+                prompt: l.prompt,
+                position,
+                u,
+                beta: verdict.beta,
+                tv: verdict.tv_distance,
+                accepted: verdict.accepted,
+            });
+            let token = verdict.token;
+            l.generated.push(token);
+            // The generation this calibrates stops at a stop string: so do its labels.
+            let stopped = !stops.is_empty()
+                && tokenizer
+                    .decode(&l.generated, true)
+                    .is_ok_and(|text| stops.iter().any(|s| text.contains(s)));
+            let full = l.slm.len() + 1 >= l.slm.context_length().min(l.llm.context_length());
+            if stopped
+                || eos.contains(&token)
+                || full
+                || l.labels.len() >= sampling.max_tokens as usize
+            {
+                done(l.prompt);
+            } else {
+                *feed = Some([token]);
+            }
         }
-        let draft = sample(&q, &mut rng);
-        let u = estimators
-            .iter_mut()
-            .map(|e| e.estimate(&q_logits, draft))
-            .collect();
-        let verdict = verify(&p, &q, draft, &mut rng)?;
-        out.push(Labelled {
-            prompt,
-            position,
-            u,
-            beta: verdict.beta,
-            tv: verdict.tv_distance,
-            accepted: verdict.accepted,
-        });
-        let token = verdict.token;
-        generated.push(token);
-        // The generation this calibrates stops at a stop string: so do its labels.
-        let stopped = !stops.is_empty()
-            && tokenizer
-                .decode(&generated, true)
-                .is_ok_and(|text| stops.iter().any(|s| text.contains(s)));
-        if stopped
-            || eos.contains(&token)
-            || slm.len() + 1 >= slm.context_length().min(llm.context_length())
-        {
+        if feed.iter().all(Option::is_none) {
             break;
         }
-        next = std::thread::scope(|scope| {
-            let slm_pass = scope.spawn(|| slm.step(token));
-            let p = llm.step(token);
-            (slm_pass.join().expect("SLM thread panicked"), p)
+        let tokens: Vec<Option<&[u32]>> = feed.iter().map(|t| t.as_ref().map(|t| &t[..])).collect();
+        step(&mut group, &tokens)?;
+    }
+    out.extend(group.into_iter().flat_map(|l| l.labels));
+    Ok(())
+}
+
+/// Appends `tokens[i]` (where given) to both sessions of `group[i]` and keeps their logits: the
+/// SLM's batch on a second thread while the LLM's runs here (the models are independent until
+/// the verdict).
+fn step(group: &mut [Labelling], tokens: &[Option<&[u32]>]) -> Result<(), EvalError> {
+    let (mut slm_items, mut llm_items, mut who) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (l, t)) in group.iter_mut().zip(tokens).enumerate() {
+        let Some(t) = t else { continue };
+        let Labelling { slm, llm, .. } = l;
+        slm_items.push(BatchItem {
+            session: slm,
+            tokens: t,
+            all_rows: false,
         });
+        llm_items.push(BatchItem {
+            session: llm,
+            tokens: t,
+            all_rows: false,
+        });
+        who.push(i);
+    }
+    let (q, p) = std::thread::scope(|scope| {
+        let slm_pass = scope.spawn(|| Session::score_batch(&mut slm_items));
+        let p = Session::score_batch(&mut llm_items);
+        (slm_pass.join().expect("SLM thread panicked"), p)
+    });
+    let (q, p) = (q?, p?);
+    drop((slm_items, llm_items));
+    for ((i, q), p) in who.into_iter().zip(q).zip(p) {
+        group[i].logits = Some((q.into_vec(), p.into_vec()));
     }
     Ok(())
 }
