@@ -313,21 +313,7 @@ fn mass(q: &[f32]) -> Result<f64, CodecError> {
     if q.len() > MAX_VOCAB {
         return Err(CodecError::VocabTooLarge(q.len()));
     }
-    // 8 lanes per block of 1024 (it vectorises), f64 across blocks.
-    let m: f64 = q
-        .chunks(1024)
-        .map(|block| {
-            let mut lanes = [0.0f32; 8];
-            let mut chunks = block.chunks_exact(8);
-            for c in &mut chunks {
-                for (l, &v) in lanes.iter_mut().zip(c) {
-                    *l += usable(v);
-                }
-            }
-            let rest: f32 = chunks.remainder().iter().map(|&v| usable(v)).sum();
-            (lanes.iter().sum::<f32>() + rest) as f64
-        })
-        .sum();
+    let m = crate::fast_exp::sum_by(q, usable);
     if m > 0.0 {
         Ok(m)
     } else {

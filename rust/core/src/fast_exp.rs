@@ -62,16 +62,24 @@ pub fn map_sum(values: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) -> f64 {
 
 /// `Σ values`: 8 independent f32 accumulators per block of [`BLOCK`], f64 across blocks.
 pub fn sum(values: &[f32]) -> f64 {
+    sum_by(values, |x| x)
+}
+
+/// `Σ f(x)` over `values`, summed as [`sum`] does; `f` should be cheap (a select, a clamp) for
+/// the loop to vectorise.
+#[inline(always)]
+pub fn sum_by(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut total = 0.0f64;
     for block in values.chunks(BLOCK) {
         let mut lanes = [0.0f32; LANES];
         let mut chunks = block.chunks_exact(LANES);
         for c in &mut chunks {
             for (l, &x) in lanes.iter_mut().zip(c) {
-                *l += x;
+                *l += f(x);
             }
         }
-        total += (lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()) as f64;
+        let rest: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+        total += (lanes.iter().sum::<f32>() + rest) as f64;
     }
     total
 }

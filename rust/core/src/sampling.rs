@@ -107,6 +107,16 @@ fn lane_max(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// `out = softmax((logits − max) · inv_t)`, with `max` the largest finite logit and `out`
+/// already as long as `logits`. NaN and -inf logits get probability 0.
+pub(crate) fn softmax_into(logits: &[f32], max: f32, inv_t: f32, out: &mut [f32]) {
+    let sum = fast_exp::map_sum(logits, out, |z| fast_exp::exp((z - max) * inv_t));
+    let inv = (1.0 / sum) as f32;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
 /// Writes into `out` the distribution that `opts` makes of `logits`.
 ///
 /// `scratch` is a reusable index buffer, so the per-token path allocates nothing once warm.
@@ -127,14 +137,7 @@ pub fn probabilities_into(
         out[best as usize] = 1.0;
         return true;
     }
-    let inv_t = 1.0 / opts.temperature;
-    let max = logits[best as usize];
-    // NaN and -inf come out as 0.
-    let sum = fast_exp::map_sum(logits, out, |z| fast_exp::exp((z - max) * inv_t));
-    let inv = (1.0 / sum) as f32;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
+    softmax_into(logits, logits[best as usize], 1.0 / opts.temperature, out);
     let top_k = opts.top_k.map(|k| k as usize).filter(|&k| k < logits.len());
     let top_p = opts.top_p.filter(|&p| p < 1.0);
     if top_k.is_none() && top_p.is_none() {

@@ -243,9 +243,7 @@ impl ThresholdMode {
             confidence: DEFAULT_CONFIDENCE,
         }
     }
-}
 
-impl ThresholdMode {
     /// The per-token risk the online refit certifies under the quality modes.
     fn token_risk(&self) -> Option<(f32, f32)> {
         match *self {
@@ -520,27 +518,26 @@ impl PolicyConfig {
             ThresholdMode::TargetRisk { epsilon } if !(0.0..=1.0).contains(&epsilon) => {
                 return bad("epsilon must be in [0, 1]");
             }
-            ThresholdMode::Quality { .. } | ThresholdMode::OutputQuality { .. } => {
-                if let ThresholdMode::OutputQuality {
-                    max_risk,
-                    confidence,
-                    tokens_per_output,
-                } = self.mode
-                {
-                    check_quality(max_risk, confidence)?;
-                    if tokens_per_output == 0 {
-                        return bad("tokens_per_output must be at least 1");
-                    }
-                }
-                let (max_risk, confidence) = self.mode.token_risk().expect("a quality mode");
+            ThresholdMode::Quality {
+                max_risk,
+                confidence,
+            } => check_quality(max_risk, confidence)?,
+            ThresholdMode::OutputQuality {
+                max_risk,
+                confidence,
+                tokens_per_output,
+            } => {
                 check_quality(max_risk, confidence)?;
-                // Without probes the window holds only sent tokens, so the risk of the
-                // skipped ones would be estimated as zero.
-                if self.online && self.probe_rate <= 0.0 {
-                    return bad("online quality mode needs probe_rate > 0");
+                if tokens_per_output == 0 {
+                    return bad("tokens_per_output must be at least 1");
                 }
             }
             _ => {}
+        }
+        // Without probes the window holds only sent tokens, so the risk of the skipped ones
+        // would be estimated as zero.
+        if self.mode.token_risk().is_some() && self.online && self.probe_rate <= 0.0 {
+            return bad("online quality mode needs probe_rate > 0");
         }
         if !self.initial_threshold.is_finite() {
             return bad("initial_threshold must be finite");

@@ -14,12 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::fast_exp;
 use normaliser::TemperatureNormaliser;
-
-/// Logits more than this many nats (at the largest temperature) below the maximum contribute
-/// less than `exp(-88)` of the mass and are skipped (they underflow f32 anyway).
-const NEGLIGIBLE_NATS: f32 = 88.0;
 
 /// An uncertainty estimator: maps one position's logits and the drafted token to `u` in `[0, 1]`.
 ///
@@ -160,15 +155,6 @@ impl UncertaintyKind {
     }
 }
 
-/// The shifted logit of `draft`, or `None` if it is negligible or absent.
-fn draft_shift(logits: &[f32], draft: u32, max: f32, theta_max: f32) -> Option<f32> {
-    let cutoff = -NEGLIGIBLE_NATS * theta_max;
-    logits
-        .get(draft as usize)
-        .map(|&z| z - max)
-        .filter(|s| s.is_finite() && *s > cutoff)
-}
-
 /// Reusable buffers of the estimators that normalise over the vocabulary.
 #[derive(Default)]
 struct Scratch {
@@ -234,16 +220,12 @@ impl UncertaintyEstimator for TemperaturePerturbation {
             acc,
             ..
         } = &mut self.scratch;
-        let Some(max) = normaliser.build(logits, self.theta_max, NEGLIGIBLE_NATS) else {
+        if normaliser.build(logits, self.theta_max).is_none() {
             out.resize(drafts.len(), 1.0);
             return;
-        };
+        }
         shifts.clear();
-        shifts.extend(
-            drafts
-                .iter()
-                .map(|&d| draft_shift(logits, d, max, self.theta_max)),
-        );
+        shifts.extend(drafts.iter().map(|&d| normaliser.shift(logits, d)));
         acc.clear();
         acc.resize(drafts.len(), 0.0);
         for _ in 0..self.samples {
@@ -321,16 +303,12 @@ impl UncertaintyEstimator for ExpectedTemperature {
             acc: expected,
             ..
         } = &mut self.scratch;
-        let Some(max) = normaliser.build(logits, self.theta_max, NEGLIGIBLE_NATS) else {
+        if normaliser.build(logits, self.theta_max).is_none() {
             out.resize(drafts.len(), 1.0);
             return;
-        };
+        }
         shifts.clear();
-        shifts.extend(
-            drafts
-                .iter()
-                .map(|&d| draft_shift(logits, d, max, self.theta_max)),
-        );
+        shifts.extend(drafts.iter().map(|&d| normaliser.shift(logits, d)));
         expected.clear();
         expected.resize(drafts.len(), 0.0);
         for &(theta, w) in &self.nodes {
@@ -360,9 +338,7 @@ fn softmax_t1(logits: &[f32], probs: &mut Vec<f32>) -> bool {
     };
     probs.clear();
     probs.resize(logits.len(), 0.0);
-    let sum = fast_exp::map_sum(logits, probs, |z| fast_exp::exp(z - max));
-    let inv = (1.0 / sum) as f32;
-    probs.iter_mut().for_each(|p| *p *= inv);
+    crate::sampling::softmax_into(logits, max, 1.0, probs);
     true
 }
 

@@ -222,10 +222,8 @@ fn label_prompts(
         .map(String::as_str)
         .filter(|s| !s.is_empty())
         .collect();
-    let mut group: Vec<Labelling> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, _)| {
+    let mut group: Vec<Labelling> = (0..prompts.len())
+        .map(|i| {
             // One stream per prompt, so adding prompts does not change earlier ones.
             let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
             rng.set_stream((first + i) as u64);

@@ -160,35 +160,20 @@ fn a_bad_batch_changes_no_session() {
     let mut a = model.session();
     a.score(&PROMPT[..3]).unwrap();
     let mut b = other.session();
-    let mut items = [
+    fn last<'a>(session: &'a mut Session, tokens: &'a [u32]) -> BatchItem<'a> {
         BatchItem {
-            session: &mut a,
-            tokens: &[5],
+            session,
+            tokens,
             all_rows: false,
-        },
-        BatchItem {
-            session: &mut b,
-            tokens: &[6],
-            all_rows: false,
-        },
-    ];
+        }
+    }
+    let mut items = [last(&mut a, &[5]), last(&mut b, &[6])];
     assert!(matches!(
         Session::score_batch(&mut items),
         Err(ModelError::MixedBatch)
     ));
     let mut c = model.session();
-    let mut items = [
-        BatchItem {
-            session: &mut a,
-            tokens: &[5],
-            all_rows: false,
-        },
-        BatchItem {
-            session: &mut c,
-            tokens: &[1, 999],
-            all_rows: false,
-        },
-    ];
+    let mut items = [last(&mut a, &[5]), last(&mut c, &[1, 999])];
     assert!(matches!(
         Session::score_batch(&mut items),
         Err(ModelError::InvalidToken { id: 999, .. })

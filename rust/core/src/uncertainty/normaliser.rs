@@ -18,6 +18,9 @@
 
 use crate::fast_exp;
 
+/// Logits more than this many nats (at the largest temperature) below the maximum contribute
+/// less than `exp(-88)` of the mass and are skipped (they underflow f32 anyway).
+const NEGLIGIBLE_NATS: f32 = 88.0;
 /// Entries this many nats or less below the maximum are summed exactly.
 const HEAD_NATS: f32 = 10.0;
 /// Width of a tail bin, in nats.
@@ -56,12 +59,12 @@ pub(crate) struct TemperatureNormaliser {
 
 impl TemperatureNormaliser {
     /// Summarises `logits` for temperatures up to `theta_max`: entries more than
-    /// `cutoff_nats · theta_max` below the maximum are dropped (they underflow at every
+    /// [`NEGLIGIBLE_NATS`]` · theta_max` below the maximum are dropped (they underflow at every
     /// temperature). Returns the maximum, or `None` when no logit is finite.
-    pub fn build(&mut self, logits: &[f32], theta_max: f32, cutoff_nats: f32) -> Option<f32> {
+    pub fn build(&mut self, logits: &[f32], theta_max: f32) -> Option<f32> {
         let max = crate::sampling::max_finite(logits)?;
         self.max = max;
-        self.cutoff = -cutoff_nats * theta_max;
+        self.cutoff = -NEGLIGIBLE_NATS * theta_max;
         let bins = ((-self.cutoff - HEAD_NATS).max(0.0) / BIN_WIDTH).ceil() as usize + 1;
         // First a pass that only classifies (it vectorises): the bin of each entry, or a mark
         // for the head and for entries left out.
@@ -69,8 +72,7 @@ impl TemperatureNormaliser {
         self.index.clear();
         self.index.extend(logits.iter().map(|&z| {
             let s = z - max;
-            // Also drops NaN and -inf (and +inf, which `max` ignored).
-            if !(s > cutoff && s <= 0.0) {
+            if !kept(s, cutoff) {
                 SKIPPED
             } else if s > -HEAD_NATS {
                 HEAD
@@ -132,25 +134,32 @@ impl TemperatureNormaliser {
             return z;
         }
         self.direct_sums += 1;
-        let (max, cutoff) = (self.max, self.cutoff);
-        let scale = 1.0 / theta;
-        let mut total = 0.0f64;
-        for chunk in logits.chunks(1024) {
-            let s: f32 = chunk
-                .iter()
-                .map(|&z| {
-                    let s = z - max;
-                    if s > cutoff && s <= 0.0 {
-                        fast_exp::exp(s * scale)
-                    } else {
-                        0.0
-                    }
-                })
-                .sum();
-            total += s as f64;
-        }
-        total
+        let (max, cutoff, scale) = (self.max, self.cutoff, 1.0 / theta);
+        fast_exp::sum_by(logits, |z| {
+            let s = z - max;
+            if kept(s, cutoff) {
+                fast_exp::exp(s * scale)
+            } else {
+                0.0
+            }
+        })
     }
+
+    /// The shifted logit of `draft` (after [`build`](Self::build)), or `None` if it is
+    /// negligible, not finite or out of the vocabulary: such a draft has probability 0 at every
+    /// temperature.
+    pub fn shift(&self, logits: &[f32], draft: u32) -> Option<f32> {
+        logits
+            .get(draft as usize)
+            .map(|&z| z - self.max)
+            .filter(|&s| kept(s, self.cutoff))
+    }
+}
+
+/// Whether a shifted logit counts: above the cutoff and at most the maximum. Also drops NaN
+/// and -inf (and +inf, which the maximum ignored).
+fn kept(s: f32, cutoff: f32) -> bool {
+    s > cutoff && s <= 0.0
 }
 
 /// The shifted logit at the centre of tail bin `b`.
@@ -198,7 +207,7 @@ mod tests {
         let mut n = TemperatureNormaliser::default();
         for spread in [0.5, 3.0, 8.0, 20.0] {
             let logits = lm_logits(&mut rng, 151_936, spread, 10.0);
-            n.build(&logits, 2.0, 88.0).unwrap();
+            n.build(&logits, 2.0).unwrap();
             for i in 0..40 {
                 let theta = 0.05 + 1.95 * i as f32 / 39.0;
                 let want = exact(&logits, theta, -176.0);
@@ -218,7 +227,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let logits = lm_logits(&mut rng, 151_936, 3.0, 20.0);
         let mut n = TemperatureNormaliser::default();
-        n.build(&logits, 2.0, 88.0).unwrap();
+        n.build(&logits, 2.0).unwrap();
         assert!(n.head.len() < 2_000, "head {}", n.head.len());
         for i in 0..32 {
             n.normaliser(&logits, 0.05 + i as f32 * 0.06);
@@ -229,6 +238,6 @@ mod tests {
     #[test]
     fn no_finite_logit_gives_none() {
         let mut n = TemperatureNormaliser::default();
-        assert!(n.build(&[f32::NAN, f32::NEG_INFINITY], 2.0, 88.0).is_none());
+        assert!(n.build(&[f32::NAN, f32::NEG_INFINITY], 2.0).is_none());
     }
 }

@@ -582,9 +582,9 @@ pub fn signal_scores(
     };
     let mut scores = Vec::new();
     for (i, kind) in first.options.estimators.iter().enumerate() {
-        let samples: Vec<CalibrationSample> = runs.iter().flat_map(|r| r.samples_of(i)).collect();
         let outputs: Vec<Vec<CalibrationSample>> =
             runs.iter().flat_map(|r| r.outputs_of(i)).collect();
+        let samples: Vec<CalibrationSample> = outputs.iter().flatten().copied().collect();
         scores.push(SignalScore {
             estimator: kind.build().name().to_string(),
             auroc: auroc(&samples),
