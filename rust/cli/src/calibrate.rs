@@ -1,12 +1,17 @@
 //! `uhlm calibrate`: fit beta ≈ a·u + b for every estimator on an SLM/LLM pair and write the
-//! calibration file the SDK loads.
+//! calibration file the SDK loads; or build that file from labelled runs kept before (`--from`),
+//! e.g. the calibrations of a `uhlm bench humaneval` run, without running the models again.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use uhlm_core::sampling::SamplingOptions;
-use uhlm_eval::calibrate::{CalibrationOptions, CalibrationRun, calibrate};
+use uhlm_core::threshold::{Calibration, DEFAULT_CONFIDENCE, DEFAULT_MAX_OUTPUT_RISK};
+use uhlm_core::uncertainty::UncertaintyKind;
+use uhlm_eval::calibrate::{
+    CalibrationOptions, CalibrationRun, calibrate, combined_calibration, pooled_calibration,
+};
 use uhlm_eval::plot;
 use uhlm_eval::prompts::PromptSet;
 
@@ -27,6 +32,21 @@ pub struct CalibrateArgs {
     /// Mean rejection probability the target-risk threshold allows among skipped tokens.
     #[arg(long, default_value_t = 0.1)]
     epsilon: f32,
+    /// Share of outputs that may differ from the LLM's (the SDK's `output_quality` target);
+    /// each prompt's labelled run is one output.
+    #[arg(long, default_value_t = DEFAULT_MAX_OUTPUT_RISK)]
+    max_risk: f32,
+    /// Confidence of the per-output bound.
+    #[arg(long, default_value_t = DEFAULT_CONFIDENCE)]
+    confidence: f32,
+    /// Write the calibration of a combined predictor (a logistic combination of the
+    /// deterministic signals, refitted online by the SDK) instead of the default estimator's.
+    #[arg(long)]
+    combined: bool,
+    /// Build the file from labelled runs written before (`--samples` files, or a HumanEval
+    /// run's `calibration-fold*.json`), pooled, instead of running the pair.
+    #[arg(long, num_args = 1.., value_name = "RUN.json", conflicts_with_all = ["count", "samples", "plot"])]
+    from: Vec<PathBuf>,
     /// The calibration file for the SDK (default estimator).
     #[arg(long, default_value = "calib.json")]
     out: PathBuf,
@@ -47,6 +67,21 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             path.display()
         );
     }
+    if !args.from.is_empty() {
+        let runs = args
+            .from
+            .iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+            })
+            .collect::<Result<Vec<CalibrationRun>>>()?;
+        for run in &runs {
+            print_table(run);
+        }
+        return write(&args, &runs);
+    }
     let seed = args.pair.seed;
     let prompts = PromptSet::load(&args.pair.prompts, args.count, seed)?;
     let (_, _, pair) = args.pair.load()?;
@@ -64,12 +99,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     eprintln!("calibrating on {}", prompts.source);
     let run = calibrate(&pair, &prompts, &options)?;
     print_table(&run);
-    let default = run
-        .default_calibration()
-        .context("the default estimator could not be fitted on these samples")?;
-    std::fs::write(&args.out, default.to_json())
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("wrote {}", args.out.display());
+    write(&args, std::slice::from_ref(&run))?;
     if let Some(path) = &args.samples {
         std::fs::write(path, serde_json::to_string(&run)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -78,6 +108,36 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         plot::calibration(&run, path)?;
         eprintln!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// Writes the SDK's calibration file from `runs` pooled and says what it allows.
+fn write(args: &CalibrateArgs, runs: &[CalibrationRun]) -> Result<()> {
+    let calibration: Calibration = if args.combined {
+        combined_calibration(runs, args.max_risk, args.confidence)?
+    } else {
+        pooled_calibration(
+            runs,
+            &UncertaintyKind::default(),
+            args.max_risk,
+            args.confidence,
+        )
+        .context("the default estimator could not be calibrated on these samples")?
+    };
+    std::fs::write(&args.out, calibration.to_json())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    if let Some(q) = &calibration.output_quality {
+        eprintln!(
+            "output quality: at most {:.0}% of outputs differ from the LLM's (confidence {:.0}%): \
+             u_th {:.4}, skips {:.1}% of {} calibration tokens",
+            q.max_risk * 100.0,
+            q.confidence * 100.0,
+            q.controlled.u_th,
+            q.controlled.skip_rate * 100.0,
+            calibration.samples
+        );
+    }
+    eprintln!("wrote {}", args.out.display());
     Ok(())
 }
 

@@ -258,6 +258,99 @@ fn run_reproduces_the_llm_and_skips_with_the_default_policy() {
 }
 
 #[test]
+fn a_combined_predictor_is_calibrated_rebuilt_from_saved_runs_and_run() {
+    let Some(llm) = llm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let slm = derive_draft(dir.path(), &llm);
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let calibrate = |extra: &[&str]| {
+        let mut args = vec!["calibrate".to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok_stdout(&uhlm(&argv));
+    };
+    let pair = [
+        "--slm",
+        slm.to_str().unwrap(),
+        "--llm",
+        llm.to_str().unwrap(),
+        "--count",
+        "8",
+        "--max-tokens",
+        "24",
+    ];
+    calibrate(
+        &[
+            &pair[..],
+            &[
+                "--out",
+                &path("default.json"),
+                "--samples",
+                &path("run.json"),
+            ],
+        ]
+        .concat(),
+    );
+    // The saved run gives the same file without running the models again, and the combined
+    // predictor's.
+    calibrate(&[
+        "--from",
+        &path("run.json"),
+        "--out",
+        &path("default-again.json"),
+    ]);
+    calibrate(&[
+        "--from",
+        &path("run.json"),
+        "--combined",
+        "--out",
+        &path("combined.json"),
+    ]);
+    let read = |name: &str| std::fs::read_to_string(path(name)).unwrap();
+    assert_eq!(read("default.json"), read("default-again.json"));
+    let combined: Value = serde_json::from_str(&read("combined.json")).unwrap();
+    assert_eq!(combined["estimator"]["kind"], "combined");
+    assert_eq!(
+        combined["estimator"]["combiner"]["weights"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+
+    // Eight outputs certify no skipping at the default per-output target: the SDK sends every
+    // token, scored by the combined predictor, and greedy decoding gives the LLM's own output.
+    let alone = ok_stdout(&uhlm(&[
+        "generate",
+        "--model",
+        llm.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--ids",
+        PROMPT,
+    ]));
+    let server = start_server(dir.path(), &llm);
+    let v = run_json(
+        &server,
+        &slm,
+        &[
+            "--calibration",
+            &path("combined.json"),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+        ],
+    );
+    let ids: Vec<String> = ids(&v).iter().map(u64::to_string).collect();
+    assert_eq!(ids.join(","), alone.trim());
+    assert_eq!(stat(&v, "skipped"), 0);
+    assert_eq!(stat(&v, "sent"), 12);
+}
+
+#[test]
 fn demo_prints_the_text_and_a_summary() {
     if llm().is_none() {
         return;

@@ -24,6 +24,7 @@ use crate::risk_control::{
     min_certifying_samples, weighted_risk,
 };
 use crate::uncertainty::UncertaintyKind;
+use crate::uncertainty::combined::{LogisticCombiner, Verdict, refit_at_equal_skip};
 
 /// Default [`ThresholdMode::Quality`] `max_risk`: at most 1% of generated tokens may differ in
 /// distribution from the LLM's, i.e. about 99% of the LLM's quality.
@@ -36,6 +37,9 @@ pub const DEFAULT_TOKENS_PER_OUTPUT: u32 = 256;
 /// Default [`ThresholdMode::Quality`] `confidence` (`1 − δ`): the bound holds for 9 in 10
 /// calibrations. Higher confidence costs skips; 0.9 is the usual choice in risk control.
 pub const DEFAULT_CONFIDENCE: f32 = 0.9;
+/// Verdicts in the window before a combined predictor's weights are refitted: half fit the
+/// weights and half judge them, so each half needs enough rejections to say anything.
+const COMBINER_MIN_VERDICTS: usize = 256;
 
 /// One calibration observation: the device's uncertainty and the server's rejection probability.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -457,6 +461,9 @@ pub struct PolicyConfig {
     pub min_samples: usize,
     /// Refit after this many new observations.
     pub refit_every: usize,
+    /// With a combined predictor ([`UncertaintyKind::Combined`]), also refit its weights from
+    /// the verdicts (see [`crate::uncertainty::combined::refit_at_equal_skip`]).
+    pub refit_combiner: bool,
     pub seed: u64,
 }
 
@@ -475,6 +482,7 @@ impl Default for PolicyConfig {
             window: 1024,
             min_samples: 32,
             refit_every: 16,
+            refit_combiner: true,
             seed: 0,
         }
     }
@@ -556,9 +564,11 @@ pub enum Decision {
     Send { probe: bool },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Observation {
     u: f32,
+    /// The combined predictor's separate signals (empty for a single signal).
+    signals: Box<[f32]>,
     beta: f32,
     /// Inverse probability of having been observed: probes stand for the skipped tokens.
     importance: f64,
@@ -577,6 +587,10 @@ pub struct ThresholdPolicy {
     evidenced: bool,
     last_control: Option<RiskControlled>,
     scratch: Vec<WeightedSample>,
+    /// The combined predictor's weights in force, when the estimator is one.
+    combiner: Option<LogisticCombiner>,
+    /// Weights adopted by a refit that the estimator has not taken yet.
+    combiner_update: Option<LogisticCombiner>,
 }
 
 impl ThresholdPolicy {
@@ -595,8 +609,32 @@ impl ThresholdPolicy {
             evidenced: u_th <= 0.0,
             last_control: None,
             scratch: Vec::new(),
+            combiner: None,
+            combiner_update: None,
             config,
         })
+    }
+
+    /// The policy of an estimator of kind `kind`: a combined predictor's weights are refitted
+    /// online (unless [`PolicyConfig::refit_combiner`] is off).
+    pub fn for_estimator(mut self, kind: &UncertaintyKind) -> Self {
+        self.combiner = match kind {
+            UncertaintyKind::Combined { combiner, .. } => Some(combiner.clone()),
+            _ => None,
+        };
+        self
+    }
+
+    /// The combined predictor's weights in force, if the estimator is one.
+    pub fn combiner(&self) -> Option<&LogisticCombiner> {
+        self.combiner.as_ref()
+    }
+
+    /// Weights a refit adopted since the last call: the estimator must take them
+    /// ([`crate::uncertainty::UncertaintyEstimator::set_combiner`]) before its next estimate,
+    /// since the threshold in force is now on their scale.
+    pub fn take_combiner_update(&mut self) -> Option<LogisticCombiner> {
+        self.combiner_update.take()
     }
 
     /// Starts from a shipped calibration's threshold for the configured mode.
@@ -604,7 +642,7 @@ impl ThresholdPolicy {
         config: PolicyConfig,
         calibration: &Calibration,
     ) -> Result<Self, ThresholdError> {
-        let mut policy = Self::new(config)?;
+        let mut policy = Self::new(config)?.for_estimator(&calibration.estimator);
         policy.u_th = calibration.threshold(&policy.config.mode);
         policy.last_fit = Some(calibration.fit);
         policy.evidenced = true;
@@ -647,6 +685,12 @@ impl ThresholdPolicy {
 
     /// Learns from a server verdict for a token that was sent after `decide` said `decision`.
     pub fn observe(&mut self, decision: Decision, u: f32, beta: f32) {
+        self.observe_signals(decision, u, &[], beta);
+    }
+
+    /// [`observe`](Self::observe) for a combined predictor: `signals` are its separate
+    /// signals for the token ([`crate::uncertainty::UncertaintyEstimator::signals`]).
+    pub fn observe_signals(&mut self, decision: Decision, u: f32, signals: &[f32], beta: f32) {
         if !self.config.online || !u.is_finite() || !beta.is_finite() {
             return;
         }
@@ -664,6 +708,7 @@ impl ThresholdPolicy {
         }
         self.window.push_back(Observation {
             u,
+            signals: signals.into(),
             beta: beta.clamp(0.0, 1.0),
             importance,
         });
@@ -693,6 +738,7 @@ impl ThresholdPolicy {
             });
         }
         debug_assert_eq!(self.scratch.len(), n);
+        self.refit_combiner();
         let fit = weighted_fit(
             self.scratch
                 .iter()
@@ -727,6 +773,43 @@ impl ThresholdPolicy {
         if let Some(t) = new_th.filter(|t| t.is_finite()) {
             self.u_th = t;
         }
+    }
+
+    /// Refits a combined predictor's weights at the skip share in force (see
+    /// [`refit_at_equal_skip`]); adopted weights rescore the window, whose scores (and the
+    /// threshold) are on the new scale from here on.
+    fn refit_combiner(&mut self) {
+        let Some(current) = self.combiner.clone() else {
+            return;
+        };
+        if !self.config.refit_combiner
+            || matches!(self.config.mode, ThresholdMode::Fixed { .. })
+            || self.window.len() < COMBINER_MIN_VERDICTS
+        {
+            return;
+        }
+        // Newest first, as the scratch weights are.
+        let verdicts: Vec<Verdict<'_>> = self
+            .window
+            .iter()
+            .rev()
+            .zip(&self.scratch)
+            .map(|(o, s)| Verdict {
+                signals: &o.signals,
+                beta: o.beta,
+                weight: s.weight,
+            })
+            .collect();
+        let Some((next, u_th)) = refit_at_equal_skip(&current, self.u_th, &verdicts) else {
+            return;
+        };
+        for (o, s) in self.window.iter_mut().rev().zip(self.scratch.iter_mut()) {
+            o.u = next.score(&o.signals);
+            s.u = o.u;
+        }
+        self.u_th = u_th;
+        self.combiner_update = Some(next.clone());
+        self.combiner = Some(next);
     }
 
     /// The online bound over the importance-weighted window (approximate, see

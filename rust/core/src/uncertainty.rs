@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use combined::LogisticCombiner;
 use normaliser::TemperatureNormaliser;
 
 /// An uncertainty estimator: maps one position's logits and the drafted token to `u` in `[0, 1]`.
@@ -35,6 +36,16 @@ pub trait UncertaintyEstimator: Send {
             out.push(self.estimate(logits, d));
         }
     }
+
+    /// The separate signals behind the last [`estimate`](Self::estimate) of a combined
+    /// predictor, which the policy refits from; empty for a single signal.
+    fn signals(&self) -> &[f32] {
+        &[]
+    }
+
+    /// Replaces a combined predictor's weights with the policy's online refit; single signals
+    /// have none and ignore it.
+    fn set_combiner(&mut self, _combiner: &LogisticCombiner) {}
 }
 
 /// Serialisable choice of estimator, as found in configs and calibration files.
@@ -61,6 +72,12 @@ pub enum UncertaintyKind {
     Entropy,
     /// `1 - (q_top1 - q_top2)` at temperature 1.
     Margin,
+    /// A predicted rejection probability: a logistic combination of other signals
+    /// ([`combined`]), whose weights the device refits online from the server's verdicts.
+    Combined {
+        signals: Vec<UncertaintyKind>,
+        combiner: LogisticCombiner,
+    },
 }
 
 impl Default for UncertaintyKind {
@@ -89,6 +106,17 @@ impl UncertaintyKind {
         vec![
             Self::default(),
             Self::paper(seed),
+            Self::MaxProbability,
+            Self::Entropy,
+            Self::Margin,
+        ]
+    }
+
+    /// The deterministic signals a combined predictor is built from (the Monte-Carlo one is a
+    /// noisy copy of the closed form).
+    pub fn combinable() -> Vec<Self> {
+        vec![
+            Self::default(),
             Self::MaxProbability,
             Self::Entropy,
             Self::Margin,
@@ -128,6 +156,29 @@ impl UncertaintyKind {
                 }
                 temps(theta_min, theta_max)
             }
+            Self::Combined {
+                ref signals,
+                ref combiner,
+            } => {
+                if signals.is_empty() || signals.len() != combiner.weights.len() {
+                    return Err(format!(
+                        "a combined predictor needs one weight per signal, got {} signals and \
+                         {} weights",
+                        signals.len(),
+                        combiner.weights.len()
+                    ));
+                }
+                if !combiner.bias.is_finite() || combiner.weights.iter().any(|w| !w.is_finite()) {
+                    return Err("combined predictor weights must be finite".into());
+                }
+                for s in signals {
+                    if matches!(s, Self::Combined { .. }) {
+                        return Err("a combined predictor cannot contain another".into());
+                    }
+                    s.validate()?;
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -151,6 +202,46 @@ impl UncertaintyKind {
             Self::MaxProbability => Box::new(MaxProbability::default()),
             Self::Entropy => Box::new(Entropy::default()),
             Self::Margin => Box::new(Margin::default()),
+            Self::Combined {
+                ref signals,
+                ref combiner,
+            } => Box::new(Combined {
+                parts: signals.iter().map(Self::build).collect(),
+                combiner: combiner.clone(),
+                last: Vec::with_capacity(signals.len()),
+            }),
+        }
+    }
+}
+
+/// [`UncertaintyKind::Combined`]: every part's uncertainty, mapped to a predicted rejection
+/// probability by the combiner.
+pub struct Combined {
+    parts: Vec<Box<dyn UncertaintyEstimator>>,
+    combiner: LogisticCombiner,
+    last: Vec<f32>,
+}
+
+impl UncertaintyEstimator for Combined {
+    fn name(&self) -> &'static str {
+        "combined"
+    }
+
+    fn estimate(&mut self, logits: &[f32], draft: u32) -> f32 {
+        self.last.clear();
+        for part in &mut self.parts {
+            self.last.push(part.estimate(logits, draft));
+        }
+        self.combiner.score(&self.last)
+    }
+
+    fn signals(&self) -> &[f32] {
+        &self.last
+    }
+
+    fn set_combiner(&mut self, combiner: &LogisticCombiner) {
+        if combiner.weights.len() == self.parts.len() {
+            self.combiner = combiner.clone();
         }
     }
 }
@@ -571,5 +662,74 @@ mod tests {
             panels: 4,
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn a_combined_predictor_scores_its_parts_and_takes_new_weights() {
+        let signals = UncertaintyKind::combinable();
+        let combiner = LogisticCombiner {
+            weights: vec![1.0, 0.5, -0.25, 0.0],
+            bias: 0.3,
+        };
+        let kind = UncertaintyKind::Combined {
+            signals: signals.clone(),
+            combiner: combiner.clone(),
+        };
+        assert!(kind.validate().is_ok());
+        let json = serde_json::to_string(&kind).unwrap();
+        assert_eq!(
+            serde_json::from_str::<UncertaintyKind>(&json).unwrap(),
+            kind
+        );
+
+        let logits: Vec<f32> = (0..300).map(|i| ((i * 17 % 23) as f32) * 0.4).collect();
+        let mut e = kind.build();
+        let u = e.estimate(&logits, 3);
+        let parts: Vec<f32> = signals
+            .iter()
+            .map(|k| k.build().estimate(&logits, 3))
+            .collect();
+        assert_eq!(e.signals(), parts.as_slice());
+        assert_eq!(u, combiner.score(&parts));
+        let flipped = LogisticCombiner {
+            weights: vec![-1.0, 0.0, 0.0, 0.0],
+            bias: 0.0,
+        };
+        e.set_combiner(&flipped);
+        assert_eq!(e.estimate(&logits, 3), flipped.score(&parts));
+        // Weights of another shape are not this predictor's: ignored.
+        e.set_combiner(&LogisticCombiner {
+            weights: vec![1.0],
+            bias: 0.0,
+        });
+        assert_eq!(e.estimate(&logits, 3), flipped.score(&parts));
+        // A single signal has no parts.
+        assert!(UncertaintyKind::Margin.build().signals().is_empty());
+
+        let mut short = combiner.clone();
+        short.weights.pop();
+        let nested = UncertaintyKind::Combined {
+            signals: vec![kind.clone()],
+            combiner: LogisticCombiner {
+                weights: vec![1.0],
+                bias: 0.0,
+            },
+        };
+        for bad in [
+            UncertaintyKind::Combined {
+                signals: signals.clone(),
+                combiner: short,
+            },
+            nested,
+            UncertaintyKind::Combined {
+                signals,
+                combiner: LogisticCombiner {
+                    weights: vec![f64::NAN, 0.0, 0.0, 0.0],
+                    bias: 0.0,
+                },
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
 use uhlm_core::threshold::{Calibration, DEFAULT_CONFIDENCE, DEFAULT_MAX_OUTPUT_RISK, Sample};
+use uhlm_core::uncertainty::combined::LogisticCombiner;
 use uhlm_core::uncertainty::{UncertaintyEstimator, UncertaintyKind};
 use uhlm_core::verify::verify;
 use uhlm_model::{BatchItem, Session};
@@ -75,6 +76,9 @@ pub struct EstimatorFit {
     pub error: Option<String>,
 }
 
+/// One token of a combined predictor's calibration: its signals and `beta`.
+pub type SignalsAndBeta = (Vec<f32>, f32);
+
 /// A whole calibration run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CalibrationRun {
@@ -112,6 +116,27 @@ impl CalibrationRun {
         outputs
     }
 
+    /// The outputs of every run (one per prompt), each token as the combinable signals
+    /// ([`UncertaintyKind::combinable`]) and `beta`; `None` if a run lacks one of the signals.
+    pub fn combinable_outputs(runs: &[CalibrationRun]) -> Option<Vec<Vec<SignalsAndBeta>>> {
+        let mut outputs: Vec<Vec<SignalsAndBeta>> = Vec::new();
+        for run in runs {
+            let columns: Vec<usize> = UncertaintyKind::combinable()
+                .iter()
+                .map(|k| run.options.estimators.iter().position(|e| e == k))
+                .collect::<Option<_>>()?;
+            let base = outputs.len();
+            for s in &run.samples {
+                if outputs.len() <= base + s.prompt {
+                    outputs.resize_with(base + s.prompt + 1, Vec::new);
+                }
+                let signals = columns.iter().map(|&c| s.u[c]).collect();
+                outputs[base + s.prompt].push((signals, s.beta));
+            }
+        }
+        Some(outputs)
+    }
+
     /// `(u, beta)` of estimator `i`.
     pub fn samples_of(&self, i: usize) -> Vec<Sample> {
         self.samples
@@ -122,6 +147,80 @@ impl CalibrationRun {
             })
             .collect()
     }
+}
+
+/// One calibration of estimator `kind` from several runs pooled (each run's prompts are
+/// separate outputs), with the per-output threshold at `max_risk` / `confidence`.
+pub fn pooled_calibration(
+    runs: &[CalibrationRun],
+    kind: &UncertaintyKind,
+    max_risk: f32,
+    confidence: f32,
+) -> Result<Calibration, EvalError> {
+    let mut outputs = Vec::new();
+    for run in runs {
+        let i = run
+            .options
+            .estimators
+            .iter()
+            .position(|e| e == kind)
+            .ok_or_else(|| EvalError::Calibration(format!("{} has no {kind:?}", run.prompts)))?;
+        outputs.extend(run.outputs_of(i));
+    }
+    calibration_of(kind.clone(), &outputs, runs, max_risk, confidence)
+}
+
+/// The calibration of a combined predictor ([`UncertaintyKind::Combined`]) from several runs
+/// pooled: its weights are fitted on the even-numbered outputs and its thresholds calibrated
+/// on the odd ones, so that the bound holds for a predictor the calibrated outputs did not
+/// shape.
+pub fn combined_calibration(
+    runs: &[CalibrationRun],
+    max_risk: f32,
+    confidence: f32,
+) -> Result<Calibration, EvalError> {
+    let outputs = CalibrationRun::combinable_outputs(runs).ok_or_else(|| {
+        EvalError::Calibration(
+            "a combined predictor needs every combinable signal in the calibration".into(),
+        )
+    })?;
+    let (x, y): (Vec<Vec<f32>>, Vec<f32>) = outputs.iter().step_by(2).flatten().cloned().unzip();
+    let combiner = LogisticCombiner::fit(&x, &y, None).ok_or_else(|| {
+        EvalError::Calibration("the combined predictor could not be fitted".into())
+    })?;
+    let scored: Vec<Vec<Sample>> = outputs
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|tokens| {
+            tokens
+                .iter()
+                .map(|(signals, beta)| Sample {
+                    u: combiner.score(signals),
+                    beta: *beta,
+                })
+                .collect()
+        })
+        .collect();
+    let kind = UncertaintyKind::Combined {
+        signals: UncertaintyKind::combinable(),
+        combiner,
+    };
+    calibration_of(kind, &scored, runs, max_risk, confidence)
+}
+
+/// Every threshold of `kind` from its `(u, beta)` per output.
+fn calibration_of(
+    kind: UncertaintyKind,
+    outputs: &[Vec<Sample>],
+    runs: &[CalibrationRun],
+    max_risk: f32,
+    confidence: f32,
+) -> Result<Calibration, EvalError> {
+    let epsilon = runs.first().map_or(0.1, |r| r.options.target_risk_epsilon);
+    let samples: Vec<Sample> = outputs.iter().flatten().copied().collect();
+    Ok(Calibration::from_samples(kind, &samples, epsilon)?
+        .with_output_quality(outputs, max_risk, confidence)?)
 }
 
 /// Runs the pair over `prompts` and fits every estimator.
@@ -328,4 +427,83 @@ fn step(group: &mut [Labelling], tokens: &[Option<&[u32]>]) -> Result<(), EvalEr
         group[i].logits = Some((q.into_vec(), p.into_vec()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A synthetic calibration: 80 outputs of 50 tokens; every estimator's `u` is the same
+    /// noisy function of whether the LLM differs, so each signal (and their combination)
+    /// ranks the differing tokens well, and the per-output table certifies some skipping.
+    pub(crate) fn synthetic_run(seed: u64) -> CalibrationRun {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let estimators = UncertaintyKind::all(7);
+        let mut samples = Vec::new();
+        for prompt in 0..80 {
+            for position in 0..50 {
+                let differs = rng.random::<f32>() < 0.02;
+                let base = if differs { 0.3 } else { 0.0 } + 0.3 * rng.random::<f32>();
+                let u = estimators
+                    .iter()
+                    .map(|_| (base + 0.05 * rng.random::<f32>()).min(1.0))
+                    .collect();
+                samples.push(Labelled {
+                    prompt,
+                    position,
+                    u,
+                    beta: differs as u8 as f32,
+                    tv: 0.0,
+                    accepted: !differs,
+                });
+            }
+        }
+        CalibrationRun {
+            prompts: "synthetic".into(),
+            options: CalibrationOptions {
+                estimators,
+                ..Default::default()
+            },
+            samples,
+            fits: Vec::new(),
+            mean_acceptance: 0.0,
+        }
+    }
+
+    #[test]
+    fn runs_pool_into_one_calibration_and_a_combined_one_is_split() {
+        let runs = [synthetic_run(3), synthetic_run(4)];
+        let pooled = pooled_calibration(&runs, &UncertaintyKind::default(), 0.1, 0.9).unwrap();
+        assert_eq!(pooled.samples, 2 * 80 * 50);
+        let q = pooled.output_quality.expect("per-output threshold");
+        assert!(
+            q.controlled.u_th > 0.0 && q.controlled.skip_rate > 0.5,
+            "{q:?}"
+        );
+        assert_eq!((q.max_risk, q.confidence), (0.1, 0.9));
+
+        let combined = combined_calibration(&runs, 0.1, 0.9).unwrap();
+        // Weights from the even outputs, thresholds from the odd ones: half the tokens.
+        assert_eq!(combined.samples, 80 * 50);
+        assert!(combined.estimator.validate().is_ok());
+        let UncertaintyKind::Combined { signals, .. } = &combined.estimator else {
+            panic!("{:?}", combined.estimator)
+        };
+        assert_eq!(*signals, UncertaintyKind::combinable());
+        let q = combined.output_quality.expect("per-output threshold");
+        assert!(
+            q.controlled.u_th > 0.0 && q.controlled.skip_rate > 0.5,
+            "{q:?}"
+        );
+        // It round-trips through the file the SDK loads.
+        assert_eq!(
+            Calibration::from_json(&combined.to_json()).unwrap(),
+            combined
+        );
+
+        let mut lacking = synthetic_run(5);
+        lacking.options.estimators.pop();
+        assert!(combined_calibration(&[lacking], 0.1, 0.9).is_err());
+    }
 }

@@ -62,6 +62,8 @@ pub enum EvalError {
     HumanEval(#[from] crate::humaneval::HumanEvalError),
     #[error(transparent)]
     RiskControl(#[from] uhlm_core::risk_control::RiskControlError),
+    #[error("calibration: {0}")]
+    Calibration(String),
     #[error("cannot resume: {0}")]
     Resume(String),
     #[error("plotting {}: {reason}", path.display())]

@@ -162,6 +162,9 @@ impl From<PolicyConfig> for sdk::PolicyConfig {
             min_samples: p.min_samples as usize,
             refit_every: p.refit_every as usize,
             seed: p.seed,
+            // Bindings choose a combined predictor through a calibration file; its weights are
+            // refitted online as in the SDK's default.
+            ..sdk::PolicyConfig::default()
         }
     }
 }

@@ -6,6 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use uhlm_core::codec::{Codec, encode};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
 use uhlm_core::uncertainty::UncertaintyEstimator;
+use uhlm_core::uncertainty::combined::LogisticCombiner;
 use uhlm_model::Session;
 
 use crate::error::SdkError;
@@ -21,6 +22,8 @@ pub(crate) struct Drafted {
     /// The encoded `q'` the token was sampled from (modes that send drafts).
     pub q: Option<Vec<u8>>,
     pub uncertainty: f32,
+    /// A combined predictor's separate signals behind `uncertainty` (empty otherwise).
+    pub signals: Vec<f32>,
 }
 
 struct Params {
@@ -121,6 +124,12 @@ impl Drafter {
             token,
             q,
             uncertainty,
+            signals: self.estimator.signals().to_vec(),
         })
+    }
+
+    /// Takes a combined predictor's weights refitted by the policy.
+    pub fn set_combiner(&mut self, combiner: &LogisticCombiner) {
+        self.estimator.set_combiner(combiner);
     }
 }

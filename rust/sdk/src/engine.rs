@@ -130,13 +130,13 @@ impl HybridEngine {
             }
             None => None,
         };
-        let estimator = calibration
+        let kind = calibration
             .as_ref()
-            .map_or(&config.uncertainty, |c| &c.estimator)
-            .build();
+            .map_or(&config.uncertainty, |c| &c.estimator);
+        let estimator = kind.build();
         let policy = match &calibration {
             Some(c) => ThresholdPolicy::with_calibration(config.policy.clone(), c),
-            None => ThresholdPolicy::new(config.policy.clone()),
+            None => ThresholdPolicy::new(config.policy.clone()).map(|p| p.for_estimator(kind)),
         }
         .map_err(|e| SdkError::InvalidConfig(format!("policy: {e}")))?;
         let opts = LoadOptions {

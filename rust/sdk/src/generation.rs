@@ -476,7 +476,12 @@ impl Generation {
                     TokenSource::Resampled
                 };
                 if self.mode == Mode::Uhlm {
-                    lock(&self.inner.policy).observe(decision, draft.uncertainty, v.beta);
+                    let mut policy = lock(&self.inner.policy);
+                    policy.observe_signals(decision, draft.uncertainty, &draft.signals, v.beta);
+                    // The threshold is on the refitted weights' scale from the next token on.
+                    if let Some(combiner) = policy.take_combiner_update() {
+                        lock(&self.inner.drafter).set_combiner(&combiner);
+                    }
                 }
                 Ok((v.token, source))
             }

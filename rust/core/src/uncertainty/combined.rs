@@ -7,6 +7,11 @@
 //! Newton–Raphson (iteratively reweighted least squares) with a small ridge penalty: a handful
 //! of features, a few thousand samples, milliseconds. Sample weights let a refit use the
 //! policy's importance weights (probes stand for the skipped tokens).
+//!
+//! Online, [`refit_at_equal_skip`] proposes weights fitted on half of the policy's window of
+//! verdicts and adopts them only if, on the other half, they skip the same share of tokens at
+//! no more risk and predict rejections better: a refit re-ranks tokens, and never buys more
+//! skipping with quality that a calibration did not certify.
 
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +143,103 @@ impl LogisticCombiner {
     }
 }
 
+/// One verdict in the policy's window: the signals of the token, its rejection probability and
+/// its weight (importance × forgetting).
+#[derive(Clone, Copy, Debug)]
+pub struct Verdict<'a> {
+    pub signals: &'a [f32],
+    pub beta: f32,
+    pub weight: f64,
+}
+
+/// New weights for `current` and the threshold that keeps the skip share, or `None` to keep
+/// `current` with `u_th`.
+///
+/// The window is split by alternate entries. The candidate is fitted on one half; on the
+/// other it must (a) skip no more risk, `Σ w·β·1{skipped}`, than `current` at `u_th` once its
+/// threshold is set to skip the same weighted share, and (b) have a lower weighted log-loss.
+/// Judging on verdicts the fit has not seen keeps the comparison honest. The returned
+/// threshold skips, over the whole window, the share that `current` skips at `u_th`.
+pub fn refit_at_equal_skip(
+    current: &LogisticCombiner,
+    u_th: f32,
+    window: &[Verdict<'_>],
+) -> Option<(LogisticCombiner, f32)> {
+    let d = current.weights.len();
+    if window.len() < 4 || window.iter().any(|v| v.signals.len() != d) {
+        return None;
+    }
+    let (fit_half, test_half): (Vec<_>, Vec<_>) =
+        window.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let x: Vec<Vec<f32>> = fit_half.iter().map(|(_, v)| v.signals.to_vec()).collect();
+    let y: Vec<f32> = fit_half.iter().map(|(_, v)| v.beta).collect();
+    let w: Vec<f64> = fit_half.iter().map(|(_, v)| v.weight).collect();
+    let candidate = LogisticCombiner::fit(&x, &y, Some(&w))?;
+    let test: Vec<Verdict<'_>> = test_half.into_iter().map(|(_, v)| *v).collect();
+    let held_out_th = equal_skip_threshold(current, u_th, &candidate, &test);
+    let skipped_risk = |c: &LogisticCombiner, th: f32| -> f64 {
+        test.iter()
+            .filter(|v| c.score(v.signals) < th)
+            .map(|v| v.weight * v.beta.clamp(0.0, 1.0) as f64)
+            .sum()
+    };
+    let no_riskier = skipped_risk(&candidate, held_out_th) <= skipped_risk(current, u_th);
+    let better = log_loss(&candidate, &test) < log_loss(current, &test);
+    (no_riskier && better).then(|| {
+        let th = equal_skip_threshold(current, u_th, &candidate, window);
+        (candidate, th)
+    })
+}
+
+/// The threshold under which `next` skips, over `verdicts`, at most the weighted share that
+/// `current` skips at `u_th` (the largest such, between distinct scores).
+fn equal_skip_threshold(
+    current: &LogisticCombiner,
+    u_th: f32,
+    next: &LogisticCombiner,
+    verdicts: &[Verdict<'_>],
+) -> f32 {
+    let budget: f64 = verdicts
+        .iter()
+        .filter(|v| current.score(v.signals) < u_th)
+        .map(|v| v.weight)
+        .sum();
+    let mut scored: Vec<(f32, f64)> = verdicts
+        .iter()
+        .map(|v| (next.score(v.signals), v.weight))
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut taken = 0.0;
+    let mut i = 0;
+    while i < scored.len() {
+        // Tokens of equal score are skipped together or not at all.
+        let j = i + scored[i..]
+            .iter()
+            .take_while(|s| s.0 == scored[i].0)
+            .count();
+        let group: f64 = scored[i..j].iter().map(|s| s.1).sum();
+        if taken + group > budget * (1.0 + 1e-12) {
+            return scored[i].0;
+        }
+        taken += group;
+        i = j;
+    }
+    // Everything fits: skip every score the combiner can give (scores are at most 1).
+    1.0f32.next_up()
+}
+
+/// Weighted mean negative log-likelihood of `beta` under `c`.
+fn log_loss(c: &LogisticCombiner, verdicts: &[Verdict<'_>]) -> f64 {
+    let (mut loss, mut total) = (0.0, 0.0);
+    for v in verdicts {
+        let p = (c.score(v.signals) as f64).clamp(1e-9, 1.0 - 1e-9);
+        let y = v.beta.clamp(0.0, 1.0) as f64;
+        loss -= v.weight * (y * p.ln() + (1.0 - y) * (1.0 - p).ln());
+        total += v.weight;
+    }
+    if total > 0.0 { loss / total } else { 0.0 }
+}
+
 fn feature(u: f32) -> f64 {
     (u.clamp(0.0, 1.0) as f64 + FLOOR).ln()
 }
@@ -218,5 +320,82 @@ mod tests {
         assert!(LogisticCombiner::fit(&[], &[], None).is_none());
         assert!(LogisticCombiner::fit(&[vec![0.1], vec![0.1, 0.2]], &[0.0, 1.0], None).is_none());
         assert!(LogisticCombiner::fit(&[vec![f32::NAN]], &[0.0], None).is_none());
+    }
+
+    /// Two signals: the first predicts rejection, the second is noise.
+    fn stream(n: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f32>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let signals: Vec<Vec<f32>> = (0..n)
+            .map(|_| vec![rng.random::<f32>(), rng.random::<f32>()])
+            .collect();
+        let beta = signals
+            .iter()
+            .map(|s| (rng.random::<f32>() < s[0] * s[0]) as u8 as f32)
+            .collect();
+        (signals, beta)
+    }
+
+    fn verdicts<'a>(signals: &'a [Vec<f32>], beta: &[f32]) -> Vec<Verdict<'a>> {
+        signals
+            .iter()
+            .zip(beta)
+            .map(|(s, &b)| Verdict {
+                signals: s,
+                beta: b,
+                weight: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_online_refit_reranks_at_the_same_skip_share_with_less_risk() {
+        let (signals, beta) = stream(2000, 8);
+        let window = verdicts(&signals, &beta);
+        // Weights on the noise signal only: its ranking is random.
+        let current = LogisticCombiner {
+            weights: vec![0.0, 1.0],
+            bias: 0.0,
+        };
+        let u_th = current.score(&[0.0, 0.3]);
+        let (next, th) = refit_at_equal_skip(&current, u_th, &window).expect("adopted");
+        assert!(next.weights[0] > 5.0 * next.weights[1].abs(), "{next:?}");
+        let skipped = |c: &LogisticCombiner, t: f32| {
+            let skip: Vec<usize> = (0..signals.len())
+                .filter(|&i| c.score(&signals[i]) < t)
+                .collect();
+            let risk = skip.iter().map(|&i| beta[i] as f64).sum::<f64>();
+            (skip.len(), risk)
+        };
+        let (n_before, risk_before) = skipped(&current, u_th);
+        let (n_after, risk_after) = skipped(&next, th);
+        assert!(
+            n_after <= n_before && n_after + 2 >= n_before,
+            "{n_after} vs {n_before}"
+        );
+        assert!(
+            risk_after < 0.5 * risk_before,
+            "{risk_after} vs {risk_before}"
+        );
+        // The refit from there keeps what it has (or improves it marginally): never riskier.
+        if let Some((again, th2)) = refit_at_equal_skip(&next, th, &window) {
+            let (n2, risk2) = skipped(&again, th2);
+            assert!(n2 <= n_after && risk2 <= risk_after + 2.0, "{n2} {risk2}");
+        }
+    }
+
+    #[test]
+    fn a_refit_needs_matching_signals() {
+        let (signals, beta) = stream(100, 9);
+        let window = verdicts(&signals, &beta);
+        let three = LogisticCombiner {
+            weights: vec![1.0, 0.0, 0.0],
+            bias: 0.0,
+        };
+        assert!(refit_at_equal_skip(&three, 0.5, &window).is_none());
+        let two = LogisticCombiner {
+            weights: vec![1.0, 0.0],
+            bias: 0.0,
+        };
+        assert!(refit_at_equal_skip(&two, 0.5, &window[..3]).is_none());
     }
 }

@@ -629,39 +629,12 @@ fn skip_at_risks(
 /// Name of the combined predictor's row in the signal table.
 pub const COMBINED: &str = "combined (logistic, cross-fitted)";
 
-/// The deterministic signals the combined predictor uses (the Monte-Carlo one is a noisy copy
-/// of the closed form).
-fn combined_signals() -> [UncertaintyKind; 4] {
-    [
-        UncertaintyKind::default(),
-        UncertaintyKind::MaxProbability,
-        UncertaintyKind::Entropy,
-        UncertaintyKind::Margin,
-    ]
-}
-
 /// Every calibration output scored by a [`LogisticCombiner`] fitted without it: outputs are
 /// split into 4 folds by index, and each fold is scored by the fit on the other three, so the
 /// table judges the predictor on tokens it has not seen, as the single signals are.
 fn combined_out_of_fold(runs: &[CalibrationRun]) -> Option<Vec<Vec<CalibrationSample>>> {
     const FOLDS: usize = 4;
-    let first = runs.first()?;
-    let columns: Vec<usize> = combined_signals()
-        .iter()
-        .map(|k| first.options.estimators.iter().position(|e| e == k))
-        .collect::<Option<_>>()?;
-    // (output, signals, beta) for every token of every run.
-    let mut outputs: Vec<Vec<(Vec<f32>, f32)>> = Vec::new();
-    for run in runs {
-        let base = outputs.len();
-        for s in &run.samples {
-            if outputs.len() <= base + s.prompt {
-                outputs.resize_with(base + s.prompt + 1, Vec::new);
-            }
-            let signals = columns.iter().map(|&c| s.u[c]).collect();
-            outputs[base + s.prompt].push((signals, s.beta));
-        }
-    }
+    let outputs = CalibrationRun::combinable_outputs(runs)?;
     let mut scored: Vec<Vec<CalibrationSample>> = vec![Vec::new(); outputs.len()];
     for fold in 0..FOLDS {
         let (mut x, mut y) = (Vec::new(), Vec::new());
@@ -867,46 +840,9 @@ mod tests {
         assert_eq!(s[1].gap_recovered, Some(1.0));
     }
 
-    /// A synthetic calibration: 80 outputs of 50 tokens; every estimator's `u` is the same
-    /// noisy function of whether the LLM differs, so each signal (and their combination)
-    /// ranks the differing tokens well, and the per-output table certifies some skipping.
-    fn synthetic_run(seed: u64) -> CalibrationRun {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let estimators = UncertaintyKind::all(7);
-        let mut samples = Vec::new();
-        for prompt in 0..80 {
-            for position in 0..50 {
-                let differs = rng.random::<f32>() < 0.02;
-                let base = if differs { 0.3 } else { 0.0 } + 0.3 * rng.random::<f32>();
-                let u = estimators
-                    .iter()
-                    .map(|_| (base + 0.05 * rng.random::<f32>()).min(1.0))
-                    .collect();
-                samples.push(crate::calibrate::Labelled {
-                    prompt,
-                    position,
-                    u,
-                    beta: differs as u8 as f32,
-                    tv: 0.0,
-                    accepted: !differs,
-                });
-            }
-        }
-        CalibrationRun {
-            prompts: "synthetic".into(),
-            options: crate::calibrate::CalibrationOptions {
-                estimators,
-                ..Default::default()
-            },
-            samples,
-            fits: Vec::new(),
-            mean_acceptance: 0.0,
-        }
-    }
-
     #[test]
     fn signals_are_scored_per_output_and_the_combined_predictor_out_of_fold() {
+        use crate::calibrate::tests::synthetic_run;
         let runs = [synthetic_run(1), synthetic_run(2)];
         let scores = signal_scores(&runs, &[0.05, 0.1, 0.2], 0.9).unwrap();
         assert_eq!(scores.len(), 6, "five signals and the combined predictor");
