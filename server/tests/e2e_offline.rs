@@ -159,3 +159,70 @@ fn cancel_stops_at_once_and_releases_the_server_session() {
         .unwrap();
     assert_eq!(summary.stats.offline, 0);
 }
+
+/// A server restarted mid-generation whose context fits the prompt and `max_tokens` but not
+/// the prompt, what was generated and `max_tokens` again: the reconnect checks only what is
+/// left, and the generation carries on with the server (it used to fail and lose every token
+/// already shown).
+#[test]
+fn a_reconnect_mid_generation_checks_only_the_tokens_left() {
+    let mut server = ServerProc::start();
+    let engine = HybridEngine::new(server.engine_config(
+        Mode::Hlm,
+        Codec::default(),
+        PolicyConfig::send_all(),
+    ))
+    .unwrap();
+    let prompt = engine
+        .tokenize_prompt(&Prompt::Text(PROMPT.into()), false)
+        .unwrap();
+    let fits = prompt.len() + MAX_TOKENS as usize + 1;
+    server.extra_args = vec!["--max-context-tokens".into(), fits.to_string()];
+    server.restart();
+
+    // At KILL_AFTER tokens the listener holds the generation until the test thread has
+    // restarted the server (same port and certificate, a fresh process without the session).
+    let (at_kill, kill_seen) = std::sync::mpsc::channel::<()>();
+    let (restarted, wait_restart) = std::sync::mpsc::channel::<()>();
+    let wait_restart = Mutex::new(wait_restart);
+    let rec = Arc::new(Recorder::with_hook(move |e| {
+        if e.position as usize + 1 == KILL_AFTER {
+            at_kill.send(()).unwrap();
+            wait_restart.lock().unwrap().recv().unwrap();
+        }
+    }));
+    let handle = engine.start(
+        Prompt::Text(PROMPT.into()),
+        options(),
+        rec.clone(),
+        CancelToken::new(),
+    );
+    kill_seen.recv().unwrap();
+    server.restart();
+    restarted.send(()).unwrap();
+    let summary = handle
+        .wait_blocking()
+        .expect("the generation survives the restart");
+
+    assert_eq!(summary.stop, StopReason::MaxTokens);
+    assert_eq!(rec.token_ids(), summary.token_ids);
+    let s = &summary.stats;
+    assert!(s.reconnects >= 1, "{s:?}");
+    // Verified again after the reconnect, and every verified token is the LLM's own.
+    let last = *summary.sources.last().unwrap();
+    assert!(
+        matches!(last, TokenSource::Accepted | TokenSource::Resampled),
+        "{:?}",
+        summary.sources
+    );
+    let greedy = llm_greedy(&prompt, MAX_TOKENS);
+    let mut context = prompt.clone();
+    for (i, (&t, source)) in summary.token_ids.iter().zip(&summary.sources).enumerate() {
+        if *source != TokenSource::Offline {
+            let expected = llm_greedy(&context, 1);
+            assert_eq!(t, expected[0], "token {i} ({source:?})");
+        }
+        context.push(t);
+    }
+    assert_eq!(summary.token_ids[..KILL_AFTER], greedy[..KILL_AFTER]);
+}

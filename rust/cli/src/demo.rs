@@ -31,7 +31,8 @@ pub struct DemoArgs {
     models: ModelPairArgs,
     #[arg(long, default_value_t = 96)]
     max_tokens: u32,
-    #[arg(long, default_value_t = 0.7)]
+    /// 0 is greedy decoding, the setting the default pair's shipped calibration was measured at.
+    #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     #[arg(long)]
     seed: Option<u64>,
@@ -39,6 +40,7 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let (draft, llm) = args.models.paths()?;
+    let calibration = args.models.calibration()?;
     let api_key = format!("{:032x}", rand::random::<u128>());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -58,12 +60,24 @@ pub fn run(args: DemoArgs) -> Result<()> {
         server.cert_fingerprint()
     );
     eprintln!("device: {}", draft.display());
+    match &calibration {
+        Some(path) => eprintln!(
+            "policy: at most {:.0}% of outputs may differ from the server model's, calibration {}",
+            uhlm_core::threshold::DEFAULT_MAX_OUTPUT_RISK * 100.0,
+            path.display()
+        ),
+        None => eprintln!(
+            "policy: no calibration for these models (`uhlm calibrate` makes one): the device \
+             sends every token once its first verdicts arrive"
+        ),
+    }
     let engine = HybridEngine::new(EngineConfig {
         slm_path: draft,
         server: Some(server.local_addr().to_string()),
         pin: Some(server.cert_fingerprint().to_string()),
         api_key,
         mode: Mode::Uhlm,
+        calibration,
         ..EngineConfig::default()
     })
     .context("starting the engine")?;

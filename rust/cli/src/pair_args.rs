@@ -38,6 +38,20 @@ impl ModelPairArgs {
         };
         Ok((slm, llm))
     }
+
+    /// The pair's shipped calibration as a file in the model cache, when both models are the
+    /// pair's own (a calibration belongs to the models it was measured on).
+    pub fn calibration(&self) -> Result<Option<PathBuf>> {
+        let pair = fetch::find_pair(&self.pair)?;
+        let (Some(json), None, None) = (pair.calibration, &self.slm, &self.llm) else {
+            return Ok(None);
+        };
+        let path = fetch::models_dir()?.join(format!("{}.calibration.json", pair.name));
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(json) {
+            std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(Some(path))
+    }
 }
 
 /// The flags `uhlm calibrate` and `uhlm bench paper` share: which pair, which prompts.
@@ -109,4 +123,33 @@ fn derive_to(llm: &Path, draft: &Path) -> Result<()> {
         .with_context(|| format!("deriving a draft from {}", llm.display()))?;
     std::fs::rename(&tmp, draft).with_context(|| format!("writing {}", draft.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use uhlm_core::threshold::{Calibration, PolicyConfig};
+    use uhlm_core::uncertainty::UncertaintyKind;
+    use uhlm_model::fetch;
+
+    #[test]
+    fn shipped_calibrations_certify_the_default_target_for_the_default_estimator() {
+        let default = PolicyConfig::default().mode;
+        let mut shipped = 0;
+        for pair in fetch::pairs() {
+            let Some(json) = pair.calibration else {
+                continue;
+            };
+            shipped += 1;
+            let c = Calibration::from_json(json).unwrap_or_else(|e| panic!("{}: {e}", pair.name));
+            assert_eq!(c.estimator, UncertaintyKind::default(), "{}", pair.name);
+            let q = c.output_quality.expect("a per-output threshold");
+            assert!(
+                q.controlled.u_th > 0.0,
+                "{}: certifies no skipping",
+                pair.name
+            );
+            assert_eq!(c.threshold(&default), q.controlled.u_th, "{}", pair.name);
+        }
+        assert!(shipped >= 1, "the default pair ships a calibration");
+    }
 }

@@ -6,9 +6,11 @@
 //! risk-prone `u_th = (Δ - b)/a`. We add a target-risk threshold (the largest `u_th` whose skipped
 //! tokens have mean `beta <= ε`) and online recalibration from the server's verdicts.
 //!
-//! Those are point estimates of the wrong quantity, kept as baselines. The default,
-//! [`ThresholdMode::Quality`], bounds the risk per generated token `E[1{u < u_th}·beta]` (how
-//! often the output may differ from the LLM's) with confidence, via [`crate::risk_control`].
+//! Those are point estimates of the wrong quantity, kept as baselines. The quality modes bound
+//! a risk with confidence, via [`crate::risk_control`]: [`ThresholdMode::OutputQuality`] (the
+//! default) the share of whole outputs that differ from what the LLM alone would have written,
+//! from a calibration; [`ThresholdMode::Quality`] the risk per generated token
+//! `E[1{u < u_th}·beta]`, which the device can also certify online.
 //!
 //! A token is skipped when `u < u_th`.
 
@@ -240,7 +242,16 @@ pub enum ThresholdMode {
 }
 
 impl ThresholdMode {
-    /// The default [`ThresholdMode::Quality`].
+    /// The default mode: [`ThresholdMode::OutputQuality`] at [`DEFAULT_MAX_OUTPUT_RISK`].
+    pub fn output_quality() -> Self {
+        ThresholdMode::OutputQuality {
+            max_risk: DEFAULT_MAX_OUTPUT_RISK,
+            confidence: DEFAULT_CONFIDENCE,
+            tokens_per_output: DEFAULT_TOKENS_PER_OUTPUT,
+        }
+    }
+
+    /// [`ThresholdMode::Quality`] at its default per-token risk.
     pub fn quality() -> Self {
         ThresholdMode::Quality {
             max_risk: DEFAULT_MAX_RISK,
@@ -470,11 +481,11 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
-            mode: ThresholdMode::quality(),
-            // The target-risk threshold (epsilon 0.1) measured for the default pair with the
-            // default estimator (`uhlm calibrate`, docs/MODELS.md): 0.42, a little below it.
-            // Under the quality mode it only lasts until the first refit (`min_samples`
-            // verdicts), where the bound takes over; a calibration replaces it.
+            mode: ThresholdMode::output_quality(),
+            // A guess (the target-risk threshold, epsilon 0.1, measured on the SmolLM2 pair was
+            // 0.42): it only lasts until the first refit (`min_samples` verdicts), where the
+            // bound takes over, and the bound alone cannot certify a per-output target within
+            // a window; a calibration (`uhlm calibrate`) replaces it and is kept.
             initial_threshold: 0.4,
             online: true,
             probe_rate: 0.05,
@@ -585,6 +596,9 @@ pub struct ThresholdPolicy {
     /// Whether `u_th` rests on evidence (0, a calibration, or a passed bound) rather than on
     /// `initial_threshold`; only [`ThresholdMode::Quality`] refits look at it.
     evidenced: bool,
+    /// The threshold a shipped calibration gave: dropped when the stream shows it unsafe, put
+    /// back when the window no longer does.
+    calibrated: Option<f32>,
     last_control: Option<RiskControlled>,
     scratch: Vec<WeightedSample>,
     /// The combined predictor's weights in force, when the estimator is one.
@@ -607,6 +621,7 @@ impl ThresholdPolicy {
             since_refit: 0,
             last_fit: None,
             evidenced: u_th <= 0.0,
+            calibrated: None,
             last_control: None,
             scratch: Vec::new(),
             combiner: None,
@@ -646,6 +661,7 @@ impl ThresholdPolicy {
         policy.u_th = calibration.threshold(&policy.config.mode);
         policy.last_fit = Some(calibration.fit);
         policy.evidenced = true;
+        policy.calibrated = Some(policy.u_th);
         Ok(policy)
     }
 
@@ -807,6 +823,9 @@ impl ThresholdPolicy {
             o.u = next.score(&o.signals);
             s.u = o.u;
         }
+        // A calibration in force moves to the new scale with the threshold; one dropped for
+        // now was on the old scale and cannot come back.
+        self.calibrated = self.calibrated.filter(|&c| c == self.u_th).map(|_| u_th);
         self.u_th = u_th;
         self.combiner_update = Some(next.clone());
         self.combiner = Some(next);
@@ -823,7 +842,8 @@ impl ThresholdPolicy {
     /// previously certified threshold stays: a window too small to certify anything says
     /// nothing against it, and dropping it would throw a calibration away after a few dozen
     /// verdicts, and make the policy oscillate as probes (weight `1/probe_rate`) shrink `n_eff`
-    /// whenever it skips.
+    /// whenever it skips. A calibrated threshold dropped under (c) comes back once the window
+    /// no longer shows it unsafe.
     fn quality_refit(&mut self, alpha: f64, delta: f64) -> Option<f32> {
         let current_risk = weighted_risk(&self.scratch, self.u_th);
         let control = controlled_threshold_weighted(&mut self.scratch, alpha, delta).ok()?;
@@ -832,10 +852,14 @@ impl ThresholdPolicy {
         let unsafe_now = excess_p_value(current_risk, control.n_eff, alpha) <= delta;
         if informative || !self.evidenced || unsafe_now {
             self.evidenced = true;
-            Some(control.u_th)
-        } else {
-            None
+            return Some(control.u_th);
         }
+        // A calibration dropped for a stretch that showed it unsafe (a few rejected probes)
+        // comes back once the window, now mostly fully observed tokens, no longer does: a
+        // window that cannot certify anything would otherwise keep it at 0 for good.
+        let calibrated = self.calibrated.filter(|&c| c > self.u_th)?;
+        let risk = weighted_risk(&self.scratch, calibrated);
+        (excess_p_value(risk, control.n_eff, alpha) > delta).then_some(calibrated)
     }
 }
 

@@ -310,7 +310,7 @@ fn online_quality_converges_to_a_safe_threshold_that_skips() {
 #[test]
 fn online_quality_replaces_a_guess_with_the_bound() {
     // An initial threshold is a guess: at the first refit, with far too few verdicts to
-    // certify 1%, the bound sends everything.
+    // certify the default target's per-token share, the bound sends everything.
     let mut policy = ThresholdPolicy::new(PolicyConfig::default()).unwrap();
     assert_eq!(
         policy.threshold(),
@@ -395,7 +395,7 @@ fn quality_mode_and_calibration_serde() {
         }
     );
     let cfg = PolicyConfig::default();
-    assert_eq!(cfg.mode, mode);
+    assert_eq!(cfg.mode, ThresholdMode::output_quality());
     let back: PolicyConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
     assert_eq!(back, cfg);
     // Older modes still parse.
@@ -506,4 +506,62 @@ fn output_quality_mode_uses_the_per_output_bound_or_the_union_bound() {
             Err(ThresholdError::InvalidParameter(_))
         ));
     }
+}
+
+/// A stretch of the stream that shows the calibrated threshold unsafe drops it; once the window
+/// has forgotten that stretch, it comes back (the window alone can never certify the per-token
+/// share of a per-output target, so without this it would stay at 0 for good).
+#[test]
+fn an_output_quality_calibration_dropped_by_a_bad_stretch_comes_back() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let cal = outputs(400, 20, &mut rng);
+    let flat: Vec<Sample> = cal.iter().flatten().copied().collect();
+    let calibration = Calibration::from_samples(UncertaintyKind::default(), &flat, 0.1)
+        .unwrap()
+        .with_output_quality(&cal, 0.1, 0.9)
+        .unwrap();
+    let cfg = PolicyConfig {
+        mode: ThresholdMode::OutputQuality {
+            max_risk: 0.1,
+            confidence: 0.9,
+            tokens_per_output: 20,
+        },
+        ..PolicyConfig::default()
+    };
+    let mut policy = ThresholdPolicy::with_calibration(cfg, &calibration).unwrap();
+    let calibrated = policy.threshold();
+    assert!(calibrated > 0.1, "{calibrated}");
+    let mut trace = Vec::new();
+    for (tokens, reject) in [(3000, 0), (600, 1), (20_000, 0)] {
+        for _ in 0..tokens / 100 {
+            stream(
+                &mut policy,
+                100,
+                |u| if reject == 1 { 0.5 } else { u * u },
+                &mut rng,
+            );
+            trace.push(policy.threshold());
+        }
+    }
+    // Per 100 tokens: 30 checkpoints in the calibrated world, 6 in the bad stretch, 200 after.
+    let (before, rest) = trace.split_at(30);
+    let (bad, after) = rest.split_at(6);
+    assert!(before.iter().all(|&t| t == calibrated), "{trace:?}");
+    assert!(
+        bad.iter().any(|&t| t < calibrated),
+        "never dropped: {trace:?}"
+    );
+    let back = after.iter().position(|&t| t == calibrated);
+    assert!(
+        back.is_some_and(|i| i < 20),
+        "not back within 2000 tokens: {trace:?}"
+    );
+    // Back in the calibrated world, the calibration is in force nearly all the time (the
+    // monitor tests at δ = 0.1 every refit, so a false alarm now and then drops it briefly).
+    let held = after.iter().filter(|&&t| t == calibrated).count();
+    assert!(
+        held * 10 >= after.len() * 8,
+        "{held} of {}: {trace:?}",
+        after.len()
+    );
 }

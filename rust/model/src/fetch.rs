@@ -243,6 +243,9 @@ pub struct PairSpec {
     /// The server's model (a registry name).
     pub llm: &'static str,
     pub description: &'static str,
+    /// A calibration of the SDK's default estimator on this pair (`uhlm calibrate` JSON), which
+    /// the demo loads so that its per-output quality target has a certified threshold.
+    pub calibration: Option<&'static str>,
 }
 
 /// The pair the demo and the benchmarks use unless told otherwise.
@@ -256,6 +259,8 @@ pub fn pairs() -> [PairSpec; 2] {
             slm: "qwen-coder-0.5b",
             llm: "qwen-coder-1.5b",
             description: "Qwen2.5-Coder-0.5B-Instruct on the device, 1.5B-Instruct on the server",
+            // HumanEval replies at greedy decoding, chat protocol (docs/RESULTS.md says how).
+            calibration: Some(include_str!("../calibrations/qwen-coder.json")),
         },
         PairSpec {
             name: "smollm2",
@@ -263,6 +268,7 @@ pub fn pairs() -> [PairSpec; 2] {
             llm: "smollm2",
             description: "SmolLM2-135M-Instruct on the server, its Q4_0 requantization on the \
                           device (small and fast: the tests' pair)",
+            calibration: None,
         },
     ]
 }

@@ -90,6 +90,7 @@ pub(crate) async fn run(
         cancel,
         mode,
         sampling,
+        prompt_len: prompt_ids.len(),
         context: prompt_ids,
         skipped: Vec::new(),
         seq: 0,
@@ -127,6 +128,8 @@ struct Generation {
     sampling: SamplingOptions,
     /// Prompt plus every committed token: what a (re)started server session is given.
     context: Vec<u32>,
+    /// How much of `context` is the prompt.
+    prompt_len: usize,
     /// Tokens committed locally since the last uplink.
     skipped: Vec<u32>,
     seq: u32,
@@ -634,7 +637,7 @@ impl Generation {
         conn: Arc<ClientConn>,
         reconnect: bool,
     ) -> Result<(), SdkError> {
-        match self.try_open(conn.clone()).await {
+        match self.try_open(conn.clone(), reconnect).await {
             Ok(link) => {
                 self.link = Some(link);
                 self.skipped.clear();
@@ -664,14 +667,29 @@ impl Generation {
         }
     }
 
-    async fn try_open(&mut self, conn: Arc<ClientConn>) -> Result<SessionLink, Wait> {
+    /// A request that can never fit the server's context is an error at the start; on a
+    /// reconnect only what is left to generate counts, and a server that cannot take even
+    /// that (a smaller one than before) leaves the generation on the device, where the tokens
+    /// already shown stay.
+    async fn try_open(
+        &mut self,
+        conn: Arc<ClientConn>,
+        reconnect: bool,
+    ) -> Result<SessionLink, Wait> {
         let max_ctx = conn.welcome.max_context_tokens as usize;
-        if self.context.len() + self.sampling.max_tokens as usize > max_ctx {
-            return Err(Wait::Fatal(SdkError::InvalidConfig(format!(
-                "prompt ({} tokens) plus max_tokens ({}) exceed the server's context of {max_ctx} tokens",
-                self.context.len(),
-                self.sampling.max_tokens
-            ))));
+        let generated = self.context.len() - self.prompt_len;
+        let left = (self.sampling.max_tokens as usize).saturating_sub(generated);
+        if self.context.len() + left > max_ctx {
+            let what = format!(
+                "the context ({} prompt + {generated} generated tokens) plus the {left} tokens \
+                 still to generate exceed the server's context of {max_ctx} tokens",
+                self.prompt_len
+            );
+            return Err(if reconnect {
+                Wait::Link(LinkError::Protocol(what))
+            } else {
+                Wait::Fatal(SdkError::InvalidConfig(what))
+            });
         }
         let timeout = self.inner.config.request_timeout();
         let mut stream = conn.open_session().await?;

@@ -58,6 +58,8 @@ pub struct ServerProc {
     pub fingerprint: String,
     pub metrics: SocketAddr,
     dir: tempfile::TempDir,
+    /// More `uhlm-server` flags, used from the next [`restart`](Self::restart) on.
+    pub extra_args: Vec<String>,
 }
 
 impl ServerProc {
@@ -66,13 +68,14 @@ impl ServerProc {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("keys.txt"), format!("{API_KEY}\n")).expect("keys file");
         let (child, addr, fingerprint, metrics) =
-            spawn(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
+            spawn(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)), &[]);
         Self {
             child: Some(child),
             addr,
             fingerprint,
             metrics,
             dir,
+            extra_args: Vec::new(),
         }
     }
 
@@ -87,7 +90,8 @@ impl ServerProc {
     /// Starts the server again on the same port with the same certificate (same pin).
     pub fn restart(&mut self) {
         self.kill();
-        let (child, addr, fingerprint, metrics) = spawn(self.dir.path(), self.addr);
+        let (child, addr, fingerprint, metrics) =
+            spawn(self.dir.path(), self.addr, &self.extra_args);
         assert_eq!(addr, self.addr, "restarted on another address");
         assert_eq!(fingerprint, self.fingerprint, "the certificate changed");
         self.child = Some(child);
@@ -173,7 +177,11 @@ pub fn read_metric(addr: SocketAddr, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
 }
 
-fn spawn(dir: &Path, listen: SocketAddr) -> (Child, SocketAddr, String, SocketAddr) {
+fn spawn(
+    dir: &Path,
+    listen: SocketAddr,
+    extra_args: &[String],
+) -> (Child, SocketAddr, String, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_uhlm-server"))
         .args([
             "--model",
@@ -187,6 +195,7 @@ fn spawn(dir: &Path, listen: SocketAddr) -> (Child, SocketAddr, String, SocketAd
         .arg("--api-keys")
         .arg(dir.join("keys.txt"))
         .args(["--metrics", "127.0.0.1:0", "--kernel-threads", "1"])
+        .args(extra_args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
