@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub batch_wait: Duration,
     /// Most requests one worker handles per batch.
     pub max_batch: usize,
+    /// Most context tokens one forward pass scores when catching a session up (a new prompt, a
+    /// resync): longer contexts are scored a chunk per turn of the worker, between other
+    /// sessions' requests, so a long prompt delays them by at most one chunk.
+    pub prefill_chunk_tokens: usize,
     /// Model worker threads; sessions are spread over them and stay on theirs.
     pub workers: usize,
     /// Threads for candle's matmul kernels (process-wide; `None`: candle's default).
@@ -85,6 +89,7 @@ impl Default for ServerConfig {
             rate_limit: 0.0,
             batch_wait: Duration::from_millis(2),
             max_batch: 16,
+            prefill_chunk_tokens: 128,
             workers: 1,
             kernel_threads: None,
             metrics: None,
@@ -164,6 +169,9 @@ impl ServerConfig {
         if self.max_context_tokens < 2 {
             return bad("max_context_tokens must be at least 2");
         }
+        if self.prefill_chunk_tokens == 0 {
+            return bad("prefill_chunk_tokens must be at least 1");
+        }
         if self.max_generate_tokens == 0 {
             return bad("max_generate_tokens must be at least 1");
         }
@@ -227,6 +235,9 @@ pub struct ServerArgs {
     pub batch_wait: Option<Duration>,
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// Most context tokens per forward pass when catching a session up.
+    #[arg(long)]
+    pub prefill_chunk_tokens: Option<usize>,
     /// Model worker threads.
     #[arg(long)]
     pub workers: Option<usize>,
@@ -276,6 +287,7 @@ impl ServerArgs {
         set(&mut config.rate_limit, self.rate_limit);
         set(&mut config.batch_wait, self.batch_wait);
         set(&mut config.max_batch, self.max_batch);
+        set(&mut config.prefill_chunk_tokens, self.prefill_chunk_tokens);
         set(&mut config.workers, self.workers);
         if self.kernel_threads.is_some() {
             config.kernel_threads = self.kernel_threads;

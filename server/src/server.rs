@@ -131,6 +131,7 @@ impl Server {
             kv_memory_budget_bytes: config.kv_memory_budget_bytes,
             max_context_tokens: max_context_tokens as usize,
             max_generate_tokens: config.max_generate_tokens,
+            prefill_chunk: config.prefill_chunk_tokens,
         };
         let workers = WorkerPool::start(model.clone(), &settings, metrics.clone())
             .map_err(|e| ServerError::Config(format!("cannot start model worker threads: {e}")))?;

@@ -215,7 +215,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, key_id: KeyId, send: SendStream, 
                     Err(e) => e.into(),
                 }
             }
-            Message::Verify(v) => handle_verify(&shared, key, key_id, v).await,
+            // A device that goes away while its Verify waits (a long catch-up) lets the worker
+            // drop the work: the reply channel closes with this future.
+            Message::Verify(v) => tokio::select! {
+                m = handle_verify(&shared, key, key_id, v) => m,
+                _ = io.send.stopped() => break,
+            },
             Message::Resync(r) => {
                 let session_id = state.session_id().unwrap_or_default();
                 let context_len = u32::try_from(r.context.len()).unwrap_or(u32::MAX);

@@ -12,6 +12,9 @@
 //! the requests already queued. A long generation therefore shares the model fairly with
 //! verification traffic and with other generations instead of holding the worker until it ends.
 //!
+//! Catching a session up on a long context (a new prompt, a resync) is done in chunks between
+//! the other requests ([`catch_up`]), so one long prompt cannot stall every device.
+//!
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
 //! token. When the sum over a worker's sessions exceeds its share of the budget, the least
 //! recently used sessions outside the current batch lose their cache; their next `Verify` is
@@ -35,6 +38,8 @@ use uhlm_model::{Model, ModelError, Session};
 
 use crate::metrics::Metrics;
 
+mod catch_up;
+
 /// Server-wide identity of a session (device session ids are only unique per connection).
 pub(crate) type SessionKey = u64;
 
@@ -43,7 +48,7 @@ pub(crate) type Failure = ErrorMessage;
 
 /// A request to a worker.
 pub(crate) enum Job {
-    /// Creates the session with this context (nothing is computed until the first `Verify`).
+    /// Creates the session with this context and queues its prefill.
     Open {
         key: SessionKey,
         context: Vec<u32>,
@@ -119,6 +124,8 @@ pub(crate) struct WorkerSettings {
     pub kv_memory_budget_bytes: u64,
     pub max_context_tokens: usize,
     pub max_generate_tokens: u32,
+    /// Most context tokens per forward pass when catching a session up.
+    pub prefill_chunk: usize,
 }
 
 /// Estimated KV-cache bytes per context token: keys and values, f32, every layer.
@@ -156,6 +163,7 @@ impl WorkerPool {
                 scratch: Vec::new(),
                 clock: 0,
                 streams: VecDeque::new(),
+                catching_up: VecDeque::new(),
                 eos: model.tokenizer().eos_ids().to_vec(),
             };
             let handle = std::thread::Builder::new()
@@ -221,7 +229,12 @@ struct Entry {
     sampling: SamplingOptions,
     rng: ChaCha8Rng,
     last_used: u64,
+    /// A `Verify` waiting for the session to be caught up (see [`catch_up`]).
+    deferred: Option<(Verify, VerdictReply)>,
 }
+
+/// Where a `Verify`'s answer goes.
+type VerdictReply = oneshot::Sender<Result<Verdict, Failure>>;
 
 struct Worker {
     model: Arc<Model>,
@@ -236,6 +249,8 @@ struct Worker {
     clock: u64,
     /// Running generations, each waiting for its next token (round robin).
     streams: VecDeque<Streaming>,
+    /// Sessions with context still to score, one chunk each per turn (round robin).
+    catching_up: VecDeque<SessionKey>,
     /// End-of-sequence ids of the model: a generation stops after sampling one.
     eos: Vec<u32>,
 }
@@ -248,7 +263,7 @@ impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         loop {
             let mut batch = Vec::new();
-            if self.streams.is_empty() {
+            if self.streams.is_empty() && self.catching_up.is_empty() {
                 match rx.recv() {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
@@ -265,8 +280,8 @@ impl Worker {
                     }
                 }
             } else {
-                // Generations wait for their next token: take only what is already queued, so
-                // streaming never pays the batching delay.
+                // Generations wait for their next token and catch-ups for their next chunk:
+                // take only what is already queued, so neither pays the batching delay.
                 while batch.len() < self.settings.max_batch {
                     match rx.try_recv() {
                         Ok(job) => batch.push(job),
@@ -283,6 +298,7 @@ impl Worker {
             }
             let mut protected: HashSet<SessionKey> = batch.iter().filter_map(Job::key).collect();
             protected.extend(self.streams.iter().map(|s| s.key));
+            protected.extend(self.catching_up.iter().copied());
             let mut stop = false;
             for job in batch {
                 if matches!(job, Job::Stop) {
@@ -295,6 +311,7 @@ impl Worker {
                 break;
             }
             self.step_generation(&protected);
+            self.step_catch_up(&protected);
         }
         // Generations still running end here; their session tasks see the channel close.
         self.streams.clear();
@@ -311,11 +328,10 @@ impl Worker {
                 reply,
             } => {
                 let r = self.open(key, context, sampling);
-                let opened = r.is_ok();
-                let _ = reply.send(r);
-                if opened && self.prefill(key) {
-                    self.enforce_budget(protected);
+                if r.is_ok() {
+                    self.queue_catch_up(key);
                 }
+                let _ = reply.send(r);
             }
             Job::Resync {
                 key,
@@ -323,27 +339,16 @@ impl Worker {
                 reply,
             } => {
                 let r = self.resync(key, context);
-                let resynced = r.is_ok();
-                let _ = reply.send(r);
-                if resynced && self.prefill(key) {
-                    self.enforce_budget(protected);
+                if r.is_ok() {
+                    self.queue_catch_up(key);
                 }
+                let _ = reply.send(r);
             }
             Job::Verify { key, verify, reply } => {
-                // A panic in the model must not take the worker (and every session on it) down.
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.verify(key, &verify)))
-                    .unwrap_or_else(|_| {
-                        tracing::error!(key, "model panicked during verify; dropping the session");
-                        self.sessions.remove(&key);
-                        Err(fail(
-                            ErrorCode::Internal,
-                            "the model failed on this request",
-                        ))
-                    });
-                if r.is_ok() {
-                    self.enforce_budget(protected);
+                if let Some((verify, reply)) = self.defer_verify(key, verify, reply) {
+                    let r = self.answer_verify(key, &verify, protected);
+                    let _ = reply.send(r);
                 }
-                let _ = reply.send(r);
             }
             Job::Generate {
                 key,
@@ -415,49 +420,12 @@ impl Worker {
             sampling,
             rng: ChaCha8Rng::seed_from_u64(seed),
             last_used: self.clock,
+            deferred: None,
         };
         if self.sessions.insert(key, entry).is_none() {
             self.metrics.sessions.inc();
         }
         Ok(())
-    }
-
-    /// Scores a new context right after the device has its answer, all but the last token (the
-    /// first `Verify` scores that one with whatever it brings): the prompt's prefill then runs
-    /// while the device scores the same prompt with its SLM, instead of after it. A failure
-    /// here changes nothing: the tokens stay pending and the `Verify` meets the error itself.
-    /// Returns whether the cache grew (so the memory budget is checked as after a `Verify`).
-    fn prefill(&mut self, key: SessionKey) -> bool {
-        let Some(entry) = self.sessions.get_mut(&key) else {
-            return false;
-        };
-        let Some(llm) = entry.llm.as_mut() else {
-            return false;
-        };
-        if entry.pending.len() < 2 {
-            return false;
-        }
-        let last = entry.pending.split_off(entry.pending.len() - 1);
-        let old_len = llm.len();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| llm.score_last(&entry.pending))) {
-            Ok(Ok(_)) => {
-                self.metrics
-                    .prefilled_tokens
-                    .inc_by(entry.pending.len() as u64);
-                entry.pending = last;
-                true
-            }
-            failed => {
-                tracing::debug!(
-                    key,
-                    ok = failed.is_ok(),
-                    "prefill failed; left to the first Verify"
-                );
-                llm.truncate(old_len);
-                entry.pending.extend(last);
-                false
-            }
-        }
     }
 
     fn resync(&mut self, key: SessionKey, context: Vec<u32>) -> Result<(), Failure> {
@@ -474,9 +442,40 @@ impl Worker {
             Some(llm) => llm.reset(),
             None => entry.llm = Some(model.session()),
         }
+        // A well-behaved device has no Verify outstanding when it resyncs.
+        if let Some((_, reply)) = entry.deferred.take() {
+            let _ = reply.send(Err(fail(
+                ErrorCode::UnexpectedMessage,
+                "the session was resynced while this Verify waited",
+            )));
+        }
         entry.pending = context;
         entry.last_used = clock;
         Ok(())
+    }
+
+    /// [`verify`](Self::verify), with the memory budget checked after it. A panic in the model
+    /// must not take the worker (and every session on it) down: it drops the session only.
+    fn answer_verify(
+        &mut self,
+        key: SessionKey,
+        v: &Verify,
+        protected: &HashSet<SessionKey>,
+    ) -> Result<Verdict, Failure> {
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.verify(key, v))).unwrap_or_else(
+            |_| {
+                tracing::error!(key, "model panicked during verify; dropping the session");
+                self.sessions.remove(&key);
+                Err(fail(
+                    ErrorCode::Internal,
+                    "the model failed on this request",
+                ))
+            },
+        );
+        if r.is_ok() {
+            self.enforce_budget(protected);
+        }
+        r
     }
 
     fn verify(&mut self, key: SessionKey, v: &Verify) -> Result<Verdict, Failure> {
@@ -623,6 +622,11 @@ impl Worker {
         let Some(mut s) = self.streams.pop_front() else {
             return;
         };
+        // Its prompt is still being scored a chunk at a time: the first token comes after.
+        if self.catching_up.contains(&s.key) && !s.events.is_closed() {
+            self.streams.push_back(s);
+            return;
+        }
         self.clock += 1;
         // Nobody is listening any more (stream reset, connection lost, session closed): stop
         // computing tokens for it.
