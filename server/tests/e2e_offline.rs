@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use e2e_common::{Recorder, ServerProc, llm_greedy, read_metric};
 use uhlm_sdk::{
-    CancelToken, Codec, GenerationOptions, HybridEngine, Mode, PolicyConfig, Prompt,
+    CancelToken, Codec, EngineConfig, GenerationOptions, HybridEngine, Mode, PolicyConfig, Prompt,
     SamplingOptions, SdkError, StopReason, TokenSource,
 };
 
@@ -225,4 +225,41 @@ fn a_reconnect_mid_generation_checks_only_the_tokens_left() {
         context.push(t);
     }
     assert_eq!(summary.token_ids[..KILL_AFTER], greedy[..KILL_AFTER]);
+}
+
+/// A prompt whose prefill takes the server longer than the request timeout (here: a server
+/// slower than the device, scoring 8 tokens per pass): the first Verify waits for it (the SDK
+/// allows time per unscored token) instead of timing out, reconnecting and sending the whole
+/// prompt again, which used to leave every token offline.
+#[test]
+fn a_long_prompt_is_verified_after_its_prefill_not_sent_again() {
+    let server = ServerProc::start_with(&["--prefill-chunk-tokens", "8"]);
+    let engine = HybridEngine::new(EngineConfig {
+        request_timeout_ms: 200,
+        ..server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all())
+    })
+    .unwrap();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(150);
+    let prompt = engine
+        .tokenize_prompt(&Prompt::Text(text.clone()), false)
+        .unwrap();
+    assert!(prompt.len() > 1000, "{}", prompt.len());
+    let summary = engine
+        .generate_blocking(
+            Prompt::Text(text),
+            GenerationOptions {
+                sampling: SamplingOptions::greedy(4),
+                chat_template: false,
+            },
+            Arc::new(Recorder::default()),
+            CancelToken::new(),
+        )
+        .unwrap();
+    let s = &summary.stats;
+    assert_eq!((s.offline, s.reconnects), (0, 0), "{:?}", summary.sources);
+    assert_eq!(s.sent, summary.token_ids.len() as u64);
+    // Scored once: the prompt's prefill was not started over.
+    let prefilled = server.metric("uhlm_prefilled_tokens_total");
+    assert!(prefilled <= prompt.len() as f64, "{prefilled}");
+    assert_eq!(summary.token_ids, llm_greedy(&prompt, 4));
 }

@@ -237,6 +237,7 @@ impl TryFrom<EngineConfig> for sdk::EngineConfig {
             threads: c.threads.map(|t| t as usize).or(d.threads),
             connect_timeout_ms: c.connect_timeout_ms.unwrap_or(d.connect_timeout_ms),
             request_timeout_ms: c.request_timeout_ms.unwrap_or(d.request_timeout_ms),
+            prefill_ms_per_token: d.prefill_ms_per_token,
             keep_alive_ms: c.keep_alive_ms.unwrap_or(d.keep_alive_ms),
             idle_timeout_ms: c.idle_timeout_ms.unwrap_or(d.idle_timeout_ms),
             reconnect_backoff_ms: c.reconnect_backoff_ms.unwrap_or(d.reconnect_backoff_ms),

@@ -93,6 +93,11 @@ pub struct EngineConfig {
     /// A `Verdict` (or `Started`) must arrive within this time, else the link counts as down
     /// and the token is decided locally.
     pub request_timeout_ms: u64,
+    /// More time an answer may take per context token the server has not scored yet (the
+    /// whole context after `Start` or `Resync`, then each `Verify`'s skipped tokens): a long
+    /// prompt's first answer waits for the server's prefill instead of timing out and sending
+    /// the prompt again.
+    pub prefill_ms_per_token: u64,
     /// QUIC keep-alive interval (keeps NAT bindings and detects dead links).
     pub keep_alive_ms: u64,
     /// QUIC idle timeout.
@@ -119,6 +124,8 @@ impl Default for EngineConfig {
             threads: None,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
+            // A 1.5B model on two CPU cores prefills 50-100 tokens/s.
+            prefill_ms_per_token: 20,
             keep_alive_ms: 2_000,
             idle_timeout_ms: 15_000,
             reconnect_backoff_ms: 250,
@@ -175,6 +182,12 @@ impl EngineConfig {
 
     pub(crate) fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The wait for an answer that first has `unscored` context tokens to score.
+    pub(crate) fn answer_timeout(&self, unscored: usize) -> Duration {
+        self.request_timeout()
+            + Duration::from_millis(self.prefill_ms_per_token.saturating_mul(unscored as u64))
     }
 }
 

@@ -41,6 +41,9 @@ struct SessionLink {
     conn: Arc<ClientConn>,
     stream: FramedStream,
     state: SessionStream,
+    /// Context tokens the server has been given but not scored yet (a new or resynced
+    /// context); the next answer waits for them.
+    unscored: usize,
 }
 
 /// What became of a token that was to be sent.
@@ -292,7 +295,6 @@ impl Generation {
         out: &mut Output,
         context_limit: usize,
     ) -> Result<Streamed, SdkError> {
-        let timeout = self.inner.config.request_timeout();
         // A resync that is not followed by progress twice in a row means the server cannot keep
         // this session; give up on it rather than loop.
         let mut resynced = false;
@@ -335,6 +337,7 @@ impl Generation {
                 let Some(link) = self.link.as_mut() else {
                     return Ok(Streamed::Offline);
                 };
+                let timeout = self.inner.config.answer_timeout(link.unscored);
                 let c = &mut self.stats.counters;
                 let reply = match recv_within(
                     &mut link.stream,
@@ -361,6 +364,7 @@ impl Generation {
                     self.stats.record_rtt(t0.elapsed());
                     first = false;
                 }
+                link.unscored = 0;
                 if let Err(c) = link.state.on_message(Side::Server, &reply) {
                     self.drop_session(LinkError::Protocol(format!(
                         "unexpected {}: {c}",
@@ -593,6 +597,9 @@ impl Generation {
         match reply {
             Message::Started(_) => {
                 self.skipped.clear();
+                if let Some(link) = self.link.as_mut() {
+                    link.unscored = self.context.len();
+                }
                 Ok(())
             }
             Message::Error(e) => Err(Wait::Link(LinkError::Protocol(e.to_string()))),
@@ -606,9 +613,17 @@ impl Generation {
     /// Sends `msg` on the session and waits, within the request timeout, for the server's
     /// answer; both pass the session's state machine, and bytes and round-trip time are counted.
     async fn round_trip(&mut self, msg: Message) -> Result<Message, Wait> {
-        let timeout = self.inner.config.request_timeout();
         let Some(link) = self.link.as_mut() else {
             return Err(Wait::Link(LinkError::Down("no session".into())));
+        };
+        // A Verify's answer waits for the server to score what it has not yet: a new context,
+        // and the skipped tokens it carries. (Started comes back before any scoring.)
+        let timeout = match &msg {
+            Message::Verify(v) => self
+                .inner
+                .config
+                .answer_timeout(link.unscored + v.skipped.len()),
+            _ => self.inner.config.request_timeout(),
         };
         link.state
             .on_message(Side::Device, &msg)
@@ -627,6 +642,9 @@ impl Generation {
         link.state
             .on_message(Side::Server, &reply)
             .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
+        if matches!(reply, Message::Verdict(_)) {
+            link.unscored = 0;
+        }
         Ok(reply)
     }
 
@@ -715,6 +733,7 @@ impl Generation {
                 conn,
                 stream,
                 state,
+                unscored: self.context.len(),
             }),
             Message::Error(e) => match e.code.recovery() {
                 Recovery::Fatal => Err(Wait::Fatal(SdkError::from_server(&e))),

@@ -65,17 +65,26 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts a server on a free loopback port with a self-signed certificate.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more `uhlm-server` flags (kept for restarts).
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("keys.txt"), format!("{API_KEY}\n")).expect("keys file");
-        let (child, addr, fingerprint, metrics) =
-            spawn(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)), &[]);
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let (child, addr, fingerprint, metrics) = spawn(
+            dir.path(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &extra_args,
+        );
         Self {
             child: Some(child),
             addr,
             fingerprint,
             metrics,
             dir,
-            extra_args: Vec::new(),
+            extra_args,
         }
     }
 
