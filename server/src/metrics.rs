@@ -20,6 +20,8 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub sessions: Gauge,
+    /// KV-cache bytes allocated over all sessions (what the memory budget bounds).
+    pub kv_cache_bytes: Gauge,
     pub tokens_verified: Counter,
     pub tokens_accepted: Counter,
     pub tokens_resampled: Counter,
@@ -54,6 +56,7 @@ impl Metrics {
         let m = Self {
             connections: Gauge::default(),
             sessions: Gauge::default(),
+            kv_cache_bytes: Gauge::default(),
             tokens_verified: Counter::default(),
             tokens_accepted: Counter::default(),
             tokens_resampled: Counter::default(),
@@ -77,6 +80,11 @@ impl Metrics {
             m.connections.clone(),
         );
         registry.register("sessions", "Open generation sessions", m.sessions.clone());
+        registry.register(
+            "kv_cache_bytes",
+            "KV-cache bytes allocated over all sessions",
+            m.kv_cache_bytes.clone(),
+        );
         registry.register(
             "tokens_verified",
             "Tokens decided by Verify",

@@ -16,7 +16,8 @@
 //! the other requests ([`catch_up`]), so one long prompt cannot stall every device.
 //!
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
-//! token. When the sum over a worker's sessions exceeds its share of the budget, the least
+//! token of its allocated capacity (which grows by doubling and shrinks only on a resync).
+//! When the allocated bytes over a worker's sessions exceed its share of the budget, the least
 //! recently used sessions outside the current batch lose their cache; their next `Verify` is
 //! answered `NeedResync`.
 
@@ -147,7 +148,6 @@ impl WorkerPool {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let n = settings.workers.max(1);
-        let bytes_per_token = kv_bytes_per_token(model.info()).max(1);
         let mut senders = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
@@ -157,13 +157,13 @@ impl WorkerPool {
                 sessions: HashMap::new(),
                 settings: settings.clone(),
                 budget: settings.kv_memory_budget_bytes / n as u64,
-                bytes_per_token,
                 metrics: metrics.clone(),
                 probs: Vec::new(),
                 scratch: Vec::new(),
                 clock: 0,
                 streams: VecDeque::new(),
                 catching_up: VecDeque::new(),
+                reported_kv_bytes: 0,
                 eos: model.tokenizer().eos_ids().to_vec(),
             };
             let handle = std::thread::Builder::new()
@@ -241,7 +241,6 @@ struct Worker {
     sessions: HashMap<SessionKey, Entry>,
     settings: WorkerSettings,
     budget: u64,
-    bytes_per_token: u64,
     metrics: Arc<Metrics>,
     probs: Vec<f32>,
     scratch: Vec<u32>,
@@ -251,6 +250,8 @@ struct Worker {
     streams: VecDeque<Streaming>,
     /// Sessions with context still to score, one chunk each per turn (round robin).
     catching_up: VecDeque<SessionKey>,
+    /// KV bytes this worker last added to the `kv_cache_bytes` gauge.
+    reported_kv_bytes: u64,
     /// End-of-sequence ids of the model: a generation stops after sampling one.
     eos: Vec<u32>,
 }
@@ -312,10 +313,13 @@ impl Worker {
             }
             self.step_generation(&protected);
             self.step_catch_up(&protected);
+            self.report_kv_bytes();
         }
         // Generations still running end here; their session tasks see the channel close.
         self.streams.clear();
         self.metrics.sessions.dec_by(self.sessions.len() as i64);
+        self.sessions.clear();
+        self.report_kv_bytes();
     }
 
     fn handle(&mut self, job: Job, protected: &HashSet<SessionKey>) {
@@ -723,10 +727,26 @@ impl Worker {
         Ok(Some(reason))
     }
 
+    /// Publishes this worker's share of the allocated KV bytes.
+    fn report_kv_bytes(&mut self) {
+        let bytes: u64 = self
+            .sessions
+            .values()
+            .filter_map(|e| e.llm.as_ref())
+            .map(|s| s.kv_cache_bytes() as u64)
+            .sum();
+        self.metrics
+            .kv_cache_bytes
+            .inc_by(bytes as i64 - self.reported_kv_bytes as i64);
+        self.reported_kv_bytes = bytes;
+    }
+
     /// Evicts least recently used sessions outside `protected` until the caches fit the budget.
+    /// A cache counts what it holds allocated, not the tokens in use: a session rolled back or
+    /// started on a short context after a long one still holds its buffers.
     fn enforce_budget(&mut self, protected: &HashSet<SessionKey>) {
-        let cached = |e: &Entry| e.llm.as_ref().map_or(0, |s| s.len() as u64);
-        let mut used: u64 = self.sessions.values().map(cached).sum::<u64>() * self.bytes_per_token;
+        let cached = |e: &Entry| e.llm.as_ref().map_or(0, |s| s.kv_cache_bytes() as u64);
+        let mut used: u64 = self.sessions.values().map(cached).sum();
         while used > self.budget {
             let victim = self
                 .sessions
@@ -736,13 +756,14 @@ impl Worker {
                 .map(|(k, _)| *k);
             let Some(victim) = victim else { break };
             if let Some(e) = self.sessions.get_mut(&victim) {
-                used -= cached(e) * self.bytes_per_token;
+                used -= cached(e);
                 e.llm = None;
                 e.pending.clear();
                 self.metrics.evictions.inc();
                 tracing::debug!(session = victim, "evicted an idle session's KV cache");
             }
         }
+        self.report_kv_bytes();
     }
 }
 

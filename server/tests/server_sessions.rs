@@ -314,3 +314,89 @@ async fn session_rate_and_idle_limits() {
     );
     server.shutdown().await;
 }
+
+/// The memory budget counts what caches hold allocated, and a resync frees a long context's
+/// buffers. (It used to count tokens in use while a reset kept the buffers: sessions resynced
+/// to short contexts held far more than the budget and nothing was evicted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_counts_allocated_caches_and_a_resync_frees_them() {
+    let model = llm();
+    let sentence = prompt_tokens(&model, "The quick brown fox jumps over the lazy dog.");
+    let long: Vec<u32> = sentence.iter().copied().cycle().take(600).collect();
+    let short = long[..5].to_vec();
+    let held = |tokens: &[u32]| {
+        let mut s = model.session();
+        s.score_last(tokens).unwrap();
+        s.kv_cache_bytes() as u64
+    };
+    // Room for two long contexts scored in one pass; the server scores them in chunks, its
+    // buffers growing by doubling, so it fits one and a bit.
+    let one = held(&long);
+    let budget = 3 * one;
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    config.kv_memory_budget_bytes = budget;
+    config.batch_wait = Duration::ZERO;
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready(
+        server.local_addr(),
+        server.cert_der(),
+        server.model_fingerprint(),
+    )
+    .await;
+    let next = |position: usize| Verify {
+        seq: 0,
+        position: position as u32,
+        skipped: vec![],
+        draft: None,
+        uncertainty: 0.0,
+    };
+    let verdict = |m: Option<Message>| assert!(matches!(m, Some(Message::Verdict(_))), "{m:?}");
+    let metric = |name: &str| -> f64 {
+        let text = server.metrics_text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in {text}"))
+    };
+
+    // A long context, then a resync to a short one: the long one's buffers go.
+    let mut a = client.session().await;
+    a.send(start(1, &long)).await;
+    assert!(matches!(a.recv().await, Some(Message::Started(_))));
+    a.send(next(long.len())).await;
+    verdict(a.recv().await);
+    a.send(Resync {
+        context: short.clone(),
+    })
+    .await;
+    assert!(matches!(a.recv().await, Some(Message::Started(_))));
+    a.send(Verify {
+        seq: 1,
+        ..next(short.len())
+    })
+    .await;
+    verdict(a.recv().await);
+    let kv = metric("uhlm_kv_cache_bytes");
+    assert!(
+        kv < one as f64,
+        "the resync kept the long context's buffers: {kv}"
+    );
+    assert_eq!(metric("uhlm_evictions_total"), 0.0);
+    // Two more long contexts do not fit beside each other and the short one: the least
+    // recently used go, and what is allocated stays within the budget.
+    let mut open = Vec::new();
+    for id in [2, 3] {
+        let mut s = client.session().await;
+        s.send(start(id, &long)).await;
+        assert!(matches!(s.recv().await, Some(Message::Started(_))));
+        s.send(next(long.len())).await;
+        verdict(s.recv().await);
+        let kv = metric("uhlm_kv_cache_bytes");
+        assert!(kv > 0.0 && kv <= budget as f64, "{kv} > {budget}");
+        // Kept open: a closed session would free its cache without any eviction.
+        open.push(s);
+    }
+    assert!(metric("uhlm_evictions_total") >= 1.0);
+    server.shutdown().await;
+}

@@ -57,6 +57,14 @@ impl KvCache {
         self.len = self.len.min(n);
     }
 
+    /// Forgets every token and frees the buffers: a reset context starts from no memory, not
+    /// from the largest it ever held.
+    pub fn release(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+        self.capacity = 0;
+    }
+
     /// Marks `n` tokens valid after a forward pass wrote them.
     pub fn set_len(&mut self, n: usize) {
         debug_assert!(n <= self.capacity);

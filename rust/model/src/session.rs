@@ -110,9 +110,10 @@ impl Session {
         self.cache.truncate(n);
     }
 
-    /// Forgets every token.
+    /// Forgets every token and frees the KV cache's buffers.
     pub fn reset(&mut self) {
-        self.truncate(0);
+        self.tokens.clear();
+        self.cache.release();
     }
 
     /// Appends `tokens` with one forward pass and returns the logits at every new position:
