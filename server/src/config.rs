@@ -207,7 +207,7 @@ pub struct ServerArgs {
     #[arg(long)]
     pub self_signed: bool,
     /// Directory for the self-signed certificate and key (default: the config file's
-    /// directory, or the current directory).
+    /// directory, or `~/.config/uhlm`).
     #[arg(long)]
     pub cert_dir: Option<PathBuf>,
     /// File of API keys, one per line.

@@ -29,7 +29,7 @@ pub fn serve_blocking(cli: ServeArgs) -> anyhow::Result<()> {
     };
     cli.args.apply(&mut config);
     if config.self_signed && config.cert_dir.is_none() {
-        config.cert_dir = Some(std::env::current_dir().context("current directory")?);
+        config.cert_dir = Some(default_cert_dir()?);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -37,6 +37,15 @@ pub fn serve_blocking(cli: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(serve(config))
+}
+
+/// Where a self-signed pair lives unless told otherwise: the user's configuration directory
+/// (`$XDG_CONFIG_HOME/uhlm`, `~/.config/uhlm`), never whatever directory the server was started
+/// from.
+fn default_cert_dir() -> anyhow::Result<PathBuf> {
+    let dir = dirs::config_dir()
+        .context("no configuration directory for the self-signed pair: give --cert-dir")?;
+    Ok(dir.join("uhlm"))
 }
 
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {

@@ -47,6 +47,7 @@ pub(crate) fn load_identity(config: &ServerConfig) -> Result<Identity, ServerErr
                     dir.join(SELF_SIGNED_KEY_FILE),
                 );
                 if cert.is_file() && key.is_file() {
+                    check_private(&key)?;
                     tracing::info!(cert = %cert.display(), "reusing self-signed certificate");
                     read_pem(&cert, &key)
                 } else {
@@ -98,24 +99,61 @@ fn generate_self_signed() -> Result<(Identity, String, String), ServerError> {
 fn write_self_signed(dir: &Path, cert: &Path, key: &Path) -> Result<Identity, ServerError> {
     let (identity, cert_pem, key_pem) = generate_self_signed()?;
     std::fs::create_dir_all(dir).map_err(|e| ServerError::io(dir, e))?;
-    write_private(key, key_pem.as_bytes())?;
-    std::fs::write(cert, cert_pem).map_err(|e| ServerError::io(cert, e))?;
+    write_new(key, key_pem.as_bytes(), 0o600)?;
+    write_new(cert, cert_pem.as_bytes(), 0o644)?;
     tracing::info!(cert = %cert.display(), key = %key.display(), "wrote a new self-signed certificate");
     Ok(identity)
 }
 
-/// Writes a file only its owner can read (the private key).
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
+/// Writes a new file with `mode` (0600 for the private key). It must not exist: `O_EXCL` also
+/// refuses a symlink planted at the path, which would otherwise redirect the write into a file
+/// of the attacker's choosing (keeping that file's permissions).
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ServerError> {
     use std::io::Write;
+    if path.symlink_metadata().is_ok() {
+        return Err(ServerError::Tls(format!(
+            "{} exists without the rest of the self-signed pair: remove it (or give --cert and \
+             --key)",
+            path.display()
+        )));
+    }
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        opts.mode(mode);
     }
+    #[cfg(not(unix))]
+    let _ = mode;
     let mut f = opts.open(path).map_err(|e| ServerError::io(path, e))?;
     f.write_all(bytes).map_err(|e| ServerError::io(path, e))
+}
+
+/// Refuses a self-signed key that is not a regular file or that others can read: it
+/// authenticates this server to every device that pinned it.
+fn check_private(path: &Path) -> Result<(), ServerError> {
+    let meta = path
+        .symlink_metadata()
+        .map_err(|e| ServerError::io(path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(ServerError::Tls(format!(
+            "{} is not a regular file (a symlink?); refusing to use it as the private key",
+            path.display()
+        )));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(ServerError::Tls(format!(
+                "{} is readable by others (mode {mode:o}); `chmod 600` it or remove it for a new pair",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The QUIC server configuration: TLS 1.3 only, ALPN `uhlm/2` (and the older `uhlm/1`, only
@@ -174,6 +212,36 @@ mod tests {
         // A fresh in-memory identity differs.
         config.cert_dir = None;
         assert_ne!(load_identity(&config).unwrap().leaf(), first.leaf());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_self_signed_key_is_private_and_never_written_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::local("/m.gguf", ["k"]);
+        config.cert_dir = Some(dir.path().to_path_buf());
+        load_identity(&config).unwrap();
+        let key = dir.path().join(SELF_SIGNED_KEY_FILE);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        // A key others can read is refused, not reused.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_identity(&config).err().expect("refused");
+        assert!(err.to_string().contains("readable by others"), "{err}");
+
+        // A link planted where the key goes: nothing is written through it.
+        let planted = tempfile::tempdir().unwrap();
+        let victim = planted.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let fresh = planted.path().join("certs");
+        std::fs::create_dir(&fresh).unwrap();
+        std::os::unix::fs::symlink(&victim, fresh.join(SELF_SIGNED_KEY_FILE)).unwrap();
+        config.cert_dir = Some(fresh);
+        assert!(load_identity(&config).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(mode(&victim), 0o644);
     }
 
     #[test]

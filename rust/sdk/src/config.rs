@@ -145,6 +145,11 @@ impl EngineConfig {
         if self.mode.uses_server() && self.server.as_deref().is_none_or(str::is_empty) {
             return bad(format!("mode {} needs a server address", self.mode));
         }
+        // Checked here, not at connect time, where a bad address would only look like a server
+        // that is down: the generation would run offline and report success.
+        if let Some(addr) = self.server.as_deref().filter(|a| !a.is_empty()) {
+            check_server_address(addr)?;
+        }
         if let Some(pin) = &self.pin {
             crate::tls::parse_pin(pin)?;
         }
@@ -191,6 +196,24 @@ impl EngineConfig {
     }
 }
 
+/// `host:port` with a numeric port (`[v6]:port` for IPv6 literals).
+fn check_server_address(addr: &str) -> Result<(), SdkError> {
+    let port = match addr.rsplit_once(':') {
+        // A bare IPv6 literal has colons but no port.
+        Some((host, port)) if !host.is_empty() && (!host.contains(':') || host.ends_with(']')) => {
+            port
+        }
+        _ => "",
+    };
+    if port.parse::<u16>().is_ok_and(|p| p != 0) {
+        Ok(())
+    } else {
+        Err(SdkError::InvalidConfig(format!(
+            "server address {addr:?} must be host:port (e.g. 127.0.0.1:4433, [::1]:4433)"
+        )))
+    }
+}
+
 /// What the model continues from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Prompt {
@@ -209,4 +232,39 @@ pub struct GenerationOptions {
     pub sampling: SamplingOptions,
     /// Treat a [`Prompt::Text`] as one user message and apply the chat template.
     pub chat_template: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_address_needs_a_port() {
+        let with = |server: &str| EngineConfig {
+            slm_path: "m.gguf".into(),
+            server: Some(server.into()),
+            ..EngineConfig::default()
+        };
+        for good in [
+            "127.0.0.1:4433",
+            "localhost:4433",
+            "[::1]:4433",
+            "example.com:443",
+        ] {
+            assert!(with(good).validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "127.0.0.1",
+            "localhost",
+            "::1",
+            "[::1]",
+            "host:",
+            ":4433",
+            "host:0",
+            "host:x",
+        ] {
+            let err = with(bad).validate().unwrap_err();
+            assert!(err.to_string().contains("host:port"), "{bad}: {err}");
+        }
+    }
 }

@@ -216,7 +216,9 @@ impl FramedStream {
         Self {
             send,
             recv,
-            decoder: FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES.max(max_send)),
+            // What the server sends is small whatever it accepts (`max_send`): the protocol's
+            // limit holds for it, so a broken or hostile server cannot make us buffer 4 GiB.
+            decoder: FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES),
             max_send,
             buf: vec![0; 64 * 1024],
         }
