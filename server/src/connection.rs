@@ -88,6 +88,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
                     break false;
                 }
             },
+            // Reap finished sessions, so a long-lived connection that opens and closes many
+            // streams does not keep one finished task per stream.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             next = control.next(false) => match next {
                 // The control stream carries nothing after Welcome but Close or Error.
                 Next::Idle => {}

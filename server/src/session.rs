@@ -65,7 +65,10 @@ impl Framed {
     /// request that reached the server before the shutdown is still answered.
     pub async fn next(&mut self, stop_on_shutdown: bool) -> Next {
         let mut shutdown = self.shared.shutdown.clone();
-        let idle = self.shared.config.idle_timeout;
+        // The whole next message must arrive within the idle timeout: a deadline, not a timer
+        // that each byte restarts (a peer trickling a byte every few seconds held a session
+        // slot forever).
+        let deadline = tokio::time::Instant::now() + self.shared.config.idle_timeout;
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(msg)) => return Next::Message(msg),
@@ -84,7 +87,7 @@ impl Framed {
                 return Next::Shutdown;
             }
             let read = tokio::select! {
-                r = tokio::time::timeout(idle, self.recv.read(&mut self.buf)) => r,
+                r = tokio::time::timeout_at(deadline, self.recv.read(&mut self.buf)) => r,
                 _ = crate::server::shutting_down(&mut shutdown), if may_stop => return Next::Shutdown,
             };
             match read {

@@ -183,6 +183,12 @@ pub(crate) fn quic_server_config(
     let streams = u32::try_from(config.max_sessions.saturating_add(17)).unwrap_or(u32::MAX);
     transport.max_concurrent_bidi_streams(streams.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Explicit flow-control windows: quinn's connection window is unlimited by default, which
+    // let a peer make the server buffer hundreds of MB before it had even said Hello. A stream
+    // needs room for one frame; a connection for a few streams' worth at once.
+    let frame = u64::from(config.max_frame_bytes) + 64 * 1024;
+    transport.stream_receive_window(quinn::VarInt::from_u64(frame).unwrap_or(quinn::VarInt::MAX));
+    transport.receive_window(quinn::VarInt::from_u64(4 * frame).unwrap_or(quinn::VarInt::MAX));
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
         .map_err(|e| ServerError::Config(format!("idle_timeout: {e}")))?;
     transport.max_idle_timeout(Some(idle));

@@ -400,3 +400,47 @@ async fn the_memory_budget_counts_allocated_caches_and_a_resync_frees_them() {
     assert!(metric("uhlm_evictions_total") >= 1.0);
     server.shutdown().await;
 }
+
+/// A request trickled a byte at a time does not keep its session open: the whole message must
+/// arrive within the idle timeout. (Each byte used to restart the timer, so one peer could hold
+/// every session slot with a byte every few seconds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_meets_the_idle_deadline() {
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    config.idle_timeout = Duration::from_secs(2);
+    let server = Server::start_with_model(config, llm()).await.unwrap();
+    let (client, _control) = Client::ready(
+        server.local_addr(),
+        server.cert_der(),
+        server.model_fingerprint(),
+    )
+    .await;
+    let mut s = client.session().await;
+    s.send(start(1, &[1, 2, 3])).await;
+    assert!(matches!(s.recv().await, Some(Message::Started(_))));
+    let frame = uhlm_core::protocol::encode_frame(
+        &Message::Verify(Verify {
+            seq: 0,
+            position: 3,
+            skipped: vec![7; 16],
+            draft: None,
+            uncertainty: 0.0,
+        }),
+        u32::MAX,
+    )
+    .unwrap();
+    // One byte every 500 ms: the frame would take over 10 s.
+    assert!(frame.len() > 20, "{}", frame.len());
+    for byte in &frame[..frame.len() - 1] {
+        s.send_raw(std::slice::from_ref(byte)).await;
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), s.recv()).await {
+            assert!(
+                matches!(m, Some(Message::Close(ref c)) if c.reason.contains("idle")),
+                "{m:?}"
+            );
+            server.shutdown().await;
+            return;
+        }
+    }
+    panic!("the session stayed open while a request trickled in for over 10 s");
+}
