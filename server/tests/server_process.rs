@@ -156,6 +156,8 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
             "--listen",
             "127.0.0.1:0",
             "--self-signed",
+            "--cert-dir",
+            ".",
             "--api-keys",
             "keys.txt",
             "--metrics",

@@ -60,6 +60,17 @@ pub enum FetchError {
         expected: String,
         actual: String,
     },
+    #[error(
+        "cached model `{name}` ({}) is corrupt: SHA-256 {actual}, expected {expected}; fetch it \
+         again with `uhlm models fetch {name}`",
+        path.display()
+    )]
+    Corrupt {
+        name: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("unknown model `{name}` (known: {known})")]
     UnknownModel { name: String, known: String },
     #[error("unknown model pair `{name}` (known: {known})")]
@@ -311,6 +322,50 @@ pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// The stamp beside a cached model that records the hash it was verified with.
+fn stamp_path(model: &Path) -> PathBuf {
+    let mut name = model.as_os_str().to_owned();
+    name.push(".verified");
+    PathBuf::from(name)
+}
+
+/// Size and modification time: what must not change for a verification to still hold.
+fn file_key(path: &Path) -> Result<String, FetchError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(format!("{} {modified}", meta.len()))
+}
+
+/// Checks a cached registry model against its SHA-256 before it is used: a model that was
+/// truncated or changed on disk would otherwise load and generate garbage. The file is hashed
+/// once, then trusted while its size and modification time are those it was hashed at (a
+/// `.verified` stamp beside it; without a writable cache it is hashed at every use).
+pub fn verify_cached(spec: &ModelSpec, path: &Path) -> Result<(), FetchError> {
+    let key = file_key(path)?;
+    let stamp = stamp_path(path);
+    let expected = format!("{key} {}", spec.sha256);
+    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == expected) {
+        return Ok(());
+    }
+    let actual = sha256_file(path)?;
+    if actual != spec.sha256 {
+        return Err(FetchError::Corrupt {
+            name: spec.name.clone(),
+            path: path.to_path_buf(),
+            expected: spec.sha256.clone(),
+            actual,
+        });
+    }
+    if let Err(e) = fs::write(&stamp, format!("{expected}\n")) {
+        tracing::debug!(path = %stamp.display(), error = %e, "cannot record the verification");
+    }
+    Ok(())
+}
+
 /// What the cache holds for one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelStatus {
@@ -444,7 +499,7 @@ pub fn fetch_model(
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let dest = dir.join(&spec.file_name);
     let existed = dest.is_file();
-    if existed && sha256_file(&dest)? == spec.sha256 {
+    if existed && verify_cached(spec, &dest).is_ok() {
         return Ok((dest, FetchOutcome::AlreadyPresent));
     }
     if existed {
@@ -596,6 +651,7 @@ pub fn resolve_model_in(name_or_path: &str, dir: &Path) -> Result<PathBuf, Fetch
     if let Ok(spec) = find_spec(name_or_path) {
         let path = dir.join(&spec.file_name);
         return if path.is_file() {
+            verify_cached(&spec, &path)?;
             Ok(path)
         } else {
             Err(FetchError::NotFetched {

@@ -117,12 +117,36 @@ fn fetch_assembles_parts_in_order_and_is_idempotent() {
         "a verified file is not fetched again"
     );
 
-    // No temporary files or download folders are left behind.
-    let names: Vec<_> = std::fs::read_dir(&cache)
+    // No temporary files or download folders are left behind; the verification's stamp is.
+    let mut names: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names, vec![std::ffi::OsString::from("toy.gguf")]);
+    names.sort();
+    assert_eq!(names, ["toy.gguf", "toy.gguf.verified"]);
+
+    // A cached file that changed after its verification is refused at use, not loaded.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"!")
+        .unwrap();
+    let err = fetch::verify_cached(&spec, &path).unwrap_err();
+    assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn a_corrupt_cached_registry_model_is_refused_with_the_way_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fetch::find_spec("smollm2").unwrap();
+    std::fs::write(tmp.path().join(&spec.file_name), b"not the model").unwrap();
+    let err = fetch::resolve_model_in("smollm2", tmp.path()).unwrap_err();
+    assert!(
+        matches!(err, FetchError::Corrupt { .. })
+            && err.to_string().contains("uhlm models fetch smollm2"),
+        "{err}"
+    );
 }
 
 #[test]
