@@ -66,9 +66,16 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         out.flush()?;
     }
     wait_for_signal().await?;
-    tracing::info!("shutting down: finishing in-flight requests");
-    handle.shutdown().await;
-    Ok(())
+    tracing::info!("shutting down: finishing in-flight requests (a second signal stops at once)");
+    tokio::select! {
+        () = handle.shutdown() => Ok(()),
+        r = wait_for_signal() => {
+            r?;
+            tracing::warn!("second signal: stopping without waiting for in-flight requests");
+            // 128 + SIGINT, the status a shell reports for an interrupted program.
+            std::process::exit(130);
+        }
+    }
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

@@ -244,3 +244,69 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
     let exit = exit.expect("server did not exit within 30 s of SIGTERM");
     assert!(exit.success(), "server exited with {exit}");
 }
+
+/// A graceful stop waits for in-flight requests (here half a request, up to the drain
+/// deadline); a second signal stops the server at once, with the status of an interrupted
+/// program. (The second signal used to be ignored.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_a_draining_server_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write_keys(dir.path());
+    let model = llm();
+    let mut running = spawn(
+        &[
+            "--model",
+            common::llm_path(),
+            "--listen",
+            "127.0.0.1:0",
+            "--self-signed",
+            "--cert-dir",
+            ".",
+            "--api-keys",
+            "keys.txt",
+        ],
+        dir.path(),
+    );
+    let der = cert_der(dir.path());
+    let client = Client::connect(running.addr, &der).await;
+    let (_control, answer) = client
+        .hello(
+            FILE_KEY,
+            model.fingerprint(),
+            uhlm_core::protocol::PROTOCOL_VERSION,
+        )
+        .await;
+    assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");
+    let mut s = client.session().await;
+    let frame =
+        uhlm_core::protocol::encode_frame(&Message::Start(start(1, &[1, 2, 3])), u32::MAX).unwrap();
+    s.send_raw(&frame[..frame.len() / 2]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let term = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let pid = running.child.id();
+    term(pid);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        running.child.try_wait().unwrap().is_none(),
+        "the first signal should drain, not stop at once"
+    );
+    term(pid);
+    let exit = tokio::task::block_in_place(|| {
+        for _ in 0..200 {
+            if let Some(status) = running.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    });
+    let exit = exit.expect("the second signal did not stop the server");
+    assert_eq!(exit.code(), Some(130), "{exit}");
+}
