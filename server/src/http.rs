@@ -8,11 +8,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+
+/// A request's headers must arrive within this time: a half-sent request would otherwise hold
+/// its connection (and task) forever.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves until `shutdown` turns true.
 pub(crate) async fn serve(
@@ -39,6 +43,8 @@ pub(crate) async fn serve(
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

@@ -310,3 +310,27 @@ async fn a_second_signal_stops_a_draining_server_at_once() {
     let exit = exit.expect("the second signal did not stop the server");
     assert_eq!(exit.code(), Some(130), "{exit}");
 }
+
+/// A half-sent request on the metrics port is dropped once its headers are overdue, instead of
+/// holding the connection open forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_drops_a_half_sent_request() {
+    let mut config = uhlm_server::ServerConfig::local(common::llm_path(), ["k"]);
+    config.metrics = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let server = uhlm_server::Server::start_with_model(config, llm())
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(server.metrics_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the connection was still open 20 s after a half-sent request"
+    );
+    server.shutdown().await;
+}
