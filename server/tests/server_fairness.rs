@@ -66,8 +66,7 @@ fn verdict_token(m: Option<Message>) -> u32 {
 async fn a_long_prompt_delays_another_device_by_a_chunk_not_by_its_whole_prefill() {
     let model = llm();
     let server = server().await;
-    let (addr, fp) = (server.local_addr(), server.model_fingerprint());
-    let (client, _control) = Client::ready(addr, server.cert_der(), fp).await;
+    let (client, _control) = Client::ready_on(&server).await;
     let long = long_prompt(400);
     let short = prompt_tokens(&model, "The capital of France is");
 
@@ -99,11 +98,7 @@ async fn a_long_prompt_delays_another_device_by_a_chunk_not_by_its_whole_prefill
     assert_eq!(a_token, greedy(&long));
     // The long prompt but its last token went through the catch-up queue (the short one
     // too, unless its Verify came before its turn and scored it directly: one chunk either way).
-    let metrics = server.metrics_text();
-    let prefilled: usize = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("uhlm_prefilled_tokens_total ")?.parse().ok())
-        .expect("prefilled metric");
+    let prefilled = common::metric(&server, "uhlm_prefilled_tokens_total") as usize;
     assert!(
         (long.len() - 1..=long.len() + short.len() - 2).contains(&prefilled),
         "{prefilled}"
@@ -114,8 +109,7 @@ async fn a_long_prompt_delays_another_device_by_a_chunk_not_by_its_whole_prefill
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catching_up_stops_when_the_device_is_gone() {
     let server = server().await;
-    let (addr, fp) = (server.local_addr(), server.model_fingerprint());
-    let (client, _control) = Client::ready(addr, server.cert_der(), fp).await;
+    let (client, _control) = Client::ready_on(&server).await;
     let long = long_prompt(2000);
     let mut a = client.session().await;
     a.send(start(1, &long)).await;
@@ -124,12 +118,7 @@ async fn catching_up_stops_when_the_device_is_gone() {
     // The device gives up at once: its stream goes away, the server closes the session.
     drop(a);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let metric = |name: &str| -> f64 {
-        let text = server.metrics_text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in {text}"))
-    };
+    let metric = |name: &str| common::metric(&server, name);
     while metric("uhlm_sessions") > 0.0 {
         assert!(
             std::time::Instant::now() < deadline,

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{API_KEY, Client, Mirror, Stream, greedy_verifies, llm, prompt_tokens, start};
+use common::{API_KEY, Client, Mirror, Stream, greedy_verifies, llm, metric, prompt_tokens, start};
 use uhlm_core::protocol::{
     Cancel, ErrorCode, FinishReason, Finished, Generate, Message, SessionStream, Side,
 };
@@ -37,17 +37,6 @@ fn llm_greedy(prompt: &[u32], max_tokens: u32) -> Vec<u32> {
     .tokens
 }
 
-/// One sample from the server's metrics text.
-fn metric(server: &ServerHandle, name: &str) -> f64 {
-    let text = server.metrics_text();
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name).then(|| v.trim().parse::<f64>().ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
-}
-
 /// Polls a metric until `ok` (bounded by a generous deadline); returns the last value.
 async fn wait_metric(server: &ServerHandle, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
     for _ in 0..400 {
@@ -66,12 +55,7 @@ async fn started_session(
     server: &ServerHandle,
     prompt: &[u32],
 ) -> ((Client, Stream), Stream, SessionStream) {
-    let (client, control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, control) = Client::ready_on(server).await;
     let mut s = client.session().await;
     let mut state = SessionStream::new();
     let msg = Message::Start(start(1, prompt));
@@ -319,12 +303,7 @@ async fn out_of_order_generation_messages_are_refused() {
     let model = llm();
     let prompt = prompt_tokens(&model, PROMPT);
     // Generate before Start.
-    let (client, _control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, _control) = Client::ready_on(&server).await;
     let mut s = client.session().await;
     s.send(Generate {
         seq: 0,

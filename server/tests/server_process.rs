@@ -16,6 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uhlm_core::protocol::{Draft, ErrorCode, Message, Verify};
 use uhlm_core::sampling::argmax;
+use uhlm_model::Model;
 
 const FILE_KEY: &str = "file-key-42";
 
@@ -83,6 +84,43 @@ fn spawn(args: &[&str], dir: &Path) -> Running {
         fingerprint,
         metrics,
     }
+}
+
+/// Sends SIGTERM to `pid`.
+fn term(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The child's exit status, if it exits within `seconds`.
+fn exit_within(child: &mut Child, seconds: u64) -> Option<std::process::ExitStatus> {
+    tokio::task::block_in_place(|| {
+        for _ in 0..seconds * 10 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    })
+}
+
+/// A client of the spawned server, past `Hello` with the file's key; its control stream.
+async fn greeted(running: &Running, dir: &Path, model: &Model) -> (Client, common::Stream) {
+    let der = cert_der(dir);
+    let client = Client::connect(running.addr, &der).await;
+    let (control, answer) = client
+        .hello(
+            FILE_KEY,
+            model.fingerprint(),
+            uhlm_core::protocol::PROTOCOL_VERSION,
+        )
+        .await;
+    assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");
+    (client, control)
 }
 
 fn cert_der(dir: &Path) -> Vec<u8> {
@@ -172,16 +210,7 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
         "{health}"
     );
 
-    let der = cert_der(dir.path());
-    let client = Client::connect(running.addr, &der).await;
-    let (_control, answer) = client
-        .hello(
-            FILE_KEY,
-            model.fingerprint(),
-            uhlm_core::protocol::PROTOCOL_VERSION,
-        )
-        .await;
-    assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");
+    let (client, _control) = greeted(&running, dir.path(), &model).await;
     let mut s = client.session().await;
     let prompt = prompt_tokens(&model, "The recipe for a good loaf of bread starts with");
     s.send(start(1, &prompt)).await;
@@ -216,11 +245,7 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &running.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    term(running.child.id());
     match s.recv().await {
         Some(Message::Verdict(v)) => assert_eq!((v.seq, v.token, v.accepted), (1, best, true)),
         other => panic!("the in-flight Verify was not answered: {other:?}"),
@@ -232,16 +257,8 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
         other => panic!("unexpected message after shutdown: {other:?}"),
     }
     let mut running = running;
-    let exit = tokio::task::block_in_place(|| {
-        for _ in 0..300 {
-            if let Some(status) = running.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    });
-    let exit = exit.expect("server did not exit within 30 s of SIGTERM");
+    let exit =
+        exit_within(&mut running.child, 30).expect("server did not exit within 30 s of SIGTERM");
     assert!(exit.success(), "server exited with {exit}");
 }
 
@@ -267,29 +284,13 @@ async fn a_second_signal_stops_a_draining_server_at_once() {
         ],
         dir.path(),
     );
-    let der = cert_der(dir.path());
-    let client = Client::connect(running.addr, &der).await;
-    let (_control, answer) = client
-        .hello(
-            FILE_KEY,
-            model.fingerprint(),
-            uhlm_core::protocol::PROTOCOL_VERSION,
-        )
-        .await;
-    assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");
+    let (client, _control) = greeted(&running, dir.path(), &model).await;
     let mut s = client.session().await;
     let frame =
         uhlm_core::protocol::encode_frame(&Message::Start(start(1, &[1, 2, 3])), u32::MAX).unwrap();
     s.send_raw(&frame[..frame.len() / 2]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let term = |pid: u32| {
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
     let pid = running.child.id();
     term(pid);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -298,16 +299,8 @@ async fn a_second_signal_stops_a_draining_server_at_once() {
         "the first signal should drain, not stop at once"
     );
     term(pid);
-    let exit = tokio::task::block_in_place(|| {
-        for _ in 0..200 {
-            if let Some(status) = running.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    });
-    let exit = exit.expect("the second signal did not stop the server");
+    let exit =
+        exit_within(&mut running.child, 20).expect("the second signal did not stop the server");
     assert_eq!(exit.code(), Some(130), "{exit}");
 }
 

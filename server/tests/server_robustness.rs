@@ -128,12 +128,7 @@ async fn invalid_requests_get_typed_errors() {
     let server = Server::start_with_model(config, model.clone())
         .await
         .unwrap();
-    let (client, _control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, _control) = Client::ready_on(&server).await;
 
     // A prompt longer than the context limit.
     let mut s = client.session().await;

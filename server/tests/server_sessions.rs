@@ -99,10 +99,7 @@ async fn sixteen_concurrent_sessions_get_greedy_verdicts() {
         .iter()
         .map(|t| prompt_tokens(&model, t).len().saturating_sub(1))
         .sum();
-    let prefilled: usize = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("uhlm_prefilled_tokens_total ")?.parse().ok())
-        .expect("prefilled metric");
+    let prefilled = common::metric(&server, "uhlm_prefilled_tokens_total") as usize;
     assert!(
         prefilled > 0 && prefilled <= at_most,
         "{prefilled} of {at_most}"
@@ -131,12 +128,7 @@ async fn evicted_session_resyncs_and_continues_correctly() {
     let server = Server::start_with_model(config, model.clone())
         .await
         .unwrap();
-    let (client, _control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, _control) = Client::ready_on(&server).await;
 
     let mut a = client.session().await;
     a.send(start(1, &a_prompt)).await;
@@ -195,12 +187,7 @@ async fn chat_prompts_are_rendered_by_the_server() {
     )
     .await
     .unwrap();
-    let (client, _control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, _control) = Client::ready_on(&server).await;
     let messages = vec![ChatMessage::user("What is the capital of Italy?")];
     let mut s = client.session().await;
     s.send(Start {
@@ -234,12 +221,7 @@ async fn session_rate_and_idle_limits() {
     let server = Server::start_with_model(config, model.clone())
         .await
         .unwrap();
-    let (client, _control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, _control) = Client::ready_on(&server).await;
 
     let mut s1 = client.session().await;
     s1.send(start(1, &[1, 2, 3])).await;
@@ -339,12 +321,7 @@ async fn the_memory_budget_counts_allocated_caches_and_a_resync_frees_them() {
     let server = Server::start_with_model(config, model.clone())
         .await
         .unwrap();
-    let (client, _control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, _control) = Client::ready_on(&server).await;
     let next = |position: usize| Verify {
         seq: 0,
         position: position as u32,
@@ -353,12 +330,7 @@ async fn the_memory_budget_counts_allocated_caches_and_a_resync_frees_them() {
         uncertainty: 0.0,
     };
     let verdict = |m: Option<Message>| assert!(matches!(m, Some(Message::Verdict(_))), "{m:?}");
-    let metric = |name: &str| -> f64 {
-        let text = server.metrics_text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in {text}"))
-    };
+    let metric = |name: &str| common::metric(&server, name);
 
     // A long context, then a resync to a short one: the long one's buffers go.
     let mut a = client.session().await;
@@ -409,12 +381,7 @@ async fn a_trickled_request_meets_the_idle_deadline() {
     let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
     config.idle_timeout = Duration::from_secs(2);
     let server = Server::start_with_model(config, llm()).await.unwrap();
-    let (client, _control) = Client::ready(
-        server.local_addr(),
-        server.cert_der(),
-        server.model_fingerprint(),
-    )
-    .await;
+    let (client, _control) = Client::ready_on(&server).await;
     let mut s = client.session().await;
     s.send(start(1, &[1, 2, 3])).await;
     assert!(matches!(s.recv().await, Some(Message::Started(_))));

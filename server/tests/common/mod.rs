@@ -142,6 +142,16 @@ impl Client {
         (control, answer)
     }
 
+    /// [`ready`](Self::ready) against an in-process server.
+    pub async fn ready_on(server: &uhlm_server::ServerHandle) -> (Self, Stream) {
+        Self::ready(
+            server.local_addr(),
+            server.cert_der(),
+            server.model_fingerprint(),
+        )
+        .await
+    }
+
     /// Connects and completes the handshake with the right key and fingerprint.
     pub async fn ready(addr: SocketAddr, cert_der: &[u8], fingerprint: [u8; 32]) -> (Self, Stream) {
         let client = Self::connect(addr, cert_der).await;
@@ -290,4 +300,12 @@ fn second_best(logits: &[f32], best: u32) -> u32 {
 fn cached_file(file: &str) -> String {
     let dir = uhlm_model::fetch::models_dir().expect("the model cache directory");
     dir.join(file).to_string_lossy().into_owned()
+}
+
+/// One sample of an in-process server's metrics (`uhlm_sessions`, ...).
+pub fn metric(server: &uhlm_server::ServerHandle, name: &str) -> f64 {
+    let text = server.metrics_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in {text}"))
 }
