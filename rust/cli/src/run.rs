@@ -25,8 +25,13 @@ pub struct RunArgs {
     /// SHA-256 of the server certificate, as `uhlm-server` prints it [default: system roots].
     #[arg(long)]
     pin: Option<String>,
+    /// The API key. On a shared machine prefer `UHLM_API_KEY` or `--api-key-file`: a command
+    /// line is visible to every user in `ps`.
     #[arg(long, env = "UHLM_API_KEY", default_value = "", hide_env_values = true)]
     api_key: String,
+    /// A file whose first line is the API key (wins over `--api-key`).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
     /// uhlm (skip confident tokens), hlm (verify all), slm (local only), llm (server only).
     #[arg(long, default_value = "uhlm")]
     mode: Mode,
@@ -73,6 +78,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         bail!("empty prompt: give the text to continue");
     }
     let slm = fetch::resolve_model(&args.slm)?;
+    let api_key = match &args.api_key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the API key from {}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        None => args.api_key.clone(),
+    };
     let policy = match (args.mode, args.threshold) {
         (Mode::Hlm, _) => PolicyConfig::send_all(),
         (_, Some(u)) => PolicyConfig::fixed(u),
@@ -82,7 +97,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         slm_path: slm,
         server: args.server.clone(),
         pin: args.pin.clone(),
-        api_key: args.api_key.clone(),
+        api_key,
         mode: args.mode,
         policy,
         calibration: args.calibration.clone(),

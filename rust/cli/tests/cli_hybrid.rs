@@ -111,7 +111,10 @@ fn derive_draft(dir: &Path, llm: &Path) -> PathBuf {
     slm
 }
 
+/// `uhlm run --json` against `server`, the key read from a file (never on the command line).
 fn run_json(server: &Server, slm: &Path, extra: &[&str]) -> Value {
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), format!("{}\n", server.key)).unwrap();
     let mut args = vec![
         "run".to_string(),
         "--slm".into(),
@@ -120,8 +123,8 @@ fn run_json(server: &Server, slm: &Path, extra: &[&str]) -> Value {
         server.addr.clone(),
         "--pin".into(),
         server.pin.clone(),
-        "--api-key".into(),
-        server.key.clone(),
+        "--api-key-file".into(),
+        key_file.path().display().to_string(),
         "--json".into(),
         "--seed".into(),
         "3".into(),
