@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub api_key_list: Vec<String>,
     /// Most concurrent sessions over all connections.
     pub max_sessions: usize,
+    /// Most open QUIC connections, authenticated or not; more are refused at the handshake, so
+    /// a flood of connections cannot make the server hold their state.
+    pub max_connections: usize,
     /// Most tokens in one session's context (also capped by the model's context window).
     pub max_context_tokens: u32,
     /// Most tokens one `Generate` request may ask for (announced in `Welcome`); a device that
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             api_keys: None,
             api_key_list: Vec::new(),
             max_sessions: 256,
+            max_connections: 1024,
             max_context_tokens: 8192,
             max_generate_tokens: 4096,
             kv_memory_budget_bytes: 4 << 30,
@@ -163,8 +167,12 @@ impl ServerConfig {
         if self.api_keys.is_none() && self.api_key_list.is_empty() {
             return bad("no API keys: give --api-keys FILE (unauthenticated mode does not exist)");
         }
-        if self.max_sessions == 0 || self.max_batch == 0 || self.workers == 0 {
-            return bad("max_sessions, max_batch and workers must be at least 1");
+        if self.max_sessions == 0
+            || self.max_connections == 0
+            || self.max_batch == 0
+            || self.workers == 0
+        {
+            return bad("max_sessions, max_connections, max_batch and workers must be at least 1");
         }
         if self.max_context_tokens < 2 {
             return bad("max_context_tokens must be at least 2");
@@ -215,6 +223,8 @@ pub struct ServerArgs {
     pub api_keys: Option<PathBuf>,
     #[arg(long)]
     pub max_sessions: Option<usize>,
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     #[arg(long)]
     pub max_context_tokens: Option<u32>,
     /// Most tokens one Generate request (LLM-only streaming) may ask for.
@@ -276,6 +286,7 @@ impl ServerArgs {
             config.api_keys = self.api_keys;
         }
         set(&mut config.max_sessions, self.max_sessions);
+        set(&mut config.max_connections, self.max_connections);
         set(&mut config.max_context_tokens, self.max_context_tokens);
         set(&mut config.max_generate_tokens, self.max_generate_tokens);
         set(

@@ -182,6 +182,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
+                Some(incoming) if connections.len() >= shared.config.max_connections => {
+                    tracing::warn!(
+                        remote = %incoming.remote_address(),
+                        limit = shared.config.max_connections,
+                        "connection refused: too many open connections"
+                    );
+                    incoming.refuse();
+                }
                 Some(incoming) => {
                     connections.spawn(crate::connection::serve(shared.clone(), incoming));
                 }

@@ -125,3 +125,45 @@ async fn a_client_without_the_alpn_cannot_connect() {
     );
     server.shutdown().await;
 }
+
+/// Connections beyond `max_connections` are refused at the handshake (there was no limit);
+/// once one closes, a new one gets in.
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused() {
+    let config = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::local(common::llm_path(), [API_KEY])
+    };
+    let server = Server::start_with_model(config, llm()).await.unwrap();
+    let (first, _control) = Client::ready_on(&server).await;
+    let endpoint = common::client_endpoint(server.cert_der());
+    let refused = endpoint
+        .connect(server.local_addr(), "localhost")
+        .unwrap()
+        .await;
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "{refused:?}"
+    );
+    first.conn.close(0u32.into(), b"done");
+    drop(first);
+    // The server notices the close and makes room.
+    let mut admitted = None;
+    for _ in 0..100 {
+        let endpoint = common::client_endpoint(server.cert_der());
+        if let Ok(c) = endpoint
+            .connect(server.local_addr(), "localhost")
+            .unwrap()
+            .await
+        {
+            admitted = Some(c);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        admitted.is_some(),
+        "no connection admitted after the first closed"
+    );
+    server.shutdown().await;
+}
