@@ -52,8 +52,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Largest frame payload accepted (and announced in `Welcome`).
     pub max_frame_bytes: u32,
-    /// Requests (`Start`, `Verify`, `Resync`, `Generate`) per second per API key; 0 = unlimited. Bursts of
-    /// one second's worth are allowed.
+    /// Requests (`Start`, `Verify`, `Resync`, `Generate`) per second per API key; 0 = unlimited.
+    /// Bursts of one second's worth are allowed. The default is far above what one model
+    /// serves (one `Verify` is a forward pass), so it only stops a flood.
     pub rate_limit: f64,
     /// How long a worker waits for more requests to batch after the first one arrives.
     #[serde(with = "humantime_serde")]
@@ -90,7 +91,7 @@ impl Default for ServerConfig {
             kv_memory_budget_bytes: 4 << 30,
             idle_timeout: Duration::from_secs(300),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-            rate_limit: 0.0,
+            rate_limit: 1000.0,
             batch_wait: Duration::from_millis(2),
             max_batch: 16,
             prefill_chunk_tokens: 128,
@@ -353,5 +354,16 @@ mod tests {
         let mut c = ServerConfig::local("/m.gguf", ["k"]);
         c.self_signed = false;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_defaults_bound_what_one_peer_can_take() {
+        let c = ServerConfig::default();
+        assert!(c.rate_limit > 0.0, "rate limiting is on by default");
+        assert!(c.max_connections > 0 && c.max_sessions > 0);
+        assert!(c.prefill_chunk_tokens > 0 && c.idle_timeout > Duration::ZERO);
+        let mut zero = ServerConfig::local("/m.gguf", ["k"]);
+        zero.max_connections = 0;
+        assert!(zero.validate().is_err());
     }
 }
