@@ -310,7 +310,15 @@ async fn handle_start(
     let (context, rendered) = match start.prompt {
         Prompt::Tokens(t) => (t, None),
         Prompt::Chat(messages) => {
-            let ids = render_chat(shared, &messages)?;
+            check_chat_size(shared, &messages)?;
+            // Rendering and tokenising are CPU work: off the I/O threads.
+            let shared_for_render = shared.clone();
+            let ids =
+                tokio::task::spawn_blocking(move || render_chat(&shared_for_render, &messages))
+                    .await
+                    .map_err(|_| {
+                        ErrorMessage::new(ErrorCode::Internal, "rendering the chat failed")
+                    })??;
             (ids.clone(), Some(ids))
         }
     };
@@ -348,6 +356,34 @@ async fn handle_start(
         context_len,
         rendered,
     })
+}
+
+/// Bytes of chat text per context token beyond which a conversation cannot fit: text averages
+/// 3-5 bytes a token, so this only refuses what is far too long, before any work on it.
+const MAX_CHAT_BYTES_PER_TOKEN: usize = 32;
+
+/// Refuses a conversation that cannot fit the context, from its size alone (a 1 MiB chat was
+/// rendered and tokenised before the length check).
+fn check_chat_size(
+    shared: &Shared,
+    messages: &[uhlm_core::chat::ChatMessage],
+) -> Result<(), Failure> {
+    let bytes: usize = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len())
+        .sum();
+    let limit = shared.max_context_tokens as usize * MAX_CHAT_BYTES_PER_TOKEN;
+    if bytes > limit {
+        return Err(ErrorMessage::new(
+            ErrorCode::ContextTooLong,
+            format!(
+                "a chat of {bytes} bytes cannot fit a context of {} tokens; refused before \
+                 rendering",
+                shared.max_context_tokens
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn render_chat(

@@ -208,6 +208,23 @@ async fn chat_prompts_are_rendered_by_the_server() {
     assert_eq!(rendered, model.tokenizer().encode(&text, false).unwrap());
     let mut mirror = Mirror::new(&model, &rendered);
     greedy_verifies(&mut s, &mut mirror, 2, 0).await.unwrap();
+
+    // A conversation far too long for the context is refused from its size, before the
+    // server spends any work rendering and tokenising it.
+    let mut long = client.session().await;
+    long.send(Start {
+        session_id: 10,
+        prompt: Prompt::Chat(vec![ChatMessage::user("word ".repeat(60_000))]),
+        sampling: SamplingOptions::greedy(8),
+    })
+    .await;
+    match long.recv().await {
+        Some(Message::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::ContextTooLong, "{e}");
+            assert!(e.message.contains("before rendering"), "{e}");
+        }
+        other => panic!("expected ContextTooLong, got {other:?}"),
+    }
     server.shutdown().await;
 }
 
