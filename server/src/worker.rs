@@ -313,13 +313,14 @@ impl Worker {
             }
             self.step_generation(&protected);
             self.step_catch_up(&protected);
-            self.report_kv_bytes();
+            // Closes and resyncs free caches without an eviction pass.
+            self.report_kv_bytes(self.allocated_kv_bytes());
         }
         // Generations still running end here; their session tasks see the channel close.
         self.streams.clear();
         self.metrics.sessions.dec_by(self.sessions.len() as i64);
         self.sessions.clear();
-        self.report_kv_bytes();
+        self.report_kv_bytes(0);
     }
 
     fn handle(&mut self, job: Job, protected: &HashSet<SessionKey>) {
@@ -727,14 +728,13 @@ impl Worker {
         Ok(Some(reason))
     }
 
-    /// Publishes this worker's share of the allocated KV bytes.
-    fn report_kv_bytes(&mut self) {
-        let bytes: u64 = self
-            .sessions
-            .values()
-            .filter_map(|e| e.llm.as_ref())
-            .map(|s| s.kv_cache_bytes() as u64)
-            .sum();
+    /// KV bytes this worker's caches hold allocated.
+    fn allocated_kv_bytes(&self) -> u64 {
+        self.sessions.values().map(kv_bytes).sum()
+    }
+
+    /// Publishes this worker's share of the allocated KV bytes, `bytes`.
+    fn report_kv_bytes(&mut self, bytes: u64) {
         self.metrics
             .kv_cache_bytes
             .inc_by(bytes as i64 - self.reported_kv_bytes as i64);
@@ -745,8 +745,7 @@ impl Worker {
     /// A cache counts what it holds allocated, not the tokens in use: a session rolled back or
     /// started on a short context after a long one still holds its buffers.
     fn enforce_budget(&mut self, protected: &HashSet<SessionKey>) {
-        let cached = |e: &Entry| e.llm.as_ref().map_or(0, |s| s.kv_cache_bytes() as u64);
-        let mut used: u64 = self.sessions.values().map(cached).sum();
+        let mut used = self.allocated_kv_bytes();
         while used > self.budget {
             let victim = self
                 .sessions
@@ -756,15 +755,20 @@ impl Worker {
                 .map(|(k, _)| *k);
             let Some(victim) = victim else { break };
             if let Some(e) = self.sessions.get_mut(&victim) {
-                used -= cached(e);
+                used -= kv_bytes(e);
                 e.llm = None;
                 e.pending.clear();
                 self.metrics.evictions.inc();
                 tracing::debug!(session = victim, "evicted an idle session's KV cache");
             }
         }
-        self.report_kv_bytes();
+        self.report_kv_bytes(used);
     }
+}
+
+/// KV bytes an entry's cache holds allocated (none once evicted).
+fn kv_bytes(e: &Entry) -> u64 {
+    e.llm.as_ref().map_or(0, |s| s.kv_cache_bytes() as u64)
 }
 
 /// Maps a model error on client-supplied tokens to the code the client can act on.

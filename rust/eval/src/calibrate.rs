@@ -103,15 +103,20 @@ impl CalibrationRun {
     /// `(u, beta)` of estimator `i`, one list per prompt (each prompt's generation is one
     /// output of the per-output risk).
     pub fn outputs_of(&self, i: usize) -> Vec<Vec<Sample>> {
-        let mut outputs: Vec<Vec<Sample>> = Vec::new();
+        self.outputs_with(|s| Sample {
+            u: s.u[i],
+            beta: s.beta,
+        })
+    }
+
+    /// Every labelled token as `token(label)`, one list per prompt.
+    fn outputs_with<T>(&self, token: impl Fn(&Labelled) -> T) -> Vec<Vec<T>> {
+        let mut outputs: Vec<Vec<T>> = Vec::new();
         for s in &self.samples {
             if outputs.len() <= s.prompt {
                 outputs.resize_with(s.prompt + 1, Vec::new);
             }
-            outputs[s.prompt].push(Sample {
-                u: s.u[i],
-                beta: s.beta,
-            });
+            outputs[s.prompt].push(token(s));
         }
         outputs
     }
@@ -125,14 +130,8 @@ impl CalibrationRun {
                 .iter()
                 .map(|k| run.options.estimators.iter().position(|e| e == k))
                 .collect::<Option<_>>()?;
-            let base = outputs.len();
-            for s in &run.samples {
-                if outputs.len() <= base + s.prompt {
-                    outputs.resize_with(base + s.prompt + 1, Vec::new);
-                }
-                let signals = columns.iter().map(|&c| s.u[c]).collect();
-                outputs[base + s.prompt].push((signals, s.beta));
-            }
+            outputs
+                .extend(run.outputs_with(|s| (columns.iter().map(|&c| s.u[c]).collect(), s.beta)));
         }
         Some(outputs)
     }

@@ -124,7 +124,8 @@ impl Default for EngineConfig {
             threads: None,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
-            // A 1.5B model on two CPU cores prefills 50-100 tokens/s.
+            // `uhlm bench model` measured the 1.5B server model prefilling 57 (one thread) to
+            // 98 (two) tokens/s on a 2-core machine (docs/BENCHMARKS.md): 20 ms covers both.
             prefill_ms_per_token: 20,
             keep_alive_ms: 2_000,
             idle_timeout_ms: 15_000,
@@ -148,7 +149,7 @@ impl EngineConfig {
         // Checked here, not at connect time, where a bad address would only look like a server
         // that is down: the generation would run offline and report success.
         if let Some(addr) = self.server.as_deref().filter(|a| !a.is_empty()) {
-            check_server_address(addr)?;
+            server_host(addr)?;
         }
         if let Some(pin) = &self.pin {
             crate::tls::parse_pin(pin)?;
@@ -196,21 +197,21 @@ impl EngineConfig {
     }
 }
 
-/// `host:port` with a numeric port (`[v6]:port` for IPv6 literals).
-fn check_server_address(addr: &str) -> Result<(), SdkError> {
-    let port = match addr.rsplit_once(':') {
+/// The host of a `host:port` server address with a numeric port (`[v6]:port` for IPv6
+/// literals, brackets removed): the name TLS checks the certificate against.
+pub(crate) fn server_host(addr: &str) -> Result<&str, SdkError> {
+    match addr.rsplit_once(':') {
         // A bare IPv6 literal has colons but no port.
-        Some((host, port)) if !host.is_empty() && (!host.contains(':') || host.ends_with(']')) => {
-            port
+        Some((host, port))
+            if !host.is_empty()
+                && (!host.contains(':') || host.ends_with(']'))
+                && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+        {
+            Ok(host.trim_start_matches('[').trim_end_matches(']'))
         }
-        _ => "",
-    };
-    if port.parse::<u16>().is_ok_and(|p| p != 0) {
-        Ok(())
-    } else {
-        Err(SdkError::InvalidConfig(format!(
+        _ => Err(SdkError::InvalidConfig(format!(
             "server address {addr:?} must be host:port (e.g. 127.0.0.1:4433, [::1]:4433)"
-        )))
+        ))),
     }
 }
 
@@ -245,6 +246,8 @@ mod tests {
             server: Some(server.into()),
             ..EngineConfig::default()
         };
+        assert_eq!(server_host("[::1]:4433").unwrap(), "::1");
+        assert_eq!(server_host("localhost:4433").unwrap(), "localhost");
         for good in [
             "127.0.0.1:4433",
             "localhost:4433",

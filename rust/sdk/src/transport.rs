@@ -72,14 +72,7 @@ async fn resolve(addr: &str) -> Result<(SocketAddr, String), SdkError> {
         addr: addr.to_string(),
         reason,
     };
-    let host = match addr.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-        None => {
-            return Err(SdkError::InvalidConfig(format!(
-                "server address {addr:?} must be host:port"
-            )));
-        }
-    };
+    let host = crate::config::server_host(addr)?.to_string();
     let sock = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
