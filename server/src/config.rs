@@ -39,6 +39,12 @@ pub struct ServerConfig {
     /// Most open QUIC connections, authenticated or not; more are refused at the handshake, so
     /// a flood of connections cannot make the server hold their state.
     pub max_connections: usize,
+    /// Most concurrent sessions one API key may hold. `None`: half of `max_sessions` when the
+    /// server has several keys (one tenant cannot take every slot), all of them with one key.
+    pub max_sessions_per_key: Option<usize>,
+    /// Most connections one API key may hold, with the same default rule as
+    /// `max_sessions_per_key` (half of `max_connections` with several keys).
+    pub max_connections_per_key: Option<usize>,
     /// Most tokens in one session's context (also capped by the model's context window).
     pub max_context_tokens: u32,
     /// Most tokens one `Generate` request may ask for (announced in `Welcome`); a device that
@@ -86,6 +92,8 @@ impl Default for ServerConfig {
             api_key_list: Vec::new(),
             max_sessions: 256,
             max_connections: 1024,
+            max_sessions_per_key: None,
+            max_connections_per_key: None,
             max_context_tokens: 8192,
             max_generate_tokens: 4096,
             kv_memory_budget_bytes: 4 << 30,
@@ -149,6 +157,17 @@ impl ServerConfig {
         Ok(config)
     }
 
+    /// The per-key caps on sessions and connections for a server with `keys` API keys.
+    pub fn per_key_caps(&self, keys: usize) -> (usize, usize) {
+        let default = |total: usize| if keys > 1 { total.div_ceil(2) } else { total };
+        (
+            self.max_sessions_per_key
+                .unwrap_or_else(|| default(self.max_sessions)),
+            self.max_connections_per_key
+                .unwrap_or_else(|| default(self.max_connections)),
+        )
+    }
+
     /// Checks what can be checked without touching files.
     pub fn validate(&self) -> Result<(), ServerError> {
         let bad = |m: &str| Err(ServerError::Config(m.to_string()));
@@ -174,6 +193,9 @@ impl ServerConfig {
             || self.workers == 0
         {
             return bad("max_sessions, max_connections, max_batch and workers must be at least 1");
+        }
+        if self.max_sessions_per_key == Some(0) || self.max_connections_per_key == Some(0) {
+            return bad("max_sessions_per_key and max_connections_per_key must be at least 1");
         }
         if self.max_context_tokens < 2 {
             return bad("max_context_tokens must be at least 2");
@@ -226,6 +248,12 @@ pub struct ServerArgs {
     pub max_sessions: Option<usize>,
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Most sessions per API key (default: half of --max-sessions with several keys).
+    #[arg(long)]
+    pub max_sessions_per_key: Option<usize>,
+    /// Most connections per API key (default: half of --max-connections with several keys).
+    #[arg(long)]
+    pub max_connections_per_key: Option<usize>,
     #[arg(long)]
     pub max_context_tokens: Option<u32>,
     /// Most tokens one Generate request (LLM-only streaming) may ask for.
@@ -288,6 +316,12 @@ impl ServerArgs {
         }
         set(&mut config.max_sessions, self.max_sessions);
         set(&mut config.max_connections, self.max_connections);
+        if self.max_sessions_per_key.is_some() {
+            config.max_sessions_per_key = self.max_sessions_per_key;
+        }
+        if self.max_connections_per_key.is_some() {
+            config.max_connections_per_key = self.max_connections_per_key;
+        }
         set(&mut config.max_context_tokens, self.max_context_tokens);
         set(&mut config.max_generate_tokens, self.max_generate_tokens);
         set(

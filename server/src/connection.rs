@@ -50,8 +50,21 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    let key_id = match hello.and_then(|h| check_hello(&shared, &h)) {
-        Ok(id) => id,
+    let checked = hello.and_then(|h| check_hello(&shared, &h)).and_then(|id| {
+        match shared.key_connections.acquire(id) {
+            Some(held) => Ok((id, held)),
+            None => Err(ErrorMessage::new(
+                ErrorCode::SessionLimit,
+                format!(
+                    "this API key already holds {} connections, its limit",
+                    shared.key_connections.max()
+                ),
+            )),
+        }
+    });
+    // Held until this function returns, with the connection.
+    let (key_id, _key_connection) = match checked {
+        Ok(held) => held,
         Err(err) => {
             tracing::info!(%remote, code = %err.code, message = %err.message, "connection refused");
             let reason = err.message.clone().into_bytes();

@@ -20,6 +20,7 @@ pub mod config;
 mod connection;
 mod error;
 mod http;
+mod key_quota;
 mod metrics;
 mod rate_limit;
 pub mod serve;

@@ -13,6 +13,7 @@ use uhlm_model::{LoadOptions, Model};
 use crate::auth::ApiKeys;
 use crate::config::ServerConfig;
 use crate::error::ServerError;
+use crate::key_quota::KeyQuota;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::tls;
@@ -32,6 +33,9 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub workers: WorkerPool,
     pub session_slots: Arc<Semaphore>,
+    /// Sessions and connections each API key holds (see `ServerConfig::per_key_caps`).
+    pub key_sessions: KeyQuota,
+    pub key_connections: KeyQuota,
     pub shutdown: watch::Receiver<bool>,
     next_key: AtomicU64,
 }
@@ -135,7 +139,10 @@ impl Server {
         };
         let workers = WorkerPool::start(model.clone(), &settings, metrics.clone())
             .map_err(|e| ServerError::Config(format!("cannot start model worker threads: {e}")))?;
+        let (per_key_sessions, per_key_connections) = config.per_key_caps(keys.len());
         let shared = Arc::new(Shared {
+            key_sessions: KeyQuota::new(per_key_sessions),
+            key_connections: KeyQuota::new(per_key_connections),
             fingerprint: model.fingerprint(),
             limiter: RateLimiter::new(config.rate_limit),
             session_slots: Arc::new(Semaphore::new(config.max_sessions)),

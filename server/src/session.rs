@@ -17,6 +17,7 @@ use uhlm_core::protocol::{
 };
 
 use crate::auth::KeyId;
+use crate::key_quota::Held;
 use crate::server::Shared;
 use crate::worker::{Failure, GenEvent, Job, SessionKey};
 
@@ -147,6 +148,7 @@ struct Opened {
     key: SessionKey,
     shared: Arc<Shared>,
     _slot: OwnedSemaphorePermit,
+    _key_slot: Held,
 }
 
 impl Drop for Opened {
@@ -324,6 +326,15 @@ async fn handle_start(
     };
     let context_len = u32::try_from(context.len())
         .map_err(|_| ErrorMessage::new(ErrorCode::ContextTooLong, "the prompt is too long"))?;
+    let key_slot = shared.key_sessions.acquire(key_id).ok_or_else(|| {
+        ErrorMessage::new(
+            ErrorCode::SessionLimit,
+            format!(
+                "this API key already holds {} sessions, its limit",
+                shared.key_sessions.max()
+            ),
+        )
+    })?;
     let slot = shared
         .session_slots
         .clone()
@@ -350,6 +361,7 @@ async fn handle_start(
         key,
         shared: shared.clone(),
         _slot: slot,
+        _key_slot: key_slot,
     });
     Ok(Started {
         session_id: start.session_id,

@@ -16,7 +16,8 @@
 //! the other requests ([`catch_up`]), so one long prompt cannot stall every device.
 //!
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
-//! token of its allocated capacity (which grows by doubling and shrinks only on a resync).
+//! token of its allocated capacity (which grows by a quarter at a time and shrinks only on a
+//! resync).
 //! When the allocated bytes over a worker's sessions exceed its share of the budget, the least
 //! recently used sessions outside the current batch lose their cache; their next `Verify` is
 //! answered `NeedResync`.
@@ -32,7 +33,6 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc as async_mpsc, oneshot};
-use uhlm_core::codec;
 use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Generate, Verdict, Verify};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
 use uhlm_model::{Model, ModelError, Session};
@@ -486,16 +486,6 @@ impl Worker {
     fn verify(&mut self, key: SessionKey, v: &Verify) -> Result<Verdict, Failure> {
         let vocab = self.model.info().vocab_size;
         let max_context = self.settings.max_context_tokens;
-        self.check_tokens(&v.skipped)?;
-        let q = match &v.draft {
-            Some(d) => Some(codec::decode(&d.q, Some(vocab)).map_err(|e| {
-                fail(
-                    ErrorCode::InvalidRequest,
-                    format!("cannot decode the draft distribution: {e}"),
-                )
-            })?),
-            None => None,
-        };
         let clock = self.clock;
         let entry = self.sessions.get_mut(&key).ok_or_else(|| {
             fail(
@@ -509,26 +499,7 @@ impl Worker {
                 "this session's cache was evicted to free memory; resend the context",
             ));
         };
-        let base = llm.len() + entry.pending.len();
-        if v.base_len() != u32::try_from(base).ok() {
-            return Err(fail(
-                ErrorCode::PositionMismatch,
-                format!(
-                    "Verify at position {} after {} skipped tokens, but the server holds {base} tokens",
-                    v.position,
-                    v.skipped.len()
-                ),
-            ));
-        }
-        if v.position as usize >= max_context {
-            return Err(fail(
-                ErrorCode::ContextTooLong,
-                format!(
-                    "position {} reaches the context limit of {max_context}",
-                    v.position
-                ),
-            ));
-        }
+        let q = v.check(llm.len() + entry.pending.len(), vocab, max_context)?;
         let pending_len = entry.pending.len();
         let mut chunk = std::mem::take(&mut entry.pending);
         chunk.extend_from_slice(&v.skipped);

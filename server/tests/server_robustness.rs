@@ -184,3 +184,46 @@ async fn invalid_requests_get_typed_errors() {
     assert_eq!((e.code, e.seq), (ErrorCode::InvalidRequest, Some(6)));
     server.shutdown().await;
 }
+
+/// Before it has said Hello, a peer may make the server buffer no more than the connection's
+/// receive window (4 frames' worth): eight streams each pushing 2 MiB that the server never
+/// reads get about 4 MiB through in all, then QUIC's flow control stops them. (quinn's default
+/// connection window is unlimited: the same peer used to park ~10 MB here, and hundreds of MB
+/// with more streams.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_peer_can_make_the_server_buffer_only_its_window() {
+    let config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    let window = 4 * (u64::from(config.max_frame_bytes) + 64 * 1024);
+    let server = Server::start_with_model(config, llm()).await.unwrap();
+    let client = Client::connect(server.local_addr(), server.cert_der()).await;
+    // The control stream: the start of a Hello that never comes (the server waits for it).
+    let (mut control, _control_recv) = client.conn.open_bi().await.unwrap();
+    control.write_all(&100u32.to_be_bytes()).await.unwrap();
+    let mut pushers = Vec::new();
+    for _ in 0..8 {
+        let (mut send, _recv) = client.conn.open_bi().await.unwrap();
+        pushers.push(tokio::spawn(async move {
+            let chunk = vec![0x55u8; 16 * 1024];
+            let mut sent = 0u64;
+            // Each write returns once QUIC has credit for it; a stalled one means none is left.
+            while sent < 2 << 20 {
+                match tokio::time::timeout(Duration::from_secs(3), send.write(&chunk)).await {
+                    Ok(Ok(n)) => sent += n as u64,
+                    _ => break,
+                }
+            }
+            sent
+        }));
+    }
+    let mut total = 0;
+    for p in pushers {
+        total += p.await.unwrap();
+    }
+    assert!(
+        total <= window,
+        "the peer got {total} bytes into the server, over the {window}-byte window"
+    );
+    // It did get some through: the streams were open and the window was used.
+    assert!(total >= window / 2, "only {total} bytes went through");
+    server.shutdown().await;
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::{API_KEY, Client, Mirror, greedy_verifies, llm, prompt_tokens, start};
 use uhlm_core::chat::ChatMessage;
-use uhlm_core::protocol::{Close, ErrorCode, Message, Prompt, Resync, Start, Verify};
+use uhlm_core::protocol::{
+    Close, ErrorCode, Message, PROTOCOL_VERSION, Prompt, Resync, Start, Verify,
+};
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_server::{Server, ServerConfig, kv_bytes_per_token};
 
@@ -329,10 +331,11 @@ async fn the_memory_budget_counts_allocated_caches_and_a_resync_frees_them() {
         s.score_last(tokens).unwrap();
         s.kv_cache_bytes() as u64
     };
-    // Room for two long contexts scored in one pass; the server scores them in chunks, its
-    // buffers growing by doubling, so it fits one and a bit.
+    // Room for two long contexts scored in one pass. The server scores them in chunks, its
+    // buffers growing as they go (never below what one pass allocates): two of them and the
+    // short one do not fit.
     let one = held(&long);
-    let budget = 3 * one;
+    let budget = 2 * one;
     let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
     config.kv_memory_budget_bytes = budget;
     config.batch_wait = Duration::ZERO;
@@ -428,4 +431,85 @@ async fn a_trickled_request_meets_the_idle_deadline() {
         }
     }
     panic!("the session stayed open while a request trickled in for over 10 s");
+}
+
+/// Two tenants share a server: by default neither may hold more than half of its sessions or
+/// connections, so one key holding its slots (the attack: idle sessions kept alive) leaves the
+/// other tenant served. A unit given back (a session closed) can be taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_api_key_cannot_take_every_slot() {
+    const OTHER_KEY: &str = "the-other-tenant";
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY, OTHER_KEY]);
+    config.max_sessions = 4;
+    config.max_connections = 4;
+    let server = Server::start_with_model(config, llm()).await.unwrap();
+    let (addr, cert, fingerprint) = (
+        server.local_addr(),
+        server.cert_der().to_vec(),
+        server.model_fingerprint(),
+    );
+
+    // The first tenant: two connections, then a third is refused at its Hello.
+    let (first, _c1) = Client::ready_on(&server).await;
+    let (_second, _c2) = Client::ready_on(&server).await;
+    let third = Client::connect(addr, &cert).await;
+    match third.hello(API_KEY, fingerprint, PROTOCOL_VERSION).await.1 {
+        Some(Message::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::SessionLimit, "{e}");
+            assert!(e.message.contains("2 connections"), "{e}");
+        }
+        other => panic!("expected SessionLimit, got {other:?}"),
+    }
+    // Two sessions, then a third is refused.
+    let mut s1 = first.session().await;
+    s1.send(start(1, &[1, 2, 3])).await;
+    assert!(matches!(s1.recv().await, Some(Message::Started(_))));
+    let mut s2 = first.session().await;
+    s2.send(start(2, &[1, 2, 3])).await;
+    assert!(matches!(s2.recv().await, Some(Message::Started(_))));
+    let mut s3 = first.session().await;
+    s3.send(start(3, &[1, 2, 3])).await;
+    match s3.recv().await {
+        Some(Message::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::SessionLimit, "{e}");
+            assert!(e.message.contains("2 sessions"), "{e}");
+        }
+        other => panic!("expected SessionLimit, got {other:?}"),
+    }
+
+    // The other tenant still connects and opens its sessions.
+    let other = Client::connect(addr, &cert).await;
+    // The control stream stays open: the connection lives as long as it does.
+    let (_other_control, answer) = other.hello(OTHER_KEY, fingerprint, PROTOCOL_VERSION).await;
+    assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");
+    for id in 1..=2 {
+        let mut s = other.session().await;
+        s.send(start(id, &[1, 2, 3])).await;
+        let reply = s.recv().await;
+        assert!(matches!(reply, Some(Message::Started(_))), "{reply:?}");
+    }
+
+    // A closed session gives its slot back to its key.
+    s1.send(Close {
+        reason: "done".into(),
+    })
+    .await;
+    while s1.recv().await.is_some() {}
+    let mut retry = first.session().await;
+    let mut started = false;
+    for _ in 0..50 {
+        retry.send(start(4, &[1, 2, 3])).await;
+        match retry.recv().await {
+            Some(Message::Started(_)) => {
+                started = true;
+                break;
+            }
+            Some(Message::Error(e)) if e.code == ErrorCode::SessionLimit => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("expected Started or SessionLimit, got {other:?}"),
+        }
+    }
+    assert!(started, "the closed session's slot never came back");
+    server.shutdown().await;
 }

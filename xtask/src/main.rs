@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bindings;
+mod soak;
 
 #[derive(Parser)]
 #[command(about = "uhlm project tasks")]
@@ -33,6 +34,18 @@ enum Task {
         /// Arguments for `uhlm bench humaneval`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The fault and load campaign: devices through a lossy emulated link, the server killed
+    /// and restarted, every generation checked (`--short`: the form CI runs).
+    Soak(soak::SoakArgs),
+    /// Run every fuzz target (cargo-fuzz, nightly) for a bounded time on its kept seeds
+    /// (`fuzz/seeds/TARGET`, read-only) and the working corpus (`fuzz/corpus/TARGET`).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Only these targets [default: every one].
+        targets: Vec<String>,
     },
     /// Check that uhlm-core stays free of I/O, async and model crates.
     CheckCoreDeps,
@@ -60,6 +73,8 @@ fn main() -> Result<()> {
         Task::Demo { args } => demo(&args),
         Task::Test => test(),
         Task::Humaneval { args } => humaneval(&args),
+        Task::Soak(args) => soak::soak(args),
+        Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
         Task::CheckCoreDeps => check_core_deps(),
         Task::Bindgen { check } => bindings::bindgen(check),
         Task::TestBindings => test_bindings(),
@@ -215,7 +230,79 @@ fn test() -> Result<()> {
         &["test", "--workspace"],
         &[("UHLM_REQUIRE_MODELS", "1")],
     )?;
-    test_bindings()
+    test_bindings()?;
+    fuzz(FUZZ_CI_SECONDS, &[])?;
+    soak::soak(soak::SoakArgs::short())
+}
+
+/// Seconds `test` fuzzes each target for: a bounded regression run over the kept seeds and
+/// whatever the fuzzer reaches in that time (`cargo xtask fuzz` runs longer).
+const FUZZ_CI_SECONDS: u64 = 10;
+
+/// Every `[[bin]]` of the fuzz crate, in the order its manifest lists them.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let manifest = std::fs::read_to_string(root().join("fuzz/Cargo.toml"))?;
+    Ok(manifest
+        .split("[[bin]]")
+        .skip(1)
+        .filter_map(|bin| {
+            let line = bin.lines().find(|l| l.trim_start().starts_with("name"))?;
+            Some(line.split('"').nth(1)?.to_string())
+        })
+        .collect())
+}
+
+fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("cannot run rustup")?;
+    if !String::from_utf8_lossy(&toolchains.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
+        run(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
+    }
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_fuzz {
+        run("cargo", &["install", "cargo-fuzz", "--locked"])?;
+    }
+    let targets = if only.is_empty() {
+        fuzz_targets()?
+    } else {
+        only.to_vec()
+    };
+    // One build for every target (the chat target reads SmolLM2 from the model cache).
+    // Optimised, with debug assertions (and the manifest's overflow checks).
+    run("cargo", &["+nightly", "fuzz", "build", "-O", "-a"])?;
+    let max_time = format!("-max_total_time={seconds}");
+    for target in &targets {
+        let corpus = format!("fuzz/corpus/{target}");
+        let seeds = format!("fuzz/seeds/{target}");
+        std::fs::create_dir_all(root().join(&corpus))?;
+        let mut args = vec![
+            "+nightly",
+            "fuzz",
+            "run",
+            "-O",
+            "-a",
+            target.as_str(),
+            &corpus,
+        ];
+        if root().join(&seeds).is_dir() {
+            args.push(&seeds);
+        }
+        // A slow input or a runaway allocation is a finding too.
+        args.extend(["--", &max_time, "-timeout=10", "-rss_limit_mb=4096"]);
+        run("cargo", &args)?;
+    }
+    Ok(())
 }
 
 fn test_bindings() -> Result<()> {

@@ -5,6 +5,7 @@ mod calibrate;
 mod demo;
 mod generate;
 mod humaneval;
+mod loadgen;
 mod models;
 mod pair_args;
 mod paper;
@@ -50,6 +51,8 @@ enum Command {
     Serve(uhlm_server::serve::ServeArgs),
     /// Run the whole system locally: in-process server, on-device draft, coloured tokens.
     Demo(demo::DemoArgs),
+    /// Many devices against one server, every generation checked (the soak campaign's load).
+    Loadgen(loadgen::LoadgenArgs),
 }
 
 fn init_tracing(verbose: u8) {
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Calibrate(args) => calibrate::run(args),
         Command::Run(args) => run::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Loadgen(args) => loadgen::run(args),
         Command::Serve(args) => uhlm_server::serve::serve_blocking(args),
     };
     match result {

@@ -38,15 +38,24 @@ impl GgufFile {
         let mut tensor_bytes = 0u64;
         for (name, info) in &content.tensor_infos {
             let block = info.ggml_dtype.block_size();
-            let elems = info.shape.elem_count();
-            if elems % block != 0 {
+            // Checked: the dimensions are the file's word, and their product must not wrap
+            // into a small size that passes the bounds check below.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .ok_or_else(|| {
+                    ModelError::corrupt(path, format!("tensor {name} has an impossible shape"))
+                })?;
+            if elems % block as u64 != 0 {
                 return Err(ModelError::corrupt(
                     path,
                     format!("tensor {name} has {elems} elements, not a multiple of {block}"),
                 ));
             }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            tensor_bytes += bytes;
+            let bytes = (elems / block as u64).saturating_mul(info.ggml_dtype.type_size() as u64);
+            tensor_bytes = tensor_bytes.saturating_add(bytes);
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)

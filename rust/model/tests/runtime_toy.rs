@@ -357,6 +357,33 @@ fn truncated_and_garbage_files_are_corrupt_model_naming_the_file() {
     }
 }
 
+/// A tensor whose dimensions multiply past 2^64 (4 GiB x 4 GiB elements, in a 100-byte file):
+/// refused as corrupt. The product used to overflow (a panic in debug builds, in release a
+/// wrapped size that could pass the bounds check).
+#[test]
+fn a_tensor_shape_that_overflows_is_corrupt_model() {
+    let mut gguf = Vec::new();
+    gguf.extend_from_slice(b"GGUF");
+    gguf.extend_from_slice(&3u32.to_le_bytes()); // version
+    gguf.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    gguf.extend_from_slice(&0u64.to_le_bytes()); // metadata entries
+    let name = b"token_embd.weight";
+    gguf.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    gguf.extend_from_slice(name);
+    gguf.extend_from_slice(&2u32.to_le_bytes()); // dimensions
+    gguf.extend_from_slice(&(1u64 << 32).to_le_bytes());
+    gguf.extend_from_slice(&(1u64 << 32).to_le_bytes());
+    gguf.extend_from_slice(&0u32.to_le_bytes()); // F32
+    gguf.extend_from_slice(&0u64.to_le_bytes()); // offset
+    gguf.resize(gguf.len().next_multiple_of(32) + 32, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("overflow.gguf");
+    std::fs::write(&path, &gguf).unwrap();
+    let err = Model::load(&path, &LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, ModelError::CorruptModel { .. }), "{err:?}");
+    assert!(err.to_string().contains("impossible shape"), "{err}");
+}
+
 #[test]
 fn missing_tensor_or_metadata_is_corrupt_model() {
     let dir = tempfile::tempdir().unwrap();

@@ -45,6 +45,9 @@ pub struct TokenEvent {
     /// The SLM's uncertainty about its draft for this position, in `[0, 1]`; `0` for
     /// [`TokenSource::Remote`] tokens, which no SLM drafted (LLM-only mode does not run it).
     pub uncertainty: f32,
+    /// For a token the server verified ([`TokenSource::Accepted`], [`TokenSource::Resampled`]):
+    /// the milliseconds from sending its `Verify` to receiving the `Verdict`. `None` otherwise.
+    pub verify_ms: Option<f64>,
 }
 
 /// Receives a generation's events; called on the engine's threads, so keep it quick.

@@ -102,6 +102,7 @@ pub(crate) async fn run(
         retry_at: None,
         stats: StatsAccumulator::default(),
         eos: inner.model.tokenizer().eos_ids().to_vec(),
+        last_verify: None,
     };
     let started = Instant::now();
     let result = g.run_loop(seed).await;
@@ -144,6 +145,8 @@ struct Generation {
     stats: StatsAccumulator,
     /// End-of-sequence ids of the tokenizer: deciding one ends the generation.
     eos: Vec<u32>,
+    /// The round trip of the last `Verdict`, given to the token it decided.
+    last_verify: Option<Duration>,
 }
 
 /// What a generation has shown so far.
@@ -265,12 +268,19 @@ impl Generation {
         out.sources.push(source);
         self.stats.counters.generated_tokens += 1;
         let (shown, hit) = out.text.push(self.inner.model.tokenizer(), token);
+        let verified = matches!(source, TokenSource::Accepted | TokenSource::Resampled);
+        let verify_ms = self
+            .last_verify
+            .take()
+            .filter(|_| verified)
+            .map(|d| d.as_secs_f64() * 1e3);
         self.listener.on_token(TokenEvent {
             text: shown,
             token_id: token,
             position,
             source,
             uncertainty,
+            verify_ms,
         });
         hit.then_some(StopReason::StopString)
     }
@@ -638,12 +648,14 @@ impl Generation {
             &self.cancel,
         )
         .await?;
-        self.stats.record_rtt(t0.elapsed());
+        let rtt = t0.elapsed();
+        self.stats.record_rtt(rtt);
         link.state
             .on_message(Side::Server, &reply)
             .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
         if matches!(reply, Message::Verdict(_)) {
             link.unscored = 0;
+            self.last_verify = Some(rtt);
         }
         Ok(reply)
     }
@@ -711,7 +723,8 @@ impl Generation {
         }
         let timeout = self.inner.config.request_timeout();
         let mut stream = conn.open_session().await?;
-        let mut state = SessionStream::new();
+        // A token id our model cannot take is a broken server: this session ends, not the app.
+        let mut state = SessionStream::new().with_vocab(self.inner.model.info().vocab_size);
         let msg = Message::Start(Start {
             session_id: self.inner.next_session_id(),
             prompt: protocol::Prompt::Tokens(self.context.clone()),

@@ -38,9 +38,10 @@ impl Worker {
         reply: VerdictReply,
     ) -> Option<(Verify, VerdictReply)> {
         let chunk = self.settings.prefill_chunk.max(1);
-        if self.check_tokens(&verify.skipped).is_err() {
-            return Some((verify, reply));
-        }
+        let (vocab, max_context) = (
+            self.model.info().vocab_size,
+            self.settings.max_context_tokens,
+        );
         let Some(entry) = self.sessions.get_mut(&key) else {
             return Some((verify, reply));
         };
@@ -51,8 +52,8 @@ impl Worker {
         // The last pending token is scored with the Verify itself.
         let work = entry.pending.len() + verify.skipped.len();
         if entry.deferred.is_some()
-            || verify.base_len() != u32::try_from(base).ok()
             || work <= chunk + 1
+            || verify.check(base, vocab, max_context).is_err()
         {
             return Some((verify, reply));
         }

@@ -235,6 +235,69 @@ impl Verify {
         self.position
             .checked_sub(u32::try_from(self.skipped.len()).ok()?)
     }
+
+    /// Checks this request against a session of which the server holds `held` tokens, for a
+    /// model of `vocab` token ids and a context limit of `max_context_tokens`: `Ok` carries the
+    /// decoded draft distribution (`None` without a draft), the `Err` is the reply to send.
+    /// Nothing is applied, so a refused request leaves the session as it was.
+    pub fn check(
+        &self,
+        held: usize,
+        vocab: usize,
+        max_context_tokens: usize,
+    ) -> Result<Option<Vec<f32>>, ErrorMessage> {
+        let refuse = |code, message: String| Err(ErrorMessage::for_seq(code, message, self.seq));
+        let drafted = self.draft.as_ref().map(|d| d.token);
+        if let Some(t) = self
+            .skipped
+            .iter()
+            .chain(&drafted)
+            .find(|&&t| t as usize >= vocab)
+        {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                format!("token id {t} is outside the vocabulary of {vocab}"),
+            );
+        }
+        if self.base_len() != u32::try_from(held).ok() {
+            return refuse(
+                ErrorCode::PositionMismatch,
+                format!(
+                    "Verify at position {} after {} skipped tokens, but the server holds {held} \
+                     tokens",
+                    self.position,
+                    self.skipped.len()
+                ),
+            );
+        }
+        if self.position as usize >= max_context_tokens {
+            return refuse(
+                ErrorCode::ContextTooLong,
+                format!(
+                    "position {} reaches the context limit of {max_context_tokens}",
+                    self.position
+                ),
+            );
+        }
+        match &self.draft {
+            None => Ok(None),
+            Some(d) => match crate::codec::decode(&d.q, Some(vocab)) {
+                // Refused before the model runs: the draft cannot have been sampled from `q`.
+                Ok(q) if q[d.token as usize] <= 0.0 => refuse(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the draft token {} has no probability in the draft distribution",
+                        d.token
+                    ),
+                ),
+                Ok(q) => Ok(Some(q)),
+                Err(e) => refuse(
+                    ErrorCode::InvalidRequest,
+                    format!("cannot decode the draft distribution: {e}"),
+                ),
+            },
+        }
+    }
 }
 
 /// The token at `Verify.position`; the server's context is now `position + 1` tokens long.

@@ -108,6 +108,8 @@ pub struct SessionStream {
     pending: Pending,
     /// The `seq` of the last `Generate` that finished, whose `Cancel` may still arrive late.
     finished_generate: Option<u32>,
+    /// Token ids must be below this, where known (see [`SessionStream::with_vocab`]).
+    vocab: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -141,7 +143,21 @@ impl SessionStream {
             context_len: None,
             pending: Pending::None,
             finished_generate: None,
+            vocab: None,
         }
+    }
+
+    /// A machine that also refuses a `Verdict` or `Tokens` naming a token id outside a
+    /// vocabulary of `vocab` ids: the device feeds every committed id to its own model, whose
+    /// vocabulary the handshake proved equal to the server's, so such an id is a broken server.
+    pub fn with_vocab(mut self, vocab: usize) -> Self {
+        self.vocab = Some(vocab);
+        self
+    }
+
+    fn in_vocab(&self, tokens: &[u32]) -> bool {
+        self.vocab
+            .is_none_or(|v| tokens.iter().all(|&t| (t as usize) < v))
     }
 
     pub fn phase(&self) -> SessionPhase {
@@ -250,7 +266,7 @@ impl SessionStream {
                 let Some(grown) = len.checked_add(n) else {
                     return Err(ErrorCode::ContextTooLong);
                 };
-                if n == 0 || n > remaining {
+                if n == 0 || n > remaining || !self.in_vocab(&t.tokens) {
                     return Err(ErrorCode::InvalidRequest);
                 }
                 self.context_len = Some(grown);
@@ -298,6 +314,9 @@ impl SessionStream {
                 };
                 if v.seq != seq {
                     return unexpected;
+                }
+                if !self.in_vocab(&[v.token]) {
+                    return Err(ErrorCode::InvalidRequest);
                 }
                 self.context_len = Some(position + 1);
                 self.pending = Pending::None;

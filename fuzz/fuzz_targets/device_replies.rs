@@ -1,0 +1,104 @@
+//! A device's session stream fed by an untrusted server: the device's own requests as the SDK
+//! sends them, answered by arbitrary server frames. Nothing may panic, and every answer the
+//! machine accepts keeps the device consistent: committed token ids are inside its vocabulary
+//! and the server's context grows exactly as the protocol says.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use uhlm_core::protocol::{
+    FrameDecoder, Generate, Message, Prompt, Resync, SessionPhase, SessionStream, Side, Start,
+    Verify,
+};
+use uhlm_core::sampling::SamplingOptions;
+
+const VOCAB: usize = 64;
+
+#[derive(Debug, arbitrary::Arbitrary)]
+enum Step {
+    /// The device asks for a verdict after this many local tokens.
+    Verify { skipped: u8 },
+    /// The device asks the server to generate.
+    Generate { max_tokens: u8 },
+    /// The device replaces the server's context.
+    Resync { len: u8 },
+    /// The server's bytes, split where they fall.
+    Server(Vec<u8>),
+}
+
+fuzz_target!(|input: (u8, Vec<Step>)| {
+    let (prompt_len, steps) = input;
+    let mut state = SessionStream::new().with_vocab(VOCAB);
+    let start = Message::Start(Start {
+        session_id: 1,
+        prompt: Prompt::Tokens(vec![1; usize::from(prompt_len)]),
+        sampling: SamplingOptions::greedy(16),
+    });
+    if state.on_message(Side::Device, &start).is_err() {
+        return;
+    }
+    let mut decoder = FrameDecoder::new(64 * 1024);
+    let mut seq = 0u32;
+    for step in steps {
+        let request = match step {
+            Step::Verify { skipped } => state.next_position(usize::from(skipped)).map(|position| {
+                Message::Verify(Verify {
+                    seq,
+                    position,
+                    skipped: vec![2; usize::from(skipped)],
+                    draft: None,
+                    uncertainty: 1.0,
+                })
+            }),
+            Step::Generate { max_tokens } => Some(Message::Generate(Generate {
+                seq,
+                max_tokens: u32::from(max_tokens),
+            })),
+            Step::Resync { len } => Some(Message::Resync(Resync {
+                context: vec![3; usize::from(len)],
+            })),
+            Step::Server(bytes) => {
+                decoder.push(&bytes);
+                while let Ok(Some(reply)) = decoder.next_frame() {
+                    answer(&mut state, &reply);
+                }
+                None
+            }
+        };
+        if let Some(request) = request {
+            // The SDK only sends what its machine allows; so does this driver.
+            if state.on_message(Side::Device, &request).is_ok() {
+                seq = seq.wrapping_add(1);
+            }
+        }
+    }
+});
+
+/// Feeds one server message and checks what an accepted one did to the device's view.
+fn answer(state: &mut SessionStream, reply: &Message) {
+    let (before, phase) = (state.context_len(), state.phase());
+    if state.on_message(Side::Server, reply).is_err() {
+        assert_eq!(state.phase(), phase, "a refused message changes nothing");
+        assert_eq!(state.context_len(), before);
+        return;
+    }
+    match reply {
+        Message::Verdict(v) => {
+            assert!((v.token as usize) < VOCAB);
+            let grown = state
+                .context_len()
+                .expect("a verdict leaves a known context");
+            assert!(before.is_none_or(|b| grown > b));
+        }
+        Message::Tokens(t) => {
+            assert!(t.tokens.iter().all(|&x| (x as usize) < VOCAB));
+            assert_eq!(
+                state.context_len(),
+                before.map(|b| b + t.tokens.len() as u32)
+            );
+        }
+        Message::Started(s) => assert_eq!(state.context_len(), Some(s.context_len)),
+        _ => {}
+    }
+    assert!(state.phase() != SessionPhase::AwaitStart || state.context_len().is_none());
+}
