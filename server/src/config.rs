@@ -316,12 +316,14 @@ impl ServerArgs {
         }
         set(&mut config.max_sessions, self.max_sessions);
         set(&mut config.max_connections, self.max_connections);
-        if self.max_sessions_per_key.is_some() {
-            config.max_sessions_per_key = self.max_sessions_per_key;
-        }
-        if self.max_connections_per_key.is_some() {
-            config.max_connections_per_key = self.max_connections_per_key;
-        }
+        set(
+            &mut config.max_sessions_per_key,
+            self.max_sessions_per_key.map(Some),
+        );
+        set(
+            &mut config.max_connections_per_key,
+            self.max_connections_per_key.map(Some),
+        );
         set(&mut config.max_context_tokens, self.max_context_tokens);
         set(&mut config.max_generate_tokens, self.max_generate_tokens);
         set(

@@ -239,16 +239,22 @@ fn test() -> Result<()> {
 /// whatever the fuzzer reaches in that time (`cargo xtask fuzz` runs longer).
 const FUZZ_CI_SECONDS: u64 = 10;
 
-/// Every `[[bin]]` of the fuzz crate, in the order its manifest lists them.
+/// Every fuzz target, as `cargo fuzz list` names them.
 fn fuzz_targets() -> Result<Vec<String>> {
-    let manifest = std::fs::read_to_string(root().join("fuzz/Cargo.toml"))?;
-    Ok(manifest
-        .split("[[bin]]")
-        .skip(1)
-        .filter_map(|bin| {
-            let line = bin.lines().find(|l| l.trim_start().starts_with("name"))?;
-            Some(line.split('"').nth(1)?.to_string())
-        })
+    let out = Command::new("cargo")
+        .args(["+nightly", "fuzz", "list"])
+        .current_dir(root())
+        .output()
+        .context("cannot run cargo fuzz list")?;
+    if !out.status.success() {
+        bail!(
+            "cargo fuzz list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
         .collect())
 }
 

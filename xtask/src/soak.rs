@@ -83,16 +83,6 @@ fn free_port(udp: bool) -> Result<u16> {
     })
 }
 
-fn parse_duration(s: &str) -> Result<Duration> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().with_context(|| format!("duration {s:?}"))?;
-    Ok(match unit {
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => bail!("duration {s:?}: use seconds (75s) or minutes (10m)"),
-    })
-}
-
 /// The server process and how to start it again on the same port and certificate.
 struct ServerProcess {
     command: Vec<String>,
@@ -192,7 +182,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
             ..SoakArgs::short()
         };
     }
-    let duration = parse_duration(&args.duration)?;
+    let duration = humantime::parse_duration(&args.duration)
+        .with_context(|| format!("--duration {:?}", args.duration))?;
     let out = root().join(&args.out);
     std::fs::create_dir_all(&out)?;
     let profile = if args.dev_build { "debug" } else { "release" };

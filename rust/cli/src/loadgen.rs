@@ -138,7 +138,8 @@ impl Percentiles {
 #[derive(Default)]
 struct Seen {
     tokens: Vec<(Instant, TokenEvent)>,
-    links: Vec<(Instant, bool, String)>,
+    /// Times the link went down.
+    link_downs: u64,
     tail: String,
 }
 
@@ -149,8 +150,10 @@ impl TokenListener for Recorder {
     fn on_token(&self, event: TokenEvent) {
         lock(&self.0).tokens.push((Instant::now(), event));
     }
-    fn on_link_change(&self, online: bool, detail: String) {
-        lock(&self.0).links.push((Instant::now(), online, detail));
+    fn on_link_change(&self, online: bool, _detail: String) {
+        if !online {
+            lock(&self.0).link_downs += 1;
+        }
     }
     fn on_tail_text(&self, text: String) {
         lock(&self.0).tail.push_str(&text);
@@ -330,7 +333,7 @@ fn record(
         let mut r = lock(&campaign.report);
         r.generations += 1;
         r.long_prompt_generations += u64::from(long);
-        r.link_downs += seen.links.iter().filter(|(_, online, _)| !online).count() as u64;
+        r.link_downs += seen.link_downs;
     }
     let summary = match result {
         Ok(s) => s,
