@@ -95,6 +95,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     sessions.spawn(session::serve(shared.clone(), key_id, send, recv));
+                    shared.metrics.session_tasks.inc();
                 }
                 Err(e) => {
                     tracing::debug!(%remote, error = %e, "connection ended");
@@ -103,7 +104,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             },
             // Reap finished sessions, so a long-lived connection that opens and closes many
             // streams does not keep one finished task per stream.
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {
+                shared.metrics.session_tasks.dec();
+            }
             next = control.next(false) => match next {
                 // The control stream carries nothing after Welcome but Close or Error.
                 Next::Idle => {}
@@ -126,7 +129,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     // Sessions finish their in-flight request (and are told the server is going away).
-    while sessions.join_next().await.is_some() {}
+    while sessions.join_next().await.is_some() {
+        shared.metrics.session_tasks.dec();
+    }
     if draining {
         control
             .send(

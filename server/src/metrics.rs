@@ -20,6 +20,9 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub sessions: Gauge,
+    /// Session tasks the connections hold, finished ones included until reaped: it follows
+    /// `sessions` unless finished tasks pile up on a long-lived connection.
+    pub session_tasks: Gauge,
     /// KV-cache bytes allocated over all sessions (what the memory budget bounds).
     pub kv_cache_bytes: Gauge,
     pub tokens_verified: Counter,
@@ -56,6 +59,7 @@ impl Metrics {
         let m = Self {
             connections: Gauge::default(),
             sessions: Gauge::default(),
+            session_tasks: Gauge::default(),
             kv_cache_bytes: Gauge::default(),
             tokens_verified: Counter::default(),
             tokens_accepted: Counter::default(),
@@ -80,6 +84,11 @@ impl Metrics {
             m.connections.clone(),
         );
         registry.register("sessions", "Open generation sessions", m.sessions.clone());
+        registry.register(
+            "session_tasks",
+            "Session tasks held by connections, finished ones until reaped",
+            m.session_tasks.clone(),
+        );
         registry.register(
             "kv_cache_bytes",
             "KV-cache bytes allocated over all sessions",

@@ -513,3 +513,42 @@ async fn one_api_key_cannot_take_every_slot() {
     assert!(started, "the closed session's slot never came back");
     server.shutdown().await;
 }
+
+/// A device keeps one connection for hours and opens a session per generation: the tasks of
+/// finished sessions must not pile up on it (issue 11: 60k streams used to keep +59 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_sessions_are_reaped_while_their_connection_lives() {
+    const SESSIONS: u64 = 24;
+    let server =
+        Server::start_with_model(ServerConfig::local(common::llm_path(), [API_KEY]), llm())
+            .await
+            .unwrap();
+    let (client, _control) = Client::ready_on(&server).await;
+    for id in 1..=SESSIONS {
+        let mut s = client.session().await;
+        s.send(start(id, &[1, 2, 3])).await;
+        assert!(matches!(s.recv().await, Some(Message::Started(_))));
+        s.send(Close {
+            reason: "done".into(),
+        })
+        .await;
+        while s.recv().await.is_some() {}
+    }
+    // Every session has ended (the server closed each stream); its task may take a moment to
+    // be joined, but it must be, with the connection still open.
+    let mut tasks = f64::NAN;
+    for _ in 0..100 {
+        tasks = common::metric(&server, "uhlm_session_tasks");
+        if common::metric(&server, "uhlm_sessions") == 0.0 && tasks == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(tasks, 0.0, "finished session tasks were not reaped");
+    // The connection is alive and still serves sessions.
+    let mut s = client.session().await;
+    s.send(start(SESSIONS + 1, &[1, 2, 3])).await;
+    assert!(matches!(s.recv().await, Some(Message::Started(_))));
+    assert_eq!(common::metric(&server, "uhlm_session_tasks"), 1.0);
+    server.shutdown().await;
+}
