@@ -1,6 +1,7 @@
-//! Verify throughput of one server with dynamic batching off (`max_batch` 1) and on
-//! (`max_batch` 16): 16 concurrent sessions over 4 QUIC connections, each sending `VERIFIES`
-//! remote-decided Verify requests (no draft, so the client does no model work).
+//! Verify throughput of one server with batching off (`max_batch` 1: one session per forward
+//! pass) and on (`max_batch` 16, continuous batching as by default): 16 concurrent sessions
+//! over 4 QUIC connections, each sending `VERIFIES` remote-decided Verify requests (no draft,
+//! so the client does no model work).
 //!
 //! `cargo run -p uhlm-server --example batching [-- MODEL.gguf [VERIFIES]]`
 
@@ -8,7 +9,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{API_KEY, Client, prompt_tokens, start};
 use uhlm_core::protocol::{Message, Verify};
@@ -29,7 +30,6 @@ fn sample(text: &str, name: &str) -> f64 {
 async fn run(model: Arc<Model>, max_batch: usize, verifies: u32) -> anyhow::Result<(f64, f64)> {
     let mut config = ServerConfig::local(model.path(), [API_KEY]);
     config.max_batch = max_batch;
-    config.batch_wait = Duration::from_millis(2);
     let server = Server::start_with_model(config, model.clone()).await?;
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
@@ -112,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| common::llm_path().to_string());
     let verifies: u32 = args.next().map(|v| v.parse()).transpose()?.unwrap_or(16);
     let model = Model::load(path.as_ref(), &LoadOptions::default())?;
-    println!("| max_batch | verifies/s (16 sessions) | mean batch size |");
+    println!("| max_batch | verifies/s (16 sessions) | sessions per forward pass |");
     println!("|---|---|---|");
     for max_batch in [1, 16] {
         let (rate, mean) = run(model.clone(), max_batch, verifies).await?;

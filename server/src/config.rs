@@ -62,11 +62,17 @@ pub struct ServerConfig {
     /// Bursts of one second's worth are allowed. The default is far above what one model
     /// serves (one `Verify` is a forward pass), so it only stops a flood.
     pub rate_limit: f64,
-    /// How long a worker waits for more requests to batch after the first one arrives.
+    /// How long an idle worker waits for more requests after the first one arrives before its
+    /// forward pass. Zero by default: the worker batches continuously, taking whatever is
+    /// queued whenever it is free, so requests group up exactly when the server is busy.
     #[serde(with = "humantime_serde")]
     pub batch_wait: Duration,
-    /// Most requests one worker handles per batch.
+    /// Most sessions one forward pass serves.
     pub max_batch: usize,
+    /// Most tokens one forward pass scores over all its sessions (verified positions, their
+    /// skipped tokens, generation steps, catch-up chunks); the rest waits for the next pass.
+    /// Catching up always gets a quarter of `prefill_chunk_tokens`, so it cannot starve.
+    pub max_batch_tokens: usize,
     /// Most context tokens one forward pass scores when catching a session up (a new prompt, a
     /// resync): longer contexts are scored a chunk per turn of the worker, between other
     /// sessions' requests, so a long prompt delays them by at most one chunk.
@@ -100,8 +106,9 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(300),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             rate_limit: 1000.0,
-            batch_wait: Duration::from_millis(2),
-            max_batch: 16,
+            batch_wait: Duration::ZERO,
+            max_batch: 64,
+            max_batch_tokens: 256,
             prefill_chunk_tokens: 128,
             workers: 1,
             kernel_threads: None,
@@ -190,9 +197,12 @@ impl ServerConfig {
         if self.max_sessions == 0
             || self.max_connections == 0
             || self.max_batch == 0
+            || self.max_batch_tokens == 0
             || self.workers == 0
         {
-            return bad("max_sessions, max_connections, max_batch and workers must be at least 1");
+            return bad(
+                "max_sessions, max_connections, max_batch, max_batch_tokens and workers must be at least 1",
+            );
         }
         if self.max_sessions_per_key == Some(0) || self.max_connections_per_key == Some(0) {
             return bad("max_sessions_per_key and max_connections_per_key must be at least 1");
@@ -272,8 +282,12 @@ pub struct ServerArgs {
     /// e.g. `2ms`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub batch_wait: Option<Duration>,
+    /// Most sessions per forward pass.
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// Most tokens per forward pass.
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
     /// Most context tokens per forward pass when catching a session up.
     #[arg(long)]
     pub prefill_chunk_tokens: Option<usize>,
@@ -335,6 +349,7 @@ impl ServerArgs {
         set(&mut config.rate_limit, self.rate_limit);
         set(&mut config.batch_wait, self.batch_wait);
         set(&mut config.max_batch, self.max_batch);
+        set(&mut config.max_batch_tokens, self.max_batch_tokens);
         set(&mut config.prefill_chunk_tokens, self.prefill_chunk_tokens);
         set(&mut config.workers, self.workers);
         if self.kernel_threads.is_some() {

@@ -34,7 +34,10 @@ pub struct Metrics {
     pub tokens_generated: Counter,
     pub generations_stopped: Counter,
     pub evictions: Counter,
+    /// Sessions per forward pass.
     pub batch_size: Histogram,
+    pub forward_passes: Counter,
+    pub forward_tokens: Counter,
     pub verify_latency: Histogram,
     pub uplink_bytes: Counter,
     pub downlink_bytes: Counter,
@@ -71,6 +74,8 @@ impl Metrics {
             generations_stopped: Counter::default(),
             evictions: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            forward_passes: Counter::default(),
+            forward_tokens: Counter::default(),
             // 0.5 ms .. ~4 s.
             verify_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             uplink_bytes: Counter::default(),
@@ -141,8 +146,18 @@ impl Metrics {
         );
         registry.register(
             "batch_size",
-            "Requests handled per worker batch",
+            "Sessions served by one forward pass",
             m.batch_size.clone(),
+        );
+        registry.register(
+            "forward_passes",
+            "Forward passes of the model",
+            m.forward_passes.clone(),
+        );
+        registry.register(
+            "forward_tokens",
+            "Tokens scored by forward passes, over all their sessions",
+            m.forward_tokens.clone(),
         );
         registry.register(
             "verify_latency_seconds",

@@ -132,6 +132,7 @@ impl Server {
             workers: config.workers,
             batch_wait: config.batch_wait,
             max_batch: config.max_batch,
+            max_batch_tokens: config.max_batch_tokens,
             kv_memory_budget_bytes: config.kv_memory_budget_bytes,
             max_context_tokens: max_context_tokens as usize,
             max_generate_tokens: config.max_generate_tokens,

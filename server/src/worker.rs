@@ -1,30 +1,22 @@
 //! Model workers: the LLM runs on dedicated OS threads, never on the async I/O threads.
 //!
 //! Each worker owns the sessions routed to it (their KV caches live here, in uhlm-model
-//! `Session`s) and serves requests from a channel, replying through oneshot channels. Requests
-//! that arrive within `batch_wait` of the first are handled as one batch (up to `max_batch`).
-//! A batch still runs its requests one after the other: uhlm-model's multi-session forward
-//! pass (`Session::score_batch`, bit-identical to running each session alone) is not wired in
-//! here yet; the batch-size histogram shows how much batching it could use.
-//!
-//! `Generate` (LLM-only streaming) is not one job but a stream of small ones: the worker keeps
-//! each running generation in a run queue and samples one token per generation per turn, after
-//! the requests already queued. A long generation therefore shares the model fairly with
-//! verification traffic and with other generations instead of holding the worker until it ends.
-//!
-//! Catching a session up on a long context (a new prompt, a resync) is done in chunks between
-//! the other requests ([`catch_up`]), so one long prompt cannot stall every device.
+//! `Session`s) and serves requests from a channel, replying through oneshot channels. It
+//! batches continuously: whenever it is free it takes everything queued and runs one forward
+//! pass for all of it ([`forward`]): every queued `Verify`, one token of every running
+//! `Generate` (LLM-only streaming), and chunks of the contexts being caught up ([`catch_up`]),
+//! within `max_batch` sessions and `max_batch_tokens` tokens per pass. Nothing waits for company
+//! unless `batch_wait` asks for it; a request that does not fit goes first in the next pass.
 //!
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
 //! token of its allocated capacity (which grows by a quarter at a time and shrinks only on a
 //! resync).
 //! When the allocated bytes over a worker's sessions exceed its share of the budget, the least
-//! recently used sessions outside the current batch lose their cache; their next `Verify` is
+//! recently used sessions outside the current pass lose their cache; their next `Verify` is
 //! answered `NeedResync`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,12 +26,15 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Generate, Verdict, Verify};
-use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
+use uhlm_core::sampling::SamplingOptions;
 use uhlm_model::{Model, ModelError, Session};
 
 use crate::metrics::Metrics;
 
 mod catch_up;
+mod forward;
+
+use forward::Plan;
 
 /// Server-wide identity of a session (device session ids are only unique per connection).
 pub(crate) type SessionKey = u64;
@@ -93,6 +88,12 @@ impl Job {
             Job::Stop => None,
         }
     }
+
+    /// Whether the job must wait for its session's row in the current pass: everything but a
+    /// `Close` (closing drops the row's result, which nobody waits for any more).
+    fn needs_order(&self) -> bool {
+        !matches!(self, Job::Close { .. })
+    }
 }
 
 /// What a generation sends back to its session task, in order: tokens, then exactly one of
@@ -121,7 +122,10 @@ struct Streaming {
 pub(crate) struct WorkerSettings {
     pub workers: usize,
     pub batch_wait: Duration,
+    /// Most sessions one forward pass serves.
     pub max_batch: usize,
+    /// Most tokens one forward pass scores (a catch-up chunk may add a quarter chunk).
+    pub max_batch_tokens: usize,
     pub kv_memory_budget_bytes: u64,
     pub max_context_tokens: usize,
     pub max_generate_tokens: u32,
@@ -163,6 +167,8 @@ impl WorkerPool {
                 clock: 0,
                 streams: VecDeque::new(),
                 catching_up: VecDeque::new(),
+                held: VecDeque::new(),
+                ready: VecDeque::new(),
                 reported_kv_bytes: 0,
                 eos: model.tokenizer().eos_ids().to_vec(),
             };
@@ -248,8 +254,13 @@ struct Worker {
     clock: u64,
     /// Running generations, each waiting for its next token (round robin).
     streams: VecDeque<Streaming>,
-    /// Sessions with context still to score, one chunk each per turn (round robin).
+    /// Sessions with context still to score, one chunk each per pass (round robin).
     catching_up: VecDeque<SessionKey>,
+    /// Requests that did not fit in the last pass (or came after one of their session's that
+    /// did), in arrival order: they go first.
+    held: VecDeque<Job>,
+    /// `Verify`s whose session has just been caught up, for the next pass.
+    ready: VecDeque<(SessionKey, Verify, VerdictReply)>,
     /// KV bytes this worker last added to the `kv_cache_bytes` gauge.
     reported_kv_bytes: u64,
     /// End-of-sequence ids of the model: a generation stops after sampling one.
@@ -262,59 +273,73 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut stopping = false;
         loop {
-            let mut batch = Vec::new();
-            if self.streams.is_empty() && self.catching_up.is_empty() {
-                match rx.recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-                let deadline = Instant::now() + self.settings.batch_wait;
-                while batch.len() < self.settings.max_batch {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break;
-                    }
-                    match rx.recv_timeout(deadline - now) {
-                        Ok(job) => batch.push(job),
+            let mut jobs: Vec<Job> = self.held.drain(..).collect();
+            if !stopping {
+                if jobs.is_empty() && self.is_idle() {
+                    match rx.recv() {
+                        Ok(job) => jobs.push(job),
                         Err(_) => break,
                     }
-                }
-            } else {
-                // Generations wait for their next token and catch-ups for their next chunk:
-                // take only what is already queued, so neither pays the batching delay.
-                while batch.len() < self.settings.max_batch {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
+                    // Waiting for company only where the operator asks for it.
+                    let deadline = Instant::now() + self.settings.batch_wait;
+                    while jobs.len() < self.settings.max_batch {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        match rx.recv_timeout(deadline - now) {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
                     }
                 }
+                // Everything already queued: what does not fit in this pass is held.
+                while let Ok(job) = rx.try_recv() {
+                    jobs.push(job);
+                }
             }
-            let verifies = batch
-                .iter()
-                .filter(|j| matches!(j, Job::Verify { .. }))
-                .count();
-            if verifies > 0 {
-                self.metrics.batch_size.observe(verifies as f64);
+            let mut plan = Plan::new(self.settings.max_batch, self.settings.max_batch_tokens);
+            while let Some((key, verify, reply)) = self.ready.pop_front() {
+                if let Some((verify, reply)) = self.plan_verify(&mut plan, key, verify, reply) {
+                    self.ready.push_front((key, verify, reply));
+                    break;
+                }
             }
-            let mut protected: HashSet<SessionKey> = batch.iter().filter_map(Job::key).collect();
-            protected.extend(self.streams.iter().map(|s| s.key));
-            protected.extend(self.catching_up.iter().copied());
-            let mut stop = false;
-            for job in batch {
+            let mut held_keys = HashSet::new();
+            for job in jobs {
                 if matches!(job, Job::Stop) {
-                    stop = true;
+                    stopping = true;
                     continue;
                 }
-                self.handle(job, &protected);
+                // A session's requests keep their order: none passes one held or in the pass.
+                if let Some(key) = job.key()
+                    && (held_keys.contains(&key) || (plan.has(key) && job.needs_order()))
+                {
+                    held_keys.insert(key);
+                    self.held.push_back(job);
+                    continue;
+                }
+                if let Some(job) = self.handle(job, &mut plan) {
+                    held_keys.extend(job.key());
+                    self.held.push_back(job);
+                }
             }
-            if stop {
+            self.plan_generations(&mut plan);
+            let min_catch_up = self.settings.prefill_chunk.div_ceil(4);
+            self.plan_catch_ups(&mut plan, min_catch_up);
+            let mut protected: HashSet<SessionKey> = plan.keys().collect();
+            self.run_plan(plan);
+            protected.extend(self.streams.iter().map(|s| s.key));
+            protected.extend(self.catching_up.iter().copied());
+            protected.extend(self.ready.iter().map(|r| r.0));
+            protected.extend(held_keys);
+            self.enforce_budget(&protected);
+            self.clock += 1;
+            if stopping && self.held.is_empty() && self.ready.is_empty() {
                 break;
             }
-            self.step_generation(&protected);
-            self.step_catch_up(&protected);
-            // Closes and resyncs free caches without an eviction pass.
-            self.report_kv_bytes(self.allocated_kv_bytes());
         }
         // Generations still running end here; their session tasks see the channel close.
         self.streams.clear();
@@ -323,7 +348,16 @@ impl Worker {
         self.report_kv_bytes(0);
     }
 
-    fn handle(&mut self, job: Job, protected: &HashSet<SessionKey>) {
+    /// Nothing to do until a request comes.
+    fn is_idle(&self) -> bool {
+        self.streams.is_empty()
+            && self.catching_up.is_empty()
+            && self.ready.is_empty()
+            && self.held.is_empty()
+    }
+
+    /// Serves `job`, or plans its part of the pass; gives it back if the pass is full.
+    fn handle(&mut self, job: Job, plan: &mut Plan) -> Option<Job> {
         self.clock += 1;
         match job {
             Job::Open {
@@ -351,8 +385,9 @@ impl Worker {
             }
             Job::Verify { key, verify, reply } => {
                 if let Some((verify, reply)) = self.defer_verify(key, verify, reply) {
-                    let r = self.answer_verify(key, &verify, protected);
-                    let _ = reply.send(r);
+                    return self
+                        .plan_verify(plan, key, verify, reply)
+                        .map(|(verify, reply)| Job::Verify { key, verify, reply });
                 }
             }
             Job::Generate {
@@ -381,6 +416,7 @@ impl Worker {
             }
             Job::Stop => {}
         }
+        None
     }
 
     fn check_context(&self, context: &[u32]) -> Result<(), Failure> {
@@ -459,112 +495,6 @@ impl Worker {
         Ok(())
     }
 
-    /// [`verify`](Self::verify), with the memory budget checked after it. A panic in the model
-    /// must not take the worker (and every session on it) down: it drops the session only.
-    fn answer_verify(
-        &mut self,
-        key: SessionKey,
-        v: &Verify,
-        protected: &HashSet<SessionKey>,
-    ) -> Result<Verdict, Failure> {
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.verify(key, v))).unwrap_or_else(
-            |_| {
-                tracing::error!(key, "model panicked during verify; dropping the session");
-                self.sessions.remove(&key);
-                Err(fail(
-                    ErrorCode::Internal,
-                    "the model failed on this request",
-                ))
-            },
-        );
-        if r.is_ok() {
-            self.enforce_budget(protected);
-        }
-        r
-    }
-
-    fn verify(&mut self, key: SessionKey, v: &Verify) -> Result<Verdict, Failure> {
-        let vocab = self.model.info().vocab_size;
-        let max_context = self.settings.max_context_tokens;
-        let clock = self.clock;
-        let entry = self.sessions.get_mut(&key).ok_or_else(|| {
-            fail(
-                ErrorCode::NeedResync,
-                "the server has no context for this session",
-            )
-        })?;
-        let Some(llm) = entry.llm.as_mut() else {
-            return Err(fail(
-                ErrorCode::NeedResync,
-                "this session's cache was evicted to free memory; resend the context",
-            ));
-        };
-        let q = v.check(llm.len() + entry.pending.len(), vocab, max_context)?;
-        let pending_len = entry.pending.len();
-        let mut chunk = std::mem::take(&mut entry.pending);
-        chunk.extend_from_slice(&v.skipped);
-        let old_len = llm.len();
-        let logits = match llm.score_last(&chunk) {
-            Ok(l) => l,
-            Err(e) => {
-                chunk.truncate(pending_len);
-                entry.pending = chunk;
-                return Err(model_failure(e));
-            }
-        };
-        let undo = |entry: &mut Entry, mut chunk: Vec<u32>| {
-            if let Some(llm) = entry.llm.as_mut() {
-                llm.truncate(old_len);
-            }
-            chunk.truncate(pending_len);
-            entry.pending = chunk;
-        };
-        if !probabilities_into(&logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
-            undo(entry, chunk);
-            return Err(fail(
-                ErrorCode::Internal,
-                "the model produced no finite logits",
-            ));
-        }
-        let verdict = match (&v.draft, q) {
-            (Some(d), Some(q)) => {
-                match uhlm_core::verify::verify(&self.probs, &q, d.token, &mut entry.rng) {
-                    Ok(r) => Verdict {
-                        seq: v.seq,
-                        token: r.token,
-                        accepted: r.accepted,
-                        beta: r.beta,
-                        tv_distance: r.tv_distance,
-                    },
-                    Err(e) => {
-                        undo(entry, chunk);
-                        return Err(fail(
-                            ErrorCode::InvalidRequest,
-                            format!("cannot verify the draft: {e}"),
-                        ));
-                    }
-                }
-            }
-            _ => Verdict {
-                seq: v.seq,
-                token: sample(&self.probs, &mut entry.rng),
-                accepted: false,
-                beta: 0.0,
-                tv_distance: 0.0,
-            },
-        };
-        entry.pending = vec![verdict.token];
-        entry.last_used = clock;
-        self.metrics.tokens_verified.inc();
-        self.metrics.catchup_tokens.inc_by(v.skipped.len() as u64);
-        if verdict.accepted {
-            self.metrics.tokens_accepted.inc();
-        } else {
-            self.metrics.tokens_resampled.inc();
-        }
-        Ok(verdict)
-    }
-
     /// Checks a `Generate` against the session and the limits before it joins the run queue.
     fn admit_generation(&self, key: SessionKey, g: &Generate) -> Result<(), Failure> {
         if self.streams.iter().any(|s| s.key == key) {
@@ -590,113 +520,6 @@ impl Worker {
             self.settings.max_context_tokens,
             self.settings.max_generate_tokens,
         )
-    }
-
-    /// Samples one token for the generation at the front of the run queue and puts it back at
-    /// the end unless it is over.
-    fn step_generation(&mut self, protected: &HashSet<SessionKey>) {
-        let Some(mut s) = self.streams.pop_front() else {
-            return;
-        };
-        // Its prompt is still being scored a chunk at a time: the first token comes after.
-        if self.catching_up.contains(&s.key) && !s.events.is_closed() {
-            self.streams.push_back(s);
-            return;
-        }
-        self.clock += 1;
-        // Nobody is listening any more (stream reset, connection lost, session closed): stop
-        // computing tokens for it.
-        if s.events.is_closed() {
-            self.metrics.generations_stopped.inc();
-            return;
-        }
-        let key = s.key;
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.generate_one(&mut s)))
-            .unwrap_or_else(|_| {
-                tracing::error!(key, "model panicked during generate; dropping the session");
-                self.sessions.remove(&key);
-                Err(fail(
-                    ErrorCode::Internal,
-                    "the model failed on this request",
-                ))
-            });
-        match r {
-            Ok(None) => {
-                self.enforce_budget(protected);
-                self.streams.push_back(s);
-            }
-            Ok(Some(_)) => self.enforce_budget(protected),
-            Err(e) => {
-                let _ = s.events.send(GenEvent::Failed(e));
-            }
-        }
-    }
-
-    /// One step of a generation: `Some(reason)` once it is over (`Finished` already sent).
-    fn generate_one(&mut self, s: &mut Streaming) -> Result<Option<FinishReason>, Failure> {
-        let max_context = self.settings.max_context_tokens;
-        let clock = self.clock;
-        let entry = self.sessions.get_mut(&s.key).ok_or_else(|| {
-            fail(
-                ErrorCode::NeedResync,
-                "the server has no context for this session",
-            )
-        })?;
-        let Some(llm) = entry.llm.as_mut() else {
-            return Err(fail(
-                ErrorCode::NeedResync,
-                "this session's cache was evicted to free memory; resend the context",
-            ));
-        };
-        let finish = |reason, len: usize| GenEvent::Finished {
-            reason,
-            context_len: u32::try_from(len).unwrap_or(u32::MAX),
-        };
-        if s.cancel.load(Ordering::Acquire) {
-            let len = llm.len() + entry.pending.len();
-            // Counted before `Finished` leaves, so that whoever sees it sees the count too.
-            self.metrics.generations_stopped.inc();
-            let _ = s.events.send(finish(FinishReason::Cancelled, len));
-            return Ok(Some(FinishReason::Cancelled));
-        }
-        // The same steps as a `Verify` without a draft: score what is not cached yet (the
-        // prompt, then the last token), sample from the session's distribution with its RNG.
-        // At temperature 0 that is the LLM's greedy continuation, token for token.
-        let chunk = std::mem::take(&mut entry.pending);
-        let logits = match llm.score_last(&chunk) {
-            Ok(l) => l,
-            Err(e) => {
-                entry.pending = chunk;
-                return Err(model_failure(e));
-            }
-        };
-        if !probabilities_into(&logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
-            let old_len = llm.len() - chunk.len();
-            llm.truncate(old_len);
-            entry.pending = chunk;
-            return Err(fail(
-                ErrorCode::Internal,
-                "the model produced no finite logits",
-            ));
-        }
-        let token = sample(&self.probs, &mut entry.rng);
-        entry.pending = vec![token];
-        entry.last_used = clock;
-        let len = llm.len() + 1;
-        self.metrics.tokens_generated.inc();
-        s.left -= 1;
-        let _ = s.events.send(GenEvent::Token(token));
-        let reason = if self.eos.contains(&token) {
-            FinishReason::Eos
-        } else if s.left == 0 {
-            FinishReason::MaxTokens
-        } else if len >= max_context {
-            FinishReason::ContextFull
-        } else {
-            return Ok(None);
-        };
-        let _ = s.events.send(finish(reason, len));
-        Ok(Some(reason))
     }
 
     /// KV bytes this worker's caches hold allocated.

@@ -10,7 +10,7 @@ use uhlm_core::chat::ChatMessage;
 use uhlm_core::protocol::{
     Close, ErrorCode, Message, PROTOCOL_VERSION, Prompt, Resync, Start, Verify,
 };
-use uhlm_core::sampling::SamplingOptions;
+use uhlm_core::sampling::{SamplingOptions, argmax};
 use uhlm_server::{Server, ServerConfig, kv_bytes_per_token};
 
 const PROMPTS: [&str; 16] = [
@@ -550,5 +550,85 @@ async fn finished_sessions_are_reaped_while_their_connection_lives() {
     s.send(start(SESSIONS + 1, &[1, 2, 3])).await;
     assert!(matches!(s.recv().await, Some(Message::Started(_))));
     assert_eq!(common::metric(&server, "uhlm_session_tasks"), 1.0);
+    server.shutdown().await;
+}
+
+/// One forward pass serves sessions in different states at once and each gets its own answer:
+/// two at different positions (each catching up on a different number of skipped tokens), one
+/// resynced to another context since it opened, and one whose cache was evicted (it is told to
+/// resync, the others are served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_forward_pass_answers_sessions_in_different_states() {
+    let model = llm();
+    let text = prompt_tokens(
+        &model,
+        "The quick brown fox jumps over the lazy dog and runs away.",
+    );
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    // Every cache outside the pass in progress is evicted (least recently used first) ...
+    config.kv_memory_budget_bytes = 1;
+    // ... and requests sent together meet in one pass.
+    config.batch_wait = Duration::from_secs(1);
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready_on(&server).await;
+    let verify = |context: usize, skipped: &[u32]| Verify {
+        seq: 0,
+        position: (context + skipped.len()) as u32,
+        skipped: skipped.to_vec(),
+        draft: None,
+        uncertainty: 0.0,
+    };
+    let started = |m: Option<Message>| assert!(matches!(m, Some(Message::Started(_))), "{m:?}");
+    // E holds a cache, then loses it when the others open (one-token prompts allocate nothing).
+    let mut e = client.session().await;
+    e.send(start(4, &text[..3])).await;
+    started(e.recv().await);
+    e.send(verify(3, &[])).await;
+    assert!(matches!(e.recv().await, Some(Message::Verdict(_))));
+    let mut open = Vec::new();
+    for (id, first) in [(1, text[0]), (2, text[1]), (3, text[2])] {
+        let mut s = client.session().await;
+        s.send(start(id, &[first])).await;
+        started(s.recv().await);
+        open.push(s);
+    }
+    // C is resynced to another one-token context.
+    open[2]
+        .send(Resync {
+            context: vec![text[5]],
+        })
+        .await;
+    started(open[2].recv().await);
+    assert_eq!(common::metric(&server, "uhlm_evictions_total"), 1.0);
+    let passes = common::metric(&server, "uhlm_forward_passes_total");
+
+    let contexts = [
+        [&[text[0]][..], &text[1..7]].concat(),
+        [&[text[1]][..], &text[2..4]].concat(),
+        [&[text[5]][..], &text[6..10]].concat(),
+    ];
+    for (s, context) in open.iter_mut().zip(&contexts) {
+        s.send(verify(1, &context[1..])).await;
+    }
+    e.send(verify(4, &[])).await;
+    for (s, context) in open.iter_mut().zip(&contexts) {
+        let mut alone = model.session();
+        let greedy = argmax(&alone.score_last(context).unwrap()).unwrap();
+        match s.recv().await {
+            Some(Message::Verdict(v)) => assert_eq!(v.token, greedy, "context {context:?}"),
+            other => panic!("expected a Verdict, got {other:?}"),
+        }
+    }
+    match e.recv().await {
+        Some(Message::Error(err)) => assert_eq!(err.code, ErrorCode::NeedResync, "{err}"),
+        other => panic!("expected NeedResync, got {other:?}"),
+    }
+    // All three in one pass.
+    assert_eq!(
+        common::metric(&server, "uhlm_forward_passes_total"),
+        passes + 1.0
+    );
     server.shutdown().await;
 }

@@ -1,0 +1,543 @@
+//! One forward pass for every session with work: continuous batching.
+//!
+//! Each turn the worker plans a [`Plan`]: the `Verify`s queued (each session's skipped tokens
+//! and the position to decide), one token for every running generation, and chunks of the
+//! sessions catching up on a context, as many as fit in `max_batch` sessions and
+//! `max_batch_tokens` tokens. [`Session::score_batch`] then runs every weight matmul once over
+//! all their rows (attention per session, against its own cache), and each row's last logits
+//! answer its session. What does not fit waits for the next turn, first in line. Catch-ups get
+//! at least a quarter of a chunk per pass however busy the worker is, so a long prompt always
+//! advances, and no short request waits behind more than one pass.
+//!
+//! Batching changes no result: the runtime's kernels are batch-invariant, so every session
+//! gets bit for bit the logits it would get alone. If the batched pass fails (a model error or
+//! a panic), each session is scored alone to find the one that failed: only its request fails.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+
+use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
+use uhlm_core::sampling::{probabilities_into, sample};
+use uhlm_model::{BatchItem, Session};
+
+use super::{Entry, GenEvent, SessionKey, Streaming, VerdictReply, Worker, fail, model_failure};
+
+/// What the next forward pass computes.
+pub(super) struct Plan {
+    rows: Vec<Row>,
+    tokens: usize,
+    keys: HashSet<SessionKey>,
+    max_rows: usize,
+    max_tokens: usize,
+}
+
+/// One session's share of a forward pass.
+struct Row {
+    key: SessionKey,
+    /// New tokens for the session's cache.
+    tokens: Vec<u32>,
+    work: Work,
+}
+
+/// What a row's logits are for.
+enum Work {
+    /// Decide the token at `verify.position`; `pending` of `tokens` were the session's pending
+    /// tokens (restored if the request fails), the rest the `Verify`'s skipped ones.
+    Verify {
+        verify: Verify,
+        q: Option<Vec<f32>>,
+        pending: usize,
+        reply: VerdictReply,
+    },
+    /// Sample the generation's next token.
+    Generate(Streaming),
+    /// Score the first `tokens.len()` pending tokens of a long context.
+    CatchUp,
+}
+
+/// How scoring one row went.
+enum Scored {
+    Logits(Vec<f32>),
+    Failed(ErrorMessage),
+    /// The model panicked on this session: it is dropped.
+    Panicked,
+}
+
+impl Plan {
+    pub(super) fn new(max_rows: usize, max_tokens: usize) -> Self {
+        Self {
+            rows: Vec::new(),
+            tokens: 0,
+            keys: HashSet::new(),
+            max_rows: max_rows.max(1),
+            max_tokens: max_tokens.max(1),
+        }
+    }
+
+    /// Whether `key` already has a row (a session gets one row per pass).
+    pub(super) fn has(&self, key: SessionKey) -> bool {
+        self.keys.contains(&key)
+    }
+
+    /// Whether a row of `n` tokens fits; the first row always does.
+    fn fits(&self, n: usize) -> bool {
+        self.rows.is_empty()
+            || (self.rows.len() < self.max_rows && self.tokens + n <= self.max_tokens)
+    }
+
+    /// Tokens still free in this pass's budget.
+    fn room(&self) -> usize {
+        if self.rows.len() >= self.max_rows {
+            0
+        } else {
+            self.max_tokens.saturating_sub(self.tokens)
+        }
+    }
+
+    fn push(&mut self, row: Row) {
+        self.tokens += row.tokens.len();
+        self.keys.insert(row.key);
+        self.rows.push(row);
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = SessionKey> + '_ {
+        self.keys.iter().copied()
+    }
+}
+
+impl Worker {
+    /// Adds `verify` to `plan`, or answers it at once when it cannot be served (unknown or
+    /// evicted session, a request that fails its checks). Gives it back when the pass is full.
+    pub(super) fn plan_verify(
+        &mut self,
+        plan: &mut Plan,
+        key: SessionKey,
+        verify: Verify,
+        reply: VerdictReply,
+    ) -> Option<(Verify, VerdictReply)> {
+        let vocab = self.model.info().vocab_size;
+        let max_context = self.settings.max_context_tokens;
+        let entry = match live_entry(self.sessions.get_mut(&key)) {
+            Ok(entry) => entry,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return None;
+            }
+        };
+        let held = entry.llm.as_ref().map_or(0, Session::len) + entry.pending.len();
+        let q = match verify.check(held, vocab, max_context) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return None;
+            }
+        };
+        let pending = entry.pending.len();
+        if !plan.fits(pending + verify.skipped.len()) {
+            return Some((verify, reply));
+        }
+        let mut tokens = std::mem::take(&mut entry.pending);
+        tokens.extend_from_slice(&verify.skipped);
+        plan.push(Row {
+            key,
+            tokens,
+            work: Work::Verify {
+                verify,
+                q,
+                pending,
+                reply,
+            },
+        });
+        None
+    }
+
+    /// Adds one token of every running generation that fits to `plan`; ends the ones nobody
+    /// waits for any more. Generations left out go first next time.
+    pub(super) fn plan_generations(&mut self, plan: &mut Plan) {
+        let mut waiting = std::collections::VecDeque::new();
+        while let Some(s) = self.streams.pop_front() {
+            // Nobody is listening any more (stream reset, connection lost, session closed):
+            // stop computing tokens for it.
+            if s.events.is_closed() {
+                self.metrics.generations_stopped.inc();
+                continue;
+            }
+            // Its prompt is still being scored a chunk at a time: the first token comes after.
+            if self.catching_up.contains(&s.key) || plan.has(s.key) {
+                waiting.push_back(s);
+                continue;
+            }
+            let entry = match live_entry(self.sessions.get_mut(&s.key)) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    let _ = s.events.send(GenEvent::Failed(e));
+                    continue;
+                }
+            };
+            if s.cancel.load(std::sync::atomic::Ordering::Acquire) {
+                let len = entry.llm.as_ref().map_or(0, Session::len) + entry.pending.len();
+                // Counted before `Finished` leaves, so that whoever sees it sees the count too.
+                self.metrics.generations_stopped.inc();
+                let _ = s.events.send(finished(FinishReason::Cancelled, len));
+                continue;
+            }
+            if !plan.fits(entry.pending.len()) {
+                waiting.push_back(s);
+                continue;
+            }
+            // The same steps as a `Verify` without a draft: score what is not cached yet (the
+            // prompt's last token, then each sampled one), sample with the session's RNG.
+            let tokens = std::mem::take(&mut entry.pending);
+            plan.push(Row {
+                key: s.key,
+                tokens,
+                work: Work::Generate(s),
+            });
+        }
+        self.streams = waiting;
+    }
+
+    /// Adds chunks of the sessions catching up to `plan`, round robin, in the room left (at
+    /// least `min_tokens` in all, so that catching up never starves). A session whose context
+    /// is in hands its waiting `Verify` to the next pass.
+    pub(super) fn plan_catch_ups(&mut self, plan: &mut Plan, min_tokens: usize) {
+        let chunk = self.settings.prefill_chunk.max(1);
+        let mut allowance = plan.room().max(min_tokens);
+        let mut waiting = std::collections::VecDeque::new();
+        while let Some(key) = self.catching_up.pop_front() {
+            if plan.has(key) || allowance == 0 {
+                waiting.push_back(key);
+                continue;
+            }
+            // Closed: nothing to do.
+            let Some(entry) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            // The device stopped waiting (timed out, reset the stream, lost the connection);
+            // it will start over with a resync or a new session.
+            if entry.deferred.as_ref().is_some_and(|(_, r)| r.is_closed()) {
+                entry.deferred = None;
+                continue;
+            }
+            if entry.llm.is_none() {
+                if let Some((_, reply)) = entry.deferred.take() {
+                    let _ = reply.send(Err(evicted()));
+                }
+                continue;
+            }
+            // All but the last pending token: the Verify (or the next one) scores that one.
+            let n = entry
+                .pending
+                .len()
+                .saturating_sub(1)
+                .min(chunk)
+                .min(allowance);
+            if n == 0 {
+                if let Some(deferred) = entry.deferred.take() {
+                    self.ready.push_back((key, deferred.0, deferred.1));
+                }
+                continue;
+            }
+            allowance -= n;
+            plan.push(Row {
+                key,
+                tokens: entry.pending[..n].to_vec(),
+                work: Work::CatchUp,
+            });
+        }
+        self.catching_up = waiting;
+    }
+
+    /// Runs `plan` as one forward pass and answers every row.
+    pub(super) fn run_plan(&mut self, plan: Plan) {
+        if plan.rows.is_empty() {
+            return;
+        }
+        self.metrics.batch_size.observe(plan.rows.len() as f64);
+        self.metrics.forward_passes.inc();
+        self.metrics.forward_tokens.inc_by(plan.tokens as u64);
+        let mut sessions: Vec<Option<Session>> = plan
+            .rows
+            .iter()
+            .map(|r| self.sessions.get_mut(&r.key).and_then(|e| e.llm.take()))
+            .collect();
+        let scored = score_rows(&mut sessions, &plan.rows);
+        for ((row, session), scored) in plan.rows.into_iter().zip(sessions).zip(scored) {
+            if matches!(scored, Scored::Panicked) {
+                tracing::error!(key = row.key, "the model panicked; dropping the session");
+                if self.sessions.remove(&row.key).is_some() {
+                    self.metrics.sessions.dec();
+                }
+            } else if let (Some(entry), Some(session)) = (self.sessions.get_mut(&row.key), session)
+            {
+                entry.llm = Some(session);
+            }
+            self.finish_row(row, scored);
+        }
+    }
+
+    fn finish_row(&mut self, row: Row, scored: Scored) {
+        let Row { key, tokens, work } = row;
+        let failure = match scored {
+            Scored::Logits(logits) => {
+                match work {
+                    Work::Verify {
+                        verify,
+                        q,
+                        pending,
+                        reply,
+                    } => {
+                        let r = self.finish_verify(key, &verify, q, tokens, pending, &logits);
+                        let _ = reply.send(r);
+                    }
+                    Work::Generate(mut s) => {
+                        match self.finish_generation(&mut s, tokens, &logits) {
+                            Ok(None) => self.streams.push_back(s),
+                            Ok(Some(_)) => {}
+                            Err(e) => {
+                                let _ = s.events.send(GenEvent::Failed(e));
+                            }
+                        }
+                    }
+                    Work::CatchUp => self.finish_catch_up(key, tokens.len()),
+                }
+                return;
+            }
+            Scored::Failed(e) => e,
+            Scored::Panicked => fail(ErrorCode::Internal, "the model failed on this request"),
+        };
+        // Nothing was appended: the tokens stay pending, as before the request.
+        let restore = |worker: &mut Worker, n: usize| {
+            if let Some(entry) = worker.sessions.get_mut(&key) {
+                let mut tokens = tokens;
+                tokens.truncate(n);
+                tokens.append(&mut entry.pending);
+                entry.pending = tokens;
+            }
+        };
+        match work {
+            Work::Verify { pending, reply, .. } => {
+                restore(self, pending);
+                let _ = reply.send(Err(failure));
+            }
+            Work::Generate(s) => {
+                restore(self, usize::MAX);
+                let _ = s.events.send(GenEvent::Failed(failure));
+            }
+            Work::CatchUp => {
+                tracing::debug!(key, ?failure, "catch-up failed");
+                // Without a waiting Verify the tokens stay pending, and the next Verify meets
+                // the error itself.
+                if let Some((_, reply)) =
+                    self.sessions.get_mut(&key).and_then(|e| e.deferred.take())
+                {
+                    let _ = reply.send(Err(failure));
+                }
+            }
+        }
+    }
+
+    /// Decides the token at `v.position` from the LLM's `logits` there.
+    fn finish_verify(
+        &mut self,
+        key: SessionKey,
+        v: &Verify,
+        q: Option<Vec<f32>>,
+        tokens: Vec<u32>,
+        pending: usize,
+        logits: &[f32],
+    ) -> Result<Verdict, ErrorMessage> {
+        let clock = self.clock;
+        let entry = self
+            .sessions
+            .get_mut(&key)
+            .ok_or_else(|| fail(ErrorCode::Internal, "the session vanished"))?;
+        let undo = |entry: &mut Entry, mut tokens: Vec<u32>| {
+            if let Some(llm) = entry.llm.as_mut() {
+                llm.truncate(llm.len() - tokens.len());
+            }
+            tokens.truncate(pending);
+            entry.pending = tokens;
+        };
+        if !probabilities_into(logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
+            undo(entry, tokens);
+            return Err(fail(
+                ErrorCode::Internal,
+                "the model produced no finite logits",
+            ));
+        }
+        let verdict = match (&v.draft, q) {
+            (Some(d), Some(q)) => {
+                match uhlm_core::verify::verify(&self.probs, &q, d.token, &mut entry.rng) {
+                    Ok(r) => Verdict {
+                        seq: v.seq,
+                        token: r.token,
+                        accepted: r.accepted,
+                        beta: r.beta,
+                        tv_distance: r.tv_distance,
+                    },
+                    Err(e) => {
+                        undo(entry, tokens);
+                        return Err(fail(
+                            ErrorCode::InvalidRequest,
+                            format!("cannot verify the draft: {e}"),
+                        ));
+                    }
+                }
+            }
+            _ => Verdict {
+                seq: v.seq,
+                token: sample(&self.probs, &mut entry.rng),
+                accepted: false,
+                beta: 0.0,
+                tv_distance: 0.0,
+            },
+        };
+        entry.pending = vec![verdict.token];
+        entry.last_used = clock;
+        self.metrics.tokens_verified.inc();
+        self.metrics.catchup_tokens.inc_by(v.skipped.len() as u64);
+        if verdict.accepted {
+            self.metrics.tokens_accepted.inc();
+        } else {
+            self.metrics.tokens_resampled.inc();
+        }
+        Ok(verdict)
+    }
+
+    /// Samples and streams a generation's next token: `Some(reason)` once it is over
+    /// (`Finished` already sent).
+    fn finish_generation(
+        &mut self,
+        s: &mut Streaming,
+        tokens: Vec<u32>,
+        logits: &[f32],
+    ) -> Result<Option<FinishReason>, ErrorMessage> {
+        let max_context = self.settings.max_context_tokens;
+        let clock = self.clock;
+        let entry = self
+            .sessions
+            .get_mut(&s.key)
+            .ok_or_else(|| fail(ErrorCode::Internal, "the session vanished"))?;
+        let len = entry.llm.as_ref().map_or(0, Session::len);
+        if !probabilities_into(logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
+            if let Some(llm) = entry.llm.as_mut() {
+                llm.truncate(len - tokens.len());
+            }
+            entry.pending = tokens;
+            return Err(fail(
+                ErrorCode::Internal,
+                "the model produced no finite logits",
+            ));
+        }
+        let token = sample(&self.probs, &mut entry.rng);
+        entry.pending = vec![token];
+        entry.last_used = clock;
+        let len = len + 1;
+        self.metrics.tokens_generated.inc();
+        s.left -= 1;
+        let _ = s.events.send(GenEvent::Token(token));
+        let reason = if self.eos.contains(&token) {
+            FinishReason::Eos
+        } else if s.left == 0 {
+            FinishReason::MaxTokens
+        } else if len >= max_context {
+            FinishReason::ContextFull
+        } else {
+            return Ok(None);
+        };
+        let _ = s.events.send(finished(reason, len));
+        Ok(Some(reason))
+    }
+
+    /// Drops the `n` pending tokens a catch-up chunk scored; queues the session again while
+    /// more is left, else hands its waiting `Verify` to the next pass.
+    fn finish_catch_up(&mut self, key: SessionKey, n: usize) {
+        let Some(entry) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        entry.pending.drain(..n);
+        self.metrics.prefilled_tokens.inc_by(n as u64);
+        if entry.pending.len() > 1 {
+            self.catching_up.push_back(key);
+        } else if let Some((verify, reply)) = entry.deferred.take() {
+            self.ready.push_back((key, verify, reply));
+        }
+    }
+}
+
+/// Scores every row in one pass; if that fails, each row alone, so that only the failing
+/// session's request fails. A row whose session is gone (closed while planned) fails alone.
+fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
+    let present = sessions.iter().filter(|s| s.is_some()).count();
+    if present > 1 {
+        let batched = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut items: Vec<BatchItem<'_>> = sessions
+                .iter_mut()
+                .zip(rows)
+                .filter_map(|(s, r)| {
+                    Some(BatchItem {
+                        session: s.as_mut()?,
+                        tokens: &r.tokens,
+                        all_rows: false,
+                    })
+                })
+                .collect();
+            Session::score_batch(&mut items)
+        }));
+        if let Ok(Ok(logits)) = batched {
+            let mut logits = logits.into_iter();
+            return sessions
+                .iter()
+                .map(|s| match s.as_ref().and(logits.next()) {
+                    Some(l) => Scored::Logits(l.into_vec()),
+                    None => Scored::Failed(gone()),
+                })
+                .collect();
+        }
+    }
+    sessions
+        .iter_mut()
+        .zip(rows)
+        .map(|(session, row)| {
+            let Some(session) = session.as_mut() else {
+                return Scored::Failed(gone());
+            };
+            match std::panic::catch_unwind(AssertUnwindSafe(|| session.score_last(&row.tokens))) {
+                Ok(Ok(logits)) => Scored::Logits(logits),
+                Ok(Err(e)) => Scored::Failed(model_failure(e)),
+                Err(_) => Scored::Panicked,
+            }
+        })
+        .collect()
+}
+
+/// The session's entry, if it exists and still has its cache.
+fn live_entry(entry: Option<&mut Entry>) -> Result<&mut Entry, ErrorMessage> {
+    let entry = entry.ok_or_else(gone)?;
+    if entry.llm.is_none() {
+        return Err(evicted());
+    }
+    Ok(entry)
+}
+
+fn gone() -> ErrorMessage {
+    fail(
+        ErrorCode::NeedResync,
+        "the server has no context for this session",
+    )
+}
+
+fn evicted() -> ErrorMessage {
+    fail(
+        ErrorCode::NeedResync,
+        "this session's cache was evicted to free memory; resend the context",
+    )
+}
+
+fn finished(reason: FinishReason, len: usize) -> GenEvent {
+    GenEvent::Finished {
+        reason,
+        context_len: u32::try_from(len).unwrap_or(u32::MAX),
+    }
+}
