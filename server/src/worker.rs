@@ -124,7 +124,7 @@ pub(crate) struct WorkerSettings {
     pub batch_wait: Duration,
     /// Most sessions one forward pass serves.
     pub max_batch: usize,
-    /// Most tokens one forward pass scores (a catch-up chunk may add a quarter chunk).
+    /// Most tokens one forward pass scores (catching up may add one chunk).
     pub max_batch_tokens: usize,
     pub kv_memory_budget_bytes: u64,
     pub max_context_tokens: usize,
@@ -327,8 +327,9 @@ impl Worker {
                 }
             }
             self.plan_generations(&mut plan);
-            let min_catch_up = self.settings.prefill_chunk.div_ceil(4);
-            self.plan_catch_ups(&mut plan, min_catch_up);
+            // Catching up gets a chunk per pass however full the pass is: a long prompt
+            // advances as fast as before batching, and costs the others one chunk a pass.
+            self.plan_catch_ups(&mut plan, self.settings.prefill_chunk);
             let mut protected: HashSet<SessionKey> = plan.keys().collect();
             self.run_plan(plan);
             protected.extend(self.streams.iter().map(|s| s.key));

@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// HumanEval, scored by running the completions: every system as real software over QUIC,
     /// pass@1, tokens decided on the device, uplink bytes, LLM passes and tokens/s.
     Humaneval(crate::humaneval::HumanEvalArgs),
+    /// How many devices one server holds: recorded device traces replayed by N simulated
+    /// devices against a real server, uhlm against LLM-only streaming, N swept.
+    Capacity(crate::capacity::CapacityArgs),
     /// What one drafted token costs the device beyond the SLM's forward pass (softmax, uplink
     /// encoding, uncertainty, policy, frame), timed on the SLM's own logits.
     Token(BenchTokenArgs),
@@ -71,6 +74,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Model(args) => bench(args),
         BenchCommand::Paper(args) => crate::paper::run(args),
         BenchCommand::Humaneval(args) => crate::humaneval::run(args),
+        BenchCommand::Capacity(args) => crate::capacity::run(args),
         BenchCommand::Token(args) => token(args),
     }
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod calibrate;
+mod capacity;
 mod demo;
 mod generate;
 mod humaneval;

@@ -679,3 +679,96 @@ fn bench_humaneval_scores_every_system_and_resumes() {
         String::from_utf8_lossy(&other.stderr)
     );
 }
+
+/// `uhlm bench capacity` on the small pair: it records device traces through the real SDK,
+/// replays them with simulated devices against a real `uhlm serve` (uhlm, then LLM-only
+/// streaming), counts what the server did, and reuses the traces on a second run.
+#[test]
+fn bench_capacity_replays_device_traces_against_a_real_server() {
+    let Some(llm) = llm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let slm = derive_draft(dir.path(), &llm);
+    let out = dir.path().join("capacity");
+    let run = |devices: &str, systems: &str| -> Value {
+        let o = uhlm(&[
+            "bench",
+            "capacity",
+            "--pair",
+            "smollm2",
+            "--slm",
+            slm.to_str().unwrap(),
+            "--llm",
+            llm.to_str().unwrap(),
+            "--prompts",
+            "2",
+            "--max-tokens",
+            "24",
+            "--devices",
+            devices,
+            "--systems",
+            systems,
+            "--duration",
+            "2s",
+            "--token-ms",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        serde_json::from_str(&ok_stdout(&o)).expect("one JSON object")
+    };
+    let v = run("1,2", "uhlm,llm");
+    let traces_text = std::fs::read_to_string(out.join("traces.jsonl")).unwrap();
+    let traces: Vec<Value> = traces_text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(traces.len(), 2);
+    for t in &traces {
+        // Every recorded Verify decides a position of its generation, in order.
+        let prompt = t["prompt"].as_array().unwrap().len() as u64;
+        let tokens = t["tokens"].as_array().unwrap().len() as u64;
+        let positions: Vec<u64> = t["verifies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["position"].as_u64().unwrap())
+            .collect();
+        assert!(tokens > 0);
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        assert!(
+            positions
+                .iter()
+                .all(|&p| p >= prompt && p < prompt + tokens),
+            "{positions:?} outside {prompt}..{}",
+            prompt + tokens
+        );
+    }
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 4, "{v}");
+    for p in points {
+        let (generated, server) = (
+            p["generated_tokens"].as_u64().unwrap(),
+            p["server_tokens"].as_u64().unwrap(),
+        );
+        assert!(p["generations"].as_u64().unwrap() >= 1, "{p}");
+        assert!(generated > 0 && p["server_peak_rss_bytes"].as_u64().unwrap() > 0);
+        assert!(p["passes_per_token"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["sessions_per_pass"].as_f64().unwrap() >= 1.0, "{p}");
+        match p["system"].as_str().unwrap() {
+            // The server decides every token of a streamed generation ...
+            "llm" => assert_eq!(server, generated, "{p}"),
+            // ... and only the sent ones of a replayed trace.
+            "uhlm" => assert!(server <= generated, "{p}"),
+            other => panic!("unexpected system {other}"),
+        }
+    }
+    // The traces are kept and reused.
+    let again = run("1", "llm");
+    assert_eq!(again["points"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(out.join("traces.jsonl")).unwrap(),
+        traces_text
+    );
+    assert!(out.join("capacity-throughput.svg").is_file());
+}

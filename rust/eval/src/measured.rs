@@ -109,6 +109,8 @@ pub struct ServerProcess {
     addr: SocketAddr,
     pin: String,
     api_key: String,
+    /// Where `/metrics` is served, when the command asked for it (`--metrics`).
+    metrics: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -136,28 +138,58 @@ impl ServerProcess {
         let mut child = command
             .spawn()
             .map_err(|e| fail(format!("cannot start {program}: {e}")))?;
-        let listening = child
+        let wants_metrics = command.get_args().any(|a| a == "--metrics");
+        let mut lines = child
             .stdout
             .take()
-            .map(BufReader::new)
-            .and_then(|out| out.lines().map_while(Result::ok).find_map(parse_listening));
+            .map(|out| BufReader::new(out).lines().map_while(Result::ok));
+        let listening = lines.as_mut().and_then(|l| l.find_map(parse_listening));
         let Some((addr, pin)) = listening else {
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
             return Err(fail(format!(
                 "{program} exited ({status}) before saying where it listens"
             )));
         };
+        // `uhlm-server metrics on ADDR` follows when asked for.
+        let metrics = if wants_metrics {
+            lines.as_mut().and_then(|l| l.next()).and_then(|l| {
+                l.strip_prefix("uhlm-server metrics on ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        } else {
+            None
+        };
         Ok(Self {
             child,
             addr,
             pin,
             api_key,
+            metrics,
             _dir: dir,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// SHA-256 of its certificate, for the device's pin.
+    pub fn pin(&self) -> &str {
+        &self.pin
+    }
+
+    pub fn api_key(&self) -> &str {
+        &self.api_key
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -18,7 +18,6 @@ use crate::error::SdkError;
 use crate::events::{GenerationSummary, TokenListener};
 use crate::link::Link;
 use crate::stats::{Stats, StatsAccumulator};
-use crate::tls::client_config;
 use crate::transport::Target;
 
 /// State shared by the engine and its running generation.
@@ -145,19 +144,7 @@ impl HybridEngine {
             ..LoadOptions::default()
         };
         let model = Model::load(&config.slm_path, &opts)?;
-        let tls = client_config(
-            config.pin.as_deref(),
-            Duration::from_millis(config.keep_alive_ms.max(1)),
-            Duration::from_millis(config.idle_timeout_ms),
-        )?;
-        let target = Target {
-            addr: config.server.clone().unwrap_or_default(),
-            tls,
-            api_key: config.api_key.clone(),
-            client_name: config.client_name.clone(),
-            fingerprint: model.fingerprint(),
-            connect_timeout: config.connect_timeout(),
-        };
+        let target = Target::from_config(&config, model.fingerprint())?;
         let link = Link::new(
             target,
             Duration::from_millis(config.reconnect_backoff_ms),

@@ -63,6 +63,11 @@ pub trait TokenListener: Send + Sync {
     fn on_tail_text(&self, text: String) {
         let _ = text;
     }
+    /// Each `Verify` the engine sends, as it goes on the wire: tools record device traffic
+    /// with it (`uhlm bench capacity` replays it against a server).
+    fn on_verify(&self, verify: &uhlm_core::protocol::Verify) {
+        let _ = verify;
+    }
 }
 
 /// A listener that ignores everything, for callers that only want the summary.

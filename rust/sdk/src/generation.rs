@@ -567,13 +567,15 @@ impl Generation {
             .state
             .next_position(skipped.len())
             .ok_or_else(|| LinkError::Protocol("session not ready".into()))?;
-        let msg = Message::Verify(Verify {
+        let verify = Verify {
             seq,
             position,
             skipped,
             draft,
             uncertainty,
-        });
+        };
+        self.listener.on_verify(&verify);
+        let msg = Message::Verify(verify);
         let reply = self.round_trip(msg).await?;
         match reply {
             Message::Verdict(v) => Ok(Some(v)),

@@ -39,6 +39,7 @@ mod error;
 mod events;
 mod generation;
 mod link;
+pub mod raw;
 mod stats;
 mod text;
 mod tls;

@@ -10,7 +10,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::error::SdkError;
-use crate::transport::{ClientConn, Target, bind_addr_for, connect};
+use crate::transport::{ClientConn, Target, bind_addr_for, client_endpoint, connect};
 
 enum State {
     /// Never connected, or reset by `network_changed`.
@@ -55,20 +55,7 @@ impl Link {
         if let Some(ep) = lock(&self.endpoint).clone() {
             return Ok(ep);
         }
-        let addr = self.target.addr.clone();
-        let peer = tokio::net::lookup_host(&addr)
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| SdkError::ServerUnreachable {
-                addr: addr.clone(),
-                reason: "cannot resolve the address".into(),
-            })?;
-        let ep =
-            Endpoint::client(bind_addr_for(&peer)).map_err(|e| SdkError::ServerUnreachable {
-                addr,
-                reason: format!("cannot open a UDP socket: {e}"),
-            })?;
+        let ep = client_endpoint(&self.target.addr).await?;
         let mut slot = lock(&self.endpoint);
         Ok(slot.get_or_insert(ep).clone())
     }

@@ -11,8 +11,9 @@ use uhlm_core::protocol::{
     Welcome, encode_frame,
 };
 
+use crate::config::EngineConfig;
 use crate::error::SdkError;
-use crate::tls::ClientTls;
+use crate::tls::{ClientTls, client_config};
 
 /// Why a request on an established link failed.
 #[derive(Debug)]
@@ -64,6 +65,41 @@ pub(crate) struct Target {
     pub client_name: String,
     pub fingerprint: [u8; 32],
     pub connect_timeout: Duration,
+}
+
+impl Target {
+    /// The server `config` names, with its pin, key and timeouts; `fingerprint` is the
+    /// vocabulary the device announces in `Hello`.
+    pub fn from_config(config: &EngineConfig, fingerprint: [u8; 32]) -> Result<Self, SdkError> {
+        let tls = client_config(
+            config.pin.as_deref(),
+            Duration::from_millis(config.keep_alive_ms.max(1)),
+            Duration::from_millis(config.idle_timeout_ms),
+        )?;
+        Ok(Self {
+            addr: config.server.clone().unwrap_or_default(),
+            tls,
+            api_key: config.api_key.clone(),
+            client_name: config.client_name.clone(),
+            fingerprint,
+            connect_timeout: config.connect_timeout(),
+        })
+    }
+}
+
+/// A client endpoint for the server at `addr` (an unspecified local address of its family).
+pub(crate) async fn client_endpoint(addr: &str) -> Result<Endpoint, SdkError> {
+    let unreachable = |reason: String| SdkError::ServerUnreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let peer = tokio::net::lookup_host(addr)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| unreachable("cannot resolve the address".into()))?;
+    Endpoint::client(bind_addr_for(&peer))
+        .map_err(|e| unreachable(format!("cannot open a UDP socket: {e}")))
 }
 
 /// Resolves `host:port`; the host is also the TLS server name.

@@ -1,0 +1,627 @@
+//! `uhlm bench capacity`: how many devices one server holds, uhlm against LLM-only.
+//!
+//! 1. **Traces.** The pair's device model generates replies to HumanEval prompts through the
+//!    real SDK (uhlm mode, the pair's calibration) against a `uhlm serve` process; every
+//!    `Verify` it sends is recorded with the prompt and the tokens it committed
+//!    (`traces.jsonl` in `--out`, reused when present).
+//! 2. **Replay.** For each device count N and each system, a fresh `uhlm serve` and N simulated
+//!    devices on their own QUIC connections, none running a model, so that the server is
+//!    measured without N device models competing for the same CPU. A uhlm device replays a
+//!    trace at `--token-ms` per drafted token, sending the recorded `Verify`s (skipped tokens
+//!    and uplink distribution as recorded); an LLM-only device sends the prompt and one
+//!    `Generate` for as many tokens, which the server streams (its best configuration: one
+//!    request, the same continuous batching). Devices loop over the traces until `--duration`.
+//!
+//! Per point: generated tokens/s over all devices, tokens the server decided per second, the
+//! device's wait per server-decided token (uhlm: the `Verify` round trip; LLM-only: the gap
+//! between streamed tokens) at p50/p95/p99, sessions per forward pass, forward passes and
+//! server CPU seconds per generated token, and the server's peak RSS.
+
+use std::io::{BufRead, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use uhlm_core::protocol::{Close, Generate, Message, Prompt as WirePrompt, Start, Verify};
+use uhlm_eval::humaneval::{PromptFormat, fetch_problems, load_problems};
+use uhlm_eval::measured::ServerProcess;
+use uhlm_eval::plot::{Chart, Series, draw};
+use uhlm_sdk::raw::RawClient;
+use uhlm_sdk::{
+    CancelToken, ChatMessage, EngineConfig, GenerationOptions, HybridEngine, Mode, Prompt,
+    SamplingOptions, StopReason, TokenEvent, TokenListener,
+};
+
+use crate::pair_args::ModelPairArgs;
+
+#[derive(Debug, Args)]
+pub struct CapacityArgs {
+    #[command(flatten)]
+    models: ModelPairArgs,
+    /// HumanEval prompts to record device traces on.
+    #[arg(long, default_value_t = 16)]
+    prompts: usize,
+    /// Tokens per recorded reply at most.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// Device counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    devices: Vec<usize>,
+    /// Systems to measure: `uhlm`, `llm` (LLM-only streaming).
+    #[arg(long, value_delimiter = ',', default_value = "uhlm,llm")]
+    systems: Vec<String>,
+    /// How long each point runs (devices then finish the generation they are in).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// A uhlm device's time to draft one token (its SLM's forward pass on the phone).
+    #[arg(long, default_value_t = 25.0)]
+    token_ms: f64,
+    /// Kernel threads of the server (its process has the machine to itself but for the
+    /// replaying devices, which do no model work).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value = "bench-capacity")]
+    out: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One recorded generation: what a device sent, and what it committed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Trace {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingOptions,
+    /// The generated token ids, the final end-of-sequence token included: every position the
+    /// device decided.
+    pub tokens: Vec<u32>,
+    /// Every `Verify` sent, in order.
+    pub verifies: Vec<Verify>,
+}
+
+/// One measured (system, device count).
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    pub system: String,
+    pub devices: usize,
+    pub seconds: f64,
+    pub generations: u64,
+    pub generated_tokens: u64,
+    /// Tokens the server decided (uhlm: verified; LLM-only: every one).
+    pub server_tokens: u64,
+    pub generated_per_s: f64,
+    pub server_decided_per_s: f64,
+    /// A device's wait per server-decided token, ms.
+    pub wait_ms: Percentiles,
+    pub sessions_per_pass: f64,
+    pub passes_per_token: f64,
+    pub server_cpu_s_per_token: f64,
+    pub server_peak_rss_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CapacityReport {
+    pub slm: String,
+    pub llm: String,
+    pub traces: usize,
+    pub trace_tokens: usize,
+    pub trace_verifies: usize,
+    pub token_ms: f64,
+    pub points: Vec<Point>,
+}
+
+pub fn run(args: CapacityArgs) -> Result<()> {
+    for s in &args.systems {
+        ensure!(
+            s == "uhlm" || s == "llm",
+            "unknown system {s:?} (uhlm or llm)"
+        );
+    }
+    let (slm, llm) = args.models.paths()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let traces_path = args.out.join("traces.jsonl");
+    let traces = if traces_path.is_file() {
+        read_traces(&traces_path)?
+    } else {
+        let traces = record(&args, &slm, &llm)?;
+        write_traces(&traces_path, &traces)?;
+        traces
+    };
+    ensure!(!traces.is_empty(), "no traces in {}", traces_path.display());
+    let fingerprint = uhlm_model::tokenizer::Tokenizer::from_gguf_path(&slm)?.fingerprint();
+    let traces = Arc::new(traces);
+    let mut points = Vec::new();
+    for &n in &args.devices {
+        for system in &args.systems {
+            eprintln!("{system}: {n} device(s) for {:?}", args.duration);
+            let point = measure_point(&args, &llm, fingerprint, &traces, system, n)?;
+            eprintln!(
+                "  {:.1} tokens/s, server {:.1}/s, wait p95 {:.0} ms, {:.2} sessions/pass",
+                point.generated_per_s,
+                point.server_decided_per_s,
+                point.wait_ms.p95,
+                point.sessions_per_pass
+            );
+            points.push(point);
+        }
+    }
+    let report = CapacityReport {
+        slm: slm.display().to_string(),
+        llm: llm.display().to_string(),
+        traces: traces.len(),
+        trace_tokens: traces.iter().map(|t| t.tokens.len()).sum(),
+        trace_verifies: traces.iter().map(|t| t.verifies.len()).sum(),
+        token_ms: args.token_ms,
+        points,
+    };
+    std::fs::write(
+        args.out.join("capacity.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    plot(&report, &args.out)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        print_table(&report, &mut out)?;
+    }
+    Ok(())
+}
+
+fn serve_command(threads: Option<usize>, metrics: bool) -> Result<std::process::Command> {
+    let exe = std::env::current_exe().context("locating the uhlm executable")?;
+    let mut serve = std::process::Command::new(exe);
+    serve.arg("serve");
+    if let Some(t) = threads {
+        serve.arg("--kernel-threads").arg(t.to_string());
+    }
+    if metrics {
+        serve.args(["--metrics", "127.0.0.1:0"]);
+    }
+    // Room for every device of the largest sweep point.
+    serve.args(["--max-sessions", "1024"]);
+    Ok(serve)
+}
+
+/// Records what the device model sends for the first `--prompts` HumanEval prompts.
+fn record(args: &CapacityArgs, slm: &Path, llm: &Path) -> Result<Vec<Trace>> {
+    let server = ServerProcess::spawn(serve_command(args.threads, false)?, llm)?;
+    let problems = load_problems(&fetch_problems(true)?)?;
+    let engine = HybridEngine::new(EngineConfig {
+        slm_path: slm.to_path_buf(),
+        server: Some(server.addr().to_string()),
+        pin: Some(server.pin().to_string()),
+        api_key: server.api_key().to_string(),
+        mode: Mode::Uhlm,
+        calibration: args.models.calibration()?,
+        threads: args.threads,
+        client_name: "uhlm-bench-capacity/record".into(),
+        ..EngineConfig::default()
+    })?;
+    let eos = uhlm_model::tokenizer::Tokenizer::from_gguf_path(slm)?
+        .eos_ids()
+        .to_vec();
+    let mut traces = Vec::new();
+    for (i, problem) in problems.iter().take(args.prompts).enumerate() {
+        eprintln!("recording {}/{}: {}", i + 1, args.prompts, problem.task_id);
+        let prompt = Prompt::Chat(vec![ChatMessage::user(PromptFormat::Chat.request(problem))]);
+        let ids = engine.tokenize_prompt(&prompt, false)?;
+        let sampling = SamplingOptions {
+            max_tokens: args.max_tokens,
+            seed: Some(i as u64),
+            ..SamplingOptions::greedy(args.max_tokens)
+        };
+        let recorder = Arc::new(Recorder::default());
+        let summary = engine.generate_blocking(
+            prompt,
+            GenerationOptions {
+                sampling: sampling.clone(),
+                chat_template: false,
+            },
+            recorder.clone(),
+            CancelToken::new(),
+        )?;
+        ensure!(
+            summary.stats.offline == 0,
+            "recording {}: {} token(s) were decided offline; a trace must be the hybrid's",
+            problem.task_id,
+            summary.stats.offline
+        );
+        let verifies = std::mem::take(&mut *lock(&recorder.verifies));
+        let mut tokens = summary.token_ids;
+        if summary.stop == StopReason::Eos {
+            tokens.extend(eos.first().copied());
+        }
+        traces.push(Trace {
+            prompt: ids,
+            sampling,
+            tokens,
+            verifies,
+        });
+    }
+    Ok(traces)
+}
+
+#[derive(Default)]
+struct Recorder {
+    verifies: Mutex<Vec<Verify>>,
+}
+
+impl TokenListener for Recorder {
+    fn on_token(&self, _: TokenEvent) {}
+    fn on_verify(&self, verify: &Verify) {
+        lock(&self.verifies).push(verify.clone());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_traces(path: &Path) -> Result<Vec<Trace>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::io::BufReader::new(file)
+        .lines()
+        .filter(|l| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(|l| Ok(serde_json::from_str(&l?)?))
+        .collect::<Result<_>>()
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+fn write_traces(path: &Path, traces: &[Trace]) -> Result<()> {
+    let mut text = String::new();
+    for t in traces {
+        text.push_str(&serde_json::to_string(t)?);
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// What the devices of one point counted.
+#[derive(Default)]
+struct Counts {
+    generations: u64,
+    generated: u64,
+    server_decided: u64,
+    waits_ms: Vec<f64>,
+}
+
+fn measure_point(
+    args: &CapacityArgs,
+    llm: &Path,
+    fingerprint: [u8; 32],
+    traces: &Arc<Vec<Trace>>,
+    system: &str,
+    devices: usize,
+) -> Result<Point> {
+    let server = ServerProcess::spawn(serve_command(args.threads, true)?, llm)?;
+    let metrics_addr = server
+        .metrics_addr()
+        .context("the server did not say where its metrics are")?;
+    let config = EngineConfig {
+        server: Some(server.addr().to_string()),
+        pin: Some(server.pin().to_string()),
+        api_key: server.api_key().to_string(),
+        client_name: format!("uhlm-bench-capacity/{system}"),
+        connect_timeout_ms: 30_000,
+        ..EngineConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let cpu0 = cpu_seconds(server.pid());
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let pace = Duration::from_secs_f64(args.token_ms / 1000.0);
+    let llm_only = system == "llm";
+    runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for d in 0..devices {
+            let (config, traces, counts) = (config.clone(), traces.clone(), counts.clone());
+            tasks.spawn(async move {
+                let client = RawClient::connect(&config, fingerprint).await?;
+                let mut next = d;
+                let mut session_id = 0;
+                while Instant::now() < deadline {
+                    let trace = &traces[next % traces.len()];
+                    next += 1;
+                    session_id += 1;
+                    if llm_only {
+                        stream_one(&client, session_id, trace, &counts).await?;
+                    } else {
+                        replay_one(&client, session_id, trace, pace, &counts).await?;
+                    }
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.context("a device task failed")??;
+        }
+        anyhow::Ok(())
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server.pid()) - cpu0;
+    let peak_rss = peak_rss_bytes(server.pid()).unwrap_or(0);
+    let metrics = http_metrics(metrics_addr)?;
+    let counts = std::mem::take(&mut *lock(&counts));
+    let passes = metric(&metrics, "uhlm_forward_passes_total");
+    let batch_sum = metric(&metrics, "uhlm_batch_size_sum");
+    let per_token = |x: f64| x / counts.generated.max(1) as f64;
+    Ok(Point {
+        system: system.to_string(),
+        devices,
+        seconds,
+        generations: counts.generations,
+        generated_tokens: counts.generated,
+        server_tokens: counts.server_decided,
+        generated_per_s: counts.generated as f64 / seconds,
+        server_decided_per_s: counts.server_decided as f64 / seconds,
+        wait_ms: percentiles(counts.waits_ms),
+        sessions_per_pass: batch_sum / passes.max(1.0),
+        passes_per_token: per_token(passes),
+        server_cpu_s_per_token: per_token(cpu),
+        server_peak_rss_bytes: peak_rss,
+    })
+}
+
+async fn open(
+    client: &RawClient,
+    session_id: u64,
+    trace: &Trace,
+) -> Result<uhlm_sdk::raw::RawSession> {
+    let mut s = client.session().await?;
+    s.send(&Message::Start(Start {
+        session_id,
+        prompt: WirePrompt::Tokens(trace.prompt.clone()),
+        sampling: trace.sampling.clone(),
+    }))
+    .await?;
+    match s.recv().await? {
+        Message::Started(_) => Ok(s),
+        other => bail!("expected Started, got {other:?}"),
+    }
+}
+
+async fn close(mut s: uhlm_sdk::raw::RawSession) -> Result<()> {
+    s.send(&Message::Close(Close {
+        reason: "done".into(),
+    }))
+    .await?;
+    s.finish();
+    Ok(())
+}
+
+/// A uhlm device: drafts at `pace` and sends the recorded `Verify`s where it sent them.
+async fn replay_one(
+    client: &RawClient,
+    session_id: u64,
+    trace: &Trace,
+    pace: Duration,
+    counts: &Mutex<Counts>,
+) -> Result<()> {
+    let mut s = open(client, session_id, trace).await?;
+    let mut verifies = trace.verifies.iter().peekable();
+    let (mut decided, mut waits) = (0u64, Vec::new());
+    for k in 0..trace.tokens.len() {
+        tokio::time::sleep(pace).await;
+        let position = (trace.prompt.len() + k) as u32;
+        if let Some(v) = verifies.next_if(|v| v.position == position) {
+            let sent = Instant::now();
+            s.send(&Message::Verify(Verify {
+                seq: decided as u32,
+                ..v.clone()
+            }))
+            .await?;
+            match s.recv().await? {
+                Message::Verdict(_) => {}
+                other => bail!("expected a Verdict, got {other:?}"),
+            }
+            waits.push(sent.elapsed().as_secs_f64() * 1e3);
+            decided += 1;
+        }
+    }
+    ensure!(
+        verifies.next().is_none(),
+        "a recorded Verify lies outside its trace"
+    );
+    close(s).await?;
+    let mut c = lock(counts);
+    c.generations += 1;
+    c.generated += trace.tokens.len() as u64;
+    c.server_decided += decided;
+    c.waits_ms.extend(waits);
+    Ok(())
+}
+
+/// An LLM-only device: the prompt, one `Generate`, the streamed tokens.
+async fn stream_one(
+    client: &RawClient,
+    session_id: u64,
+    trace: &Trace,
+    counts: &Mutex<Counts>,
+) -> Result<()> {
+    let mut s = open(client, session_id, trace).await?;
+    s.send(&Message::Generate(Generate {
+        seq: 0,
+        max_tokens: trace.tokens.len().max(1) as u32,
+    }))
+    .await?;
+    let (mut generated, mut waits) = (0u64, Vec::new());
+    let mut last = Instant::now();
+    loop {
+        match s.recv().await? {
+            Message::Tokens(t) => {
+                let gap = last.elapsed().as_secs_f64() * 1e3 / t.tokens.len().max(1) as f64;
+                waits.extend(std::iter::repeat_n(gap, t.tokens.len()));
+                generated += t.tokens.len() as u64;
+                last = Instant::now();
+            }
+            Message::Finished(_) => break,
+            other => bail!("expected Tokens or Finished, got {other:?}"),
+        }
+    }
+    close(s).await?;
+    let mut c = lock(counts);
+    c.generations += 1;
+    c.generated += generated;
+    c.server_decided += generated;
+    c.waits_ms.extend(waits);
+    Ok(())
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    if v.is_empty() {
+        return Percentiles::default();
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Percentiles {
+        p50: at(0.5),
+        p95: at(0.95),
+        p99: at(0.99),
+    }
+}
+
+/// User plus system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// The largest resident size process `pid` has had.
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn http_metrics(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn plot(report: &CapacityReport, dir: &Path) -> Result<()> {
+    let series = |system: &str, y: fn(&Point) -> f64| Series {
+        name: if system == "llm" {
+            "LLM-only (streaming)".into()
+        } else {
+            "uhlm".into()
+        },
+        points: report
+            .points
+            .iter()
+            .filter(|p| p.system == system)
+            .map(|p| (p.devices as f64, y(p)))
+            .collect(),
+    };
+    let systems: Vec<&str> = ["uhlm", "llm"]
+        .into_iter()
+        .filter(|s| report.points.iter().any(|p| p.system == *s))
+        .collect();
+    draw(
+        &dir.join("capacity-throughput.svg"),
+        &Chart {
+            title: "Generated tokens/s over all devices",
+            x_label: "devices",
+            y_label: "tokens/s",
+        },
+        &[],
+        &systems
+            .iter()
+            .map(|s| series(s, |p| p.generated_per_s))
+            .collect::<Vec<_>>(),
+    )?;
+    draw(
+        &dir.join("capacity-latency.svg"),
+        &Chart {
+            title: "p95 wait per server-decided token",
+            x_label: "devices",
+            y_label: "ms",
+        },
+        &[],
+        &systems
+            .iter()
+            .map(|s| series(s, |p| p.wait_ms.p95))
+            .collect::<Vec<_>>(),
+    )?;
+    Ok(())
+}
+
+fn print_table(report: &CapacityReport, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "{} traces, {} tokens, {} verifies ({:.1} % of tokens sent); device pace {} ms/token",
+        report.traces,
+        report.trace_tokens,
+        report.trace_verifies,
+        100.0 * report.trace_verifies as f64 / report.trace_tokens.max(1) as f64,
+        report.token_ms
+    )?;
+    writeln!(
+        out,
+        "| system | devices | tokens/s | server-decided/s | wait p50/p95/p99 ms | sessions/pass | passes/token | server CPU s/token | peak RSS MiB |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    for p in &report.points {
+        writeln!(
+            out,
+            "| {} | {} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} | {:.2} | {:.3} | {:.4} | {:.0} |",
+            p.system,
+            p.devices,
+            p.generated_per_s,
+            p.server_decided_per_s,
+            p.wait_ms.p50,
+            p.wait_ms.p95,
+            p.wait_ms.p99,
+            p.sessions_per_pass,
+            p.passes_per_token,
+            p.server_cpu_s_per_token,
+            p.server_peak_rss_bytes as f64 / (1 << 20) as f64
+        )?;
+    }
+    Ok(())
+}
