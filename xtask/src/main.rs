@@ -35,6 +35,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// `uhlm bench capacity` on the real pair: recorded device traces replayed by 1-64
+    /// simulated devices against `uhlm serve`, uhlm against LLM-only (release build; output in
+    /// `target/bench-capacity` unless arguments are given, which are passed on).
+    Capacity {
+        /// Arguments for `uhlm bench capacity`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The fault and load campaign: devices through a lossy emulated link, the server killed
     /// and restarted, every generation checked (`--short`: the form CI runs).
     Soak(soak::SoakArgs),
@@ -73,6 +81,7 @@ fn main() -> Result<()> {
         Task::Demo { args } => demo(&args),
         Task::Test => test(),
         Task::Humaneval { args } => humaneval(&args),
+        Task::Capacity { args } => capacity(&args),
         Task::Soak(args) => soak::soak(args),
         Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
         Task::CheckCoreDeps => check_core_deps(),
@@ -120,6 +129,15 @@ fn uhlm_release(args: &[&str]) -> Result<()> {
 
 fn demo(args: &[String]) -> Result<()> {
     let mut cmd = vec!["demo"];
+    cmd.extend(args.iter().map(String::as_str));
+    uhlm_release(&cmd)
+}
+
+fn capacity(args: &[String]) -> Result<()> {
+    let mut cmd = vec!["bench", "capacity"];
+    if args.is_empty() {
+        cmd.extend(["--out", "target/bench-capacity"]);
+    }
     cmd.extend(args.iter().map(String::as_str));
     uhlm_release(&cmd)
 }

@@ -145,10 +145,10 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
         .with_context(|| format!("parsing {}", run_file.display()))?;
         options.check_resumable(&previous)?;
         eprintln!("resuming the run in {}", args.out.display());
-    } else {
-        std::fs::write(&run_file, serde_json::to_string_pretty(&options)?)
-            .with_context(|| format!("writing {}", run_file.display()))?;
     }
+    // The latest options (a resumed run may have added samples, sweep points or systems).
+    std::fs::write(&run_file, serde_json::to_string_pretty(&options)?)
+        .with_context(|| format!("writing {}", run_file.display()))?;
     let (slm, llm) = args.models.paths()?;
     let folds = folds(problems.len(), &options);
     let load = LoadOptions {

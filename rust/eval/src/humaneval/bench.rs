@@ -100,9 +100,19 @@ impl Default for HumanEvalOptions {
 }
 
 impl HumanEvalOptions {
-    /// A resumed run must have been started with the same options.
+    /// A resumed run must have been started with the same options, except for what only adds
+    /// samples beside the existing ones (more `samples`, other `sweep` points or `systems`):
+    /// a long greedy run can grow its sweep and its sampled runs later.
     pub fn check_resumable(&self, previous: &HumanEvalOptions) -> Result<(), EvalError> {
-        let saved = |o: &HumanEvalOptions| serde_json::to_value(o).ok();
+        let saved = |o: &HumanEvalOptions| {
+            let o = HumanEvalOptions {
+                samples: 0,
+                sweep: Vec::new(),
+                systems: Vec::new(),
+                ..o.clone()
+            };
+            serde_json::to_value(o).ok()
+        };
         if saved(self) == saved(previous) {
             return Ok(());
         }
@@ -886,7 +896,7 @@ mod tests {
     }
 
     #[test]
-    fn a_resumed_run_needs_the_same_options() {
+    fn a_resumed_run_needs_the_same_options_but_may_add_samples() {
         let a = HumanEvalOptions::default();
         assert!(a.check_resumable(&a.clone()).is_ok());
         let b = HumanEvalOptions {
@@ -902,6 +912,21 @@ mod tests {
             a.check_resumable(&faster).is_ok(),
             "threads change speed only"
         );
+        let grown = HumanEvalOptions {
+            samples: 5,
+            sweep: vec![0.3],
+            systems: vec!["uhlm".into()],
+            ..a.clone()
+        };
+        assert!(
+            grown.check_resumable(&a).is_ok(),
+            "samples, sweep points and systems only add sample files"
+        );
+        let hotter = HumanEvalOptions {
+            temperature: 0.8,
+            ..grown.clone()
+        };
+        assert!(hotter.check_resumable(&grown).is_err());
     }
 
     #[test]
