@@ -549,15 +549,42 @@ impl Worker {
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(k, _)| *k);
             let Some(victim) = victim else { break };
-            if let Some(e) = self.sessions.get_mut(&victim) {
-                used -= kv_bytes(e);
-                e.llm = None;
-                e.pending.clear();
-                self.metrics.evictions.inc();
-                tracing::debug!(session = victim, "evicted an idle session's KV cache");
+            used -= self.evict(victim);
+        }
+        // Sessions still prefilling are protected so that their work is not thrown away, but
+        // not past the budget (four 4,096-token prompts at once took 712 MiB of a 512 MiB
+        // budget in the fault campaign): the one furthest along keeps its cache, the others go,
+        // least progressed first, and their devices resync (answered `NeedResync`).
+        if used > self.budget {
+            let mut prefilling: Vec<(u64, SessionKey)> = self
+                .catching_up
+                .iter()
+                .filter_map(|k| Some((kv_bytes(self.sessions.get(k)?), *k)))
+                .filter(|&(bytes, _)| bytes > 0)
+                .collect();
+            prefilling.sort_unstable();
+            prefilling.pop();
+            for (_, key) in prefilling {
+                if used <= self.budget {
+                    break;
+                }
+                used -= self.evict(key);
             }
         }
         self.report_kv_bytes(used);
+    }
+
+    /// Drops `key`'s KV cache; returns the bytes it held.
+    fn evict(&mut self, key: SessionKey) -> u64 {
+        let Some(e) = self.sessions.get_mut(&key) else {
+            return 0;
+        };
+        let bytes = kv_bytes(e);
+        e.llm = None;
+        e.pending.clear();
+        self.metrics.evictions.inc();
+        tracing::debug!(session = key, "evicted a session's KV cache");
+        bytes
     }
 }
 

@@ -632,3 +632,100 @@ async fn one_forward_pass_answers_sessions_in_different_states() {
     );
     server.shutdown().await;
 }
+
+/// Prompts still being prefilled are protected from eviction, but not past the KV budget: of
+/// two long prompts that do not fit together, the one further along keeps its cache and the
+/// other is told to resync (issue 11's campaign: four 4,096-token prompts took 712 MiB of a
+/// 512 MiB budget). Both devices get the model's answer in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefilling_prompts_stay_within_the_kv_budget() {
+    let model = llm();
+    let sentence = prompt_tokens(&model, "The quick brown fox jumps over the lazy dog.");
+    let long: Vec<u32> = sentence.iter().copied().cycle().take(600).collect();
+    let greedy = {
+        let mut alone = model.session();
+        argmax(&alone.score_last(&long).unwrap()).unwrap()
+    };
+    let one = {
+        let mut alone = model.session();
+        alone.score_last(&long).unwrap();
+        alone.kv_cache_bytes() as f64
+    };
+    let budget = (one * 1.5) as u64;
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    config.kv_memory_budget_bytes = budget;
+    config.prefill_chunk_tokens = 32;
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready_on(&server).await;
+    let next = Verify {
+        seq: 0,
+        position: long.len() as u32,
+        skipped: vec![],
+        draft: None,
+        uncertainty: 0.0,
+    };
+    let mut sessions = Vec::new();
+    for id in [1, 2] {
+        let mut s = client.session().await;
+        s.send(start(id, &long)).await;
+        assert!(matches!(s.recv().await, Some(Message::Started(_))));
+        s.send(next.clone()).await;
+        sessions.push(s);
+    }
+    // Watch the allocated KV bytes while both prompts are prefilled.
+    let kv = || common::metric(&server, "uhlm_kv_cache_bytes");
+    let mut peak = 0.0f64;
+    let (mut first, mut second) = (None, None);
+    let [a, b] = &mut sessions[..] else {
+        unreachable!()
+    };
+    while first.is_none() || second.is_none() {
+        peak = peak.max(kv());
+        tokio::select! {
+            m = a.recv(), if first.is_none() => first = Some(m),
+            m = b.recv(), if second.is_none() => second = Some(m),
+            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+        }
+    }
+    let mut resync = Vec::new();
+    for (s, reply) in sessions.iter_mut().zip([first, second]) {
+        match reply.flatten() {
+            Some(Message::Verdict(v)) => assert_eq!(v.token, greedy),
+            Some(Message::Error(e)) if e.code == ErrorCode::NeedResync => resync.push(s),
+            other => panic!("expected a Verdict or NeedResync, got {other:?}"),
+        }
+    }
+    assert!(resync.len() <= 1, "both prompts were evicted");
+    assert!(peak <= budget as f64, "{peak} bytes of KV cache > {budget}");
+    // The evicted device resyncs and gets its answer (the other session, idle now, yields).
+    for s in resync {
+        s.send(Resync {
+            context: long.clone(),
+        })
+        .await;
+        assert!(matches!(s.recv().await, Some(Message::Started(_))));
+        s.send(Verify {
+            seq: 1,
+            ..next.clone()
+        })
+        .await;
+        loop {
+            peak = peak.max(kv());
+            tokio::select! {
+                m = s.recv() => {
+                    match m {
+                        Some(Message::Verdict(v)) => assert_eq!(v.token, greedy),
+                        other => panic!("expected a Verdict, got {other:?}"),
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
+    }
+    assert!(peak <= budget as f64, "{peak} bytes of KV cache > {budget}");
+    assert!(common::metric(&server, "uhlm_evictions_total") >= 1.0);
+    server.shutdown().await;
+}
