@@ -171,14 +171,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         serde_json::to_string_pretty(&report)?,
     )?;
     plot(&report, &args.out)?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if args.json {
-        writeln!(out, "{}", serde_json::to_string(&report)?)?;
-    } else {
-        print_table(&report, &mut out)?;
-    }
-    Ok(())
+    crate::bench::print_report(&report, args.json, &args.out, print_table)
 }
 
 fn serve_command(threads: Option<usize>, metrics: bool) -> Result<std::process::Command> {

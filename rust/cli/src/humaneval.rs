@@ -232,14 +232,7 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
         options,
     };
     write_files(&report, &args.out)?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if args.json {
-        writeln!(out, "{}", serde_json::to_string(&report)?)?;
-    } else {
-        print_table(&report, &mut out)?;
-        writeln!(out, "files in {}", args.out.display())?;
-    }
+    crate::bench::print_report(&report, args.json, &args.out, print_table)?;
     Ok(())
 }
 

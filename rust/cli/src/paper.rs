@@ -99,14 +99,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
         report.add_measured(measure_options, runs);
     }
     write_files(&report, &args.out)?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if args.json {
-        writeln!(out, "{}", serde_json::to_string(&report)?)?;
-    } else {
-        print_table(&report, &mut out)?;
-        writeln!(out, "files in {}", args.out.display())?;
-    }
+    crate::bench::print_report(&report, args.json, &args.out, print_table)?;
     Ok(())
 }
 
