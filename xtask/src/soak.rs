@@ -147,8 +147,8 @@ impl ServerProcess {
     }
 }
 
-/// The server's `uhlm_kv_cache_bytes` gauge, read from its metrics endpoint.
-fn kv_cache_bytes(metrics: &str) -> Option<u64> {
+/// The server's metrics page, read from its endpoint.
+fn metrics_text(metrics: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(metrics).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -156,7 +156,12 @@ fn kv_cache_bytes(metrics: &str) -> Option<u64> {
         .ok()?;
     let mut body = String::new();
     conn.read_to_string(&mut body).ok()?;
-    let line = body
+    Some(body)
+}
+
+/// The server's `uhlm_kv_cache_bytes` gauge.
+fn kv_cache_bytes(metrics: &str) -> Option<u64> {
+    let line = metrics
         .lines()
         .find(|l| l.starts_with("uhlm_kv_cache_bytes "))?;
     line.split_whitespace()
@@ -164,6 +169,33 @@ fn kv_cache_bytes(metrics: &str) -> Option<u64> {
         .parse::<f64>()
         .ok()
         .map(|v| v as u64)
+}
+
+/// The server's own `Verify` latency (receipt to reply: its queue and forward passes, not the
+/// network or the device) from its histogram: the count and the upper bounds, in ms, of the
+/// buckets holding the median and the 95th percentile.
+fn server_verify_latency(metrics: &str) -> serde_json::Value {
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("uhlm_verify_latency_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|&&(_, n)| total > 0.0 && n >= q * total)
+            .map(|&(le, _)| le * 1e3)
+    };
+    serde_json::json!({ "count": total, "p50_at_most": at(0.5), "p95_at_most": at(0.95) })
 }
 
 /// Resident set size of a process, bytes.
@@ -304,6 +336,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let mut kills_done = 0u32;
     let mut max_rss = base_rss;
     let mut max_kv = 0u64;
+    // The last server process's metrics, for its own view of the verify latency.
+    let mut last_metrics = String::new();
     let mut fingerprints_kept = true;
     let status = loop {
         if let Some(status) = loadgen.try_wait()? {
@@ -323,8 +357,11 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         if let Some(rss) = rss_bytes(server.pid()) {
             max_rss = max_rss.max(rss);
         }
-        if let Some(kv) = kv_cache_bytes(&metrics_addr) {
-            max_kv = max_kv.max(kv);
+        if let Some(text) = metrics_text(&metrics_addr) {
+            if let Some(kv) = kv_cache_bytes(&text) {
+                max_kv = max_kv.max(kv);
+            }
+            last_metrics = text;
         }
         std::thread::sleep(Duration::from_secs(1));
     };
@@ -376,6 +413,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
                 && during["p95"].as_f64().unwrap_or(f64::MAX) < 1000.0,
         ));
     }
+    let server_side = server_verify_latency(&last_metrics);
     let summary = serde_json::json!({
         "devices": args.devices,
         "duration": args.duration,
@@ -387,6 +425,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         "server_rss_max_bytes": max_rss,
         "server_rss_bound_bytes": rss_bound,
         "server_kv_cache_max_bytes": max_kv,
+        "server_verify_latency_ms_last_process": server_side,
         "checks": checks.iter().map(|(what, ok)| serde_json::json!({"check": what, "passed": ok})).collect::<Vec<_>>(),
         "loadgen": report,
     });
@@ -396,7 +435,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     println!(
         "generations {} tokens {} (offline {}, verified {}, local {}), reconnects {}, \
          server RSS {:.0} -> {:.0} MiB (bound {:.0}), KV cache max {:.0} MiB; verdict p95 \
-         during long prefills {} ms",
+         during long prefills {} ms (the server's own, last process: p95 <= {} ms)",
         n("generations"),
         n("tokens"),
         n("offline_tokens"),
@@ -408,6 +447,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         mib(rss_bound),
         mib(max_kv),
         during["p95"],
+        server_side["p95_at_most"],
     );
     println!("report: {}", soak_json.display());
     let failed: Vec<&str> = checks
