@@ -36,6 +36,7 @@ use uhlm_sdk::{
     SamplingOptions, StopReason, TokenEvent, TokenListener,
 };
 
+use crate::loadgen::Percentiles;
 use crate::pair_args::ModelPairArgs;
 
 #[derive(Debug, Args)]
@@ -101,13 +102,6 @@ pub struct Point {
     pub passes_per_token: f64,
     pub server_cpu_s_per_token: f64,
     pub server_peak_rss_bytes: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Percentiles {
-    pub p50: f64,
-    pub p95: f64,
-    pub p99: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -366,7 +360,7 @@ fn measure_point(
         server_tokens: counts.server_decided,
         generated_per_s: counts.generated as f64 / seconds,
         server_decided_per_s: counts.server_decided as f64 / seconds,
-        wait_ms: percentiles(counts.waits_ms),
+        wait_ms: Percentiles::of(counts.waits_ms),
         sessions_per_pass: batch_sum / passes.max(1.0),
         passes_per_token: per_token(passes),
         server_cpu_s_per_token: per_token(cpu),
@@ -477,19 +471,6 @@ async fn stream_one(
     c.server_decided += generated;
     c.waits_ms.extend(waits);
     Ok(())
-}
-
-fn percentiles(mut v: Vec<f64>) -> Percentiles {
-    if v.is_empty() {
-        return Percentiles::default();
-    }
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    Percentiles {
-        p50: at(0.5),
-        p95: at(0.95),
-        p99: at(0.99),
-    }
 }
 
 /// User plus system CPU seconds of process `pid` so far.

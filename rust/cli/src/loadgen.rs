@@ -109,16 +109,18 @@ pub struct LoadReport {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Default, Serialize)]
+/// Order statistics of a sample (nearest rank); zeros when it is empty.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Percentiles {
     pub count: usize,
     pub p50: f64,
     pub p95: f64,
+    pub p99: f64,
     pub max: f64,
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Self {
+    pub fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         let at = |q: f64| {
             v.get(((v.len() as f64 * q).ceil() as usize).saturating_sub(1))
@@ -129,6 +131,7 @@ impl Percentiles {
             count: v.len(),
             p50: at(0.5),
             p95: at(0.95),
+            p99: at(0.99),
             max: v.last().copied().unwrap_or(0.0),
         }
     }
