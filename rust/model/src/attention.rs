@@ -3,7 +3,7 @@
 //!
 //! On CPU every query row is computed by the same scalar-order loop whether it arrives alone
 //! (decoding) or in a batch (scoring), so incremental decoding reproduces one-pass scoring
-//! bit for bit. With candle's batched matmul the summation order depends on the batch shape,
+//! bit for bit; rows and heads are spread over the kernel threads, each computed whole by one. With candle's batched matmul the summation order depends on the batch shape,
 //! and the 8-bit activation quantization of the following quantized matmuls amplifies those
 //! last-bit differences into visibly different logits.
 
@@ -71,12 +71,18 @@ fn attend_cpu(
     let ks = &k_c.as_slice::<f32>()?[k_l.start_offset()..];
     let vs = &v_c.as_slice::<f32>()?[v_l.start_offset()..];
     let mut out = vec![0f32; seq * cfg.n_head * hd];
-    let mut scores: Vec<f32> = Vec::with_capacity(pos0 + seq);
-    for h in 0..cfg.n_head {
-        let kvh = h / n_rep;
-        let keys = &ks[kvh * cap * hd..(kvh + 1) * cap * hd];
-        let values = &vs[kvh * cap * hd..(kvh + 1) * cap * hd];
-        for i in 0..seq {
+    // One work item per (query row, head), each writing its own `head_dim` slice of `out`:
+    // items run on candle's kernel threads, and every item's arithmetic is the same
+    // sequential loop however they are scheduled, so results stay bit-identical.
+    let n_head = cfg.n_head;
+    let out_ptr = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(seq * n_head, |items| {
+        let mut scores: Vec<f32> = Vec::with_capacity(pos0 + seq);
+        for item in items {
+            let (i, h) = (item / n_head, item % n_head);
+            let kvh = h / n_rep;
+            let keys = &ks[kvh * cap * hd..(kvh + 1) * cap * hd];
+            let values = &vs[kvh * cap * hd..(kvh + 1) * cap * hd];
             let p = pos0 + i;
             let lo = first_visible(p, cfg.window);
             let qrow = &qs[(h * seq + i) * hd..(h * seq + i + 1) * hd];
@@ -92,7 +98,10 @@ fn attend_cpu(
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            let o = &mut out[(i * cfg.n_head + h) * hd..(i * cfg.n_head + h + 1) * hd];
+            // SAFETY: item `i * n_head + h` owns `out[item * hd..(item + 1) * hd]`, and each
+            // item is handed to exactly one thread once; `out` outlives the call.
+            let o =
+                unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(item * hd), hd) };
             for (j, &w) in (lo..=p).zip(scores.iter()) {
                 let w = w / sum;
                 for (o, &v) in o.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
@@ -100,7 +109,7 @@ fn attend_cpu(
                 }
             }
         }
-    }
+    });
     Tensor::from_vec(out, (seq, cfg.n_head * hd), &Device::Cpu)
 }
 

@@ -56,6 +56,26 @@ enum Work {
     CatchUp,
 }
 
+/// Context (in tokens) up to which a whole `prefill_chunk` is scored in one pass.
+const FULL_CHUNK_CONTEXT: usize = 1024;
+
+/// Tokens of a catch-up chunk that starts after `cached` tokens: `chunk`, or fewer deep in a
+/// long context, so that no chunk costs more attention than a full one at
+/// [`FULL_CHUNK_CONTEXT`] (`n * (cached + n)` query-key pairs per head and layer). Attention
+/// grows with the context while the rest of a pass does not: a 128-token chunk at position
+/// 4,000 held every other device's `Verify` for seconds in the fault campaign.
+fn chunk_at(cached: usize, chunk: usize) -> usize {
+    let budget = chunk * (chunk + FULL_CHUNK_CONTEXT);
+    // Largest n with n * (cached + n) <= budget: the positive root of n^2 + cached n - budget.
+    let c = cached as f64;
+    let mut n = ((((c * c + 4.0 * budget as f64).sqrt() - c) / 2.0) as usize).clamp(1, chunk);
+    // Float rounding can overshoot by one.
+    while n > 1 && n * (cached + n) > budget {
+        n -= 1;
+    }
+    n
+}
+
 /// How scoring one row went.
 enum Scored {
     Logits(Vec<f32>),
@@ -227,11 +247,12 @@ impl Worker {
                 continue;
             }
             // All but the last pending token: the Verify (or the next one) scores that one.
+            let cached = entry.llm.as_ref().map_or(0, Session::len);
             let n = entry
                 .pending
                 .len()
                 .saturating_sub(1)
-                .min(chunk)
+                .min(chunk_at(cached, chunk))
                 .min(allowance);
             if n == 0 {
                 if let Some(deferred) = entry.deferred.take() {
@@ -540,5 +561,29 @@ fn finished(reason: FinishReason, len: usize) -> GenEvent {
     GenEvent::Finished {
         reason,
         context_len: u32::try_from(len).unwrap_or(u32::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catch_up_chunks_shrink_deep_in_a_long_context() {
+        let chunk = 128;
+        let budget = chunk * (chunk + FULL_CHUNK_CONTEXT);
+        assert_eq!(chunk_at(0, chunk), chunk);
+        assert_eq!(chunk_at(FULL_CHUNK_CONTEXT, chunk), chunk);
+        assert_eq!(chunk_at(4000, chunk), 36);
+        assert_eq!(chunk_at(usize::MAX / 4, chunk), 1, "always progresses");
+        let mut last = chunk;
+        for cached in (0..50_000).step_by(97) {
+            let n = chunk_at(cached, chunk);
+            assert!(n <= last, "never grows with the context");
+            assert!(n == 1 || n * (cached + n) <= budget);
+            // The largest that fits: one more would exceed the budget or the chunk.
+            assert!(n == chunk || (n + 1) * (cached + n + 1) > budget);
+            last = n;
+        }
     }
 }
