@@ -182,7 +182,17 @@ pub fn android() -> Result<()> {
     for abi in ANDROID_ABIS {
         args.extend(["-t", abi]);
     }
-    args.extend(["-o", jni, "build", "--release", "-p", FFI_CRATE, "--lib"]);
+    // What a phone links: the engine without the embedded server or the model cache.
+    args.extend([
+        "-o",
+        jni,
+        "build",
+        "--release",
+        "-p",
+        FFI_CRATE,
+        "--lib",
+        "--no-default-features",
+    ]);
     run("cargo", &args)?;
     println!(
         "Android libraries are in {jni}; build the AAR with `gradle :android:assembleRelease`"
@@ -214,18 +224,21 @@ pub fn ios() -> Result<()> {
     add.extend(&targets);
     run("rustup", &add)?;
     for t in &targets {
-        run(
-            "cargo",
-            &[
-                "build",
-                "--release",
-                "-p",
-                FFI_CRATE,
-                "--lib",
-                "--target",
-                t,
-            ],
-        )?;
+        let mut args = vec![
+            "build",
+            "--release",
+            "-p",
+            FFI_CRATE,
+            "--lib",
+            "--target",
+            t,
+        ];
+        // Phones link the engine alone; the macOS slices keep the embedded server and the
+        // model cache for the Swift package's tests on a Mac.
+        if !MACOS.contains(t) {
+            args.push("--no-default-features");
+        }
+        run("cargo", &args)?;
     }
     let staticlib = |t: &str| {
         target_dir()

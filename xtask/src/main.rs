@@ -66,10 +66,16 @@ enum Task {
     /// Check the generated bindings, build the host library and run the Kotlin and Python
     /// tests against it (also part of `test`).
     TestBindings,
-    /// Build and run the model runtime's tests for aarch64 (the phones' CPU: candle's NEON
-    /// kernels) under qemu-user, with Debian's cross linker; installs both, and the rustup
-    /// target, when missing.
-    TestAarch64,
+    /// The device crates on aarch64 (the phones' CPU: candle's NEON kernels) under qemu-user,
+    /// with Debian's cross linker (installs both, and the rustup target, when missing): all of
+    /// uhlm-core's tests, the runtime's unit tests, SmolLM2 against its x86-64 record, the SDK
+    /// built; then the FFI crate type-checked for Android and iOS where those targets can be
+    /// had (part of `test`).
+    TestAarch64 {
+        /// Also the toy-model and real-model runtime suites (about 25 minutes under qemu).
+        #[arg(long)]
+        full: bool,
+    },
     /// Build the Android libraries (cargo-ndk) into the AAR module's jniLibs.
     Android,
     /// Build UHLMFFI.xcframework for iOS devices and simulators (macOS with Xcode).
@@ -87,7 +93,7 @@ fn main() -> Result<()> {
         Task::CheckCoreDeps => check_core_deps(),
         Task::Bindgen { check } => bindings::bindgen(check),
         Task::TestBindings => test_bindings(),
-        Task::TestAarch64 => test_aarch64(),
+        Task::TestAarch64 { full } => test_aarch64(full),
         Task::Android => bindings::android(),
         Task::Ios => bindings::ios(),
     }
@@ -250,7 +256,8 @@ fn test() -> Result<()> {
     )?;
     test_bindings()?;
     fuzz(FUZZ_CI_SECONDS, &[])?;
-    soak::soak(soak::SoakArgs::short())
+    soak::soak(soak::SoakArgs::short())?;
+    test_aarch64(false)
 }
 
 /// Seconds `test` fuzzes each target for: a bounded regression run over the kept seeds and
@@ -336,48 +343,121 @@ fn test_bindings() -> Result<()> {
     bindings::test_python(&lib)
 }
 
-fn test_aarch64() -> Result<()> {
-    ensure_packages(AARCH64_PACKAGES)?;
-    const TARGET: &str = "aarch64-unknown-linux-gnu";
+/// The phones' Linux target, run here under qemu.
+const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// Targets the phone library is type-checked for, with the C compiler ring's build script uses
+/// for its C parts (the objects are never linked, so Debian's aarch64 gcc serves for
+/// Android), or why the target cannot be checked here.
+const PHONE_TARGETS: &[(&str, Result<&str, &str>)] = &[
+    ("aarch64-linux-android", Ok("aarch64-linux-gnu-gcc")),
+    (
+        "aarch64-apple-ios",
+        Err(
+            "ring's build script assembles Mach-O objects, which needs Apple's clang and the iOS \
+             SDK (macOS with Xcode); `cargo xtask ios` builds it there",
+        ),
+    ),
+];
+
+/// Whether rustup has `target`'s standard library, adding it when it can (`false`, with the
+/// reason printed by rustup, when the network does not serve it).
+fn rustup_target(target: &str) -> Result<bool> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
         .context("cannot run rustup")?;
-    if !String::from_utf8_lossy(&installed.stdout)
+    if String::from_utf8_lossy(&installed.stdout)
         .lines()
-        .any(|l| l.trim() == TARGET)
+        .any(|l| l.trim() == target)
     {
-        run("rustup", &["target", "add", TARGET])?;
+        return Ok(true);
     }
-    // The unit tests (every kernel against candle's), the toy models and the real models
-    // (batch invariance, own kernels against candle's, greedy decoding), in release: qemu
-    // runs the real models ~20x slower than the host.
-    run_with_env(
-        "cargo",
-        &[
-            "test",
-            "--release",
-            "--target",
-            TARGET,
-            "-p",
-            "uhlm-model",
-            "--lib",
-            "--test",
-            "runtime_toy",
-            "--test",
-            "runtime_real",
-        ],
-        &[
-            (
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-                "aarch64-linux-gnu-gcc",
-            ),
-            (
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
-                "qemu-aarch64-static -L /usr/aarch64-linux-gnu",
-            ),
-        ],
-    )
+    println!("\n==> rustup target add {target}");
+    Ok(Command::new("rustup")
+        .args(["target", "add", target])
+        .status()
+        .context("cannot run rustup")?
+        .success())
+}
+
+fn test_aarch64(full: bool) -> Result<()> {
+    ensure_packages(AARCH64_PACKAGES)?;
+    if !rustup_target(AARCH64)? {
+        bail!(
+            "rustup could not add {AARCH64}'s standard library (it needs the network); \
+             `rustup target add {AARCH64}` once it answers"
+        );
+    }
+    let env: &[(&str, &str)] = &[
+        (
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc",
+        ),
+        (
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
+            "qemu-aarch64-static -L /usr/aarch64-linux-gnu",
+        ),
+        // C parts of dependencies (ring, in the SDK's TLS).
+        ("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc"),
+        ("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar"),
+        // A missing model fails the test instead of skipping it.
+        ("UHLM_REQUIRE_MODELS", "1"),
+    ];
+    let cargo = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--release", "--target", AARCH64]);
+        run_with_env("cargo", &all, env)
+    };
+    // In release: qemu runs the real models ~20x slower than the host.
+    cargo(&["test", "-p", "uhlm-core"])?;
+    // Kernels against candle's, and SmolLM2's greedy tokens and logits against x86-64's.
+    let mut model = vec!["test", "-p", "uhlm-model", "--lib", "--test", "cross_arch"];
+    if full {
+        model.extend(["--test", "runtime_toy", "--test", "runtime_real"]);
+    }
+    cargo(&model)?;
+    // The SDK's own tests talk to a server on the host's CPU; here it is built and its unit
+    // tests run.
+    cargo(&["test", "-p", "uhlm-sdk", "--lib"])?;
+    check_phone_targets()
+}
+
+/// Type-checks the FFI crate as a phone links it (no `desktop` feature) for each of
+/// [`PHONE_TARGETS`] this machine can check; prints why for the others.
+fn check_phone_targets() -> Result<()> {
+    for (target, cc) in PHONE_TARGETS {
+        let cc = match cc {
+            Ok(cc) => *cc,
+            Err(why) => {
+                println!("SKIPPED: cargo check -p uhlm-ffi --target {target}: {why}");
+                continue;
+            }
+        };
+        if !rustup_target(target)? {
+            println!(
+                "SKIPPED: cargo check -p uhlm-ffi --target {target}: rustup cannot provide \
+                 {target}'s standard library on this machine (network)"
+            );
+            continue;
+        }
+        let var = |v: &str| format!("{v}_{}", target.replace('-', "_"));
+        let (cc_var, ar_var) = (var("CC"), var("AR"));
+        run_with_env(
+            "cargo",
+            &[
+                "check",
+                "-p",
+                "uhlm-ffi",
+                "--lib",
+                "--no-default-features",
+                "--target",
+                target,
+            ],
+            &[(&cc_var, cc), (&ar_var, "aarch64-linux-gnu-ar")],
+        )?;
+    }
+    Ok(())
 }
 
 /// Crates that would mean uhlm-core does I/O, runs async, or links a model runtime.

@@ -368,6 +368,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let _ = link.kill();
     let _ = link.wait();
     server.stop()?;
+    // Every counter of the last server process, for whoever reads why a check failed.
+    std::fs::write(out.join("server-metrics.txt"), &last_metrics)?;
     if !status.success() {
         bail!(
             "uhlm loadgen failed ({status}); see {}",

@@ -3103,6 +3103,21 @@ class UhlmError:  # type: ignore
         def __repr__(self):
             return "UhlmError.Server({})".format(str(self))
     _UniffiTempUhlmError.Server = Server # type: ignore
+    class Unsupported(_UniffiTempUhlmError):
+        """
+        This build of the library leaves the feature out (phone builds have no embedded
+        server and no model cache).
+"""
+        
+        def __init__(self, reason):
+            super().__init__(", ".join([
+                "reason={!r}".format(reason),
+            ]))
+            self.reason = reason
+
+        def __repr__(self):
+            return "UhlmError.Unsupported({})".format(str(self))
+    _UniffiTempUhlmError.Unsupported = Unsupported # type: ignore
 
 UhlmError = _UniffiTempUhlmError # type: ignore
 del _UniffiTempUhlmError
@@ -3166,6 +3181,10 @@ class _UniffiFfiConverterTypeUhlmError(_UniffiConverterRustBuffer):
             return UhlmError.Server(
                 _UniffiFfiConverterString.read(buf),
             )
+        if variant == 14:
+            return UhlmError.Unsupported(
+                _UniffiFfiConverterString.read(buf),
+            )
         raise InternalError("Raw enum value doesn't match any cases")
 
     @staticmethod
@@ -3211,6 +3230,9 @@ class _UniffiFfiConverterTypeUhlmError(_UniffiConverterRustBuffer):
         if isinstance(value, UhlmError.Server):
             _UniffiFfiConverterString.check_lower(value.reason)
             return
+        if isinstance(value, UhlmError.Unsupported):
+            _UniffiFfiConverterString.check_lower(value.reason)
+            return
 
     @staticmethod
     def write(value, buf):
@@ -3254,6 +3276,9 @@ class _UniffiFfiConverterTypeUhlmError(_UniffiConverterRustBuffer):
             _UniffiFfiConverterString.write(value.reason, buf)
         if isinstance(value, UhlmError.Server):
             buf.write_i32(13)
+            _UniffiFfiConverterString.write(value.reason, buf)
+        if isinstance(value, UhlmError.Unsupported):
+            buf.write_i32(14)
             _UniffiFfiConverterString.write(value.reason, buf)
 
 

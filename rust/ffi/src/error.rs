@@ -1,5 +1,6 @@
 //! The one error type foreign code sees: the SDK's [`SdkError`] variant for variant, plus what
-//! only the FFI can hit (an embedded server failing, default models missing).
+//! only the FFI can hit (an embedded server failing, default models missing, a feature left
+//! out of this build).
 
 use uhlm_sdk::SdkError;
 
@@ -42,6 +43,10 @@ pub enum UhlmError {
     /// The [`EmbeddedServer`](crate::EmbeddedServer) could not start (bad model, no port, ...).
     #[error("the embedded server failed: {reason}")]
     Server { reason: String },
+    /// This build of the library leaves the feature out (phone builds have no embedded
+    /// server and no model cache).
+    #[error("not in this build of uhlm: {reason}")]
+    Unsupported { reason: String },
 }
 
 /// The Rust text of `error`. Kotlin and Swift get it from the exported `Display`; uniffi's

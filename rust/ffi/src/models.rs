@@ -1,9 +1,14 @@
 //! The default model pair, for demos and tests: the SmolLM2 LLM from the model cache and the
-//! draft derived from it with the measured default recipe.
+//! draft derived from it with the measured default recipe. Only with the `desktop` feature
+//! (fetching and deriving stay off phones); without it the call answers
+//! [`UhlmError::Unsupported`].
 
+#[cfg(feature = "desktop")]
 use std::path::Path;
 
+#[cfg(feature = "desktop")]
 use uhlm_model::fetch::{models_dir, resolve_model};
+#[cfg(feature = "desktop")]
 use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, derive_draft};
 
 use crate::error::UhlmError;
@@ -20,6 +25,20 @@ pub struct DefaultModels {
 /// seconds.
 #[uniffi::export]
 pub fn ensure_default_models() -> Result<DefaultModels, UhlmError> {
+    #[cfg(not(feature = "desktop"))]
+    {
+        Err(UhlmError::Unsupported {
+            reason: "the default model cache (this library was built without the `desktop` \
+                     feature, as for phones: download the model in the app)"
+                .into(),
+        })
+    }
+    #[cfg(feature = "desktop")]
+    ensure_default_models_desktop()
+}
+
+#[cfg(feature = "desktop")]
+fn ensure_default_models_desktop() -> Result<DefaultModels, UhlmError> {
     let llm = resolve_model("smollm2").map_err(|e| UhlmError::ModelNotFound {
         path: e.to_string(),
     })?;
@@ -37,6 +56,7 @@ pub fn ensure_default_models() -> Result<DefaultModels, UhlmError> {
 }
 
 /// Derives into a temporary file and renames it, so concurrent callers never see half a file.
+#[cfg(feature = "desktop")]
 fn derive_into(llm: &Path, slm: &Path, dir: &Path) -> Result<(), UhlmError> {
     let io = |e: std::io::Error| UhlmError::Model {
         reason: format!("writing the default draft in {}: {e}", dir.display()),

@@ -1,9 +1,18 @@
 //! [`EmbeddedServer`]: a `uhlm-server` on loopback inside the app or test process, so the
 //! whole hybrid loop runs on one machine.
+//!
+//! Only with the `desktop` feature: a phone app links the engine without the server. Without
+//! it the type still exists, so that every build exports the same interface (uniffi checks
+//! it when the bindings load), and [`EmbeddedServer::start`] answers
+//! [`UhlmError::Unsupported`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(feature = "desktop")]
+use std::sync::Mutex;
 
+#[cfg(feature = "desktop")]
 use rand::RngCore;
+#[cfg(feature = "desktop")]
 use uhlm_server::{Server, ServerConfig, ServerHandle};
 
 use crate::error::UhlmError;
@@ -11,7 +20,9 @@ use crate::error::UhlmError;
 /// A loopback server with a fresh self-signed certificate. For demos and tests, not production.
 #[derive(uniffi::Object)]
 pub struct EmbeddedServer {
+    #[cfg(feature = "desktop")]
     runtime: tokio::runtime::Runtime,
+    #[cfg(feature = "desktop")]
     handle: Mutex<Option<ServerHandle>>,
     address: String,
     fingerprint: String,
@@ -24,6 +35,50 @@ impl EmbeddedServer {
     /// Without `api_key` a random one is made; read it back with [`api_key`](Self::api_key).
     #[uniffi::constructor]
     pub fn start(model_path: String, api_key: Option<String>) -> Result<Arc<Self>, UhlmError> {
+        #[cfg(not(feature = "desktop"))]
+        {
+            let _ = (model_path, api_key);
+            Err(UhlmError::Unsupported {
+                reason: "an embedded server (this library was built without the `desktop` \
+                         feature, as for phones)"
+                    .into(),
+            })
+        }
+        #[cfg(feature = "desktop")]
+        Self::start_desktop(model_path, api_key)
+    }
+
+    /// `host:port` for [`EngineConfig::server`](crate::EngineConfig).
+    pub fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// The certificate pin for [`EngineConfig::pin`](crate::EngineConfig).
+    pub fn cert_fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
+    /// The one API key the server accepts.
+    pub fn api_key(&self) -> String {
+        self.api_key.clone()
+    }
+
+    /// Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
+    /// object without calling it stops the server abruptly.
+    pub fn stop(&self) {
+        #[cfg(feature = "desktop")]
+        {
+            let handle = self.handle.lock().ok().and_then(|mut h| h.take());
+            if let Some(handle) = handle {
+                self.runtime.block_on(handle.shutdown());
+            }
+        }
+    }
+}
+
+#[cfg(feature = "desktop")]
+impl EmbeddedServer {
+    fn start_desktop(model_path: String, api_key: Option<String>) -> Result<Arc<Self>, UhlmError> {
         let api_key = api_key.unwrap_or_else(|| {
             let mut bytes = [0u8; 16];
             rand::rng().fill_bytes(&mut bytes);
@@ -49,33 +104,10 @@ impl EmbeddedServer {
             api_key,
         }))
     }
-
-    /// `host:port` for [`EngineConfig::server`](crate::EngineConfig).
-    pub fn address(&self) -> String {
-        self.address.clone()
-    }
-
-    /// The certificate pin for [`EngineConfig::pin`](crate::EngineConfig).
-    pub fn cert_fingerprint(&self) -> String {
-        self.fingerprint.clone()
-    }
-
-    /// The one API key the server accepts.
-    pub fn api_key(&self) -> String {
-        self.api_key.clone()
-    }
-
-    /// Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-    /// object without calling it stops the server abruptly.
-    pub fn stop(&self) {
-        let handle = self.handle.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle {
-            self.runtime.block_on(handle.shutdown());
-        }
-    }
 }
 
 /// Model errors keep their typed variants; everything else is a server failure.
+#[cfg(feature = "desktop")]
 fn server_error(e: uhlm_server::ServerError) -> UhlmError {
     match e {
         uhlm_server::ServerError::Model(m) => m.into(),

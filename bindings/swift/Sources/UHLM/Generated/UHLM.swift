@@ -2743,6 +2743,12 @@ enum UhlmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
      */
     case Server(reason: String
     )
+    /**
+     * This build of the library leaves the feature out (phone builds have no embedded
+     * server and no model cache).
+     */
+    case Unsupported(reason: String
+    )
 
     
 
@@ -2823,6 +2829,9 @@ public struct FfiConverterTypeUhlmError: FfiConverterRustBuffer {
         case 13: return .Server(
             reason: try FfiConverterString.read(from: &buf)
             )
+        case 14: return .Unsupported(
+            reason: try FfiConverterString.read(from: &buf)
+            )
 
          default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -2899,6 +2908,11 @@ public struct FfiConverterTypeUhlmError: FfiConverterRustBuffer {
         
         case let .Server(reason):
             writeInt(&buf, Int32(13))
+            FfiConverterString.write(reason, into: &buf)
+            
+        
+        case let .Unsupported(reason):
+            writeInt(&buf, Int32(14))
             FfiConverterString.write(reason, into: &buf)
             
         }

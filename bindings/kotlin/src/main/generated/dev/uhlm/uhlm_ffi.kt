@@ -3995,6 +3995,18 @@ sealed class UhlmException: kotlin.Exception() {
             get() = "reason=${ `reason` }"
     }
     
+    /**
+     * This build of the library leaves the feature out (phone builds have no embedded
+     * server and no model cache).
+     */
+    class Unsupported(
+        
+        val `reason`: kotlin.String
+        ) : UhlmException() {
+        override val message
+            get() = "reason=${ `reason` }"
+    }
+    
 
     
 
@@ -4061,6 +4073,9 @@ public object FfiConverterTypeUhlmError : FfiConverterRustBuffer<UhlmException> 
                 FfiConverterString.read(buf),
                 )
             13 -> UhlmException.Server(
+                FfiConverterString.read(buf),
+                )
+            14 -> UhlmException.Unsupported(
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -4136,6 +4151,11 @@ public object FfiConverterTypeUhlmError : FfiConverterRustBuffer<UhlmException> 
                 4UL
                 + FfiConverterString.allocationSize(value.`reason`)
             )
+            is UhlmException.Unsupported -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
         }
     }
 
@@ -4205,6 +4225,11 @@ public object FfiConverterTypeUhlmError : FfiConverterRustBuffer<UhlmException> 
             }
             is UhlmException.Server -> {
                 buf.putInt(13)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+            is UhlmException.Unsupported -> {
+                buf.putInt(14)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
