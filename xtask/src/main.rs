@@ -68,8 +68,8 @@ enum Task {
     TestBindings,
     /// The device crates on aarch64 (the phones' CPU: candle's NEON kernels) under qemu-user,
     /// with Debian's cross linker (installs both, and the rustup target, when missing): all of
-    /// uhlm-core's tests, the runtime's unit tests, SmolLM2 against its x86-64 record, the SDK
-    /// built; then the FFI crate type-checked for Android and iOS where those targets can be
+    /// uhlm-core's tests, the runtime's unit tests, SmolLM2 against its x86-64 record, the SDK's
+    /// unit tests; then the FFI crate type-checked for Android and iOS where those targets can be
     /// had (part of `test`).
     TestAarch64 {
         /// Also the toy-model and real-model runtime suites (about 25 minutes under qemu).

@@ -49,6 +49,18 @@ pub enum UhlmError {
     Unsupported { reason: String },
 }
 
+impl UhlmError {
+    /// `what` is left out of this build of the library (no `desktop` feature, as for phones).
+    #[cfg(not(feature = "desktop"))]
+    pub(crate) fn not_in_phone_build(what: &str) -> Self {
+        Self::Unsupported {
+            reason: format!(
+                "{what} (this library was built without the `desktop` feature, as for phones)"
+            ),
+        }
+    }
+}
+
 /// The Rust text of `error`. Kotlin and Swift get it from the exported `Display`; uniffi's
 /// Python exceptions print their fields instead, so the Python package installs this as
 /// `UhlmError.__str__`.

@@ -27,11 +27,9 @@ pub struct DefaultModels {
 pub fn ensure_default_models() -> Result<DefaultModels, UhlmError> {
     #[cfg(not(feature = "desktop"))]
     {
-        Err(UhlmError::Unsupported {
-            reason: "the default model cache (this library was built without the `desktop` \
-                     feature, as for phones: download the model in the app)"
-                .into(),
-        })
+        Err(UhlmError::not_in_phone_build(
+            "the default model cache; an app downloads its model itself",
+        ))
     }
     #[cfg(feature = "desktop")]
     ensure_default_models_desktop()

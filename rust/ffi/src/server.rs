@@ -38,11 +38,7 @@ impl EmbeddedServer {
         #[cfg(not(feature = "desktop"))]
         {
             let _ = (model_path, api_key);
-            Err(UhlmError::Unsupported {
-                reason: "an embedded server (this library was built without the `desktop` \
-                         feature, as for phones)"
-                    .into(),
-            })
+            Err(UhlmError::not_in_phone_build("an embedded server"))
         }
         #[cfg(feature = "desktop")]
         Self::start_desktop(model_path, api_key)
