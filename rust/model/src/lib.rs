@@ -33,8 +33,10 @@ pub mod tokenizer;
 pub use bench::{BenchReport, bench_model};
 pub use candle_core::quantized::GgmlDType;
 #[cfg(feature = "derive")]
-pub use derive::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, DeriveReport, derive_draft};
+pub use derive::{DeriveOptions, DeriveReport, derive_draft};
 pub use error::ModelError;
+#[cfg(feature = "fetch")]
+pub use fetch::DEFAULT_DRAFT_FILE_NAME;
 pub use model::{
     Architecture, Device, Kernels, LoadOptions, LoadProgress, Model, ModelInfo, kernel_threads,
 };
