@@ -71,12 +71,19 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// Most tokens one forward pass scores over all its sessions (verified positions, their
     /// skipped tokens, generation steps, catch-up chunks); the rest waits for the next pass.
-    /// Catching up always gets `prefill_chunk_tokens` per pass on top, so it cannot starve.
+    /// Catching up always gets a few tokens per pass on top, so it cannot starve.
     pub max_batch_tokens: usize,
     /// Most context tokens one forward pass scores when catching a session up (a new prompt, a
     /// resync): longer contexts are scored a chunk per turn of the worker, between other
     /// sessions' requests, so a long prompt delays them by at most one chunk.
     pub prefill_chunk_tokens: usize,
+    /// How long a forward pass that catches a session up should take: its chunk is cut to
+    /// fit, from the measured cost of recent passes (at least a few tokens, so catching up
+    /// never stops). Every `Verify` waits for the pass in progress, so this, not the chunk's
+    /// token count, bounds what a long prompt costs the other devices on a loaded machine.
+    /// Zero: chunks of `prefill_chunk_tokens` whatever they cost.
+    #[serde(with = "humantime_serde")]
+    pub pass_target: Duration,
     /// Model worker threads; sessions are spread over them and stay on theirs.
     pub workers: usize,
     /// Threads for candle's matmul kernels (process-wide; `None`: candle's default).
@@ -110,6 +117,7 @@ impl Default for ServerConfig {
             max_batch: 64,
             max_batch_tokens: 256,
             prefill_chunk_tokens: 128,
+            pass_target: Duration::from_millis(250),
             workers: 1,
             kernel_threads: None,
             metrics: None,
@@ -291,6 +299,9 @@ pub struct ServerArgs {
     /// Most context tokens per forward pass when catching a session up.
     #[arg(long)]
     pub prefill_chunk_tokens: Option<usize>,
+    /// Duration a catching-up forward pass is sized to, e.g. `250ms` (`0s`: by tokens only).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub pass_target: Option<Duration>,
     /// Model worker threads.
     #[arg(long)]
     pub workers: Option<usize>,
@@ -351,6 +362,7 @@ impl ServerArgs {
         set(&mut config.max_batch, self.max_batch);
         set(&mut config.max_batch_tokens, self.max_batch_tokens);
         set(&mut config.prefill_chunk_tokens, self.prefill_chunk_tokens);
+        set(&mut config.pass_target, self.pass_target);
         set(&mut config.workers, self.workers);
         if self.kernel_threads.is_some() {
             config.kernel_threads = self.kernel_threads;

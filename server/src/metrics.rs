@@ -38,6 +38,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub forward_passes: Counter,
     pub forward_tokens: Counter,
+    /// Duration of each forward pass (what a request arriving during one waits for).
+    pub forward_seconds: Histogram,
     pub verify_latency: Histogram,
     pub uplink_bytes: Counter,
     pub downlink_bytes: Counter,
@@ -76,6 +78,8 @@ impl Metrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             forward_passes: Counter::default(),
             forward_tokens: Counter::default(),
+            // 1 ms .. ~8 s.
+            forward_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             // 0.5 ms .. ~4 s.
             verify_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             uplink_bytes: Counter::default(),
@@ -158,6 +162,11 @@ impl Metrics {
             "forward_tokens",
             "Tokens scored by forward passes, over all their sessions",
             m.forward_tokens.clone(),
+        );
+        registry.register(
+            "forward_pass_seconds",
+            "Duration of one forward pass",
+            m.forward_seconds.clone(),
         );
         registry.register(
             "verify_latency_seconds",

@@ -137,6 +137,7 @@ impl Server {
             max_context_tokens: max_context_tokens as usize,
             max_generate_tokens: config.max_generate_tokens,
             prefill_chunk: config.prefill_chunk_tokens,
+            pass_target: config.pass_target,
         };
         let workers = WorkerPool::start(model.clone(), &settings, metrics.clone())
             .map_err(|e| ServerError::Config(format!("cannot start model worker threads: {e}")))?;

@@ -33,8 +33,10 @@ use crate::metrics::Metrics;
 
 mod catch_up;
 mod forward;
+mod pass_time;
 
 use forward::Plan;
+use pass_time::PassClock;
 
 /// Server-wide identity of a session (device session ids are only unique per connection).
 pub(crate) type SessionKey = u64;
@@ -131,6 +133,8 @@ pub(crate) struct WorkerSettings {
     pub max_generate_tokens: u32,
     /// Most context tokens per forward pass when catching a session up.
     pub prefill_chunk: usize,
+    /// Duration a forward pass is sized to when catching up (zero: by tokens only).
+    pub pass_target: Duration,
 }
 
 /// Estimated KV-cache bytes per context token: keys and values, f32, every layer.
@@ -170,6 +174,7 @@ impl WorkerPool {
                 held: VecDeque::new(),
                 ready: VecDeque::new(),
                 reported_kv_bytes: 0,
+                pass_clock: PassClock::default(),
                 eos: model.tokenizer().eos_ids().to_vec(),
             };
             let handle = std::thread::Builder::new()
@@ -263,6 +268,8 @@ struct Worker {
     ready: VecDeque<(SessionKey, Verify, VerdictReply)>,
     /// KV bytes this worker last added to the `kv_cache_bytes` gauge.
     reported_kv_bytes: u64,
+    /// What a forward pass costs on this machine now, for sizing catch-up chunks.
+    pass_clock: PassClock,
     /// End-of-sequence ids of the model: a generation stops after sampling one.
     eos: Vec<u32>,
 }
@@ -327,9 +334,9 @@ impl Worker {
                 }
             }
             self.plan_generations(&mut plan);
-            // Catching up gets a chunk per pass however full the pass is: a long prompt
-            // advances as fast as before batching, and costs the others one chunk a pass.
-            self.plan_catch_ups(&mut plan, self.settings.prefill_chunk);
+            // Catching up gets a share of every pass however full it is, so it never starves;
+            // it costs the others at most one pass of `pass_target` each.
+            self.plan_catch_ups(&mut plan);
             let mut protected: HashSet<SessionKey> = plan.keys().collect();
             self.run_plan(plan);
             protected.extend(self.streams.iter().map(|s| s.key));

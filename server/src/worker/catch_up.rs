@@ -34,7 +34,7 @@ impl Worker {
         mut verify: Verify,
         reply: VerdictReply,
     ) -> Option<(Verify, VerdictReply)> {
-        let chunk = self.settings.prefill_chunk.max(1);
+        let chunk = self.catch_up_chunk();
         let (vocab, max_context) = (
             self.model.info().vocab_size,
             self.settings.max_context_tokens,

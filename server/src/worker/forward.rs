@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::time::Instant;
 
 use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
 use uhlm_core::sampling::{probabilities_into, sample};
@@ -55,6 +56,10 @@ enum Work {
     /// Score the first `tokens.len()` pending tokens of a long context.
     CatchUp,
 }
+
+/// Fewest catch-up tokens a pass carries while a session is catching up, however full or slow
+/// the pass: catching up never stops.
+const MIN_CATCH_UP_TOKENS: usize = 16;
 
 /// Context (in tokens) up to which a whole `prefill_chunk` is scored in one pass.
 const FULL_CHUNK_CONTEXT: usize = 1024;
@@ -218,12 +223,37 @@ impl Worker {
         self.streams = waiting;
     }
 
-    /// Adds chunks of the sessions catching up to `plan`, round robin, in the room left (at
-    /// least `min_tokens` in all, so that catching up never starves). A session whose context
-    /// is in hands its waiting `Verify` to the next pass.
-    pub(super) fn plan_catch_ups(&mut self, plan: &mut Plan, min_tokens: usize) {
+    /// Tokens a whole pass may hold to end within `pass_target`, from the measured cost of
+    /// recent passes; `None` when passes are sized by tokens only (or none was measured yet).
+    fn timed_pass_tokens(&self) -> Option<usize> {
+        if self.settings.pass_target.is_zero() {
+            return None;
+        }
+        let target = self.settings.pass_target.as_secs_f64();
+        self.pass_clock.tokens_within(target)
+    }
+
+    /// Most tokens of catch-up one session gets in a pass: `prefill_chunk`, or fewer where a
+    /// pass of that many would overrun `pass_target`.
+    pub(super) fn catch_up_chunk(&self) -> usize {
         let chunk = self.settings.prefill_chunk.max(1);
-        let mut allowance = plan.room().max(min_tokens);
+        self.timed_pass_tokens()
+            .map_or(chunk, |t| t.clamp(MIN_CATCH_UP_TOKENS.min(chunk), chunk))
+    }
+
+    /// Adds chunks of the sessions catching up to `plan`, round robin, in the room left in
+    /// its token budget and its time budget (at least [`MIN_CATCH_UP_TOKENS`] in all, a whole
+    /// chunk when passes are sized by tokens only, so that catching up never starves). A
+    /// session whose context is in hands its waiting `Verify` to the next pass.
+    pub(super) fn plan_catch_ups(&mut self, plan: &mut Plan) {
+        let chunk = self.catch_up_chunk();
+        let mut allowance = match self.timed_pass_tokens() {
+            Some(total) => total
+                .saturating_sub(plan.tokens)
+                .min(plan.room())
+                .max(MIN_CATCH_UP_TOKENS.min(chunk)),
+            None => plan.room().max(chunk),
+        };
         let mut waiting = std::collections::VecDeque::new();
         while let Some(key) = self.catching_up.pop_front() {
             if plan.has(key) || allowance == 0 {
@@ -278,12 +308,16 @@ impl Worker {
         self.metrics.batch_size.observe(plan.rows.len() as f64);
         self.metrics.forward_passes.inc();
         self.metrics.forward_tokens.inc_by(plan.tokens as u64);
+        let started = Instant::now();
         let mut sessions: Vec<Option<Session>> = plan
             .rows
             .iter()
             .map(|r| self.sessions.get_mut(&r.key).and_then(|e| e.llm.take()))
             .collect();
         let scored = score_rows(&mut sessions, &plan.rows);
+        let seconds = started.elapsed().as_secs_f64();
+        self.pass_clock.record(plan.tokens, seconds);
+        self.metrics.forward_seconds.observe(seconds);
         for ((row, session), scored) in plan.rows.into_iter().zip(sessions).zip(scored) {
             if matches!(scored, Scored::Panicked) {
                 tracing::error!(key = row.key, "the model panicked; dropping the session");
