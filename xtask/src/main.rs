@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bindings;
+mod demo;
 mod soak;
 
 #[derive(Parser)]
@@ -76,6 +77,12 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
+    /// The demo app's desktop build (android-demo/desktop, Compose + Maven): its UI test under
+    /// Xvfb against a loopback server on the default models, with a screenshot of the window
+    /// (part of `test`).
+    TestDemo,
+    /// Run the demo app on the desktop, on a loopback server of its own (needs a display).
+    DemoDesktop,
     /// Build the Android libraries (cargo-ndk) into the AAR module's jniLibs.
     Android,
     /// Build UHLMFFI.xcframework for iOS devices and simulators (macOS with Xcode).
@@ -94,6 +101,8 @@ fn main() -> Result<()> {
         Task::Bindgen { check } => bindings::bindgen(check),
         Task::TestBindings => test_bindings(),
         Task::TestAarch64 { full } => test_aarch64(full),
+        Task::TestDemo => test_demo(),
+        Task::DemoDesktop => demo::demo_desktop(),
         Task::Android => bindings::android(),
         Task::Ios => bindings::ios(),
     }
@@ -114,12 +123,19 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
 /// [`run`] with extra environment variables.
 fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     println!("\n==> {program} {}", args.join(" "));
+    let started = std::time::Instant::now();
     let status = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .current_dir(root())
         .status()
         .with_context(|| format!("cannot start {program}"))?;
+    // Where a CI run's time goes, step by step.
+    println!(
+        "<== {program} {} ({:.0} s)",
+        args.first().copied().unwrap_or(""),
+        started.elapsed().as_secs_f64()
+    );
     if !status.success() {
         bail!("`{program} {}` failed with {status}", args.join(" "));
     }
@@ -164,6 +180,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("java", "default-jdk-headless"),
     ("/usr/share/games/fortunes/fortunes", "fortunes-min"),
     ("/usr/lib/python3/dist-packages/ensurepip", "python3-venv"),
+    // The virtual display the demo app's UI test draws its window in.
+    ("xvfb-run", "xvfb"),
+    ("xauth", "xauth"),
 ];
 
 /// The cross linker, the target's C library and the emulator for [`test_aarch64`].
@@ -255,6 +274,7 @@ fn test() -> Result<()> {
         &[("UHLM_REQUIRE_MODELS", "1")],
     )?;
     test_bindings()?;
+    test_demo()?;
     fuzz(FUZZ_CI_SECONDS, &[])?;
     soak::soak(soak::SoakArgs::short())?;
     test_aarch64(false)
@@ -343,6 +363,12 @@ fn test_bindings() -> Result<()> {
     bindings::test_python(&lib)
 }
 
+/// The demo app's UI test on the host library (built once; a no-op after [`test_bindings`]).
+fn test_demo() -> Result<()> {
+    ensure_debian_packages()?;
+    demo::test_demo(&bindings::build_host_library()?)
+}
+
 /// The phones' Linux target, run here under qemu.
 const AARCH64: &str = "aarch64-unknown-linux-gnu";
 
@@ -403,6 +429,9 @@ fn test_aarch64(full: bool) -> Result<()> {
         ("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar"),
         // A missing model fails the test instead of skipping it.
         ("UHLM_REQUIRE_MODELS", "1"),
+        // Release for speed under qemu, without the debug info nobody reads here: it only
+        // lengthens the cross build (no host build shares these artifacts).
+        ("CARGO_PROFILE_RELEASE_DEBUG", "0"),
     ];
     let cargo = |args: &[&str]| {
         let mut all = args.to_vec();

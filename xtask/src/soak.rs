@@ -222,13 +222,16 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let out = root().join(&args.out);
     std::fs::create_dir_all(&out)?;
     let profile = if args.dev_build { "debug" } else { "release" };
+    // `--bin` applies to every package named: both binaries are named.
     let mut build = vec![
         "build",
         "-p",
         "uhlm-cli",
+        "-p",
+        "uhlm-linkemu",
         "--bin",
         "uhlm",
-        "-p",
+        "--bin",
         "uhlm-linkemu",
     ];
     if !args.dev_build {

@@ -18,11 +18,21 @@ def test_a_hybrid_generation_streams_tokens_in_order_and_its_counts_add_up(make_
 
     async def main():
         events = []
+        links = []
         async with uhlm.Engine.load(make_config(Mode.HLM), progress.append) as engine:
-            summary = await engine.generate("The capital of France is", GREEDY, events.append)
-            return summary, events, engine.stats()
+            summary = await engine.generate(
+                "The capital of France is",
+                GREEDY,
+                events.append,
+                on_link_change=lambda online, _detail: links.append(online),
+            )
+            return summary, events, links, engine.stats(), engine.vocab_size()
 
-    summary, events, lifetime = asyncio.run(main())
+    summary, events, links, lifetime, vocab = asyncio.run(main())
+    # The session opened once and never dropped on loopback.
+    assert links == [True]
+    # SmolLM2's vocabulary, which the derived draft keeps.
+    assert vocab == 49152
     assert len(progress) > 2 and progress == sorted(progress) and progress[-1] == 1.0
     assert summary.token_ids
     assert [e.position for e in events] == list(range(len(summary.token_ids)))

@@ -36,16 +36,22 @@ UhlmError.__str__ = lambda self: describe_error(self)  # type: ignore[name-defin
 
 
 class _Listener(TokenListener):
-    """Forwards token events to a callable; runs on an engine thread."""
+    """Forwards token events and link changes to callables; runs on an engine thread."""
 
-    def __init__(self, on_token: Callable[[TokenEvent], None]):
+    def __init__(
+        self,
+        on_token: Callable[[TokenEvent], None],
+        on_link_change: Optional[Callable[[bool, str], None]] = None,
+    ):
         self._on_token = on_token
+        self._on_link_change = on_link_change
 
     def on_token(self, event: TokenEvent) -> None:
         self._on_token(event)
 
     def on_link_change(self, online: bool, detail: str) -> None:
-        pass
+        if self._on_link_change is not None:
+            self._on_link_change(online, detail)
 
     def on_tail_text(self, text: str) -> None:
         pass
@@ -110,10 +116,12 @@ class Engine:
         prompt: "str | Sequence[ChatMessage]",
         options: Optional[GenerationOptions] = None,
         on_token: Optional[Callable[[TokenEvent], None]] = None,
+        on_link_change: Optional[Callable[[bool, str], None]] = None,
     ) -> GenerationSummary:
         """Generates from a text prompt or a conversation; ``on_token`` runs on an engine
-        thread for every final token. Raises ``UhlmError``."""
-        listener = _Listener(on_token or (lambda _event: None))
+        thread for every final token, ``on_link_change(online, detail)`` when the server link
+        goes down (tokens go on as ``OFFLINE``) or comes back. Raises ``UhlmError``."""
+        listener = _Listener(on_token or (lambda _event: None), on_link_change)
         options = options or GenerationOptions()
         if isinstance(prompt, str):
             return await self.raw.generate(prompt, options, listener)
@@ -156,6 +164,11 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self.raw.stats()
+
+    def vocab_size(self) -> int:
+        """The on-device model's vocabulary size: a dense f32 distribution per token (the
+        papers' HLM baseline) costs 4 bytes times this, the reference for bytes saved."""
+        return self.raw.vocab_size()
 
     def network_changed(self) -> None:
         self.raw.network_changed()

@@ -551,6 +551,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_method_hybridengine_threshold() != 63696:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_uhlm_ffi_checksum_method_hybridengine_vocab_size() != 1148:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new() != 11163:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_with_progress() != 13858:
@@ -631,6 +633,9 @@ _UniffiLib.uniffi_uhlm_ffi_checksum_method_hybridengine_stats.restype = ctypes.c
 _UniffiLib.uniffi_uhlm_ffi_checksum_method_hybridengine_threshold.argtypes = (
 )
 _UniffiLib.uniffi_uhlm_ffi_checksum_method_hybridengine_threshold.restype = ctypes.c_uint16
+_UniffiLib.uniffi_uhlm_ffi_checksum_method_hybridengine_vocab_size.argtypes = (
+)
+_UniffiLib.uniffi_uhlm_ffi_checksum_method_hybridengine_vocab_size.restype = ctypes.c_uint16
 _UniffiLib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new.argtypes = (
 )
 _UniffiLib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new.restype = ctypes.c_uint16
@@ -718,6 +723,11 @@ _UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_threshold.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_threshold.restype = ctypes.c_float
+_UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_vocab_size.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_vocab_size.restype = ctypes.c_uint32
 _UniffiLib.uniffi_uhlm_ffi_fn_constructor_hybridengine_new.argtypes = (
     _UniffiRustBuffer,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -3730,6 +3740,12 @@ class HybridEngineProtocol(typing.Protocol):
         The threshold policy's current uncertainty threshold.
 """
         raise NotImplementedError
+    def vocab_size(self, ) -> int:
+        """
+        The on-device model's vocabulary size. Sending each token's dense f32 distribution (the
+        papers' HLM baseline) costs 4 bytes times this: the reference for "uplink bytes saved".
+"""
+        raise NotImplementedError
 
 class HybridEngine(HybridEngineProtocol):
     """
@@ -3908,6 +3924,22 @@ class HybridEngine(HybridEngineProtocol):
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_threshold,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def vocab_size(self, ) -> int:
+        """
+        The on-device model's vocabulary size. Sending each token's dense f32 distribution (the
+        papers' HLM baseline) costs 4 bytes times this: the reference for "uplink bytes saved".
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt32.lift
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_vocab_size,
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)

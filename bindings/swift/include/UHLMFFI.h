@@ -341,6 +341,11 @@ RustBuffer uniffi_uhlm_ffi_fn_method_hybridengine_stats(uint64_t ptr, RustCallSt
 float uniffi_uhlm_ffi_fn_method_hybridengine_threshold(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_HYBRIDENGINE_VOCAB_SIZE
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_METHOD_HYBRIDENGINE_VOCAB_SIZE
+uint32_t uniffi_uhlm_ffi_fn_method_hybridengine_vocab_size(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CLONE_LOADPROGRESSLISTENER
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_FN_CLONE_LOADPROGRESSLISTENER
 uint64_t uniffi_uhlm_ffi_fn_clone_loadprogresslistener(uint64_t handle, RustCallStatus *_Nonnull out_status
@@ -747,6 +752,12 @@ uint16_t uniffi_uhlm_ffi_checksum_method_hybridengine_stats(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_HYBRIDENGINE_THRESHOLD
 #define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_HYBRIDENGINE_THRESHOLD
 uint16_t uniffi_uhlm_ffi_checksum_method_hybridengine_threshold(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_HYBRIDENGINE_VOCAB_SIZE
+#define UNIFFI_FFIDEF_UNIFFI_UHLM_FFI_CHECKSUM_METHOD_HYBRIDENGINE_VOCAB_SIZE
+uint16_t uniffi_uhlm_ffi_checksum_method_hybridengine_vocab_size(void
     
 );
 #endif

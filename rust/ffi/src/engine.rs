@@ -148,4 +148,10 @@ impl HybridEngine {
     pub fn threshold(&self) -> f32 {
         self.engine.threshold()
     }
+
+    /// The on-device model's vocabulary size. Sending each token's dense f32 distribution (the
+    /// papers' HLM baseline) costs 4 bytes times this: the reference for "uplink bytes saved".
+    pub fn vocab_size(&self) -> u32 {
+        u32::try_from(self.engine.model_info().vocab_size).unwrap_or(u32::MAX)
+    }
 }

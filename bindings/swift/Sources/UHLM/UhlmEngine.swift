@@ -24,17 +24,21 @@ public actor Uhlm {
         }.value
     }
 
-    /// Generates from `prompt`; `onToken` sees every final token in order, on an engine thread.
-    /// Throws `UhlmError` (`.Cancelled` when the task is cancelled).
+    /// Generates from `prompt`; `onToken` sees every final token in order, on an engine thread,
+    /// and `onLinkChange` each time the server link goes down (tokens go on as `.offline`) or
+    /// comes back, with a sentence saying why. Throws `UhlmError` (`.Cancelled` when the task is
+    /// cancelled).
     public func generate(
         _ prompt: String,
         options: GenerationOptions = GenerationOptions(),
-        onToken: @escaping @Sendable (TokenEvent) -> Void = { _ in }
+        onToken: @escaping @Sendable (TokenEvent) -> Void = { _ in },
+        onLinkChange: @escaping @Sendable (Bool, String) -> Void = { _, _ in }
     ) async throws -> GenerationSummary {
         let engine = self.engine
+        let listener = Listener(onToken, onLinkChange)
         // uniffi's Swift futures do not observe task cancellation; cancel through the engine.
         return try await withTaskCancellationHandler {
-            try await engine.generate(prompt: prompt, options: options, listener: Listener(onToken))
+            try await engine.generate(prompt: prompt, options: options, listener: listener)
         } onCancel: {
             engine.cancel()
         }
@@ -44,11 +48,13 @@ public actor Uhlm {
     public func generate(
         messages: [ChatMessage],
         options: GenerationOptions = GenerationOptions(),
-        onToken: @escaping @Sendable (TokenEvent) -> Void = { _ in }
+        onToken: @escaping @Sendable (TokenEvent) -> Void = { _ in },
+        onLinkChange: @escaping @Sendable (Bool, String) -> Void = { _, _ in }
     ) async throws -> GenerationSummary {
         let engine = self.engine
+        let listener = Listener(onToken, onLinkChange)
         return try await withTaskCancellationHandler {
-            try await engine.generateChat(messages: messages, options: options, listener: Listener(onToken))
+            try await engine.generateChat(messages: messages, options: options, listener: listener)
         } onCancel: {
             engine.cancel()
         }
@@ -79,21 +85,30 @@ public actor Uhlm {
     /// Counters over every generation so far.
     public nonisolated func stats() -> EngineStats { engine.stats() }
 
+    /// The on-device model's vocabulary size: sending each token's dense f32 distribution (the
+    /// papers' HLM baseline) costs 4 bytes times this, the reference for "uplink bytes saved".
+    public nonisolated func vocabSize() -> UInt32 { engine.vocabSize() }
+
     /// Call from an `NWPathMonitor` update when the device switches networks.
     public nonisolated func networkChanged() { engine.networkChanged() }
 }
 
-/// Forwards token events to a closure.
+/// Forwards token events and link changes to closures.
 private final class Listener: TokenListener, @unchecked Sendable {
     private let onTokenHandler: @Sendable (TokenEvent) -> Void
+    private let onLinkChangeHandler: @Sendable (Bool, String) -> Void
 
-    init(_ onToken: @escaping @Sendable (TokenEvent) -> Void) {
+    init(
+        _ onToken: @escaping @Sendable (TokenEvent) -> Void,
+        _ onLinkChange: @escaping @Sendable (Bool, String) -> Void
+    ) {
         onTokenHandler = onToken
+        onLinkChangeHandler = onLinkChange
     }
 
     func onToken(event: TokenEvent) { onTokenHandler(event) }
 
-    func onLinkChange(online: Bool, detail: String) {}
+    func onLinkChange(online: Bool, detail: String) { onLinkChangeHandler(online, detail) }
 
     func onTailText(text: String) {}
 }

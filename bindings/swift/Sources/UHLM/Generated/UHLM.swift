@@ -839,6 +839,12 @@ public protocol HybridEngineProtocol: AnyObject, Sendable {
      */
     func threshold()  -> Float
     
+    /**
+     * The on-device model's vocabulary size. Sending each token's dense f32 distribution (the
+     * papers' HLM baseline) costs 4 bytes times this: the reference for "uplink bytes saved".
+     */
+    func vocabSize()  -> UInt32
+    
 }
 /**
  * The device-side engine: loads the SLM once, then generates with the server verifying the
@@ -1006,6 +1012,19 @@ open func threshold() -> Float  {
     return try!  FfiConverterFloat.lift(try! rustCall() {
         uniffiCallStatus in
     uniffi_uhlm_ffi_fn_method_hybridengine_threshold(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
+     * The on-device model's vocabulary size. Sending each token's dense f32 distribution (the
+     * papers' HLM baseline) costs 4 bytes times this: the reference for "uplink bytes saved".
+     */
+open func vocabSize() -> UInt32  {
+    return try!  FfiConverterUInt32.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_uhlm_ffi_fn_method_hybridengine_vocab_size(
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
@@ -3437,6 +3456,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_uhlm_ffi_checksum_method_hybridengine_threshold() != 63696) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_uhlm_ffi_checksum_method_hybridengine_vocab_size() != 1148) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress() != 31171) {

@@ -754,6 +754,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_uhlm_ffi_checksum_method_hybridengine_threshold(
     ): Int
+    external fun uniffi_uhlm_ffi_checksum_method_hybridengine_vocab_size(
+    ): Int
     external fun uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress(
     ): Int
     external fun uniffi_uhlm_ffi_checksum_method_tokenlistener_on_token(
@@ -818,6 +820,8 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_uhlm_ffi_fn_method_hybridengine_threshold(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Float
+    external fun uniffi_uhlm_ffi_fn_method_hybridengine_vocab_size(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Int
     external fun uniffi_uhlm_ffi_fn_clone_loadprogresslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_uhlm_ffi_fn_free_loadprogresslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -999,6 +1003,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_method_hybridengine_threshold() and 0xFFFF) != 63696) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_uhlm_ffi_checksum_method_hybridengine_vocab_size() and 0xFFFF) != 1148) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_method_loadprogresslistener_on_progress() and 0xFFFF) != 31171) {
@@ -1916,6 +1923,12 @@ public interface HybridEngineInterface {
      */
     fun `threshold`(): kotlin.Float
     
+    /**
+     * The on-device model's vocabulary size. Sending each token's dense f32 distribution (the
+     * papers' HLM baseline) costs 4 bytes times this: the reference for "uplink bytes saved".
+     */
+    fun `vocabSize`(): kotlin.UInt
+    
     companion object
 }
 
@@ -2148,6 +2161,23 @@ open class HybridEngine: Disposable, AutoCloseable, HybridEngineInterface
     callWithHandle {
     uniffiRustCall() { _status ->
     UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_threshold(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * The on-device model's vocabulary size. Sending each token's dense f32 distribution (the
+     * papers' HLM baseline) costs 4 bytes times this: the reference for "uplink bytes saved".
+     */override fun `vocabSize`(): kotlin.UInt {
+            return FfiConverterUInt.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_uhlm_ffi_fn_method_hybridengine_vocab_size(
         it,
         _status)
 }

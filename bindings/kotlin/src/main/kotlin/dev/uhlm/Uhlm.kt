@@ -34,20 +34,25 @@ class Uhlm private constructor(private val engine: HybridEngine) : Closeable {
 
     /**
      * Generates from [prompt]; [onToken] sees every final token in order (on an engine
-     * thread: keep it quick). Returns the summary or throws [UhlmException].
+     * thread: keep it quick), [onLinkChange] each time the server link goes down (the tokens
+     * go on as [TokenSource.OFFLINE]) or comes back, with a sentence saying why. Returns the
+     * summary or throws [UhlmException].
      */
     suspend fun generate(
         prompt: String,
         options: GenerationOptions = GenerationOptions(),
+        onLinkChange: (online: Boolean, detail: String) -> Unit = { _, _ -> },
         onToken: (TokenEvent) -> Unit = {},
-    ): GenerationSummary = engine.generate(prompt, options, Listener(onToken))
+    ): GenerationSummary = engine.generate(prompt, options, Listener(onToken, onLinkChange))
 
     /** [generate] for a conversation, rendered with the model's chat template. */
     suspend fun generate(
         messages: List<ChatMessage>,
         options: GenerationOptions = GenerationOptions(),
+        onLinkChange: (online: Boolean, detail: String) -> Unit = { _, _ -> },
         onToken: (TokenEvent) -> Unit = {},
-    ): GenerationSummary = engine.generateChat(messages, options, Listener(onToken))
+    ): GenerationSummary =
+        engine.generateChat(messages, options, Listener(onToken, onLinkChange))
 
     /**
      * The tokens of one generation as a cold [Flow]: each collection starts a generation, and
@@ -58,7 +63,7 @@ class Uhlm private constructor(private val engine: HybridEngine) : Closeable {
         options: GenerationOptions = GenerationOptions(),
     ): Flow<TokenEvent> = callbackFlow {
         // The engine never waits on the collector: events are buffered without bound.
-        engine.generate(prompt, options, Listener { trySend(it) })
+        engine.generate(prompt, options, Listener(onToken = { trySend(it) }))
         close()
         awaitClose()
     }.buffer(Channel.UNLIMITED)
@@ -69,16 +74,26 @@ class Uhlm private constructor(private val engine: HybridEngine) : Closeable {
     /** Counters over every generation so far. */
     fun stats(): EngineStats = engine.stats()
 
+    /**
+     * The on-device model's vocabulary size: sending each token's dense f32 distribution (the
+     * papers' HLM baseline) costs 4 bytes times this, the reference for "uplink bytes saved".
+     */
+    fun vocabSize(): UInt = engine.vocabSize()
+
     /** Call from a network callback when the device switches networks. */
     fun networkChanged() = engine.networkChanged()
 
     /** Releases the on-device model and the server connection. */
     override fun close() = engine.close()
 
-    private class Listener(private val onToken: (TokenEvent) -> Unit) : TokenListener {
+    private class Listener(
+        private val onToken: (TokenEvent) -> Unit,
+        private val onLinkChange: (Boolean, String) -> Unit = { _, _ -> },
+    ) : TokenListener {
         override fun onToken(event: TokenEvent) = onToken.invoke(event)
 
-        override fun onLinkChange(online: Boolean, detail: String) {}
+        override fun onLinkChange(online: Boolean, detail: String) =
+            onLinkChange.invoke(online, detail)
 
         override fun onTailText(text: String) {}
     }

@@ -52,7 +52,17 @@ class UhlmTest {
             assertEquals(progress.sorted(), progress.toList())
             assertEquals(1.0f, progress.last())
             val events = Collections.synchronizedList(mutableListOf<TokenEvent>())
-            val summary = uhlm.generate("The capital of France is", greedy) { events += it }
+            val links = Collections.synchronizedList(mutableListOf<Boolean>())
+            val summary = uhlm.generate(
+                "The capital of France is",
+                greedy,
+                onLinkChange = { online, _ -> links += online },
+            ) { events += it }
+
+            // The session opened once and never dropped on loopback.
+            assertEquals(listOf(true), links.toList())
+            // SmolLM2's vocabulary, which the derived draft keeps.
+            assertEquals(49152u, uhlm.vocabSize())
 
             assertTrue(summary.tokenIds.isNotEmpty())
             assertEquals(summary.tokenIds.indices.map { it.toUInt() }, events.map { it.position })
