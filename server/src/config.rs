@@ -78,10 +78,12 @@ pub struct ServerConfig {
     /// sessions' requests, so a long prompt delays them by at most one chunk.
     pub prefill_chunk_tokens: usize,
     /// How long a forward pass that catches a session up should take: its chunk is cut to
-    /// fit, from the measured cost of recent passes (at least a few tokens, so catching up
-    /// never stops). Every `Verify` waits for the pass in progress, so this, not the chunk's
-    /// token count, bounds what a long prompt costs the other devices on a loaded machine.
-    /// Zero: chunks of `prefill_chunk_tokens` whatever they cost.
+    /// fit, from the measured cost of recent passes (at least 16 tokens, so catching up never
+    /// stops). Every `Verify` waits for the pass in progress, so this, not the chunk's token
+    /// count, is what a long prompt costs the other devices. Zero (the default): chunks of
+    /// `prefill_chunk_tokens` whatever they cost. Off by default because where a pass's cost
+    /// is mostly fixed (the fault campaign's two shared cores: 0.63 s for 31 tokens) cutting
+    /// chunks saves the others little and starves long prompts (docs/RELIABILITY.md run 8).
     #[serde(with = "humantime_serde")]
     pub pass_target: Duration,
     /// Model worker threads; sessions are spread over them and stay on theirs.
@@ -117,7 +119,7 @@ impl Default for ServerConfig {
             max_batch: 64,
             max_batch_tokens: 256,
             prefill_chunk_tokens: 128,
-            pass_target: Duration::from_millis(250),
+            pass_target: Duration::ZERO,
             workers: 1,
             kernel_threads: None,
             metrics: None,
@@ -299,7 +301,7 @@ pub struct ServerArgs {
     /// Most context tokens per forward pass when catching a session up.
     #[arg(long)]
     pub prefill_chunk_tokens: Option<usize>,
-    /// Duration a catching-up forward pass is sized to, e.g. `250ms` (`0s`: by tokens only).
+    /// Duration a catching-up forward pass is sized to, e.g. `250ms` (default `0s`: by tokens).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub pass_target: Option<Duration>,
     /// Model worker threads.

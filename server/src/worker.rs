@@ -335,7 +335,7 @@ impl Worker {
             }
             self.plan_generations(&mut plan);
             // Catching up gets a share of every pass however full it is, so it never starves;
-            // it costs the others at most one pass of `pass_target` each.
+            // it costs the others one chunk a pass (cut to `pass_target` where one is set).
             self.plan_catch_ups(&mut plan);
             let mut protected: HashSet<SessionKey> = plan.keys().collect();
             self.run_plan(plan);
