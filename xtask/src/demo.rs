@@ -25,13 +25,10 @@ fn jna_arg(lib: &Path) -> Result<String> {
 }
 
 /// The default pair the app and its test start the embedded server on (idempotent: a
-/// sha256-checked no-op when cached). Uses the CLI `test` has built, building it on a fresh
-/// clone.
+/// sha256-checked no-op when cached), with the CLI that [`bindings::build_host_library`]'s
+/// workspace build has just made.
 fn fetch_default_models() -> Result<()> {
     let uhlm = bindings::target_dir().join("debug/uhlm");
-    if !uhlm.is_file() {
-        run("cargo", &["build", "-p", "uhlm-cli", "--bin", "uhlm"])?;
-    }
     run(&uhlm.to_string_lossy(), &["models", "fetch", "smollm2"])
 }
 
@@ -65,6 +62,7 @@ pub fn test_demo(lib: &Path) -> Result<()> {
 /// `cargo xtask demo-desktop`: the desktop app on a loopback server of its own (fresh
 /// certificate and key), the whole hybrid loop on this machine. Needs a display.
 pub fn demo_desktop() -> Result<()> {
+    crate::ensure_debian_packages()?;
     let lib = bindings::build_host_library()?;
     fetch_default_models()?;
     let jna = jna_arg(&lib)?;

@@ -133,7 +133,10 @@ fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()
     // Where a CI run's time goes, step by step.
     println!(
         "<== {program} {} ({:.0} s)",
-        args.first().copied().unwrap_or(""),
+        args.iter()
+            .find(|a| !a.starts_with('-'))
+            .copied()
+            .unwrap_or(""),
         started.elapsed().as_secs_f64()
     );
     if !status.success() {

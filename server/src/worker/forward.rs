@@ -6,7 +6,8 @@
 //! `max_batch_tokens` tokens. [`Session::score_batch`] then runs every weight matmul once over
 //! all their rows (attention per session, against its own cache), and each row's last logits
 //! answer its session. What does not fit waits for the next turn, first in line. Catch-ups get
-//! a chunk per pass however busy the worker is (over the token budget if need be): with a
+//! a chunk per pass (cut to `pass_target` where one is set) however busy the worker is (over
+//! the token budget if need be): with a
 //! quarter of a chunk, 64 busy devices left four 4,096-token prompts 100 s from their first
 //! token in the fault campaign. No short request waits behind more than one pass.
 //!
@@ -242,18 +243,16 @@ impl Worker {
     }
 
     /// Adds chunks of the sessions catching up to `plan`, round robin, in the room left in
-    /// its token budget and its time budget (at least [`MIN_CATCH_UP_TOKENS`] in all, a whole
-    /// chunk when passes are sized by tokens only, so that catching up never starves). A
-    /// session whose context is in hands its waiting `Verify` to the next pass.
+    /// its token budget and its time budget (at least one [`catch_up_chunk`](Self::catch_up_chunk)
+    /// in all, so that catching up never starves). A session whose context is in hands its
+    /// waiting `Verify` to the next pass.
     pub(super) fn plan_catch_ups(&mut self, plan: &mut Plan) {
-        let chunk = self.catch_up_chunk();
-        let mut allowance = match self.timed_pass_tokens() {
-            Some(total) => total
-                .saturating_sub(plan.tokens)
-                .min(plan.room())
-                .max(MIN_CATCH_UP_TOKENS.min(chunk)),
-            None => plan.room().max(chunk),
+        let (full, chunk) = (self.settings.prefill_chunk.max(1), self.catch_up_chunk());
+        let room = match self.timed_pass_tokens() {
+            Some(total) => total.saturating_sub(plan.tokens).min(plan.room()),
+            None => plan.room(),
         };
+        let mut allowance = room.max(chunk);
         let mut waiting = std::collections::VecDeque::new();
         while let Some(key) = self.catching_up.pop_front() {
             if plan.has(key) || allowance == 0 {
@@ -282,7 +281,8 @@ impl Worker {
                 .pending
                 .len()
                 .saturating_sub(1)
-                .min(chunk_at(cached, chunk))
+                // The attention bound is the whole chunk's: a time-cut chunk is not cut twice.
+                .min(chunk_at(cached, full).min(chunk))
                 .min(allowance);
             if n == 0 {
                 if let Some(deferred) = entry.deferred.take() {

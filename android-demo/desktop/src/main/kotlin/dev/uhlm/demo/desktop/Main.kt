@@ -28,7 +28,8 @@ fun main(args: Array<String>) {
     }
     val viewModel = ChatViewModel(store, CachedDefaultModels)
     try {
-        application {
+        // Returns when the window closes (instead of exiting the JVM), so the cleanup below runs.
+        application(exitProcessOnExit = false) {
             Window(
                 onCloseRequest = ::exitApplication,
                 title = "uhlm demo",

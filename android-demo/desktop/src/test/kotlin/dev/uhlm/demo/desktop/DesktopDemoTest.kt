@@ -36,6 +36,7 @@ import javax.swing.SwingUtilities
 import org.junit.After
 import org.junit.AfterClass
 import org.junit.Assert.assertEquals
+import org.junit.Assert.assertNotNull
 import org.junit.Assert.assertNull
 import org.junit.Assert.assertTrue
 import org.junit.BeforeClass
@@ -115,6 +116,18 @@ class DesktopDemoTest {
     @Test
     fun `a prompt streams a coloured reply and the counters on screen match the engine`() {
         val vm = startApp(Mode.UHLM, maxTokens = 24u)
+        // The real window shows the same view-model; captured before the reply, it has every
+        // colour only in the legend's swatches.
+        val window = openWindow(vm)
+        try {
+            checkReply(vm, window)
+        } finally {
+            SwingUtilities.invokeAndWait { window.dispose() }
+        }
+    }
+
+    private fun checkReply(vm: ChatViewModel, window: ComposeWindow) {
+        val before = capture(window)
         send("Name three fruits.")
         vm.waitFor("the reply's summary or a notice") { lastSummary(it) != null || it.notice != null }
         rule.waitForIdle()
@@ -140,14 +153,21 @@ class DesktopDemoTest {
         val saved = rule.onNodeWithTag(Tags.COUNTER_SAVED).text()
         assertTrue("uplink saved vs dense f32: $saved", Regex("""9\d\.\d %|100\.0 %""").matches(saved))
         assertTrue(Regex("""\d+\.\d""").matches(rule.onNodeWithTag(Tags.COUNTER_RATE).text()))
-        if (s.roundTrips > 0uL) {
-            assertTrue(Regex("""\d+ ms""").matches(rule.onNodeWithTag(Tags.COUNTER_RTT).text()))
-        }
+        // A uhlm generation of 24 tokens sends some; each has a round trip to show.
+        assertTrue("no token was sent", s.roundTrips > 0uL)
+        assertTrue(Regex("""\d+ ms""").matches(rule.onNodeWithTag(Tags.COUNTER_RTT).text()))
         rule.onNodeWithTag(Tags.LINK).assertTextEquals("online")
 
-        val shot = screenshot(vm)
-        val missing = summary.sources.distinct().filter { !shot.contains(TokenColors.background(it).toArgb()) }
-        assertTrue("colours of $missing not in the window", missing.isEmpty())
+        // Each source in the reply adds pixels of its colour to the window, beyond the legend's.
+        val colours = summary.sources.distinct().associateWith { TokenColors.background(it).toArgb() }
+        val missing = { shot: BufferedImage -> colours.filter { (_, c) -> shot.count(c) <= before.count(c) }.keys }
+        val deadline = System.currentTimeMillis() + WAIT_MS
+        var shot: BufferedImage
+        do {
+            shot = capture(window)
+        } while (missing(shot).isNotEmpty() && System.currentTimeMillis() < deadline)
+        save(shot)
+        assertTrue("colours of ${missing(shot)} not drawn in the reply", missing(shot).isEmpty())
     }
 
     @Test
@@ -162,7 +182,9 @@ class DesktopDemoTest {
         // The tokens so far stay on screen; the reply never finished.
         assertTrue(rule.onNodeWithTag(Tags.turn(1)).text().isNotEmpty())
         assertNull(lastSummary(vm.state.value))
-        assertTrue((vm.state.value.counters?.tokens ?: 0uL) < 400uL)
+        val counters = vm.state.value.counters
+        assertNotNull("counters after a cancelled generation", counters)
+        assertTrue(counters!!.tokens < 400uL)
     }
 
     @Test
@@ -186,12 +208,8 @@ class DesktopDemoTest {
     private fun runs(sources: List<TokenSource>): List<TokenSource> =
         sources.filterIndexed { i, s -> i == 0 || sources[i - 1] != s }
 
-    /**
-     * Shows the app in a real window, captures the screen under it once the reply is drawn (or
-     * after [WAIT_MS]), saves it to the `demo.screenshot` path and returns it.
-     */
-    private fun screenshot(vm: ChatViewModel): BufferedImage {
-        val path = File(System.getProperty("demo.screenshot") ?: error("set -Ddemo.screenshot=<png path>"))
+    /** Shows the app in a real window (the same view-model as the test's composition). */
+    private fun openWindow(vm: ChatViewModel): ComposeWindow {
         lateinit var window: ComposeWindow
         SwingUtilities.invokeAndWait {
             window = ComposeWindow().apply {
@@ -202,27 +220,29 @@ class DesktopDemoTest {
                 isVisible = true
             }
         }
-        try {
-            val robot = Robot()
-            val wanted = lastSummary(vm.state.value)!!.sources.distinct().map { TokenColors.background(it).toArgb() }
-            val deadline = System.currentTimeMillis() + WAIT_MS
-            var shot: BufferedImage
-            do {
-                robot.delay(500)
-                shot = robot.createScreenCapture(Rectangle(window.locationOnScreen, window.size))
-            } while (!wanted.all { shot.contains(it) } && System.currentTimeMillis() < deadline)
-            path.parentFile.mkdirs()
-            ImageIO.write(shot, "png", path)
-            println("screenshot: $path")
-            return shot
-        } finally {
-            SwingUtilities.invokeAndWait { window.dispose() }
-        }
+        return window
     }
 
-    private fun BufferedImage.contains(argb: Int): Boolean {
+    /** The screen under [window], after it has had time to draw. */
+    private fun capture(window: ComposeWindow): BufferedImage {
+        val robot = Robot()
+        robot.delay(500)
+        return robot.createScreenCapture(Rectangle(window.locationOnScreen, window.size))
+    }
+
+    /** Saves [shot] to the `demo.screenshot` path. */
+    private fun save(shot: BufferedImage) {
+        val path = File(System.getProperty("demo.screenshot") ?: error("set -Ddemo.screenshot=<png path>"))
+        path.parentFile.mkdirs()
+        ImageIO.write(shot, "png", path)
+        println("screenshot: $path")
+    }
+
+    /** Pixels of colour [argb] (alpha ignored). */
+    private fun BufferedImage.count(argb: Int): Int {
         val rgb = argb and 0xFFFFFF
-        for (y in 0 until height) for (x in 0 until width) if (getRGB(x, y) and 0xFFFFFF == rgb) return true
-        return false
+        var n = 0
+        for (y in 0 until height) for (x in 0 until width) if (getRGB(x, y) and 0xFFFFFF == rgb) n++
+        return n
     }
 }
