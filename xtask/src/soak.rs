@@ -387,6 +387,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     )?;
     let n = |k: &str| report[k].as_u64().unwrap_or(u64::MAX);
     let rss_bound = base_rss + args.kv_budget + args.margin;
+    // A leak the budget's headroom would hide: memory beyond the KV cache actually held.
+    let rss_used_bound = base_rss + max_kv + args.margin;
     let during = &report["verify_during_long_prefill_ms"];
     let mut checks = vec![
         (
@@ -405,6 +407,10 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         (
             "server RSS within start + KV budget + margin",
             max_rss <= rss_bound,
+        ),
+        (
+            "server RSS within start + the most KV cache it held + margin",
+            max_rss <= rss_used_bound,
         ),
         (
             "the restarted server kept its certificate",
@@ -432,6 +438,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         "server_rss_after_start_bytes": base_rss,
         "server_rss_max_bytes": max_rss,
         "server_rss_bound_bytes": rss_bound,
+        "server_rss_used_bound_bytes": rss_used_bound,
         "server_kv_cache_max_bytes": max_kv,
         "server_verify_latency_ms_last_process": server_side,
         "checks": checks.iter().map(|(what, ok)| serde_json::json!({"check": what, "passed": ok})).collect::<Vec<_>>(),
