@@ -25,9 +25,10 @@ import kotlinx.coroutines.launch
  * The demo's logic, shared by Android and the desktop: settings, the on-device model, the engine
  * and one chat, exposed as a [StateFlow] of [ChatState] that the screens draw.
  *
- * Its work runs on one confined dispatcher, so the engine and the current job are never touched
- * by two threads at once; the engine's callbacks (on Rust threads) only update [state], which is
- * thread-safe. Each message is answered on its own (one user turn, the model's chat template):
+ * Its work runs on one confined dispatcher, so loading, generating and replacing the engine
+ * never overlap; [cancel], [networkChanged] and [close] reach the engine from the UI thread
+ * (the engine's own methods are thread-safe), and the engine's callbacks (on Rust threads) only
+ * update [state], which is thread-safe. Each message is answered on its own (one user turn, the model's chat template):
  * a small on-device model does better without a long history, and the demo is about how the
  * tokens are decided.
  */
@@ -71,7 +72,10 @@ class ChatViewModel(
 
     /**
      * Stops what is running: a generation ends with the engine's own "cancelled" error (shown
-     * as the notice, tokens so far kept); a model download or load is abandoned.
+     * as the notice, tokens so far kept); a model download stops at its next read. A blocking
+     * native call (loading the engine, the desktop's model cache) runs to its end first: its
+     * result is then dropped. A Cancel in the instant between the Generating phase and the
+     * engine registering the generation is not seen (known gap).
      */
     fun cancel() {
         val running = job ?: return
