@@ -83,7 +83,7 @@ pub struct ServerConfig {
     /// count, is what a long prompt costs the other devices. Zero (the default): chunks of
     /// `prefill_chunk_tokens` whatever they cost. Off by default because where a pass's cost
     /// is mostly fixed (the fault campaign's two shared cores: 0.63 s for 31 tokens) cutting
-    /// chunks saves the others little and starves long prompts (docs/RELIABILITY.md run 8).
+    /// chunks saves the others little and slows long prompts (docs/RELIABILITY.md run 8).
     #[serde(with = "humantime_serde")]
     pub pass_target: Duration,
     /// Model worker threads; sessions are spread over them and stay on theirs.

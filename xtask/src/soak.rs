@@ -56,6 +56,9 @@ pub struct SoakArgs {
     /// Where the logs and `soak.json` go.
     #[arg(long, default_value = "target/soak")]
     out: PathBuf,
+    /// The server's matmul threads (`uhlm serve --kernel-threads`; default: candle's).
+    #[arg(long)]
+    kernel_threads: Option<usize>,
 }
 
 impl SoakArgs {
@@ -73,6 +76,7 @@ impl SoakArgs {
             kv_budget: 512 << 20,
             margin: 256 << 20,
             out: PathBuf::from("target/soak-short"),
+            kernel_threads: None,
         }
     }
 }
@@ -263,6 +267,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let metrics_addr = format!("127.0.0.1:{}", free_port(false)?);
     let server_log = out.join("server.log");
     let _ = std::fs::remove_file(&server_log);
+    let threads = args.kernel_threads.map(|n| n.to_string());
     let command: Vec<String> = [
         uhlm.as_str(),
         "serve",
@@ -282,6 +287,11 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        threads
+            .iter()
+            .flat_map(|n| ["--kernel-threads".to_string(), n.clone()]),
+    )
     .collect();
     println!("\n==> {}", command.join(" "));
     let (mut server, pin) = ServerProcess::start(command, server_log.clone())?;
@@ -430,6 +440,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let server_side = server_verify_latency(&last_metrics);
     let summary = serde_json::json!({
         "devices": args.devices,
+        "kernel_threads": args.kernel_threads,
         "duration": args.duration,
         "loss": args.loss,
         "kills": kills_done,
