@@ -79,6 +79,8 @@ final class ChatModel: ObservableObject {
         do {
             let model = try await ensureModel()
             let uhlm = try await loadEngine(model)
+            // A Cancel pressed while the engine loaded cancelled this task, not a generation.
+            try Task.checkCancellation()
             phase = .generating
             let replyId = newId()
             append(.reply(id: replyId, pieces: [], summary: nil))
