@@ -87,7 +87,11 @@ final class ChatModel: ObservableObject {
             let summary = try await generate(uhlm, prompt, into: replyId)
             finish(replyId, summary)
         } catch is CancellationError {
-            notice = "Model download cancelled."
+            if case .loadingEngine = phase {
+                notice = "Loading the model was cancelled."
+            } else {
+                notice = "Model download cancelled."
+            }
         } catch let error as URLError where error.code == .cancelled {
             notice = "Model download cancelled."
         } catch let error as UhlmError {
