@@ -71,7 +71,8 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// Most tokens one forward pass scores over all its sessions (verified positions, their
     /// skipped tokens, generation steps, catch-up chunks); the rest waits for the next pass.
-    /// Catching up always gets a few tokens per pass on top, so it cannot starve.
+    /// Catching up always gets a chunk per pass on top (cut to `pass_target` where one is
+    /// set), so it cannot starve.
     pub max_batch_tokens: usize,
     /// Most context tokens one forward pass scores when catching a session up (a new prompt, a
     /// resync): longer contexts are scored a chunk per turn of the worker, between other

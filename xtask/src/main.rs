@@ -99,7 +99,7 @@ fn main() -> Result<()> {
         Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
         Task::CheckCoreDeps => check_core_deps(),
         Task::Bindgen { check } => bindings::bindgen(check),
-        Task::TestBindings => test_bindings(),
+        Task::TestBindings => test_bindings().map(drop),
         Task::TestAarch64 { full } => test_aarch64(full),
         Task::TestDemo => test_demo(),
         Task::DemoDesktop => demo::demo_desktop(),
@@ -276,8 +276,8 @@ fn test() -> Result<()> {
         &["test", "--workspace"],
         &[("UHLM_REQUIRE_MODELS", "1")],
     )?;
-    test_bindings()?;
-    test_demo()?;
+    // The demo's UI test runs on the library the binding tests just built.
+    demo::test_demo(&test_bindings()?)?;
     fuzz(FUZZ_CI_SECONDS, &[])?;
     soak::soak(soak::SoakArgs::short())?;
     test_aarch64(false)
@@ -359,14 +359,16 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn test_bindings() -> Result<()> {
+/// Returns the host library it built and tested.
+fn test_bindings() -> Result<PathBuf> {
     bindings::bindgen(true)?;
     let lib = bindings::build_host_library()?;
     bindings::test_kotlin(&lib)?;
-    bindings::test_python(&lib)
+    bindings::test_python(&lib)?;
+    Ok(lib)
 }
 
-/// The demo app's UI test on the host library (built once; a no-op after [`test_bindings`]).
+/// `cargo xtask test-demo`: the demo app's UI test on a freshly built host library.
 fn test_demo() -> Result<()> {
     ensure_debian_packages()?;
     demo::test_demo(&bindings::build_host_library()?)
