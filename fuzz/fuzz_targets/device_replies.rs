@@ -7,8 +7,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use uhlm_core::protocol::{
-    FrameDecoder, Generate, Message, Prompt, Resync, SessionPhase, SessionStream, Side, Start,
-    Verify,
+    Draft, FrameDecoder, Generate, Link, Message, Prompt, Resync, SessionPhase, SessionStream,
+    Side, Start, Verify,
 };
 use uhlm_core::sampling::SamplingOptions;
 
@@ -16,8 +16,9 @@ const VOCAB: usize = 64;
 
 #[derive(Debug, arbitrary::Arbitrary)]
 enum Step {
-    /// The device asks for a verdict after this many local tokens.
-    Verify { skipped: u8 },
+    /// The device asks for a verdict after this many local tokens, with a chain of drafts
+    /// after that many more local tokens each.
+    Verify { skipped: u8, chain: Vec<u8> },
     /// The device asks the server to generate.
     Generate { max_tokens: u8 },
     /// The device replaces the server's context.
@@ -41,15 +42,26 @@ fuzz_target!(|input: (u8, Vec<Step>)| {
     let mut seq = 0u32;
     for step in steps {
         let request = match step {
-            Step::Verify { skipped } => state.next_position(usize::from(skipped)).map(|position| {
-                Message::Verify(Verify {
-                    seq,
-                    position,
-                    skipped: vec![2; usize::from(skipped)],
-                    draft: None,
-                    uncertainty: 1.0,
+            Step::Verify { skipped, chain } => {
+                state.next_position(usize::from(skipped)).map(|position| {
+                    let draft = |token| Draft { token, q: vec![] };
+                    Message::Verify(Verify {
+                        seq,
+                        position,
+                        skipped: vec![2; usize::from(skipped)],
+                        draft: (!chain.is_empty()).then(|| draft(4)),
+                        uncertainty: 1.0,
+                        chain: chain
+                            .iter()
+                            .map(|&n| Link {
+                                skipped: vec![5; usize::from(n)],
+                                draft: draft(6),
+                                uncertainty: 1.0,
+                            })
+                            .collect(),
+                    })
                 })
-            }),
+            }
             Step::Generate { max_tokens } => Some(Message::Generate(Generate {
                 seq,
                 max_tokens: u32::from(max_tokens),
@@ -88,6 +100,7 @@ fn answer(state: &mut SessionStream, reply: &Message) {
             let grown = state
                 .context_len()
                 .expect("a verdict leaves a known context");
+            // At least the first position was decided.
             assert!(before.is_none_or(|b| grown > b));
         }
         Message::Tokens(t) => {

@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use uhlm_core::codec::{self, Codec, Precision};
-use uhlm_core::protocol::{Draft, Verify};
+use uhlm_core::protocol::{Draft, Link, Verify};
 use uhlm_core::verify;
 
 #[derive(Debug, arbitrary::Arbitrary)]
@@ -23,6 +23,9 @@ struct Input {
     position: u32,
     skipped: Vec<u32>,
     draft: Option<(u32, Payload)>,
+    /// Chained links: local tokens, then a draft.
+    chain: Vec<(Vec<u32>, u32, Payload)>,
+    max_links: u8,
     /// The LLM's distribution (weights, cycled over the vocabulary).
     p: Vec<u8>,
     seed: u64,
@@ -83,15 +86,37 @@ fuzz_target!(|input: Input| {
             q: payload(p, vocab),
         }),
         uncertainty: 0.5,
+        chain: input
+            .chain
+            .into_iter()
+            .map(|(skipped, token, p)| Link {
+                skipped,
+                draft: Draft {
+                    token,
+                    q: payload(p, vocab),
+                },
+                uncertainty: 0.5,
+            })
+            .collect(),
     };
     let held = usize::from(input.held);
-    let Ok(q) = v.check(held, vocab, usize::from(input.max_context)) else {
+    let max_links = usize::from(input.max_links % 8);
+    let Ok(q) = v.check(held, vocab, usize::from(input.max_context), max_links) else {
         return;
     };
     // What passed the checks is consistent with the session.
     assert_eq!(v.base_len(), Some(held as u32));
-    assert!(v.skipped.iter().all(|&t| (t as usize) < vocab));
-    assert!((v.position as usize) < usize::from(input.max_context));
+    assert!(v.inputs().iter().all(|&t| (t as usize) < vocab));
+    let positions = v.positions().expect("checked positions fit");
+    assert!(
+        positions
+            .iter()
+            .all(|&p| (p as usize) < usize::from(input.max_context))
+    );
+    assert_eq!(positions.len(), q.len());
+    assert!(v.chain.len() <= max_links);
+    // The row before each position is among the inputs (or is the session's last token).
+    assert_eq!(v.inputs().len() + held, *positions.last().unwrap() as usize);
     let mut p = weights(&input.p, vocab);
     let total: f32 = p.iter().sum();
     if total <= 0.0 {
@@ -100,14 +125,15 @@ fuzz_target!(|input: Input| {
     let total: f32 = p.iter().sum();
     p.iter_mut().for_each(|x| *x /= total);
     let mut rng = ChaCha8Rng::seed_from_u64(input.seed);
-    match (&v.draft, q) {
-        (Some(d), Some(q)) => {
-            let verdict =
-                verify::verify(&p, &q, d.token, &mut rng).expect("a checked request verifies");
-            assert!((verdict.token as usize) < vocab);
-            assert!(!verdict.accepted || verdict.token == d.token);
-        }
-        (None, None) => {}
-        _ => panic!("a draft and its decoded distribution come together"),
+    let drafts = v.draft.iter().chain(v.chain.iter().map(|l| &l.draft));
+    if v.draft.is_none() {
+        assert_eq!(q, [None], "no draft, no chain, no distribution");
+    }
+    for (d, q) in drafts.zip(q) {
+        let q = q.expect("a draft and its decoded distribution come together");
+        let verdict =
+            verify::verify(&p, &q, d.token, &mut rng).expect("a checked request verifies");
+        assert!((verdict.token as usize) < vocab);
+        assert!(!verdict.accepted || verdict.token == d.token);
     }
 });

@@ -58,6 +58,7 @@ async fn run(model: Arc<Model>, max_batch: usize, verifies: u32) -> anyhow::Resu
             skipped: vec![],
             draft: None,
             uncertainty: 0.0,
+            chain: Vec::new(),
         })
         .await;
         anyhow::ensure!(
@@ -79,6 +80,7 @@ async fn run(model: Arc<Model>, max_batch: usize, verifies: u32) -> anyhow::Resu
                     skipped: vec![],
                     draft: None,
                     uncertainty: 0.0,
+                    chain: Vec::new(),
                 })
                 .await;
                 match s.recv().await {

@@ -50,6 +50,9 @@ pub struct ServerConfig {
     /// Most tokens one `Generate` request may ask for (announced in `Welcome`); a device that
     /// wants more sends another request, so no single request holds a model worker unboundedly.
     pub max_generate_tokens: u32,
+    /// Most links one chain `Verify` may carry (announced in `Welcome`): the drafts a device
+    /// verifies in one request beyond the first, each a row of logits in the forward pass.
+    pub max_chain_links: u32,
     /// KV-cache memory for all sessions; beyond it idle sessions are evicted, least recently
     /// used first, and must `Resync`.
     pub kv_memory_budget_bytes: u64,
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             max_connections_per_key: None,
             max_context_tokens: 8192,
             max_generate_tokens: 4096,
+            max_chain_links: 32,
             kv_memory_budget_bytes: 4 << 30,
             idle_timeout: Duration::from_secs(300),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
@@ -280,6 +284,9 @@ pub struct ServerArgs {
     /// Most tokens one Generate request (LLM-only streaming) may ask for.
     #[arg(long)]
     pub max_generate_tokens: Option<u32>,
+    /// Most drafts a chain Verify may carry beyond the first (pipelined devices).
+    #[arg(long)]
+    pub max_chain_links: Option<u32>,
     #[arg(long)]
     pub kv_memory_budget_bytes: Option<u64>,
     /// e.g. `5m`, `30s`.
@@ -354,6 +361,7 @@ impl ServerArgs {
         );
         set(&mut config.max_context_tokens, self.max_context_tokens);
         set(&mut config.max_generate_tokens, self.max_generate_tokens);
+        set(&mut config.max_chain_links, self.max_chain_links);
         set(
             &mut config.kv_memory_budget_bytes,
             self.kv_memory_budget_bytes,

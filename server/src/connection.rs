@@ -82,6 +82,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         max_frame_bytes: shared.config.max_frame_bytes,
         max_context_tokens: shared.max_context_tokens,
         max_generate_tokens: shared.config.max_generate_tokens,
+        max_chain_links: shared.config.max_chain_links,
     };
     if !control.send(&welcome.into()).await {
         return;

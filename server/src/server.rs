@@ -136,6 +136,7 @@ impl Server {
             kv_memory_budget_bytes: config.kv_memory_budget_bytes,
             max_context_tokens: max_context_tokens as usize,
             max_generate_tokens: config.max_generate_tokens,
+            max_chain_links: config.max_chain_links as usize,
             prefill_chunk: config.prefill_chunk_tokens,
             pass_target: config.pass_target,
         };

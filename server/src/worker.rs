@@ -131,6 +131,8 @@ pub(crate) struct WorkerSettings {
     pub kv_memory_budget_bytes: u64,
     pub max_context_tokens: usize,
     pub max_generate_tokens: u32,
+    /// Most links a chain `Verify` may carry.
+    pub max_chain_links: usize,
     /// Most context tokens per forward pass when catching a session up.
     pub prefill_chunk: usize,
     /// Duration a forward pass is sized to when catching up (zero: by tokens only).

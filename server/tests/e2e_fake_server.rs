@@ -85,6 +85,7 @@ fn generate_against(
             max_frame_bytes: u32::MAX,
             max_context_tokens: 8192,
             max_generate_tokens: 64,
+            max_chain_links: 16,
         });
         write_message(&mut control_send, &welcome).await;
         let (send, recv) = conn.accept_bi().await.unwrap();
@@ -179,6 +180,7 @@ fn a_verdict_outside_the_vocabulary_ends_the_session_not_the_generation() {
                     accepted: false,
                     beta: 1.0,
                     tv_distance: 1.0,
+                    accepted_links: Vec::new(),
                 });
                 write_message(&mut send, &verdict).await;
                 std::future::pending::<()>().await;

@@ -136,5 +136,6 @@ fn default_policy_skips_tokens_and_the_stats_add_up() {
         "server-side uplink bytes differ from the SDK's count"
     );
     assert!(s.downlink_bytes > 0);
-    assert!(s.round_trips >= s.sent);
+    // The Start, then one Verify per chain: a chain settles at least one sent token.
+    assert!(s.round_trips >= 2 && s.round_trips <= s.sent + 1, "{s:?}");
 }

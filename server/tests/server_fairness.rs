@@ -45,6 +45,7 @@ fn next(seq: u32, len: usize) -> Verify {
         skipped: Vec::new(),
         draft: None,
         uncertainty: 0.0,
+        chain: Vec::new(),
     }
 }
 

@@ -64,16 +64,21 @@ async fn unknown_protocol_version_is_refused() {
     server.shutdown().await;
 }
 
-/// A client of the previous version, which offers ALPN `uhlm/1`, still completes the TLS
-/// handshake and learns why it cannot continue.
+/// Clients of earlier versions, which offer ALPN `uhlm/1` or `uhlm/2`, still complete the TLS
+/// handshake and learn why they cannot continue.
 #[tokio::test]
-async fn a_version_1_client_is_told_the_version_is_unsupported() {
+async fn older_clients_are_told_the_version_is_unsupported() {
     let server = server().await;
-    let endpoint = common::client_endpoint_with_alpn(server.cert_der(), b"uhlm/1");
-    let client = Client::connect_with(endpoint, server.local_addr()).await;
-    let (_control, answer) = client.hello(API_KEY, server.model_fingerprint(), 1).await;
-    let message = assert_refused(&client, answer, ErrorCode::UnsupportedVersion).await;
-    assert!(message.contains("version 2"), "{message}");
+    for version in [1u16, 2] {
+        let alpn = format!("uhlm/{version}");
+        let endpoint = common::client_endpoint_with_alpn(server.cert_der(), alpn.as_bytes());
+        let client = Client::connect_with(endpoint, server.local_addr()).await;
+        let (_control, answer) = client
+            .hello(API_KEY, server.model_fingerprint(), version)
+            .await;
+        let message = assert_refused(&client, answer, ErrorCode::UnsupportedVersion).await;
+        assert!(message.contains("version 3"), "{message}");
+    }
     server.shutdown().await;
 }
 
@@ -94,6 +99,7 @@ async fn right_key_and_vocabulary_are_welcome() {
         w.max_generate_tokens,
         ServerConfig::default().max_generate_tokens
     );
+    assert_eq!(w.max_chain_links, ServerConfig::default().max_chain_links);
     // The pin a device would configure is the SHA-256 of the certificate it received.
     let fp = server.cert_fingerprint().to_string();
     assert_eq!(fp, uhlm_server::cert_fingerprint(server.cert_der()));

@@ -242,6 +242,7 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
             q: common::dense_q(&logits),
         }),
         uncertainty: 0.5,
+        chain: Vec::new(),
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;

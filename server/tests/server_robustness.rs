@@ -89,6 +89,7 @@ async fn bad_frames_end_their_stream_only() {
             skipped: vec![],
             draft: None,
             uncertainty: 0.0,
+            chain: Vec::new(),
         })
         .await;
     assert_eq!(
@@ -156,6 +157,7 @@ async fn invalid_requests_get_typed_errors() {
         skipped: vec![],
         draft: None,
         uncertainty: 0.0,
+        chain: Vec::new(),
     })
     .await;
     let Some(Message::Error(e)) = s.recv().await else {
@@ -176,6 +178,7 @@ async fn invalid_requests_get_typed_errors() {
             q: vec![9, 9, 9],
         }),
         uncertainty: 0.0,
+        chain: Vec::new(),
     })
     .await;
     let Some(Message::Error(e)) = s.recv().await else {

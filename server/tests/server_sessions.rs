@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{API_KEY, Client, Mirror, greedy_verifies, llm, prompt_tokens, start};
 use uhlm_core::chat::ChatMessage;
 use uhlm_core::protocol::{
-    Close, ErrorCode, Message, PROTOCOL_VERSION, Prompt, Resync, Start, Verify,
+    Close, Draft, ErrorCode, Link, Message, PROTOCOL_VERSION, Prompt, Resync, Start, Verify,
 };
 use uhlm_core::sampling::{SamplingOptions, argmax};
 use uhlm_server::{Server, ServerConfig, kv_bytes_per_token};
@@ -151,6 +151,7 @@ async fn evicted_session_resyncs_and_continues_correctly() {
         skipped: vec![],
         draft: None,
         uncertainty: 0.0,
+        chain: Vec::new(),
     })
     .await;
     match a.recv().await {
@@ -267,6 +268,7 @@ async fn session_rate_and_idle_limits() {
             skipped: vec![],
             draft: None,
             uncertainty: 0.0,
+            chain: Vec::new(),
         })
         .await;
         match s1.recv().await {
@@ -290,6 +292,7 @@ async fn session_rate_and_idle_limits() {
         skipped: vec![],
         draft: None,
         uncertainty: 0.0,
+        chain: Vec::new(),
     })
     .await;
     assert!(matches!(s1.recv().await, Some(Message::Verdict(v)) if v.seq == seq));
@@ -350,6 +353,7 @@ async fn the_memory_budget_counts_allocated_caches_and_a_resync_frees_them() {
         skipped: vec![],
         draft: None,
         uncertainty: 0.0,
+        chain: Vec::new(),
     };
     let verdict = |m: Option<Message>| assert!(matches!(m, Some(Message::Verdict(_))), "{m:?}");
     let metric = |name: &str| common::metric(&server, name);
@@ -414,6 +418,7 @@ async fn a_trickled_request_meets_the_idle_deadline() {
             skipped: vec![7; 16],
             draft: None,
             uncertainty: 0.0,
+            chain: Vec::new(),
         }),
         u32::MAX,
     )
@@ -580,6 +585,7 @@ async fn one_forward_pass_answers_sessions_in_different_states() {
         skipped: skipped.to_vec(),
         draft: None,
         uncertainty: 0.0,
+        chain: Vec::new(),
     };
     let started = |m: Option<Message>| assert!(matches!(m, Some(Message::Started(_))), "{m:?}");
     // E holds a cache, then loses it when the others open (one-token prompts allocate nothing).
@@ -666,6 +672,7 @@ async fn prefilling_prompts_stay_within_the_kv_budget() {
         skipped: vec![],
         draft: None,
         uncertainty: 0.0,
+        chain: Vec::new(),
     };
     let mut sessions = Vec::new();
     for id in [1, 2] {
@@ -763,6 +770,7 @@ async fn catch_up_passes_are_cut_to_the_time_target() {
             skipped: vec![],
             draft: None,
             uncertainty: 0.0,
+            chain: Vec::new(),
         })
         .await;
         match s.recv().await {
@@ -783,4 +791,160 @@ async fn catch_up_passes_are_cut_to_the_time_target() {
         passes[0] >= 18.0 && passes[1] <= 5.0,
         "forward passes with and without a target: {passes:?}"
     );
+}
+
+/// A chain of greedy drafts with local tokens between them, the link at `wrong` (if any)
+/// drafted as the second most likely token: returns the Verify's fields after `skipped` and
+/// the LLM's greedy token at every position, scored by `mirror` without committing anything.
+fn greedy_chain(
+    mirror: &mut Mirror,
+    gaps: &[usize],
+    wrong: Option<usize>,
+) -> (Vec<u32>, Draft, Vec<Link>, Vec<u32>) {
+    let base = mirror.session.len();
+    let mut logits = tokio::task::block_in_place(|| mirror.score(&[]));
+    let mut greedy = Vec::new();
+    let next = |logits: &mut Vec<f32>, mirror: &mut Mirror, token: u32| {
+        *logits = tokio::task::block_in_place(|| mirror.session.step(token).unwrap());
+    };
+    let mut drafts = Vec::new();
+    let mut skipped_runs = Vec::new();
+    for (link, &gap) in gaps.iter().enumerate() {
+        let mut skipped = Vec::new();
+        for _ in 0..gap {
+            let t = argmax(&logits).unwrap();
+            skipped.push(t);
+            next(&mut logits, mirror, t);
+        }
+        let best = argmax(&logits).unwrap();
+        let draft = if wrong == Some(link) {
+            let mut masked = logits.clone();
+            masked[best as usize] = f32::NEG_INFINITY;
+            argmax(&masked).unwrap()
+        } else {
+            best
+        };
+        greedy.push(best);
+        drafts.push(Draft {
+            token: draft,
+            q: common::dense_q(&logits),
+        });
+        skipped_runs.push(skipped);
+        next(&mut logits, mirror, draft);
+    }
+    mirror.session.truncate(base);
+    let first = drafts.remove(0);
+    let mut runs = skipped_runs.into_iter();
+    let skipped = runs.next().unwrap();
+    let chain = drafts
+        .into_iter()
+        .zip(runs)
+        .map(|(draft, skipped)| Link {
+            skipped,
+            draft,
+            uncertainty: 0.5,
+        })
+        .collect();
+    (skipped, first, chain, greedy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_is_verified_in_order_up_to_its_first_rejection() {
+    let model = llm();
+    let prompt = prompt_tokens(&model, "The three primary colours are");
+    let config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready_on(&server).await;
+    let mut s = client.session().await;
+    s.send(start(1, &prompt)).await;
+    assert!(matches!(s.recv().await, Some(Message::Started(_))));
+    let mut mirror = Mirror::new(&model, &prompt);
+    // Rounds: a chain rejected at link 2, one rejected at its first link, one accepted whole.
+    for (seq, (gaps, wrong)) in [
+        (vec![1, 0, 2, 1], Some(2)),
+        (vec![0, 3], Some(0)),
+        (vec![2, 0, 1], None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seq = seq as u32;
+        let (skipped, draft, chain, greedy) = greedy_chain(&mut mirror, &gaps, wrong);
+        let verify = Verify {
+            seq,
+            position: (mirror.context.len() + skipped.len()) as u32,
+            skipped,
+            draft: Some(draft),
+            uncertainty: 0.5,
+            chain,
+        };
+        let positions = verify.positions().unwrap();
+        s.send(verify.clone()).await;
+        let v = match s.recv().await {
+            Some(Message::Verdict(v)) => v,
+            other => panic!("expected a Verdict, got {other:?}"),
+        };
+        let decided = wrong.unwrap_or(gaps.len() - 1);
+        assert_eq!(v.link(), decided, "round {seq}: {v:?}");
+        assert_eq!(
+            v.token, greedy[decided],
+            "round {seq}: the LLM's greedy token"
+        );
+        assert_eq!(v.accepted, wrong.is_none());
+        // The device keeps what the verdict settled; the server's context ends there too.
+        let inputs = verify.inputs();
+        let kept = positions[decided] as usize - mirror.context.len();
+        let mut scored = mirror.pending.clone();
+        scored.extend_from_slice(&inputs[..kept]);
+        tokio::task::block_in_place(|| mirror.session.score(&scored).unwrap());
+        mirror.commit(&inputs[..kept], v.token);
+        assert_eq!(mirror.context.len(), positions[decided] as usize + 1);
+    }
+    // The server's cache holds exactly the settled context: greedy verifies go on from it.
+    greedy_verifies(&mut s, &mut mirror, 3, 2).await.unwrap();
+    // Positions decided: 3 + 1 + 3 by the chains, 3 by the single verifies.
+    assert_eq!(common::metric(&server, "uhlm_tokens_verified_total"), 10.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_longer_than_the_server_allows_are_refused() {
+    let model = llm();
+    let prompt = prompt_tokens(&model, "Counting: one, two,");
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    config.max_chain_links = 1;
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let client = Client::connect(server.local_addr(), server.cert_der()).await;
+    let (_control, answer) = client
+        .hello(API_KEY, server.model_fingerprint(), PROTOCOL_VERSION)
+        .await;
+    match answer {
+        Some(Message::Welcome(w)) => assert_eq!(w.max_chain_links, 1),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let mut s = client.session().await;
+    s.send(start(1, &prompt)).await;
+    assert!(matches!(s.recv().await, Some(Message::Started(_))));
+    let mut mirror = Mirror::new(&model, &prompt);
+    let (skipped, draft, chain, _) = greedy_chain(&mut mirror, &[0, 0, 0], None);
+    s.send(Verify {
+        seq: 4,
+        position: mirror.context.len() as u32,
+        skipped,
+        draft: Some(draft),
+        uncertainty: 0.5,
+        chain,
+    })
+    .await;
+    match s.recv().await {
+        Some(Message::Error(e)) => {
+            assert_eq!((e.code, e.seq), (ErrorCode::InvalidRequest, Some(4)), "{e}")
+        }
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+    server.shutdown().await;
 }

@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// How many devices one server holds: recorded device traces replayed by N simulated
     /// devices against a real server, uhlm against LLM-only streaming, N swept.
     Capacity(crate::capacity::CapacityArgs),
+    /// What pipelined drafting buys on real links: SLM only, LLM only, uhlm one draft at a
+    /// time and uhlm pipelined, over QUIC through `uhlm-linkemu`.
+    Pipeline(crate::pipeline::PipelineArgs),
     /// What one drafted token costs the device beyond the SLM's forward pass (softmax, uplink
     /// encoding, uncertainty, policy, frame), timed on the SLM's own logits.
     Token(BenchTokenArgs),
@@ -94,6 +97,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Paper(args) => crate::paper::run(args),
         BenchCommand::Humaneval(args) => crate::humaneval::run(args),
         BenchCommand::Capacity(args) => crate::capacity::run(args),
+        BenchCommand::Pipeline(args) => crate::pipeline::run(args),
         BenchCommand::Token(args) => token(args),
     }
 }

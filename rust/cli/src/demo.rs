@@ -124,6 +124,7 @@ fn dense_verify_bytes(vocab: usize) -> Result<u64> {
         skipped: Vec::new(),
         draft: Some(Draft { token: 0, q: bytes }),
         uncertainty: 0.0,
+        chain: Vec::new(),
     });
     Ok(encode_frame(&msg, u32::MAX)?.len() as u64)
 }

@@ -10,6 +10,7 @@ mod loadgen;
 mod models;
 mod pair_args;
 mod paper;
+mod pipeline;
 mod run;
 mod tokenize;
 

@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// CPU threads for the on-device model.
     #[arg(long)]
     threads: Option<usize>,
+    /// Most tokens drafted ahead while drafts are verified (0: one draft at a time)
+    /// [default: the SDK's].
+    #[arg(long)]
+    max_lookahead: Option<usize>,
     prompt: String,
 }
 
@@ -103,6 +107,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         calibration: args.calibration.clone(),
         codec: args.codec.clone().unwrap_or_default(),
         threads: args.threads,
+        max_lookahead: args
+            .max_lookahead
+            .unwrap_or(EngineConfig::default().max_lookahead),
         ..EngineConfig::default()
     };
     let engine = HybridEngine::new(config).context("starting the engine")?;

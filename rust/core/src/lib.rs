@@ -10,6 +10,7 @@
 //! - [`uncertainty`]: how unsure the SLM is about its draft, from one forward pass.
 //! - [`threshold`]: when an uncertain token is worth sending (fit, thresholds, recalibration).
 //! - [`risk_control`]: a threshold whose quality cost is bounded with confidence (Learn-then-Test).
+//! - [`lookahead`]: the device's drafting window while a chain of drafts is being verified.
 //! - [`codec`]: the compressed distribution sent uplink, and the exact `q'` the server sees.
 //! - [`protocol`]: the messages and framing on the wire.
 //! - [`channel`]: a simulated wireless link for throughput estimates.
@@ -19,6 +20,7 @@ pub mod channel;
 pub mod chat;
 pub mod codec;
 pub mod fast_exp;
+pub mod lookahead;
 pub mod protocol;
 pub mod risk_control;
 pub mod sampling;

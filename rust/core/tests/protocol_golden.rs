@@ -6,7 +6,7 @@ use uhlm_core::protocol::*;
 
 fn golden_hello() -> Message {
     Hello {
-        protocol_version: 2,
+        protocol_version: 3,
         model_fingerprint: std::array::from_fn(|i| i as u8),
         api_key: "key".into(),
         client: "uhlm/0.1".into(),
@@ -17,7 +17,7 @@ fn golden_hello() -> Message {
 const GOLDEN_HELLO: &[u8] = &[
     0x00, 0x00, 0x00, 0x2f, // payload length 47, big-endian
     0x00, // variant 0: Hello
-    0x02, // protocol_version 2
+    0x03, // protocol_version 3
     0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, // model_fingerprint: 32 raw bytes
     0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, //
     0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, //
@@ -37,12 +37,20 @@ fn golden_verify() -> Message {
             q: vec![0x02, 0x80, 0x80, 0x03, 0x01, 0x02, 0x2a, 0x3a, 0x03, 0x01],
         }),
         uncertainty: 0.25,
+        chain: vec![Link {
+            skipped: vec![5],
+            draft: Draft {
+                token: 100,
+                q: vec![0x02, 0x80, 0x80, 0x03, 0x01, 0x02, 0x2a, 0x3a, 0x03, 0x01],
+            },
+            uncertainty: 0.5,
+        }],
     }
     .into()
 }
 
 const GOLDEN_VERIFY: &[u8] = &[
-    0x00, 0x00, 0x00, 0x19, // payload length 25
+    0x00, 0x00, 0x00, 0x2c, // payload length 44
     0x05, // variant 5: Verify
     0x07, // seq 7
     0xac, 0x02, // position 300 = 0b10_0101100 → 0xac 0x02
@@ -52,6 +60,40 @@ const GOLDEN_VERIFY: &[u8] = &[
     0x0a, 0x02, 0x80, 0x80, 0x03, 0x01, 0x02, 0x2a, 0x3a, 0x03,
     0x01, // draft.q: length 10, bytes
     0x00, 0x00, 0x80, 0x3e, // uncertainty 0.25f32 little-endian (0x3e800000)
+    0x01, // chain: length 1
+    0x01, 0x05, // chain[0].skipped: length 1, then 5
+    0x64, // chain[0].draft.token 100
+    0x0a, 0x02, 0x80, 0x80, 0x03, 0x01, 0x02, 0x2a, 0x3a, 0x03,
+    0x01, // chain[0].draft.q: length 10, bytes
+    0x00, 0x00, 0x00, 0x3f, // chain[0].uncertainty 0.5f32 (0x3f000000)
+];
+
+fn golden_verdict() -> Message {
+    Verdict {
+        seq: 7,
+        token: 99,
+        accepted: false,
+        beta: 0.5,
+        tv_distance: 0.25,
+        accepted_links: vec![Acceptance {
+            beta: 0.0,
+            tv_distance: 0.125,
+        }],
+    }
+    .into()
+}
+
+const GOLDEN_VERDICT: &[u8] = &[
+    0x00, 0x00, 0x00, 0x15, // payload length 21
+    0x06, // variant 6: Verdict
+    0x07, // seq 7
+    0x63, // token 99
+    0x00, // accepted: false
+    0x00, 0x00, 0x00, 0x3f, // beta 0.5
+    0x00, 0x00, 0x80, 0x3e, // tv_distance 0.25
+    0x01, // accepted_links: length 1
+    0x00, 0x00, 0x00, 0x00, // accepted_links[0].beta 0.0
+    0x00, 0x00, 0x00, 0x3e, // accepted_links[0].tv_distance 0.125 (0x3e000000)
 ];
 
 fn golden_error() -> Message {
@@ -128,6 +170,7 @@ fn golden_frames_encode_exactly() {
     for (msg, bytes) in [
         (golden_hello(), GOLDEN_HELLO),
         (golden_verify(), GOLDEN_VERIFY),
+        (golden_verdict(), GOLDEN_VERDICT),
         (golden_error(), GOLDEN_ERROR),
         (golden_generate(), GOLDEN_GENERATE),
         (golden_tokens(), GOLDEN_TOKENS),
@@ -144,9 +187,9 @@ fn golden_frames_encode_exactly() {
 
 #[test]
 fn golden_constants() {
-    assert_eq!(PROTOCOL_VERSION, 2);
-    assert_eq!(ALPN, b"uhlm/2");
-    assert_eq!(LEGACY_ALPNS, &[b"uhlm/1".as_slice()]);
+    assert_eq!(PROTOCOL_VERSION, 3);
+    assert_eq!(ALPN, b"uhlm/3");
+    assert_eq!(LEGACY_ALPNS, &[b"uhlm/1".as_slice(), b"uhlm/2".as_slice()]);
     assert_eq!(DEFAULT_MAX_FRAME_BYTES, 1024 * 1024);
     assert_eq!(LARGE_VOCAB_MAX_FRAME_BYTES, 2 * 1024 * 1024);
 }

@@ -118,6 +118,7 @@ fn dense_f32_draft_for_the_largest_vocabulary_needs_the_large_limit() {
         skipped: vec![u32::MAX; 64],
         draft: Some(Draft { token: 262_143, q }),
         uncertainty: 1.0,
+        chain: vec![],
     });
     assert!(matches!(
         encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES),

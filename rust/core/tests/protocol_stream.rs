@@ -23,6 +23,7 @@ fn welcome() -> Message {
         max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
         max_context_tokens: 4096,
         max_generate_tokens: 1024,
+        max_chain_links: 16,
     }
     .into()
 }
@@ -68,6 +69,7 @@ fn verify(seq: u32, position: u32, skipped: usize) -> Message {
         skipped: vec![1; skipped],
         draft: None,
         uncertainty: 0.5,
+        chain: vec![],
     }
     .into()
 }
@@ -79,6 +81,7 @@ fn verdict(seq: u32) -> Message {
         accepted: false,
         beta: 0.0,
         tv_distance: 0.0,
+        accepted_links: vec![],
     }
     .into()
 }
@@ -615,4 +618,119 @@ fn generate_limits_are_checked_with_typed_errors() {
     .check(10, 4096, 100)
     .unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidRequest);
+}
+
+/// A draft of `token` whose encoded distribution gives it all the mass (vocabulary 100).
+fn sure_draft(token: u32) -> Draft {
+    let mut p = vec![0.0; 100];
+    p[token as usize] = 1.0;
+    let enc = uhlm_core::codec::encode(&uhlm_core::codec::Codec::DenseF32, &p).unwrap();
+    Draft {
+        token,
+        q: enc.bytes,
+    }
+}
+
+/// `Verify` at `position` after `skipped` local tokens, with a chain of links each after
+/// `gaps[i]` more local tokens.
+fn chain_verify(seq: u32, position: u32, skipped: usize, gaps: &[usize]) -> Verify {
+    Verify {
+        seq,
+        position,
+        skipped: vec![1; skipped],
+        draft: Some(sure_draft(2)),
+        uncertainty: 0.5,
+        chain: gaps
+            .iter()
+            .map(|&g| Link {
+                skipped: vec![4; g],
+                draft: sure_draft(3),
+                uncertainty: 0.5,
+            })
+            .collect(),
+    }
+}
+
+fn chain_verdict(seq: u32, link: usize, accepted: bool) -> Message {
+    Verdict {
+        seq,
+        token: 3,
+        accepted,
+        beta: 0.0,
+        tv_distance: 0.0,
+        accepted_links: vec![
+            Acceptance {
+                beta: 0.0,
+                tv_distance: 0.0
+            };
+            link
+        ],
+    }
+    .into()
+}
+
+#[test]
+fn a_chain_verdict_sets_the_context_after_the_link_it_decides() {
+    // Positions 12, then 12 + 1 + 0 = 13, then 13 + 1 + 3 = 17.
+    let v = chain_verify(1, 12, 2, &[0, 3]);
+    assert_eq!(v.positions().unwrap(), [12, 13, 17]);
+    assert_eq!(v.inputs(), [1, 1, 2, 3, 4, 4, 4]);
+    for (link, accepted, context) in [(0, false, 13), (1, false, 14), (2, true, 18)] {
+        let mut s = ready_session();
+        s.on_message(Device, &v.clone().into()).unwrap();
+        s.on_message(Server, &chain_verdict(1, link, accepted))
+            .unwrap();
+        assert_eq!(s.context_len(), Some(context), "link {link}");
+        assert_eq!(s.phase(), SessionPhase::Ready);
+    }
+}
+
+#[test]
+fn chain_verdicts_that_do_not_fit_the_request_are_refused() {
+    let v = chain_verify(1, 12, 2, &[0, 3]);
+    let mut s = ready_session();
+    s.on_message(Device, &v.into()).unwrap();
+    // No link 3; an accepted link 1 must go on to link 2.
+    for bad in [chain_verdict(1, 3, false), chain_verdict(1, 1, true)] {
+        assert_eq!(s.on_message(Server, &bad), Err(ErrorCode::InvalidRequest));
+        assert!(matches!(s.phase(), SessionPhase::Verifying { seq: 1 }));
+    }
+    // Without a draft there is nothing to chain after.
+    let mut s = ready_session();
+    let mut v = chain_verify(1, 10, 0, &[0]);
+    v.draft = None;
+    assert_eq!(
+        s.on_message(Device, &v.into()),
+        Err(ErrorCode::InvalidRequest)
+    );
+}
+
+#[test]
+fn chain_requests_are_checked_before_any_model_work() {
+    let v = chain_verify(5, 12, 2, &[0, 3]);
+    let q = v.check(10, 100, 4096, 2).unwrap();
+    assert_eq!(q.len(), 3, "one decoded distribution per position");
+    assert!(
+        q.iter()
+            .all(|q| q.as_ref().is_some_and(|q| q[2] + q[3] == 1.0))
+    );
+    let code = |r: Result<Vec<Option<Vec<f32>>>, ErrorMessage>| r.unwrap_err().code;
+    // Too many links for the server.
+    assert_eq!(code(v.check(10, 100, 4096, 1)), ErrorCode::InvalidRequest);
+    // The last link reaches the context limit (position 17).
+    assert_eq!(code(v.check(10, 100, 17, 2)), ErrorCode::ContextTooLong);
+    v.check(10, 100, 18, 2).unwrap();
+    // A chained token outside the vocabulary.
+    let mut bad = v.clone();
+    bad.chain[1].skipped[0] = 100;
+    assert_eq!(code(bad.check(10, 100, 4096, 2)), ErrorCode::InvalidRequest);
+    // A chained draft its distribution cannot have produced.
+    let mut bad = v.clone();
+    bad.chain[0].draft.token = 5;
+    assert_eq!(code(bad.check(10, 100, 4096, 2)), ErrorCode::InvalidRequest);
+    // Positions that overflow.
+    let mut far = chain_verify(5, u32::MAX - 1, 0, &[1]);
+    assert_eq!(far.positions(), None);
+    far.chain.clear();
+    assert_eq!(far.positions().unwrap(), [u32::MAX - 1]);
 }

@@ -15,7 +15,7 @@ use uhlm_core::threshold::{Calibration, DEFAULT_CONFIDENCE, DEFAULT_MAX_OUTPUT_R
 use uhlm_core::uncertainty::combined::LogisticCombiner;
 use uhlm_core::uncertainty::{UncertaintyEstimator, UncertaintyKind};
 use uhlm_core::verify::verify;
-use uhlm_model::{BatchItem, Session};
+use uhlm_model::{BatchItem, Outputs, Session};
 
 use crate::EvalError;
 use crate::pair::Pair;
@@ -406,12 +406,12 @@ fn step(group: &mut [Labelling], tokens: &[Option<&[u32]>]) -> Result<(), EvalEr
         slm_items.push(BatchItem {
             session: slm,
             tokens: t,
-            all_rows: false,
+            outputs: Outputs::Last,
         });
         llm_items.push(BatchItem {
             session: llm,
             tokens: t,
-            all_rows: false,
+            outputs: Outputs::Last,
         });
         who.push(i);
     }

@@ -42,6 +42,10 @@ pub struct MeasureOptions {
     pub request_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub seed: u64,
+    /// The hybrids' `EngineConfig::max_lookahead` (`None`: the SDK's default, pipelined; 0:
+    /// one draft at a time, as the papers' systems run).
+    #[serde(default)]
+    pub max_lookahead: Option<usize>,
 }
 
 impl Default for MeasureOptions {
@@ -54,6 +58,7 @@ impl Default for MeasureOptions {
             request_timeout_ms: 120_000,
             connect_timeout_ms: 30_000,
             seed: 7,
+            max_lookahead: None,
         }
     }
 }
@@ -317,9 +322,11 @@ fn engine_config(
     system: &SystemSpec,
     options: &MeasureOptions,
 ) -> EngineConfig {
+    let base = engine_config_for(slm, server, addr, system, options.request_timeout_ms);
     EngineConfig {
         connect_timeout_ms: options.connect_timeout_ms,
-        ..engine_config_for(slm, server, addr, system, options.request_timeout_ms)
+        max_lookahead: options.max_lookahead.unwrap_or(base.max_lookahead),
+        ..base
     }
 }
 

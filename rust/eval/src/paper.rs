@@ -601,6 +601,7 @@ impl FrameSizes {
             accepted: true,
             beta: 0.25,
             tv_distance: 0.25,
+            accepted_links: Vec::new(),
         }))?;
         Ok(Self {
             generate,
@@ -624,6 +625,7 @@ fn verify_frame_bytes(draft: Option<(u32, Vec<u8>)>) -> Result<f64, EvalError> {
         skipped: Vec::new(),
         draft: draft.map(|(token, q)| Draft { token, q }),
         uncertainty: 0.5,
+        chain: Vec::new(),
     }))
 }
 

@@ -155,6 +155,7 @@ pub fn token_cost(
                 q: encoded[i].bytes.clone(),
             }),
             uncertainty: 0.5,
+            chain: Vec::new(),
         });
         black_box(encode_frame(&msg, u32::MAX).ok());
     });

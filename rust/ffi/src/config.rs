@@ -245,6 +245,7 @@ impl TryFrom<EngineConfig> for sdk::EngineConfig {
                 .reconnect_backoff_max_ms
                 .unwrap_or(d.reconnect_backoff_max_ms),
             client_name: c.client_name.unwrap_or(d.client_name),
+            max_lookahead: d.max_lookahead,
         })
     }
 }

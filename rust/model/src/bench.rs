@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
-use crate::model::{LoadOptions, Model, kernel_threads};
+use crate::model::{LoadOptions, Model, Outputs, kernel_threads};
 use crate::session::{BatchItem, Session};
 
 /// Timings of one [`bench_model`] run.
@@ -107,7 +107,7 @@ pub fn bench_model(
             .map(|(session, t)| BatchItem {
                 session,
                 tokens: t,
-                all_rows: false,
+                outputs: Outputs::Last,
             })
             .collect();
         for (n, logits) in next.iter_mut().zip(Session::score_batch(&mut items)?) {

@@ -24,6 +24,9 @@ pub enum ModelError {
     /// The session would grow past the model's context window.
     #[error("context overflow: {len} tokens exceed the model's context of {max}")]
     ContextOverflow { len: usize, max: usize },
+    /// Logits were asked for a position the scored chunk does not have.
+    #[error("no row {row}: the chunk has {rows} new tokens")]
+    NoSuchRow { row: usize, rows: usize },
     /// A token id outside the model's vocabulary.
     #[error("invalid token id {id}: the vocabulary has {vocab} entries")]
     InvalidToken { id: u32, vocab: usize },

@@ -38,6 +38,7 @@ pub use error::ModelError;
 #[cfg(feature = "fetch")]
 pub use fetch::DEFAULT_DRAFT_FILE_NAME;
 pub use model::{
-    Architecture, Device, Kernels, LoadOptions, LoadProgress, Model, ModelInfo, kernel_threads,
+    Architecture, Device, Kernels, LoadOptions, LoadProgress, Model, ModelInfo, Outputs,
+    kernel_threads,
 };
 pub use session::{BatchItem, Logits, Session};

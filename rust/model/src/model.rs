@@ -300,7 +300,7 @@ pub(crate) struct Part<'a> {
     /// Position of `tokens[0]`.
     pub pos0: usize,
     pub cache: &'a mut KvCache,
-    pub outputs: Outputs,
+    pub outputs: Outputs<'a>,
 }
 
 /// Where each part's rows sit in the batch: `(first row, rows)`.
@@ -356,16 +356,20 @@ pub(crate) fn split_rows(logits: &Tensor, counts: &[usize]) -> candle_core::Resu
 
 /// Which positions of a forward pass get logits. The output projection over a 150k-262k
 /// vocabulary costs as much as several blocks and its result is `rows x vocab` floats, so a
-/// prefill that needs only the next token's distribution computes only that row.
+/// prefill that needs only the next token's distribution computes only that row, and a
+/// verification only the rows it decides at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outputs {
-    /// Every position (verification of several drafted positions, evaluation).
+pub enum Outputs<'a> {
+    /// Every position (evaluation).
     All,
     /// The last position only (prefill, decode).
     Last,
+    /// These positions of the new tokens, in this order (verifying a chain of drafts: the
+    /// rows before each draft). Each must be below the number of new tokens.
+    Rows(&'a [usize]),
 }
 
-impl Outputs {
+impl Outputs<'_> {
     /// The hidden states `(seq, d)` whose logits are wanted.
     pub(crate) fn select(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -373,6 +377,11 @@ impl Outputs {
             Outputs::Last => {
                 let seq = xs.dim(0)?;
                 xs.narrow(0, seq - 1, 1)
+            }
+            Outputs::Rows(rows) => {
+                let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                let ids = Tensor::from_vec(ids, rows.len(), xs.device())?;
+                xs.index_select(&ids, 0)
             }
         }
     }

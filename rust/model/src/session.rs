@@ -52,8 +52,8 @@ pub struct BatchItem<'a> {
     pub session: &'a mut Session,
     /// New tokens to append (at least one).
     pub tokens: &'a [u32],
-    /// Logits for every new position, else only for the last.
-    pub all_rows: bool,
+    /// Which new positions get logits.
+    pub outputs: Outputs<'a>,
 }
 
 /// One sequence being decoded. Owns its KV cache; the weights are shared, so sessions are
@@ -134,11 +134,11 @@ impl Session {
         self.score_last(&[token])
     }
 
-    fn append(&mut self, tokens: &[u32], outputs: Outputs) -> Result<Logits, ModelError> {
+    fn append(&mut self, tokens: &[u32], outputs: Outputs<'_>) -> Result<Logits, ModelError> {
         let mut item = [BatchItem {
             session: self,
             tokens,
-            all_rows: outputs == Outputs::All,
+            outputs,
         }];
         Ok(Session::score_batch(&mut item)?.remove(0))
     }
@@ -146,7 +146,8 @@ impl Session {
     /// Appends each item's tokens to its session in one forward pass over all of them: every
     /// weight matmul runs once over the rows of every session (the server verifies many
     /// devices at once this way), attention per session against its own cache. Returns each
-    /// item's logits, every new position's (`all_rows`) or the last one's; they are bit for
+    /// item's logits at the positions its `outputs` names (row `i` of the result is the `i`-th
+    /// of them); they are bit for
     /// bit what [`Session::score`] / [`Session::score_last`] would return for that session
     /// alone. The sessions must share one model and be distinct. On error no session changes.
     pub fn score_batch(items: &mut [BatchItem<'_>]) -> Result<Vec<Logits>, ModelError> {
@@ -159,6 +160,14 @@ impl Session {
                 return Err(ModelError::MixedBatch);
             }
             item.session.check(item.tokens)?;
+            if let Outputs::Rows(rows) = item.outputs {
+                if let Some(&row) = rows.iter().find(|&&r| r >= item.tokens.len()) {
+                    return Err(ModelError::NoSuchRow {
+                        row,
+                        rows: item.tokens.len(),
+                    });
+                }
+            }
         }
         let mut parts: Vec<Part<'_>> = items
             .iter_mut()
@@ -166,11 +175,7 @@ impl Session {
                 tokens: item.tokens,
                 pos0: item.session.tokens.len(),
                 cache: &mut item.session.cache,
-                outputs: if item.all_rows {
-                    Outputs::All
-                } else {
-                    Outputs::Last
-                },
+                outputs: item.outputs,
             })
             .collect();
         let logits = model.forward(&mut parts)?;

@@ -7,7 +7,9 @@ mod support;
 use std::sync::Arc;
 
 use support::{GEMMA3, QWEN_CODER_05B, SMOLLM2, argmax, cached_model, correlation, max_abs_diff};
-use uhlm_model::{BatchItem, DeriveOptions, Kernels, LoadOptions, Model, Session, derive_draft};
+use uhlm_model::{
+    BatchItem, DeriveOptions, Kernels, LoadOptions, Model, Outputs, Session, derive_draft,
+};
 
 fn load(name: &str) -> Option<Arc<Model>> {
     let path = cached_model(name)?;
@@ -285,7 +287,7 @@ fn batched_sessions_equal_each_alone_on_the_real_models() {
             .map(|(i, session)| BatchItem {
                 session,
                 tokens: &ids[i][split[i]..],
-                all_rows: i == 1,
+                outputs: if i == 1 { Outputs::All } else { Outputs::Last },
             })
             .collect();
         let got = Session::score_batch(&mut items).unwrap();

@@ -10,8 +10,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use support::{Toy, max_abs_diff, write_toy};
 use uhlm_model::{
-    Architecture, BatchItem, DeriveOptions, LoadOptions, LoadProgress, Model, ModelError, Session,
-    derive_draft,
+    Architecture, BatchItem, DeriveOptions, LoadOptions, LoadProgress, Model, ModelError, Outputs,
+    Session, derive_draft,
 };
 
 fn load_toy(toy: &Toy) -> (tempfile::TempDir, Arc<Model>) {
@@ -122,22 +122,28 @@ fn a_batched_pass_equals_each_session_alone() {
             s
         };
         let mut batched: Vec<Session> = (0..3).map(fresh).collect();
+        // Session 2 asks for chosen rows, out of order (a chain verification's).
+        let picked = [new[2].len() - 1, 0];
+        let outputs = [Outputs::All, Outputs::Last, Outputs::Rows(&picked)];
         let mut items: Vec<BatchItem<'_>> = batched
             .iter_mut()
             .enumerate()
             .map(|(i, session)| BatchItem {
                 session,
                 tokens: new[i],
-                all_rows: i != 1,
+                outputs: outputs[i],
             })
             .collect();
         let got = Session::score_batch(&mut items).unwrap();
         for i in 0..3 {
             let mut alone = fresh(i);
-            let expect = if i == 1 {
-                alone.score_last(new[i]).unwrap()
-            } else {
-                alone.score(new[i]).unwrap().into_vec()
+            let expect = match i {
+                1 => alone.score_last(new[i]).unwrap(),
+                2 => {
+                    let all = alone.score(new[i]).unwrap();
+                    picked.iter().flat_map(|&r| all.row(r).to_vec()).collect()
+                }
+                _ => alone.score(new[i]).unwrap().into_vec(),
             };
             assert_eq!(
                 got[i].clone().into_vec(),
@@ -164,7 +170,7 @@ fn a_bad_batch_changes_no_session() {
         BatchItem {
             session,
             tokens,
-            all_rows: false,
+            outputs: Outputs::Last,
         }
     }
     let mut items = [last(&mut a, &[5]), last(&mut b, &[6])];
@@ -177,6 +183,18 @@ fn a_bad_batch_changes_no_session() {
     assert!(matches!(
         Session::score_batch(&mut items),
         Err(ModelError::InvalidToken { id: 999, .. })
+    ));
+    let mut items = [
+        last(&mut a, &[5]),
+        BatchItem {
+            session: &mut c,
+            tokens: &[1, 2],
+            outputs: Outputs::Rows(&[0, 2]),
+        },
+    ];
+    assert!(matches!(
+        Session::score_batch(&mut items),
+        Err(ModelError::NoSuchRow { row: 2, rows: 2 })
     ));
     assert_eq!(a.tokens(), &PROMPT[..3]);
     assert!(c.is_empty());

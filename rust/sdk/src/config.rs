@@ -107,6 +107,11 @@ pub struct EngineConfig {
     pub reconnect_backoff_max_ms: u64,
     /// Sent in `Hello` for the server's logs.
     pub client_name: String,
+    /// Most tokens drafted ahead of the final ones while drafts are being verified
+    /// (pipelining; the device adapts below it to the round trip and the rejection rate),
+    /// and most drafts verified in one request beyond the first. 0: one draft at a time, and
+    /// no drafting while it is verified.
+    pub max_lookahead: usize,
 }
 
 impl Default for EngineConfig {
@@ -132,6 +137,7 @@ impl Default for EngineConfig {
             reconnect_backoff_ms: 250,
             reconnect_backoff_max_ms: 10_000,
             client_name: format!("uhlm-sdk/{}", env!("CARGO_PKG_VERSION")),
+            max_lookahead: 32,
         }
     }
 }

@@ -89,7 +89,13 @@ impl Drafter {
         Ok(())
     }
 
-    /// Appends a committed token and computes the logits for the next position.
+    /// Forgets every token after the first `n` (drafts after a rejected one); the next
+    /// [`feed`](Self::feed) appends the token that replaces them.
+    pub fn truncate(&mut self, n: usize) {
+        self.session.truncate(n);
+    }
+
+    /// Appends a token and computes the logits for the next position.
     pub fn feed(&mut self, token: u32) -> Result<(), SdkError> {
         self.logits = self.session.step(token)?;
         Ok(())

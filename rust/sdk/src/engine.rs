@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 use uhlm_core::chat::ChatMessage;
+use uhlm_core::lookahead::LookaheadLimit;
 use uhlm_core::threshold::{Calibration, ThresholdPolicy};
 use uhlm_model::{LoadOptions, LoadProgress, Model, ModelInfo};
 
@@ -26,6 +27,9 @@ pub(crate) struct Inner {
     pub model: Arc<Model>,
     pub drafter: Arc<Mutex<Drafter>>,
     pub policy: Mutex<ThresholdPolicy>,
+    /// The lookahead learned so far (round trip, draft time, rejections): properties of the
+    /// link and the device, carried from one generation to the next.
+    pub lookahead: Mutex<LookaheadLimit>,
     pub link: Link,
     pub rt: Handle,
     pub stats: Mutex<StatsAccumulator>,
@@ -151,12 +155,14 @@ impl HybridEngine {
             Duration::from_millis(config.reconnect_backoff_max_ms),
         );
         let drafter = Drafter::new(model.session(), estimator);
+        let lookahead = Mutex::new(LookaheadLimit::new(config.max_lookahead));
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 model,
                 drafter: Arc::new(Mutex::new(drafter)),
                 policy: Mutex::new(policy),
+                lookahead,
                 link,
                 rt,
                 stats: Mutex::new(StatsAccumulator::default()),

@@ -1,11 +1,15 @@
-//! One generation: the per-token hybrid loop, its server session and its offline fallback.
+//! One generation: the pipelined hybrid loop, its server session and its offline fallback.
 //!
 //! Per token: the SLM drafts `d ~ q'` and scores its uncertainty `u` (blocking thread); the
-//! policy skips (commit `d` locally) or sends `Verify` with the tokens skipped since the last
-//! uplink; the `Verdict`'s token is committed. When the link is down, tokens that would have
-//! been sent keep their draft and are marked `Offline`; as soon as a background reconnect
-//! succeeds, a new session starts from the full context and the loop is hybrid again. Tokens
-//! are emitted only once committed, so nothing shown is ever revised.
+//! policy skips (a local token) or marks it for verification. Drafts to verify go to the server
+//! as a chain `Verify`: every one drafted since the last request, with the local tokens between
+//! them. While a chain is in flight the SLM keeps drafting on the assumption that it is
+//! accepted, up to a lookahead sized to the round trip ([`uhlm_core::lookahead`]); the
+//! `Verdict` settles the chain up to its first rejection, and what was drafted after a
+//! rejected token is dropped (the SLM rolls back and takes the server's token). Only final
+//! tokens are emitted, so nothing shown is ever revised. When the link is down, tokens that
+//! would have been sent keep their draft and are marked `Offline`; as soon as a background
+//! reconnect succeeds, a new session starts from the full context and the loop is hybrid again.
 //!
 //! [`Mode::Llm`] is the LLM-only baseline as a user would run it: one `Generate` request and the
 //! server streams its tokens (no per-token round trip, and the SLM does not run). If the link
@@ -16,12 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use uhlm_core::codec::Codec;
+use uhlm_core::lookahead::{Lookahead, LookaheadLimit, Settled, Uplink};
 use uhlm_core::protocol::{
     self, Close, FinishReason, Generate, Message, Recovery, Resync, SessionStream, Side, Start,
     Verify,
 };
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_core::threshold::Decision;
+use uhlm_core::uncertainty::combined::LogisticCombiner;
 
 use crate::cancel::CancelToken;
 use crate::config::{GenerationOptions, Mode, Prompt};
@@ -46,18 +52,29 @@ struct SessionLink {
     unscored: usize,
 }
 
-/// What became of a token that was to be sent.
-enum Outcome {
-    Verdict(protocol::Verdict),
-    /// Not verified (link down, or the server asked to retry later): keep the draft.
-    Unverified,
+/// What the device keeps with each drafted token until it is final.
+#[derive(Clone, Debug)]
+struct Kept {
+    uncertainty: f32,
+    decision: Decision,
+    /// A combined predictor's separate signals (what its policy refits from).
+    signals: Vec<f32>,
+}
+
+/// What the SLM must do before its next draft, so that it continues the window.
+#[derive(Default)]
+struct SlmCursor {
+    /// Roll back to this many tokens (after a rejection).
+    truncate: Option<usize>,
+    /// Then append this token (the last drafted one, or the server's after a rejection).
+    feed: Option<u32>,
+    /// Refitted weights of a combined uncertainty predictor.
+    combiner: Option<LogisticCombiner>,
 }
 
 /// Why a network wait ended early.
 enum Wait {
     Link(LinkError),
-    /// The server did not apply the request and asks to retry later; the session stays.
-    Retry,
     Cancelled,
     Fatal(SdkError),
 }
@@ -95,7 +112,15 @@ pub(crate) async fn run(
         sampling,
         prompt_len: prompt_ids.len(),
         context: prompt_ids,
-        skipped: Vec::new(),
+        window: Lookahead::new(),
+        limit: lock(&inner.lookahead).clone(),
+        slm: SlmCursor::default(),
+        rollbacks: 0,
+        unapplied_draft: None,
+        pending_unverified: false,
+        chain_sent: None,
+        chain_deadline: None,
+        resyncs: 0,
         seq: 0,
         link: None,
         online: false,
@@ -112,6 +137,7 @@ pub(crate) async fn run(
         Err(_) => "error",
     };
     g.close_session(reason).await;
+    *lock(&inner.lookahead) = g.limit.clone();
     g.stats.add_elapsed(started.elapsed());
     g.stats.counters.generations = 1;
     if let Ok(mut total) = inner.stats.lock() {
@@ -130,12 +156,27 @@ struct Generation {
     cancel: CancelToken,
     mode: Mode,
     sampling: SamplingOptions,
-    /// Prompt plus every committed token: what a (re)started server session is given.
+    /// Prompt plus every final token: what a (re)started server session is given.
     context: Vec<u32>,
     /// How much of `context` is the prompt.
     prompt_len: usize,
-    /// Tokens committed locally since the last uplink.
-    skipped: Vec<u32>,
+    /// Drafted tokens the server has not been given: final local ones, and the speculative
+    /// ones after the first unverified draft.
+    window: Lookahead<Kept>,
+    /// How far ahead of the final tokens the device drafts.
+    limit: LookaheadLimit,
+    slm: SlmCursor,
+    /// Rejections so far: a draft that started before one is dropped.
+    rollbacks: u64,
+    /// A draft that finished after the chain's reply arrived, with `rollbacks` at that time.
+    unapplied_draft: Option<(Drafted, u64)>,
+    /// Drafts wait to be settled unverified (no session, or it was just lost).
+    pending_unverified: bool,
+    /// When the chain in flight was sent, and when its answer is overdue.
+    chain_sent: Option<Instant>,
+    chain_deadline: Option<Instant>,
+    /// Resyncs since the last verdict: the server keeps losing the context after two.
+    resyncs: u32,
     seq: u32,
     link: Option<SessionLink>,
     /// Whether the last link news given to the listener was "online".
@@ -188,13 +229,26 @@ impl Generation {
         // so that its prefill runs while the server scores the same prompt; LLM-only mode
         // starts it only if it has to take over.
         let mut slm_ready = false;
-        let mut feed: Option<u32> = None;
-        let mut stop = loop {
-            if out.token_ids.len() as u32 >= self.sampling.max_tokens {
-                break StopReason::MaxTokens;
-            }
+        let mut stop = 'generation: loop {
             if self.cancel.is_cancelled() {
                 return Err(SdkError::Cancelled);
+            }
+            let mut settled = self.window.take_final();
+            if std::mem::take(&mut self.pending_unverified) {
+                settled.extend(self.window.settle_unverified());
+            }
+            for s in settled {
+                if let Some(stop) = self.settle(&mut out, s, None)? {
+                    break 'generation stop;
+                }
+            }
+            if self.link.is_none() {
+                // Nobody will send them: a new session starts from the whole context.
+                self.window.drop_final();
+            }
+            let speculative = self.window.speculative();
+            if out.token_ids.len() as u32 >= self.sampling.max_tokens {
+                break StopReason::MaxTokens;
             }
             if self.context.len() >= context_limit {
                 break StopReason::ContextFull;
@@ -217,21 +271,52 @@ impl Generation {
             if !slm_ready {
                 self.catch_up(seed).await?;
                 slm_ready = true;
-                feed = None;
+                self.slm.feed = None;
+                self.slm.truncate = None;
             }
-            let prev = feed.take();
-            let draft = blocking(&self.inner.drafter, move |d| {
-                if let Some(t) = prev {
-                    d.feed(t)?;
+            if self.link.is_some() && !self.window.in_flight() && self.window.links() > 0 {
+                if !self.send_chain().await? {
+                    self.pending_unverified = true;
                 }
-                d.draft()
-            })
-            .await?;
-            let (token, source) = self.decide(&draft).await?;
-            if let Some(stop) = self.commit(&mut out, token, source, draft.uncertainty) {
-                break stop;
+                continue;
             }
-            feed = Some(token);
+            // Draft ahead while a chain is in flight: up to the limits (tokens, context, the
+            // lookahead), and never past an end-of-sequence draft.
+            let drafted = out.token_ids.len() + speculative;
+            let eos_pending = speculative > 0
+                && self
+                    .window
+                    .unsent()
+                    .last()
+                    .is_some_and(|e| self.eos.contains(&e.token));
+            let may_draft = drafted < self.sampling.max_tokens as usize
+                && self.context.len() + speculative < context_limit
+                && !eos_pending
+                && (speculative == 0 || speculative < self.limit.limit());
+            if !self.window.in_flight() {
+                if !may_draft {
+                    // Nothing to wait for: what is left is final as drafted.
+                    for s in self.window.settle_unverified() {
+                        if let Some(stop) = self.settle(&mut out, s, None)? {
+                            break 'generation stop;
+                        }
+                    }
+                    continue;
+                }
+                let drafted = self.draft().await?;
+                self.on_drafted(drafted);
+                continue;
+            }
+            let reply = if may_draft {
+                self.draft_while_waiting().await?
+            } else {
+                self.wait_verdict().await
+            };
+            if let Some(reply) = reply {
+                if let Some(stop) = self.on_reply(&mut out, reply).await? {
+                    break stop;
+                }
+            }
         };
         let (tail, hit) = out.text.finish();
         if hit {
@@ -258,6 +343,7 @@ impl Generation {
         token: u32,
         source: TokenSource,
         uncertainty: f32,
+        verify_ms: Option<f64>,
     ) -> Option<StopReason> {
         self.context.push(token);
         if self.eos.contains(&token) {
@@ -268,12 +354,6 @@ impl Generation {
         out.sources.push(source);
         self.stats.counters.generated_tokens += 1;
         let (shown, hit) = out.text.push(self.inner.model.tokenizer(), token);
-        let verified = matches!(source, TokenSource::Accepted | TokenSource::Resampled);
-        let verify_ms = self
-            .last_verify
-            .take()
-            .filter(|_| verified)
-            .map(|d| d.as_secs_f64() * 1e3);
         self.listener.on_token(TokenEvent {
             text: shown,
             token_id: token,
@@ -283,6 +363,62 @@ impl Generation {
             verify_ms,
         });
         hit.then_some(StopReason::StopString)
+    }
+
+    /// Commits a token that became final, counting it and teaching the policy from the
+    /// server's verdict on it (`verify_ms`: the round trip that verified it). Nothing is shown
+    /// after a cancel, even the rest of a verdict's tokens.
+    fn settle(
+        &mut self,
+        out: &mut Output,
+        settled: Settled<Kept>,
+        verify_ms: Option<f64>,
+    ) -> Result<Option<StopReason>, SdkError> {
+        if self.cancel.is_cancelled() {
+            return Err(SdkError::Cancelled);
+        }
+        let c = &mut self.stats.counters;
+        c.decisions += 1;
+        c.drafted += 1;
+        let (token, kept, source, beta) = match settled {
+            Settled::Local { token, meta } => {
+                c.skipped += 1;
+                (token, meta, TokenSource::Local, None)
+            }
+            Settled::Accepted {
+                token,
+                meta,
+                acceptance,
+            } => {
+                c.sent += 1;
+                c.accepted += 1;
+                (token, meta, TokenSource::Accepted, Some(acceptance.beta))
+            }
+            Settled::Resampled {
+                token,
+                meta,
+                acceptance,
+                ..
+            } => {
+                c.sent += 1;
+                c.resampled += 1;
+                (token, meta, TokenSource::Resampled, Some(acceptance.beta))
+            }
+            Settled::Unverified { token, meta } => {
+                c.offline += 1;
+                (token, meta, TokenSource::Offline, None)
+            }
+        };
+        if let (Some(beta), Mode::Uhlm) = (beta, self.mode) {
+            let mut policy = lock(&self.inner.policy);
+            policy.observe_signals(kept.decision, kept.uncertainty, &kept.signals, beta);
+            // The threshold is on the refitted weights' scale from the next draft on.
+            if let Some(combiner) = policy.take_combiner_update() {
+                self.slm.combiner = Some(combiner);
+            }
+        }
+        let verify_ms = verify_ms.filter(|_| beta.is_some());
+        Ok(self.commit(out, token, source, kept.uncertainty, verify_ms))
     }
 
     /// Prepares the SLM to draft: scores the context it has not seen (the prompt, and in
@@ -364,10 +500,6 @@ impl Generation {
                         self.drop_session(e);
                         return Ok(Streamed::Offline);
                     }
-                    Err(Wait::Retry) => {
-                        self.drop_session(LinkError::Down("the server is busy".into()));
-                        return Ok(Streamed::Offline);
-                    }
                 };
                 if first {
                     // One round trip per request: until its first answer.
@@ -393,7 +525,9 @@ impl Generation {
                             let c = &mut self.stats.counters;
                             c.decisions += 1;
                             c.remote += 1;
-                            if let Some(stop) = self.commit(out, token, TokenSource::Remote, 0.0) {
+                            if let Some(stop) =
+                                self.commit(out, token, TokenSource::Remote, 0.0, None)
+                            {
                                 return Ok(Streamed::Done(stop));
                             }
                         }
@@ -453,151 +587,312 @@ impl Generation {
                 self.drop_session(e);
                 Ok(Streamed::Offline)
             }
-            Wait::Retry => {
-                self.drop_session(LinkError::Down("the server is busy".into()));
-                Ok(Streamed::Offline)
-            }
         }
     }
 
-    /// Decides one token: locally, or through the server when the mode and policy say so.
-    async fn decide(&mut self, draft: &Drafted) -> Result<(u32, TokenSource), SdkError> {
+    /// Drafts the next token on the SLM's thread, first bringing the SLM to the window's end
+    /// (a rollback after a rejection, the token to append).
+    fn spawn_draft(&mut self) -> tokio::task::JoinHandle<Result<(Drafted, Duration), SdkError>> {
+        let d = self.inner.drafter.clone();
+        let (truncate, feed, combiner) = (
+            self.slm.truncate.take(),
+            self.slm.feed.take(),
+            self.slm.combiner.take(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut d = lock(&d);
+            if let Some(combiner) = combiner {
+                d.set_combiner(&combiner);
+            }
+            if let Some(n) = truncate {
+                d.truncate(n);
+            }
+            if let Some(t) = feed {
+                d.feed(t)?;
+            }
+            Ok((d.draft()?, started.elapsed()))
+        })
+    }
+
+    async fn draft(&mut self) -> Result<Drafted, SdkError> {
+        let (drafted, took) = join_draft(self.spawn_draft().await)?;
+        self.limit.observe_draft(took.as_secs_f64());
+        Ok(drafted)
+    }
+
+    /// Drafts one token while the chain in flight is out; returns its reply if that came
+    /// meanwhile. A draft made before a rejection arrived is dropped (it followed a rejected
+    /// token).
+    async fn draft_while_waiting(&mut self) -> Result<Option<Result<Message, Wait>>, SdkError> {
+        if self.link.is_none() {
+            return Ok(None);
+        }
+        let mut task = self.spawn_draft();
+        let reply = {
+            let Some(link) = self.link.as_mut() else {
+                return Ok(None);
+            };
+            let deadline = self.chain_deadline.unwrap_or_else(Instant::now);
+            let c = &mut self.stats.counters;
+            tokio::select! {
+                biased;
+                r = recv_until(&mut link.stream, &mut c.downlink_bytes, deadline, &self.cancel) => {
+                    Some(r)
+                }
+                d = &mut task => {
+                    let (drafted, took) = join_draft(d)?;
+                    self.limit.observe_draft(took.as_secs_f64());
+                    self.on_drafted(drafted);
+                    return Ok(None);
+                }
+            }
+        };
+        // The reply came first: the draft finishes, and `on_reply` keeps it unless the reply
+        // rolled the window back (it followed a rejected token then).
+        let before = self.rollbacks;
+        let (drafted, took) = join_draft(task.await)?;
+        self.limit.observe_draft(took.as_secs_f64());
+        self.unapplied_draft = Some((drafted, before));
+        Ok(reply)
+    }
+
+    /// Waits for the chain in flight's answer (the lookahead is full).
+    async fn wait_verdict(&mut self) -> Option<Result<Message, Wait>> {
+        let link = self.link.as_mut()?;
+        let deadline = self.chain_deadline.unwrap_or_else(Instant::now);
+        let c = &mut self.stats.counters;
+        Some(
+            recv_until(
+                &mut link.stream,
+                &mut c.downlink_bytes,
+                deadline,
+                &self.cancel,
+            )
+            .await,
+        )
+    }
+
+    /// Takes a drafted token into the window: the policy decides whether it is verified.
+    fn on_drafted(&mut self, draft: Drafted) {
         let decision = match self.mode {
             Mode::Slm => Decision::Skip,
             Mode::Hlm | Mode::Llm => Decision::Send { probe: false },
             Mode::Uhlm => lock(&self.inner.policy).decide(draft.uncertainty),
         };
-        let c = &mut self.stats.counters;
-        c.decisions += 1;
-        if decision == Decision::Skip {
-            c.drafted += 1;
-            c.skipped += 1;
-            self.skipped.push(draft.token);
-            return Ok((draft.token, TokenSource::Local));
-        }
-        match self.verify(draft).await? {
-            Outcome::Verdict(v) => {
-                self.skipped.clear();
-                let c = &mut self.stats.counters;
-                if self.mode == Mode::Llm {
-                    c.remote += 1;
-                    return Ok((v.token, TokenSource::Remote));
-                }
-                c.drafted += 1;
-                c.sent += 1;
-                let source = if v.accepted {
-                    c.accepted += 1;
-                    TokenSource::Accepted
-                } else {
-                    c.resampled += 1;
-                    TokenSource::Resampled
-                };
-                if self.mode == Mode::Uhlm {
-                    let mut policy = lock(&self.inner.policy);
-                    policy.observe_signals(decision, draft.uncertainty, &draft.signals, v.beta);
-                    // The threshold is on the refitted weights' scale from the next token on.
-                    if let Some(combiner) = policy.take_combiner_update() {
-                        lock(&self.inner.drafter).set_combiner(&combiner);
-                    }
-                }
-                Ok((v.token, source))
-            }
-            Outcome::Unverified => {
-                let c = &mut self.stats.counters;
-                c.drafted += 1;
-                c.offline += 1;
-                // Still owed to the server if the session survives (e.g. RateLimited).
-                self.skipped.push(draft.token);
-                Ok((draft.token, TokenSource::Offline))
-            }
-        }
-    }
-
-    /// Sends `Verify` and waits for its `Verdict`, resyncing once if the server lost the
-    /// context. Link failures degrade to `Unverified`; only cancellation and fatal server
-    /// errors are returned as errors.
-    async fn verify(&mut self, draft: &Drafted) -> Result<Outcome, SdkError> {
-        if self.link.is_none() {
-            return Ok(Outcome::Unverified);
-        }
-        let wire_draft = match (self.mode, &draft.q) {
-            (Mode::Llm, _) => None,
-            (_, Some(q)) => Some(protocol::Draft {
-                token: draft.token,
-                q: q.clone(),
+        let uplink = match (decision, draft.q) {
+            (Decision::Send { .. }, Some(q)) => Some(Uplink {
+                draft: protocol::Draft {
+                    token: draft.token,
+                    q,
+                },
+                uncertainty: draft.uncertainty,
             }),
-            (_, None) => None,
+            // A mode that sends no distribution (LLM-only, offline here) keeps its draft.
+            (Decision::Send { .. }, None) => Some(Uplink {
+                draft: protocol::Draft {
+                    token: draft.token,
+                    q: Vec::new(),
+                },
+                uncertainty: draft.uncertainty,
+            }),
+            (Decision::Skip, _) => None,
         };
-        for _attempt in 0..2 {
-            let result = self
-                .exchange_verify(wire_draft.clone(), draft.uncertainty)
-                .await;
-            match result {
-                Ok(Some(v)) => return Ok(Outcome::Verdict(v)),
-                // Resynced: try the same token again.
-                Ok(None) => continue,
-                Err(Wait::Cancelled) => return Err(SdkError::Cancelled),
-                Err(Wait::Fatal(e)) => return Err(e),
-                Err(Wait::Retry) => return Ok(Outcome::Unverified),
-                Err(Wait::Link(e)) => {
-                    self.drop_session(e);
-                    return Ok(Outcome::Unverified);
-                }
-            }
+        let offline = uplink.is_some() && (self.link.is_none() || self.mode == Mode::Llm);
+        let kept = Kept {
+            uncertainty: draft.uncertainty,
+            decision,
+            signals: draft.signals,
+        };
+        self.window.push(draft.token, kept, uplink);
+        self.slm.feed = Some(draft.token);
+        if offline {
+            self.pending_unverified = true;
         }
-        self.drop_session(LinkError::Protocol(
-            "the server keeps losing this session's context".into(),
-        ));
-        Ok(Outcome::Unverified)
     }
 
-    /// One `Verify` round trip. `Ok(None)`: the server needed a resync, which is done.
-    async fn exchange_verify(
-        &mut self,
-        draft: Option<protocol::Draft>,
-        uncertainty: f32,
-    ) -> Result<Option<protocol::Verdict>, Wait> {
-        let skipped = self.skipped.clone();
+    /// Sends the window's next chain; `false` if there was none to send. Trouble leaves the
+    /// generation offline (the drafts stay unverified); only cancellation and fatal errors are
+    /// returned.
+    async fn send_chain(&mut self) -> Result<bool, SdkError> {
+        let Some(link) = self.link.as_ref() else {
+            return Ok(false);
+        };
+        let welcome = &link.conn.welcome;
+        // Room for the frame: distributions plus at most 5 bytes per token id.
+        let max_bytes = welcome.max_frame_bytes as usize / 2;
+        let max_links = (welcome.max_chain_links as usize).min(self.inner.config.max_lookahead);
+        let Some(request) = self.window.request(max_links, max_bytes) else {
+            return Ok(false);
+        };
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
         let Some(link) = self.link.as_mut() else {
-            return Err(Wait::Link(LinkError::Down("no session".into())));
+            return Ok(false);
         };
-        let position = link
-            .state
-            .next_position(skipped.len())
-            .ok_or_else(|| LinkError::Protocol("session not ready".into()))?;
+        let Some(position) = link.state.next_position(request.skipped.len()) else {
+            self.lose_session(LinkError::Protocol("session not ready".into()));
+            return Ok(true);
+        };
         let verify = Verify {
             seq,
             position,
-            skipped,
-            draft,
-            uncertainty,
+            skipped: request.skipped,
+            draft: Some(request.draft),
+            uncertainty: request.uncertainty,
+            chain: request.chain,
         };
         self.listener.on_verify(&verify);
+        let timeout = self
+            .inner
+            .config
+            .answer_timeout(link.unscored + verify.inputs().len());
         let msg = Message::Verify(verify);
-        let reply = self.round_trip(msg).await?;
+        if let Err(c) = link.state.on_message(Side::Device, &msg) {
+            self.lose_session(LinkError::Protocol(format!("cannot send Verify: {c}")));
+            return Ok(true);
+        }
+        let c = &mut self.stats.counters;
+        if let Err(e) = link.stream.send(&msg, &mut c.uplink_bytes).await {
+            self.lose_session(e);
+            return Ok(true);
+        }
+        let now = Instant::now();
+        self.chain_sent = Some(now);
+        self.chain_deadline = Some(now + timeout);
+        Ok(true)
+    }
+
+    /// Applies the answer to the chain in flight. `Some` ends the generation.
+    async fn on_reply(
+        &mut self,
+        out: &mut Output,
+        reply: Result<Message, Wait>,
+    ) -> Result<Option<StopReason>, SdkError> {
+        let settled = match reply {
+            Ok(m) => self.accept_reply(m).await?,
+            Err(Wait::Cancelled) => return Err(SdkError::Cancelled),
+            Err(Wait::Fatal(e)) => return Err(e),
+            Err(Wait::Link(e)) => {
+                self.lose_session(e);
+                Vec::new()
+            }
+        };
+        let verify_ms = self.last_verify.take().map(|d| d.as_secs_f64() * 1e3);
+        for s in settled {
+            if let Some(stop) = self.settle(out, s, verify_ms)? {
+                return Ok(Some(stop));
+            }
+        }
+        // A draft made while the verdict came is kept unless the verdict rolled back.
+        if let Some((drafted, rollbacks)) = self.unapplied_draft.take() {
+            if rollbacks == self.rollbacks {
+                self.on_drafted(drafted);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The tokens a server message settles (none if it asks for a resync, which is done).
+    async fn accept_reply(&mut self, reply: Message) -> Result<Vec<Settled<Kept>>, SdkError> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(self.window.settle_unverified());
+        };
+        if let Err(c) = link.state.on_message(Side::Server, &reply) {
+            self.lose_session(LinkError::Protocol(format!(
+                "unexpected {}: {c}",
+                reply.kind()
+            )));
+            return Ok(Vec::new());
+        }
         match reply {
-            Message::Verdict(v) => Ok(Some(v)),
+            Message::Verdict(v) => {
+                link.unscored = 0;
+                let applied = match self.window.on_verdict(&v) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.lose_session(LinkError::Protocol(e.to_string()));
+                        return Ok(Vec::new());
+                    }
+                };
+                self.resyncs = 0;
+                if let Some(sent) = self.chain_sent.take() {
+                    let rtt = sent.elapsed();
+                    self.stats.record_rtt(rtt);
+                    self.limit.observe_round_trip(rtt.as_secs_f64());
+                    self.last_verify = Some(rtt);
+                }
+                let decided = applied.settled.len() + applied.rejected.unwrap_or(0);
+                self.limit
+                    .observe_chain(decided, applied.rejected.is_some());
+                if let Some(dropped) = applied.rejected {
+                    self.stats.counters.discarded += dropped as u64;
+                    // The SLM forgets the rejected draft and what followed it, and takes the
+                    // server's token: its context is the final one.
+                    self.rollbacks += 1;
+                    self.slm.truncate = Some(self.context.len() + applied.settled.len() - 1);
+                    self.slm.feed = Some(v.token);
+                }
+                Ok(applied.settled)
+            }
             Message::Error(e) => match e.code.recovery() {
-                Recovery::Resync => {
+                Recovery::Resync if self.resyncs < 2 => {
                     tracing::debug!(code = %e.code, "server asked for a resync");
-                    self.resync().await?;
-                    Ok(None)
+                    self.resyncs += 1;
+                    match self.resync().await {
+                        Ok(()) => Ok(Vec::new()),
+                        Err(w) => self.lost(w),
+                    }
+                }
+                Recovery::Resync => {
+                    self.lose_session(LinkError::Protocol(
+                        "the server keeps losing this session's context".into(),
+                    ));
+                    Ok(Vec::new())
                 }
                 Recovery::RetryLater => {
-                    tracing::debug!(code = %e.code, "server busy; token decided locally");
-                    Err(Wait::Retry)
+                    tracing::debug!(code = %e.code, "server busy; tokens decided locally");
+                    Ok(self.window.settle_unverified())
                 }
-                Recovery::EndSession => Err(Wait::Link(LinkError::Protocol(e.to_string()))),
-                Recovery::Reconnect => Err(Wait::Link(LinkError::Down(e.to_string()))),
-                Recovery::Fatal => Err(Wait::Fatal(SdkError::from_server(&e))),
+                Recovery::EndSession => {
+                    self.lose_session(LinkError::Protocol(e.to_string()));
+                    Ok(Vec::new())
+                }
+                Recovery::Reconnect => {
+                    self.lose_session(LinkError::Down(e.to_string()));
+                    Ok(Vec::new())
+                }
+                Recovery::Fatal => Err(SdkError::from_server(&e)),
             },
-            other => Err(Wait::Link(LinkError::Protocol(format!(
-                "expected Verdict, got {}",
-                other.kind()
-            )))),
+            other => {
+                self.lose_session(LinkError::Protocol(format!(
+                    "expected Verdict, got {}",
+                    other.kind()
+                )));
+                Ok(Vec::new())
+            }
         }
+    }
+
+    /// A failed resync: the session is gone, its drafts stay unverified.
+    fn lost(&mut self, w: Wait) -> Result<Vec<Settled<Kept>>, SdkError> {
+        match w {
+            Wait::Cancelled => Err(SdkError::Cancelled),
+            Wait::Fatal(e) => Err(e),
+            Wait::Link(e) => {
+                self.lose_session(e);
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Drops the session and keeps every draft the server did not verify; they are settled
+    /// (shown) at the next step.
+    fn lose_session(&mut self, e: LinkError) {
+        self.drop_session(e);
+        self.chain_sent = None;
+        self.chain_deadline = None;
+        self.pending_unverified = true;
     }
 
     /// Replaces the server's context with ours.
@@ -608,7 +903,9 @@ impl Generation {
         let reply = self.round_trip(msg).await?;
         match reply {
             Message::Started(_) => {
-                self.skipped.clear();
+                // The server holds the final tokens now; the speculative ones go again.
+                self.window.drop_final();
+                self.chain_sent = None;
                 if let Some(link) = self.link.as_mut() {
                     link.unscored = self.context.len();
                 }
@@ -672,7 +969,8 @@ impl Generation {
         match self.try_open(conn.clone(), reconnect).await {
             Ok(link) => {
                 self.link = Some(link);
-                self.skipped.clear();
+                // The session starts from the whole (final) context.
+                self.window.clear();
                 if reconnect {
                     self.stats.counters.reconnects += 1;
                 }
@@ -685,10 +983,6 @@ impl Generation {
             }
             Err(Wait::Cancelled) => Err(SdkError::Cancelled),
             Err(Wait::Fatal(e)) => Err(e),
-            Err(Wait::Retry) => {
-                self.went_offline("the server is busy".into());
-                Ok(())
-            }
             Err(Wait::Link(e)) => {
                 if let LinkError::Down(_) = e {
                     self.inner.link.mark_down(&conn, "session start failed");
@@ -798,6 +1092,24 @@ impl Generation {
         }
         link.stream.finish();
     }
+}
+
+/// Receives one message, giving up at `deadline` (link down) or on cancellation.
+async fn recv_until(
+    stream: &mut FramedStream,
+    downlink: &mut u64,
+    deadline: Instant,
+    cancel: &CancelToken,
+) -> Result<Message, Wait> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    recv_within(stream, downlink, timeout, cancel).await
+}
+
+/// A draft task's result.
+fn join_draft(
+    joined: Result<Result<(Drafted, Duration), SdkError>, tokio::task::JoinError>,
+) -> Result<(Drafted, Duration), SdkError> {
+    joined.map_err(|e| SdkError::Model(format!("the model thread failed: {e}")))?
 }
 
 /// Receives one message, giving up on timeout (link down) or cancellation.

@@ -27,6 +27,9 @@ pub struct Stats {
     pub resampled: u64,
     pub remote: u64,
     pub offline: u64,
+    /// Tokens drafted ahead of a chain in flight and thrown away when a draft before them was
+    /// rejected (device work that pipelining spent for nothing; not among the decisions).
+    pub discarded: u64,
     pub uplink_bytes: u64,
     pub downlink_bytes: u64,
     /// Request/answer exchanges with the server (Start, Verify, Resync, and one per Generate,
@@ -79,6 +82,7 @@ impl StatsAccumulator {
         a.resampled += b.resampled;
         a.remote += b.remote;
         a.offline += b.offline;
+        a.discarded += b.discarded;
         a.uplink_bytes += b.uplink_bytes;
         a.downlink_bytes += b.downlink_bytes;
         a.round_trips += b.round_trips;

@@ -35,9 +35,10 @@ impl Worker {
         reply: VerdictReply,
     ) -> Option<(Verify, VerdictReply)> {
         let chunk = self.catch_up_chunk();
-        let (vocab, max_context) = (
+        let (vocab, max_context, max_links) = (
             self.model.info().vocab_size,
             self.settings.max_context_tokens,
+            self.settings.max_chain_links,
         );
         let Some(entry) = self.sessions.get_mut(&key) else {
             return Some((verify, reply));
@@ -50,7 +51,7 @@ impl Worker {
         let work = entry.pending.len() + verify.skipped.len();
         if entry.deferred.is_some()
             || work <= chunk + 1
-            || verify.check(base, vocab, max_context).is_err()
+            || verify.check(base, vocab, max_context, max_links).is_err()
         {
             return Some((verify, reply));
         }

@@ -1,7 +1,7 @@
 //! One forward pass for every session with work: continuous batching.
 //!
 //! Each turn the worker plans a [`Plan`]: the `Verify`s queued (each session's skipped tokens
-//! and the position to decide), one token for every running generation, and chunks of the
+//! and the positions to decide: one, or a chain of drafts verified in order), one token for every running generation, and chunks of the
 //! sessions catching up on a context, as many as fit in `max_batch` sessions and
 //! `max_batch_tokens` tokens. [`Session::score_batch`] then runs every weight matmul once over
 //! all their rows (attention per session, against its own cache), and each row's last logits
@@ -19,9 +19,11 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
+use uhlm_core::protocol::{
+    Acceptance, Draft, ErrorCode, ErrorMessage, FinishReason, Verdict, Verify,
+};
 use uhlm_core::sampling::{probabilities_into, sample};
-use uhlm_model::{BatchItem, Session};
+use uhlm_model::{BatchItem, Outputs, Session};
 
 use super::{Entry, GenEvent, SessionKey, Streaming, VerdictReply, Worker, fail, model_failure};
 
@@ -39,16 +41,29 @@ struct Row {
     key: SessionKey,
     /// New tokens for the session's cache.
     tokens: Vec<u32>,
+    /// Positions of `tokens` whose logits the work needs; empty: the last one's.
+    outputs: Vec<usize>,
     work: Work,
+}
+
+impl Row {
+    fn outputs(&self) -> Outputs<'_> {
+        if self.outputs.is_empty() {
+            Outputs::Last
+        } else {
+            Outputs::Rows(&self.outputs)
+        }
+    }
 }
 
 /// What a row's logits are for.
 enum Work {
-    /// Decide the token at `verify.position`; `pending` of `tokens` were the session's pending
-    /// tokens (restored if the request fails), the rest the `Verify`'s skipped ones.
+    /// Decide the token at `verify.position` (and at each chained link's); `pending` of
+    /// `tokens` were the session's pending tokens (restored if the request fails), the rest the
+    /// `Verify`'s inputs. `q`: each position's decoded draft distribution.
     Verify {
         verify: Verify,
-        q: Option<Vec<f32>>,
+        q: Vec<Option<Vec<f32>>>,
         pending: usize,
         reply: VerdictReply,
     },
@@ -84,6 +99,7 @@ fn chunk_at(cached: usize, chunk: usize) -> usize {
 
 /// How scoring one row went.
 enum Scored {
+    /// The rows the work asked for, row-major.
     Logits(Vec<f32>),
     Failed(ErrorMessage),
     /// The model panicked on this session: it is dropped.
@@ -151,8 +167,9 @@ impl Worker {
                 return None;
             }
         };
-        let held = entry.llm.as_ref().map_or(0, Session::len) + entry.pending.len();
-        let q = match verify.check(held, vocab, max_context) {
+        let cached = entry.llm.as_ref().map_or(0, Session::len);
+        let held = cached + entry.pending.len();
+        let q = match verify.check(held, vocab, max_context, self.settings.max_chain_links) {
             Ok(q) => q,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -160,14 +177,22 @@ impl Worker {
             }
         };
         let pending = entry.pending.len();
-        if !plan.fits(pending + verify.skipped.len()) {
+        let inputs = verify.inputs();
+        if !plan.fits(pending + inputs.len()) {
             return Some((verify, reply));
         }
+        // A chain needs the row before each of its positions (checked above to follow the
+        // cache); a single position, the last row.
+        let outputs = match verify.positions() {
+            Some(p) if p.len() > 1 => p.iter().map(|&p| p as usize - 1 - cached).collect(),
+            _ => Vec::new(),
+        };
         let mut tokens = std::mem::take(&mut entry.pending);
-        tokens.extend_from_slice(&verify.skipped);
+        tokens.extend_from_slice(&inputs);
         plan.push(Row {
             key,
             tokens,
+            outputs,
             work: Work::Verify {
                 verify,
                 q,
@@ -218,6 +243,7 @@ impl Worker {
             plan.push(Row {
                 key: s.key,
                 tokens,
+                outputs: Vec::new(),
                 work: Work::Generate(s),
             });
         }
@@ -294,6 +320,7 @@ impl Worker {
             plan.push(Row {
                 key,
                 tokens: entry.pending[..n].to_vec(),
+                outputs: Vec::new(),
                 work: Work::CatchUp,
             });
         }
@@ -333,7 +360,9 @@ impl Worker {
     }
 
     fn finish_row(&mut self, row: Row, scored: Scored) {
-        let Row { key, tokens, work } = row;
+        let Row {
+            key, tokens, work, ..
+        } = row;
         let failure = match scored {
             Scored::Logits(logits) => {
                 match work {
@@ -393,12 +422,14 @@ impl Worker {
         }
     }
 
-    /// Decides the token at `v.position` from the LLM's `logits` there.
+    /// Decides the token at `v.position` from the LLM's `logits` there, and for a chain each
+    /// link in turn from its row, up to the first rejection (the standard sequential
+    /// speculative-sampling rule): the cache then ends before the decided position.
     fn finish_verify(
         &mut self,
         key: SessionKey,
         v: &Verify,
-        q: Option<Vec<f32>>,
+        q: Vec<Option<Vec<f32>>>,
         tokens: Vec<u32>,
         pending: usize,
         logits: &[f32],
@@ -415,44 +446,82 @@ impl Worker {
             tokens.truncate(pending);
             entry.pending = tokens;
         };
-        if !probabilities_into(logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
+        let positions = v.positions().unwrap_or_default();
+        let drafts: Vec<Option<&Draft>> = std::iter::once(v.draft.as_ref())
+            .chain(v.chain.iter().map(|l| Some(&l.draft)))
+            .collect();
+        let rows = q.len().max(1);
+        if !logits.len().is_multiple_of(rows) || positions.len() != rows || drafts.len() != rows {
             undo(entry, tokens);
-            return Err(fail(
-                ErrorCode::Internal,
-                "the model produced no finite logits",
-            ));
+            return Err(fail(ErrorCode::Internal, "the model returned too few rows"));
         }
-        let verdict = match (&v.draft, q) {
-            (Some(d), Some(q)) => {
-                match uhlm_core::verify::verify(&self.probs, &q, d.token, &mut entry.rng) {
-                    Ok(r) => Verdict {
-                        seq: v.seq,
-                        token: r.token,
-                        accepted: r.accepted,
-                        beta: r.beta,
-                        tv_distance: r.tv_distance,
-                    },
-                    Err(e) => {
-                        undo(entry, tokens);
-                        return Err(fail(
-                            ErrorCode::InvalidRequest,
-                            format!("cannot verify the draft: {e}"),
-                        ));
+        let vocab = logits.len() / rows;
+        let mut accepted_links = Vec::new();
+        let mut decided = None;
+        for (i, (draft, q)) in drafts.iter().zip(&q).enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            if !probabilities_into(row, &entry.sampling, &mut self.probs, &mut self.scratch) {
+                undo(entry, tokens);
+                return Err(fail(
+                    ErrorCode::Internal,
+                    "the model produced no finite logits",
+                ));
+            }
+            let verdict = match (draft, q) {
+                (Some(d), Some(q)) => {
+                    match uhlm_core::verify::verify(&self.probs, q, d.token, &mut entry.rng) {
+                        Ok(r) => Verdict {
+                            seq: v.seq,
+                            token: r.token,
+                            accepted: r.accepted,
+                            beta: r.beta,
+                            tv_distance: r.tv_distance,
+                            accepted_links: Vec::new(),
+                        },
+                        Err(e) => {
+                            undo(entry, tokens);
+                            return Err(fail(
+                                ErrorCode::InvalidRequest,
+                                format!("cannot verify the draft: {e}"),
+                            ));
+                        }
                     }
                 }
+                _ => Verdict {
+                    seq: v.seq,
+                    token: sample(&self.probs, &mut entry.rng),
+                    accepted: false,
+                    beta: 0.0,
+                    tv_distance: 0.0,
+                    accepted_links: Vec::new(),
+                },
+            };
+            if verdict.accepted && i + 1 < rows {
+                accepted_links.push(Acceptance {
+                    beta: verdict.beta,
+                    tv_distance: verdict.tv_distance,
+                });
+                continue;
             }
-            _ => Verdict {
-                seq: v.seq,
-                token: sample(&self.probs, &mut entry.rng),
-                accepted: false,
-                beta: 0.0,
-                tv_distance: 0.0,
-            },
+            decided = Some((i, verdict));
+            break;
+        }
+        let Some((link, mut verdict)) = decided else {
+            undo(entry, tokens);
+            return Err(fail(ErrorCode::Internal, "no position was decided"));
         };
+        verdict.accepted_links = accepted_links;
+        // What was scored after the decided position (a rejected chain's tail) leaves the cache.
+        if let Some(llm) = entry.llm.as_mut() {
+            llm.truncate(positions[link] as usize);
+        }
         entry.pending = vec![verdict.token];
         entry.last_used = clock;
-        self.metrics.tokens_verified.inc();
-        self.metrics.catchup_tokens.inc_by(v.skipped.len() as u64);
+        let links = link as u64 + 1;
+        self.metrics.tokens_verified.inc_by(links);
+        let local = v.skipped.len() + v.chain.iter().map(|l| l.skipped.len()).sum::<usize>();
+        self.metrics.catchup_tokens.inc_by(local as u64);
+        self.metrics.tokens_accepted.inc_by(link as u64);
         if verdict.accepted {
             self.metrics.tokens_accepted.inc();
         } else {
@@ -535,7 +604,7 @@ fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
                     Some(BatchItem {
                         session: s.as_mut()?,
                         tokens: &r.tokens,
-                        all_rows: false,
+                        outputs: r.outputs(),
                     })
                 })
                 .collect();
@@ -559,7 +628,15 @@ fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
             let Some(session) = session.as_mut() else {
                 return Scored::Failed(gone());
             };
-            match std::panic::catch_unwind(AssertUnwindSafe(|| session.score_last(&row.tokens))) {
+            let alone = || {
+                let mut item = [BatchItem {
+                    session,
+                    tokens: &row.tokens,
+                    outputs: row.outputs(),
+                }];
+                Session::score_batch(&mut item).map(|mut l| l.remove(0).into_vec())
+            };
+            match std::panic::catch_unwind(AssertUnwindSafe(alone)) {
                 Ok(Ok(logits)) => Scored::Logits(logits),
                 Ok(Err(e)) => Scored::Failed(model_failure(e)),
                 Err(_) => Scored::Panicked,

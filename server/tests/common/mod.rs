@@ -272,6 +272,7 @@ pub async fn greedy_verifies(
                     q: dense_q(&logits),
                 }),
                 uncertainty: 0.5,
+                chain: Vec::new(),
             })
             .await;
         match stream.recv().await {

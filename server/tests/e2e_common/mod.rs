@@ -60,6 +60,7 @@ pub struct ServerProc {
     dir: tempfile::TempDir,
     /// More `uhlm-server` flags, used from the next [`restart`](Self::restart) on.
     pub extra_args: Vec<String>,
+    model: String,
 }
 
 impl ServerProc {
@@ -70,10 +71,16 @@ impl ServerProc {
 
     /// [`start`](Self::start) with more `uhlm-server` flags (kept for restarts).
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_model(llm_path(), extra_args)
+    }
+
+    /// [`start_with`](Self::start_with) serving the model at `model` instead of the default.
+    pub fn start_model(model: &str, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("keys.txt"), format!("{API_KEY}\n")).expect("keys file");
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         let (child, addr, fingerprint, metrics) = spawn(
+            model,
             dir.path(),
             SocketAddr::from(([127, 0, 0, 1], 0)),
             &extra_args,
@@ -85,6 +92,7 @@ impl ServerProc {
             metrics,
             dir,
             extra_args,
+            model: model.to_string(),
         }
     }
 
@@ -100,7 +108,7 @@ impl ServerProc {
     pub fn restart(&mut self) {
         self.kill();
         let (child, addr, fingerprint, metrics) =
-            spawn(self.dir.path(), self.addr, &self.extra_args);
+            spawn(&self.model, self.dir.path(), self.addr, &self.extra_args);
         assert_eq!(addr, self.addr, "restarted on another address");
         assert_eq!(fingerprint, self.fingerprint, "the certificate changed");
         self.child = Some(child);
@@ -187,6 +195,7 @@ pub fn read_metric(addr: SocketAddr, name: &str) -> f64 {
 }
 
 fn spawn(
+    model: &str,
     dir: &Path,
     listen: SocketAddr,
     extra_args: &[String],
@@ -194,7 +203,7 @@ fn spawn(
     let mut child = Command::new(env!("CARGO_BIN_EXE_uhlm-server"))
         .args([
             "--model",
-            llm_path(),
+            model,
             "--listen",
             &listen.to_string(),
             "--self-signed",

@@ -109,6 +109,8 @@ pub struct Welcome {
     /// Largest `Generate.max_tokens` the server accepts; a device wanting more sends several
     /// `Generate`s, so one request cannot hold a worker for an unbounded time.
     pub max_generate_tokens: u32,
+    /// Most links a `Verify.chain` may hold, so one request's verification is bounded too.
+    pub max_chain_links: u32,
 }
 
 /// A failed request, or the reason a stream or connection is being abandoned.
@@ -212,7 +214,8 @@ pub struct Draft {
     pub q: Vec<u8>,
 }
 
-/// Asks the server to decide the token at `position`.
+/// Asks the server to decide the token at `position`, and with a `chain`, the positions the
+/// device drafted after it while waiting.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verify {
     /// Request number, echoed by `Verdict` and `Error`; the device increments it (wrapping).
@@ -227,6 +230,19 @@ pub struct Verify {
     pub draft: Option<Draft>,
     /// The device's uncertainty for this token, for the server's threshold statistics.
     pub uncertainty: f32,
+    /// Positions drafted after this one on the assumption that every earlier draft is accepted
+    /// (pipelined drafting). The server verifies the links in order in one forward pass and
+    /// stops at the first rejection. At most `Welcome.max_chain_links`; empty without a `draft`.
+    pub chain: Vec<Link>,
+}
+
+/// A position of a `Verify.chain`: what follows the previous link's draft.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// Tokens the device committed locally after the previous link's draft.
+    pub skipped: Vec<u32>,
+    pub draft: Draft,
+    pub uncertainty: f32,
 }
 
 impl Verify {
@@ -236,22 +252,72 @@ impl Verify {
             .checked_sub(u32::try_from(self.skipped.len()).ok()?)
     }
 
+    /// Positions this request decides: `position`, then each link's, which follows the previous
+    /// draft and the link's skipped tokens. `None` if one does not fit in a `u32`.
+    pub fn positions(&self) -> Option<Vec<u32>> {
+        let mut at = self.position;
+        let mut out = Vec::with_capacity(1 + self.chain.len());
+        out.push(at);
+        for link in &self.chain {
+            let step = u32::try_from(link.skipped.len()).ok()?.checked_add(1)?;
+            at = at.checked_add(step)?;
+            out.push(at);
+        }
+        Some(out)
+    }
+
+    /// What the server appends to its context to decide every position: `skipped`, then per
+    /// link the previous draft and the link's skipped tokens. The last draft is not among them:
+    /// it is decided, not scored.
+    pub fn inputs(&self) -> Vec<u32> {
+        let mut out = self.skipped.clone();
+        let mut prev = self.draft.as_ref().map(|d| d.token);
+        for link in &self.chain {
+            out.extend(prev);
+            out.extend_from_slice(&link.skipped);
+            prev = Some(link.draft.token);
+        }
+        out
+    }
+
     /// Checks this request against a session of which the server holds `held` tokens, for a
-    /// model of `vocab` token ids and a context limit of `max_context_tokens`: `Ok` carries the
-    /// decoded draft distribution (`None` without a draft), the `Err` is the reply to send.
-    /// Nothing is applied, so a refused request leaves the session as it was.
+    /// model of `vocab` token ids, a context limit of `max_context_tokens` and chains of at most
+    /// `max_chain_links`: `Ok` carries each position's decoded draft distribution (`None`
+    /// without a draft), the `Err` is the reply to send. Nothing is applied, so a refused
+    /// request leaves the session as it was.
     pub fn check(
         &self,
         held: usize,
         vocab: usize,
         max_context_tokens: usize,
-    ) -> Result<Option<Vec<f32>>, ErrorMessage> {
+        max_chain_links: usize,
+    ) -> Result<Vec<Option<Vec<f32>>>, ErrorMessage> {
         let refuse = |code, message: String| Err(ErrorMessage::for_seq(code, message, self.seq));
-        let drafted = self.draft.as_ref().map(|d| d.token);
-        if let Some(t) = self
-            .skipped
+        if self.chain.len() > max_chain_links {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "a chain of {} links exceeds the server's limit of {max_chain_links} \
+                     (Welcome.max_chain_links)",
+                    self.chain.len()
+                ),
+            );
+        }
+        if self.draft.is_none() && !self.chain.is_empty() {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                "a Verify without a draft cannot carry a chain".into(),
+            );
+        }
+        let drafts: Vec<&Draft> = self
+            .draft
             .iter()
-            .chain(&drafted)
+            .chain(self.chain.iter().map(|l| &l.draft))
+            .collect();
+        let skipped = std::iter::once(&self.skipped).chain(self.chain.iter().map(|l| &l.skipped));
+        if let Some(t) = skipped
+            .flatten()
+            .chain(drafts.iter().map(|d| &d.token))
             .find(|&&t| t as usize >= vocab)
         {
             return refuse(
@@ -270,37 +336,43 @@ impl Verify {
                 ),
             );
         }
-        if self.position as usize >= max_context_tokens {
+        let last = self.positions().and_then(|p| p.last().copied());
+        if last.is_none_or(|p| p as usize >= max_context_tokens) {
             return refuse(
                 ErrorCode::ContextTooLong,
                 format!(
-                    "position {} reaches the context limit of {max_context_tokens}",
-                    self.position
+                    "the Verify at position {} with {} chained links reaches the context limit \
+                     of {max_context_tokens}",
+                    self.position,
+                    self.chain.len()
                 ),
             );
         }
-        match &self.draft {
-            None => Ok(None),
-            Some(d) => match crate::codec::decode(&d.q, Some(vocab)) {
-                // Refused before the model runs: the draft cannot have been sampled from `q`.
-                Ok(q) if q[d.token as usize] <= 0.0 => refuse(
-                    ErrorCode::InvalidRequest,
-                    format!(
-                        "the draft token {} has no probability in the draft distribution",
-                        d.token
-                    ),
-                ),
-                Ok(q) => Ok(Some(q)),
-                Err(e) => refuse(
-                    ErrorCode::InvalidRequest,
-                    format!("cannot decode the draft distribution: {e}"),
-                ),
-            },
+        if drafts.is_empty() {
+            return Ok(vec![None]);
         }
+        let bad =
+            |message: String| ErrorMessage::for_seq(ErrorCode::InvalidRequest, message, self.seq);
+        drafts
+            .into_iter()
+            .map(|d| match crate::codec::decode(&d.q, Some(vocab)) {
+                // Refused before the model runs: the draft cannot have been sampled from `q`.
+                Ok(q) if q[d.token as usize] <= 0.0 => Err(bad(format!(
+                    "the draft token {} has no probability in the draft distribution",
+                    d.token
+                ))),
+                Ok(q) => Ok(Some(q)),
+                Err(e) => Err(bad(format!("cannot decode the draft distribution: {e}"))),
+            })
+            .collect()
     }
 }
 
-/// The token at `Verify.position`; the server's context is now `position + 1` tokens long.
+/// The answer to a `Verify`: its positions decided in order up to the first rejection.
+///
+/// Link `n = accepted_links.len()` is the one `token` decides (0: `Verify.position`); every
+/// draft before it was accepted and stands. The server's context is now `positions[n] + 1`
+/// tokens long, and the device drops what it drafted after link `n`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub seq: u32,
@@ -312,6 +384,23 @@ pub struct Verdict {
     pub beta: f32,
     /// Total-variation distance between the server's `p` and the decoded `q`; 0 without draft.
     pub tv_distance: f32,
+    /// The chain links accepted before the one `token` decides, in order (empty for a
+    /// single-position `Verify`, or when its first draft was rejected).
+    pub accepted_links: Vec<Acceptance>,
+}
+
+/// How an accepted draft of a chain compared with the server's distribution.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Acceptance {
+    pub beta: f32,
+    pub tv_distance: f32,
+}
+
+impl Verdict {
+    /// Which link of its `Verify` this verdict's token decides.
+    pub fn link(&self) -> usize {
+        self.accepted_links.len()
+    }
 }
 
 /// Replaces the session's context with these token ids (prompt and every committed token).

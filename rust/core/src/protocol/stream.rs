@@ -7,8 +7,8 @@
 //! itself fed to the machine (errors are legal at any point of an open stream).
 //!
 //! The session machine also tracks the server's context length, so `Verify.position` is checked
-//! in one place: the server's context grows by `skipped.len() + 1` per `Verdict` and by the
-//! length of each `Tokens`, is replaced by `Started`, and is untouched by a request answered with
+//! in one place: a `Verdict` makes it one past the position its token decides (the first, or
+//! with a chain the first rejected or the last link's), it grows by the length of each `Tokens`, is replaced by `Started`, and is untouched by a request answered with
 //! an `Error`.
 //!
 //! `Cancel` is the one message whose effect depends on timing: the device may send it while the
@@ -112,16 +112,16 @@ pub struct SessionStream {
     vocab: Option<usize>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Pending {
     None,
     /// `Started` must report this many tokens and no rendering.
     Tokens(u32),
     /// `Started` must carry the rendered prompt.
     Chat,
-    /// `Verdict` makes the context `position + 1` long.
+    /// `Verdict` for link `n` makes the context `positions[n] + 1` long.
     Verify {
-        position: u32,
+        positions: Vec<u32>,
     },
     /// `Tokens` may still bring this many tokens.
     Generate {
@@ -214,13 +214,15 @@ impl SessionStream {
                 if v.base_len() != self.context_len {
                     return Err(ErrorCode::PositionMismatch);
                 }
-                // Keeps the `Verdict`'s `position + 1` representable.
-                if v.position == u32::MAX {
-                    return Err(ErrorCode::ContextTooLong);
+                if v.draft.is_none() && !v.chain.is_empty() {
+                    return Err(ErrorCode::InvalidRequest);
                 }
-                self.pending = Pending::Verify {
-                    position: v.position,
+                // Keeps every `Verdict`'s `position + 1` representable.
+                let positions = match v.positions() {
+                    Some(p) if p.last() != Some(&u32::MAX) => p,
+                    _ => return Err(ErrorCode::ContextTooLong),
                 };
+                self.pending = Pending::Verify { positions };
                 self.finished_generate = None;
                 self.phase = Verifying { seq: v.seq };
             }
@@ -255,9 +257,10 @@ impl SessionStream {
                 self.finished_generate = None;
             }
             (Generating { seq, .. }, Side::Server, Message::Tokens(t)) => {
-                let Pending::Generate { remaining } = self.pending else {
+                let Pending::Generate { remaining } = &self.pending else {
                     return unexpected;
                 };
+                let remaining = *remaining;
                 if t.seq != seq {
                     return unexpected;
                 }
@@ -275,9 +278,10 @@ impl SessionStream {
                 };
             }
             (Generating { seq, cancel_sent }, Side::Server, Message::Finished(f)) => {
-                let Pending::Generate { remaining } = self.pending else {
+                let Pending::Generate { remaining } = &self.pending else {
                     return unexpected;
                 };
+                let remaining = *remaining;
                 if f.seq != seq {
                     return unexpected;
                 }
@@ -296,8 +300,8 @@ impl SessionStream {
             }
             (Starting | Resyncing, Side::Server, Message::Started(s)) => {
                 let consistent = Some(s.session_id) == self.session_id
-                    && match (self.pending, &s.rendered) {
-                        (Pending::Tokens(n), None) => n == s.context_len,
+                    && match (&self.pending, &s.rendered) {
+                        (Pending::Tokens(n), None) => *n == s.context_len,
                         (Pending::Chat, Some(r)) => token_count(r.len()) == Ok(s.context_len),
                         _ => false,
                     };
@@ -309,13 +313,18 @@ impl SessionStream {
                 self.phase = Ready;
             }
             (Verifying { seq }, Side::Server, Message::Verdict(v)) => {
-                let Pending::Verify { position } = self.pending else {
+                let Pending::Verify { positions } = &self.pending else {
                     return unexpected;
                 };
                 if v.seq != seq {
                     return unexpected;
                 }
-                if !self.in_vocab(&[v.token]) {
+                // Decides a link the request had, and stops only at a rejection or the end.
+                let n = v.link();
+                let Some(&position) = positions.get(n) else {
+                    return Err(ErrorCode::InvalidRequest);
+                };
+                if (v.accepted && n + 1 < positions.len()) || !self.in_vocab(&[v.token]) {
                     return Err(ErrorCode::InvalidRequest);
                 }
                 self.context_len = Some(position + 1);

@@ -24,6 +24,7 @@ pub fn samples() -> Vec<Message> {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_context_tokens: 8192,
             max_generate_tokens: 4096,
+            max_chain_links: 16,
         }
         .into(),
         ErrorMessage::for_seq(ErrorCode::NeedResync, "context evicted", 41).into(),
@@ -71,6 +72,24 @@ pub fn samples() -> Vec<Message> {
                 q: (0..=255).collect(),
             }),
             uncertainty: 0.125,
+            chain: vec![
+                Link {
+                    skipped: vec![],
+                    draft: Draft {
+                        token: 8,
+                        q: vec![1, 2],
+                    },
+                    uncertainty: 0.5,
+                },
+                Link {
+                    skipped: vec![9, 10],
+                    draft: Draft {
+                        token: 11,
+                        q: vec![3],
+                    },
+                    uncertainty: 1.0,
+                },
+            ],
         }
         .into(),
         Verify {
@@ -79,6 +98,7 @@ pub fn samples() -> Vec<Message> {
             skipped: vec![],
             draft: None,
             uncertainty: f32::NAN,
+            chain: vec![],
         }
         .into(),
         Verdict {
@@ -87,6 +107,10 @@ pub fn samples() -> Vec<Message> {
             accepted: true,
             beta: 0.0,
             tv_distance: 0.3,
+            accepted_links: vec![Acceptance {
+                beta: 0.1,
+                tv_distance: 0.2,
+            }],
         }
         .into(),
         Resync {
@@ -178,15 +202,17 @@ pub fn message() -> impl Strategy<Value = Message> {
             text(),
             any::<u32>(),
             any::<u32>(),
+            any::<u32>(),
             any::<u32>()
         )
-            .prop_map(|(v, s, f, c, g)| {
+            .prop_map(|(v, s, f, c, g, l)| {
                 Message::from(Welcome {
                     protocol_version: v,
                     server: s,
                     max_frame_bytes: f,
                     max_context_tokens: c,
                     max_generate_tokens: g,
+                    max_chain_links: l,
                 })
             }),
         (error_code(), text(), any::<Option<u32>>()).prop_map(|(code, message, seq)| {
@@ -219,15 +245,32 @@ pub fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             tokens(),
             proptest::option::of((any::<u32>(), vec(any::<u8>(), 0..64))),
-            any::<f32>()
+            any::<f32>(),
+            vec(
+                (
+                    tokens(),
+                    any::<u32>(),
+                    vec(any::<u8>(), 0..16),
+                    any::<f32>()
+                ),
+                0..4
+            )
         )
-            .prop_map(|(seq, position, skipped, draft, uncertainty)| {
+            .prop_map(|(seq, position, skipped, draft, uncertainty, chain)| {
                 Message::from(Verify {
                     seq,
                     position,
                     skipped,
                     draft: draft.map(|(token, q)| Draft { token, q }),
                     uncertainty,
+                    chain: chain
+                        .into_iter()
+                        .map(|(skipped, token, q, uncertainty)| Link {
+                            skipped,
+                            draft: Draft { token, q },
+                            uncertainty,
+                        })
+                        .collect(),
                 })
             }),
         (
@@ -235,15 +278,20 @@ pub fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<bool>(),
             any::<f32>(),
-            any::<f32>()
+            any::<f32>(),
+            vec((any::<f32>(), any::<f32>()), 0..4)
         )
-            .prop_map(|(seq, token, accepted, beta, tv_distance)| {
+            .prop_map(|(seq, token, accepted, beta, tv_distance, links)| {
                 Message::from(Verdict {
                     seq,
                     token,
                     accepted,
                     beta,
                     tv_distance,
+                    accepted_links: links
+                        .into_iter()
+                        .map(|(beta, tv_distance)| Acceptance { beta, tv_distance })
+                        .collect(),
                 })
             }),
         tokens().prop_map(|context| Message::from(Resync { context })),
