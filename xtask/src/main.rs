@@ -70,8 +70,8 @@ enum Task {
     /// The device crates on aarch64 (the phones' CPU: candle's NEON kernels) under qemu-user,
     /// with Debian's cross linker (installs both, and the rustup target, when missing): all of
     /// uhlm-core's tests, the runtime's unit tests, SmolLM2 against its x86-64 record, the SDK's
-    /// unit tests; then the FFI crate type-checked for Android and iOS where those targets can be
-    /// had (part of `test`).
+    /// unit tests (part of `test`); then, here only, the FFI crate type-checked for Android and
+    /// iOS where those targets can be had.
     TestAarch64 {
         /// Also the toy-model and real-model runtime suites (about 25 minutes under qemu).
         #[arg(long)]
@@ -100,7 +100,7 @@ fn main() -> Result<()> {
         Task::CheckCoreDeps => check_core_deps(),
         Task::Bindgen { check } => bindings::bindgen(check),
         Task::TestBindings => test_bindings().map(drop),
-        Task::TestAarch64 { full } => test_aarch64(full),
+        Task::TestAarch64 { full } => test_aarch64(full).and_then(|()| check_phone_targets()),
         Task::TestDemo => test_demo(),
         Task::DemoDesktop => demo::demo_desktop(),
         Task::Android => bindings::android(),
@@ -253,22 +253,13 @@ fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
 fn test() -> Result<()> {
     ensure_debian_packages()?;
     run("cargo", &["fmt", "--all", "--check"])?;
-    run(
-        "cargo",
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
     check_core_deps()?;
+    let lints = LintedBuilds::enable()?;
+    // Built with the whole workspace's features, so `cargo test` reuses every artifact, and
+    // linted as `cargo clippy --workspace --all-targets -- -D warnings` would.
+    run("cargo", &["build", "--workspace", "--all-targets"])?;
     // The real-model tests need the default weights: fetch them (idempotent, sha256-checked)
     // and make a missing model a failure rather than a skip.
-    // Built with the whole workspace's features, so `cargo test` reuses every artifact.
-    run("cargo", &["build", "--workspace", "--all-targets"])?;
     let fetch = bindings::target_dir().join("debug/examples/fetch_models");
     run(&fetch.to_string_lossy(), &[])?;
     run_with_env(
@@ -278,9 +269,60 @@ fn test() -> Result<()> {
     )?;
     // The demo's UI test runs on the library the binding tests just built.
     demo::test_demo(&test_bindings()?)?;
-    fuzz(FUZZ_CI_SECONDS, &[])?;
     soak::soak(soak::SoakArgs::short())?;
+    // Other toolchains and targets from here on.
+    drop(lints);
+    fuzz(FUZZ_CI_SECONDS, &[])?;
     test_aarch64(false)
+}
+
+/// Clippy inside the workspace's one dev build: `clippy-driver` as the rustc wrapper of the
+/// workspace's own crates, which is how `cargo clippy` runs it, but with code generation, so
+/// that the dependencies are compiled once instead of checked for clippy and then built again
+/// (about a third of a cold CI run's compiling). Every later host build of `test` runs under
+/// the same settings, so it reuses those artifacts. `CLIPPY_ARGS` is how `cargo clippy` passes
+/// `-- -D warnings` to the driver.
+struct LintedBuilds;
+
+const LINT_VARS: [&str; 2] = ["RUSTC_WORKSPACE_WRAPPER", "CLIPPY_ARGS"];
+
+impl LintedBuilds {
+    fn enable() -> Result<Self> {
+        let out = Command::new("rustup")
+            .args(["which", "clippy-driver"])
+            .output()
+            .context("cannot run rustup")?;
+        if !out.status.success() {
+            run("rustup", &["component", "add", "clippy"])?;
+        }
+        let out = Command::new("rustup")
+            .args(["which", "clippy-driver"])
+            .output()
+            .context("cannot run rustup")?;
+        let driver = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || driver.is_empty() {
+            bail!("rustup has no clippy-driver for this toolchain");
+        }
+        println!("\n==> linting every workspace build with {driver} -D warnings");
+        // SAFETY: `test` runs on the main thread before it starts any other thread.
+        unsafe {
+            std::env::set_var(LINT_VARS[0], driver);
+            std::env::set_var(
+                LINT_VARS[1],
+                "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__",
+            );
+        }
+        Ok(Self)
+    }
+}
+
+impl Drop for LintedBuilds {
+    fn drop(&mut self) {
+        for var in LINT_VARS {
+            // SAFETY: as in `enable`, no other thread runs.
+            unsafe { std::env::remove_var(var) };
+        }
+    }
 }
 
 /// Seconds `test` fuzzes each target for: a bounded regression run over the kept seeds and
@@ -453,8 +495,7 @@ fn test_aarch64(full: bool) -> Result<()> {
     cargo(&model)?;
     // The SDK's own tests talk to a server on the host's CPU; here it is built and its unit
     // tests run.
-    cargo(&["test", "-p", "uhlm-sdk", "--lib"])?;
-    check_phone_targets()
+    cargo(&["test", "-p", "uhlm-sdk", "--lib"])
 }
 
 /// Type-checks the FFI crate as a phone links it (no `desktop` feature) for each of

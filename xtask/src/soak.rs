@@ -226,22 +226,26 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let out = root().join(&args.out);
     std::fs::create_dir_all(&out)?;
     let profile = if args.dev_build { "debug" } else { "release" };
-    // `--bin` applies to every package named: both binaries are named.
-    let mut build = vec![
-        "build",
-        "-p",
-        "uhlm-cli",
-        "-p",
-        "uhlm-linkemu",
-        "--bin",
-        "uhlm",
-        "--bin",
-        "uhlm-linkemu",
-    ];
-    if !args.dev_build {
-        build.push("--release");
-    }
-    crate::run("cargo", &build)?;
+    // The dev build is the whole workspace's (what `cargo xtask test` has just built, with the
+    // same features, so nothing is rebuilt); `--bin` applies to every package named: both
+    // binaries are named.
+    let build: &[&str] = if args.dev_build {
+        &["build", "--workspace", "--all-targets"]
+    } else {
+        &[
+            "build",
+            "--release",
+            "-p",
+            "uhlm-cli",
+            "-p",
+            "uhlm-linkemu",
+            "--bin",
+            "uhlm",
+            "--bin",
+            "uhlm-linkemu",
+        ]
+    };
+    crate::run("cargo", build)?;
     let bin = crate::bindings::target_dir().join(profile);
     let uhlm = bin.join("uhlm").to_string_lossy().into_owned();
     let linkemu = bin.join("uhlm-linkemu").to_string_lossy().into_owned();

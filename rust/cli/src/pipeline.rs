@@ -38,6 +38,13 @@ pub struct PipelineArgs {
     threshold: f32,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// CPU threads of the device's SLM and of the server's kernels: one each by default, so
+    /// that on one machine the phone and the server compute side by side as on two (the
+    /// pipelined device drafts while the server verifies).
+    #[arg(long, default_value_t = 1)]
+    device_threads: usize,
+    #[arg(long, default_value_t = 1)]
+    server_threads: usize,
     /// Where `pipeline.json` goes.
     #[arg(long, default_value = "bench-pipeline")]
     out: PathBuf,
@@ -74,12 +81,17 @@ pub fn run(args: PipelineArgs) -> Result<()> {
         prompts: args.link_prompts,
         max_tokens: args.link_tokens,
         seed: args.seed,
+        device_threads: Some(args.device_threads),
         ..MeasureOptions::default()
     };
     options.link_profiles()?;
     let exe = std::env::current_exe().context("locating the uhlm executable")?;
     let mut serve = std::process::Command::new(exe);
-    serve.arg("serve");
+    serve.args([
+        "serve",
+        "--kernel-threads",
+        &args.server_threads.to_string(),
+    ]);
     eprintln!("starting the server on {}", llm.display());
     let server = ServerProcess::spawn(serve, &llm)?;
     let sequential = [

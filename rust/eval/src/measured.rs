@@ -46,6 +46,9 @@ pub struct MeasureOptions {
     /// one draft at a time, as the papers' systems run).
     #[serde(default)]
     pub max_lookahead: Option<usize>,
+    /// CPU threads for the device's SLM (`None`: candle's default, every core).
+    #[serde(default)]
+    pub device_threads: Option<usize>,
 }
 
 impl Default for MeasureOptions {
@@ -59,6 +62,7 @@ impl Default for MeasureOptions {
             connect_timeout_ms: 30_000,
             seed: 7,
             max_lookahead: None,
+            device_threads: None,
         }
     }
 }
@@ -326,6 +330,7 @@ fn engine_config(
     EngineConfig {
         connect_timeout_ms: options.connect_timeout_ms,
         max_lookahead: options.max_lookahead.unwrap_or(base.max_lookahead),
+        threads: options.device_threads.or(base.threads),
         ..base
     }
 }
