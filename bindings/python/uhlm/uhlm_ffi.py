@@ -2170,7 +2170,7 @@ class EngineConfig:
     What a [`HybridEngine`](crate::HybridEngine) is built from. Every `None` means "the SDK's
     default" (see [`sdk::EngineConfig`] for each field's meaning).
 """
-    def __init__(self, *, slm_path:str, server:typing.Optional[str] = _DEFAULT, pin:typing.Optional[str] = _DEFAULT, api_key:str = "", mode:typing.Optional[Mode] = _DEFAULT, uncertainty:typing.Optional[Uncertainty] = _DEFAULT, policy:typing.Optional[PolicyConfig] = _DEFAULT, calibration_path:typing.Optional[str] = _DEFAULT, codec:typing.Optional[str] = _DEFAULT, threads:typing.Optional[int] = _DEFAULT, connect_timeout_ms:typing.Optional[int] = _DEFAULT, request_timeout_ms:typing.Optional[int] = _DEFAULT, keep_alive_ms:typing.Optional[int] = _DEFAULT, idle_timeout_ms:typing.Optional[int] = _DEFAULT, reconnect_backoff_ms:typing.Optional[int] = _DEFAULT, reconnect_backoff_max_ms:typing.Optional[int] = _DEFAULT, client_name:typing.Optional[str] = _DEFAULT):
+    def __init__(self, *, slm_path:str, server:typing.Optional[str] = _DEFAULT, pin:typing.Optional[str] = _DEFAULT, api_key:str = "", mode:typing.Optional[Mode] = _DEFAULT, uncertainty:typing.Optional[Uncertainty] = _DEFAULT, policy:typing.Optional[PolicyConfig] = _DEFAULT, calibration_path:typing.Optional[str] = _DEFAULT, codec:typing.Optional[str] = _DEFAULT, threads:typing.Optional[int] = _DEFAULT, connect_timeout_ms:typing.Optional[int] = _DEFAULT, request_timeout_ms:typing.Optional[int] = _DEFAULT, keep_alive_ms:typing.Optional[int] = _DEFAULT, idle_timeout_ms:typing.Optional[int] = _DEFAULT, reconnect_backoff_ms:typing.Optional[int] = _DEFAULT, reconnect_backoff_max_ms:typing.Optional[int] = _DEFAULT, client_name:typing.Optional[str] = _DEFAULT, max_lookahead:typing.Optional[int] = _DEFAULT):
         self.slm_path = slm_path
         if server is _DEFAULT:
             self.server = None
@@ -2233,12 +2233,16 @@ class EngineConfig:
             self.client_name = None
         else:
             self.client_name = client_name
+        if max_lookahead is _DEFAULT:
+            self.max_lookahead = None
+        else:
+            self.max_lookahead = max_lookahead
         
         
 
     
     def __str__(self):
-        return "EngineConfig(slm_path={}, server={}, pin={}, api_key={}, mode={}, uncertainty={}, policy={}, calibration_path={}, codec={}, threads={}, connect_timeout_ms={}, request_timeout_ms={}, keep_alive_ms={}, idle_timeout_ms={}, reconnect_backoff_ms={}, reconnect_backoff_max_ms={}, client_name={})".format(self.slm_path, self.server, self.pin, self.api_key, self.mode, self.uncertainty, self.policy, self.calibration_path, self.codec, self.threads, self.connect_timeout_ms, self.request_timeout_ms, self.keep_alive_ms, self.idle_timeout_ms, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms, self.client_name)
+        return "EngineConfig(slm_path={}, server={}, pin={}, api_key={}, mode={}, uncertainty={}, policy={}, calibration_path={}, codec={}, threads={}, connect_timeout_ms={}, request_timeout_ms={}, keep_alive_ms={}, idle_timeout_ms={}, reconnect_backoff_ms={}, reconnect_backoff_max_ms={}, client_name={}, max_lookahead={})".format(self.slm_path, self.server, self.pin, self.api_key, self.mode, self.uncertainty, self.policy, self.calibration_path, self.codec, self.threads, self.connect_timeout_ms, self.request_timeout_ms, self.keep_alive_ms, self.idle_timeout_ms, self.reconnect_backoff_ms, self.reconnect_backoff_max_ms, self.client_name, self.max_lookahead)
     def __eq__(self, other):
         if self.slm_path != other.slm_path:
             return False
@@ -2274,6 +2278,8 @@ class EngineConfig:
             return False
         if self.client_name != other.client_name:
             return False
+        if self.max_lookahead != other.max_lookahead:
+            return False
         return True
 
 class _UniffiFfiConverterTypeEngineConfig(_UniffiConverterRustBuffer):
@@ -2297,6 +2303,7 @@ class _UniffiFfiConverterTypeEngineConfig(_UniffiConverterRustBuffer):
             reconnect_backoff_ms=_UniffiFfiConverterOptionalUInt64.read(buf),
             reconnect_backoff_max_ms=_UniffiFfiConverterOptionalUInt64.read(buf),
             client_name=_UniffiFfiConverterOptionalString.read(buf),
+            max_lookahead=_UniffiFfiConverterOptionalUInt32.read(buf),
         )
 
     @staticmethod
@@ -2318,6 +2325,7 @@ class _UniffiFfiConverterTypeEngineConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterOptionalUInt64.check_lower(value.reconnect_backoff_ms)
         _UniffiFfiConverterOptionalUInt64.check_lower(value.reconnect_backoff_max_ms)
         _UniffiFfiConverterOptionalString.check_lower(value.client_name)
+        _UniffiFfiConverterOptionalUInt32.check_lower(value.max_lookahead)
 
     @staticmethod
     def write(value, buf):
@@ -2338,6 +2346,7 @@ class _UniffiFfiConverterTypeEngineConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterOptionalUInt64.write(value.reconnect_backoff_ms, buf)
         _UniffiFfiConverterOptionalUInt64.write(value.reconnect_backoff_max_ms, buf)
         _UniffiFfiConverterOptionalString.write(value.client_name, buf)
+        _UniffiFfiConverterOptionalUInt32.write(value.max_lookahead, buf)
 
 class _UniffiFfiConverterFloat64(_UniffiConverterPrimitiveFloat):
     @staticmethod

@@ -211,6 +211,10 @@ pub struct EngineConfig {
     pub reconnect_backoff_max_ms: Option<u64>,
     #[uniffi(default = None)]
     pub client_name: Option<String>,
+    /// Most tokens drafted ahead while drafts are being verified; 0 turns pipelining off (one
+    /// draft at a time, the device idle while it is verified).
+    #[uniffi(default = None)]
+    pub max_lookahead: Option<u32>,
 }
 
 impl TryFrom<EngineConfig> for sdk::EngineConfig {
@@ -245,7 +249,9 @@ impl TryFrom<EngineConfig> for sdk::EngineConfig {
                 .reconnect_backoff_max_ms
                 .unwrap_or(d.reconnect_backoff_max_ms),
             client_name: c.client_name.unwrap_or(d.client_name),
-            max_lookahead: d.max_lookahead,
+            max_lookahead: c
+                .max_lookahead
+                .map_or(d.max_lookahead, |n| n as usize),
         })
     }
 }
@@ -326,6 +332,7 @@ mod tests {
             reconnect_backoff_ms: None,
             reconnect_backoff_max_ms: None,
             client_name: None,
+            max_lookahead: None,
         }
     }
 
@@ -347,6 +354,7 @@ mod tests {
             codec: Some("topk:8".into()),
             uncertainty: Some(Uncertainty::Entropy),
             request_timeout_ms: Some(77),
+            max_lookahead: Some(0),
             ..minimal()
         })
         .unwrap();
@@ -355,6 +363,7 @@ mod tests {
         assert_eq!(c.codec, "topk:8".parse().unwrap());
         assert_eq!(c.uncertainty, sdk::UncertaintyKind::Entropy);
         assert_eq!(c.request_timeout_ms, 77);
+        assert_eq!(c.max_lookahead, 0);
     }
 
     #[test]

@@ -1720,6 +1720,11 @@ public struct EngineConfig: Equatable, Hashable {
     public var reconnectBackoffMs: UInt64?
     public var reconnectBackoffMaxMs: UInt64?
     public var clientName: String?
+    /**
+     * Most tokens drafted ahead while drafts are being verified; 0 turns pipelining off (one
+     * draft at a time, the device idle while it is verified).
+     */
+    public var maxLookahead: UInt32?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1738,7 +1743,11 @@ public struct EngineConfig: Equatable, Hashable {
          */calibrationPath: String? = nil, 
         /**
          * Uplink codec in the CLI spelling, e.g. `topk:32` or `dense-f16`.
-         */codec: String? = nil, threads: UInt32? = nil, connectTimeoutMs: UInt64? = nil, requestTimeoutMs: UInt64? = nil, keepAliveMs: UInt64? = nil, idleTimeoutMs: UInt64? = nil, reconnectBackoffMs: UInt64? = nil, reconnectBackoffMaxMs: UInt64? = nil, clientName: String? = nil) {
+         */codec: String? = nil, threads: UInt32? = nil, connectTimeoutMs: UInt64? = nil, requestTimeoutMs: UInt64? = nil, keepAliveMs: UInt64? = nil, idleTimeoutMs: UInt64? = nil, reconnectBackoffMs: UInt64? = nil, reconnectBackoffMaxMs: UInt64? = nil, clientName: String? = nil, 
+        /**
+         * Most tokens drafted ahead while drafts are being verified; 0 turns pipelining off (one
+         * draft at a time, the device idle while it is verified).
+         */maxLookahead: UInt32? = nil) {
         self.slmPath = slmPath
         self.server = server
         self.pin = pin
@@ -1756,6 +1765,7 @@ public struct EngineConfig: Equatable, Hashable {
         self.reconnectBackoffMs = reconnectBackoffMs
         self.reconnectBackoffMaxMs = reconnectBackoffMaxMs
         self.clientName = clientName
+        self.maxLookahead = maxLookahead
     }
 
     
@@ -1790,7 +1800,8 @@ public struct FfiConverterTypeEngineConfig: FfiConverterRustBuffer {
                 idleTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 reconnectBackoffMs: FfiConverterOptionUInt64.read(from: &buf), 
                 reconnectBackoffMaxMs: FfiConverterOptionUInt64.read(from: &buf), 
-                clientName: FfiConverterOptionString.read(from: &buf)
+                clientName: FfiConverterOptionString.read(from: &buf), 
+                maxLookahead: FfiConverterOptionUInt32.read(from: &buf)
         )
     }
 
@@ -1812,6 +1823,7 @@ public struct FfiConverterTypeEngineConfig: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.reconnectBackoffMs, into: &buf)
         FfiConverterOptionUInt64.write(value.reconnectBackoffMaxMs, into: &buf)
         FfiConverterOptionString.write(value.clientName, into: &buf)
+        FfiConverterOptionUInt32.write(value.maxLookahead, into: &buf)
     }
 }
 

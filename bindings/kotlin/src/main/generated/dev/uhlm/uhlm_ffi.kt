@@ -3079,6 +3079,12 @@ data class EngineConfig (
     var `reconnectBackoffMaxMs`: kotlin.ULong? = null 
     , 
     var `clientName`: kotlin.String? = null 
+    , 
+    /**
+     * Most tokens drafted ahead while drafts are being verified; 0 turns pipelining off (one
+     * draft at a time, the device idle while it is verified).
+     */
+    var `maxLookahead`: kotlin.UInt? = null 
     
 ){
     
@@ -3112,6 +3118,7 @@ public object FfiConverterTypeEngineConfig: FfiConverterRustBuffer<EngineConfig>
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalUInt.read(buf),
         )
     }
 
@@ -3132,7 +3139,8 @@ public object FfiConverterTypeEngineConfig: FfiConverterRustBuffer<EngineConfig>
             FfiConverterOptionalULong.allocationSize(value.`idleTimeoutMs`) +
             FfiConverterOptionalULong.allocationSize(value.`reconnectBackoffMs`) +
             FfiConverterOptionalULong.allocationSize(value.`reconnectBackoffMaxMs`) +
-            FfiConverterOptionalString.allocationSize(value.`clientName`)
+            FfiConverterOptionalString.allocationSize(value.`clientName`) +
+            FfiConverterOptionalUInt.allocationSize(value.`maxLookahead`)
     )
 
     override fun write(value: EngineConfig, buf: ByteBuffer) {
@@ -3153,6 +3161,7 @@ public object FfiConverterTypeEngineConfig: FfiConverterRustBuffer<EngineConfig>
             FfiConverterOptionalULong.write(value.`reconnectBackoffMs`, buf)
             FfiConverterOptionalULong.write(value.`reconnectBackoffMaxMs`, buf)
             FfiConverterOptionalString.write(value.`clientName`, buf)
+            FfiConverterOptionalUInt.write(value.`maxLookahead`, buf)
     }
 }
 
