@@ -51,20 +51,9 @@ fn a_killed_server_degrades_to_offline_and_a_restarted_one_is_used_again() {
     assert_eq!(rec.token_ids(), summary.token_ids);
     // Verified up to the kill (a chain's verdict may settle a few more tokens after the one
     // that triggered it), then only offline tokens.
-    let verified = summary
-        .sources
-        .iter()
-        .take_while(|s| matches!(s, TokenSource::Accepted | TokenSource::Resampled))
-        .count();
+    let verified = e2e_common::verified_then_offline(&summary.sources);
     assert!(
         verified >= KILL_AFTER && verified < MAX_TOKENS as usize,
-        "{:?}",
-        summary.sources
-    );
-    assert!(
-        summary.sources[verified..]
-            .iter()
-            .all(|s| *s == TokenSource::Offline),
         "{:?}",
         summary.sources
     );
@@ -172,11 +161,13 @@ fn cancel_stops_at_once_and_releases_the_server_session() {
 #[test]
 fn a_reconnect_mid_generation_checks_only_the_tokens_left() {
     let mut server = ServerProc::start();
-    let engine = HybridEngine::new(server.engine_config(
-        Mode::Hlm,
-        Codec::default(),
-        PolicyConfig::send_all(),
-    ))
+    // One draft at a time: a pipelined device drafts ahead while the dead link times out and
+    // may finish the 16 tokens offline before it reconnects (a lost chain is tested in
+    // e2e_pipeline); this test is about what a reconnect checks.
+    let engine = HybridEngine::new(EngineConfig {
+        max_lookahead: 0,
+        ..server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all())
+    })
     .unwrap();
     let prompt = engine
         .tokenize_prompt(&Prompt::Text(PROMPT.into()), false)

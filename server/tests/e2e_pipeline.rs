@@ -298,18 +298,7 @@ fn a_server_lost_mid_chain_leaves_its_drafts_unverified_and_nothing_lost() {
     assert_eq!(listener.tokens.token_ids(), summary.token_ids);
     assert_eq!(listener.tokens.sources(), summary.sources);
     // Verified up to the chain that was lost, then on the device.
-    let verified = summary
-        .sources
-        .iter()
-        .take_while(|s| matches!(s, TokenSource::Accepted | TokenSource::Resampled))
-        .count();
-    assert!(
-        summary.sources[verified..]
-            .iter()
-            .all(|s| *s == TokenSource::Offline),
-        "{:?}",
-        summary.sources
-    );
+    e2e_common::verified_then_offline(&summary.sources);
     // The lost chain's drafts are the first offline tokens.
     assert!(summary.stats.offline >= 1, "{:?}", summary.stats);
     if summary.stop != StopReason::Eos {

@@ -265,6 +265,22 @@ pub fn llm_greedy(prompt: &[u32], max_tokens: u32) -> Vec<u32> {
     .tokens
 }
 
+/// How many leading tokens of a generation the server verified; every later one must be
+/// `Offline` (the link was lost for good).
+pub fn verified_then_offline(sources: &[TokenSource]) -> usize {
+    let verified = sources
+        .iter()
+        .take_while(|s| matches!(s, TokenSource::Accepted | TokenSource::Resampled))
+        .count();
+    assert!(
+        sources[verified..]
+            .iter()
+            .all(|s| *s == TokenSource::Offline),
+        "{sources:?}"
+    );
+    verified
+}
+
 /// Runs on every token a [`Recorder`] sees (a test's way to act mid-generation).
 pub type TokenHook = Box<dyn Fn(&TokenEvent) + Send + Sync>;
 
