@@ -249,9 +249,7 @@ impl TryFrom<EngineConfig> for sdk::EngineConfig {
                 .reconnect_backoff_max_ms
                 .unwrap_or(d.reconnect_backoff_max_ms),
             client_name: c.client_name.unwrap_or(d.client_name),
-            max_lookahead: c
-                .max_lookahead
-                .map_or(d.max_lookahead, |n| n as usize),
+            max_lookahead: c.max_lookahead.map_or(d.max_lookahead, |n| n as usize),
         })
     }
 }
