@@ -125,7 +125,7 @@ fuzz_target!(|input: Input| {
     let total: f32 = p.iter().sum();
     p.iter_mut().for_each(|x| *x /= total);
     let mut rng = ChaCha8Rng::seed_from_u64(input.seed);
-    let drafts = v.draft.iter().chain(v.chain.iter().map(|l| &l.draft));
+    let drafts = v.drafts();
     if v.draft.is_none() {
         assert_eq!(q, [None], "no draft, no chain, no distribution");
     }

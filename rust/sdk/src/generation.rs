@@ -616,7 +616,13 @@ impl Generation {
     }
 
     async fn draft(&mut self) -> Result<Drafted, SdkError> {
-        let (drafted, took) = join_draft(self.spawn_draft().await)?;
+        let joined = self.spawn_draft().await;
+        self.finish_draft(joined)
+    }
+
+    /// A draft task's result, its time counted towards the lookahead.
+    fn finish_draft(&mut self, joined: Joined<(Drafted, Duration)>) -> Result<Drafted, SdkError> {
+        let (drafted, took) = joined_model(joined)?;
         self.limit.observe_draft(took.as_secs_f64());
         Ok(drafted)
     }
@@ -641,8 +647,7 @@ impl Generation {
                     Some(r)
                 }
                 d = &mut task => {
-                    let (drafted, took) = join_draft(d)?;
-                    self.limit.observe_draft(took.as_secs_f64());
+                    let drafted = self.finish_draft(d)?;
                     self.on_drafted(drafted);
                     return Ok(None);
                 }
@@ -651,8 +656,7 @@ impl Generation {
         // The reply came first: the draft finishes, and `on_reply` keeps it unless the reply
         // rolled the window back (it followed a rejected token then).
         let before = self.rollbacks;
-        let (drafted, took) = join_draft(task.await)?;
-        self.limit.observe_draft(took.as_secs_f64());
+        let drafted = self.finish_draft(task.await)?;
         self.unapplied_draft = Some((drafted, before));
         Ok(reply)
     }
@@ -680,24 +684,14 @@ impl Generation {
             Mode::Hlm | Mode::Llm => Decision::Send { probe: false },
             Mode::Uhlm => lock(&self.inner.policy).decide(draft.uncertainty),
         };
-        let uplink = match (decision, draft.q) {
-            (Decision::Send { .. }, Some(q)) => Some(Uplink {
-                draft: protocol::Draft {
-                    token: draft.token,
-                    q,
-                },
-                uncertainty: draft.uncertainty,
-            }),
-            // A mode that sends no distribution (LLM-only, offline here) keeps its draft.
-            (Decision::Send { .. }, None) => Some(Uplink {
-                draft: protocol::Draft {
-                    token: draft.token,
-                    q: Vec::new(),
-                },
-                uncertainty: draft.uncertainty,
-            }),
-            (Decision::Skip, _) => None,
-        };
+        // A mode that sends no distribution (LLM-only, offline here) keeps its draft all the same.
+        let uplink = matches!(decision, Decision::Send { .. }).then(|| Uplink {
+            draft: protocol::Draft {
+                token: draft.token,
+                q: draft.q.unwrap_or_default(),
+            },
+            uncertainty: draft.uncertainty,
+        });
         let offline = uplink.is_some() && (self.link.is_none() || self.mode == Mode::Llm);
         let kept = Kept {
             uncertainty: draft.uncertainty,
@@ -771,12 +765,7 @@ impl Generation {
     ) -> Result<Option<StopReason>, SdkError> {
         let settled = match reply {
             Ok(m) => self.accept_reply(m).await?,
-            Err(Wait::Cancelled) => return Err(SdkError::Cancelled),
-            Err(Wait::Fatal(e)) => return Err(e),
-            Err(Wait::Link(e)) => {
-                self.lose_session(e);
-                Vec::new()
-            }
+            Err(w) => self.lost(w)?,
         };
         let verify_ms = self.last_verify.take().map(|d| d.as_secs_f64() * 1e3);
         for s in settled {
@@ -874,7 +863,8 @@ impl Generation {
         }
     }
 
-    /// A failed resync: the session is gone, its drafts stay unverified.
+    /// A failed wait (for a verdict or a resync): the session is gone, its drafts stay
+    /// unverified; only cancellation and fatal errors are returned.
     fn lost(&mut self, w: Wait) -> Result<Vec<Settled<Kept>>, SdkError> {
         match w {
             Wait::Cancelled => Err(SdkError::Cancelled),
@@ -919,21 +909,14 @@ impl Generation {
         }
     }
 
-    /// Sends `msg` on the session and waits, within the request timeout, for the server's
-    /// answer; both pass the session's state machine, and bytes and round-trip time are counted.
+    /// Sends `msg` (a `Resync`) on the session and waits, within the request timeout, for the
+    /// server's answer (`Started` comes back before any scoring); both pass the session's state
+    /// machine, and bytes and round-trip time are counted. Chains go out with `send_chain`.
     async fn round_trip(&mut self, msg: Message) -> Result<Message, Wait> {
         let Some(link) = self.link.as_mut() else {
             return Err(Wait::Link(LinkError::Down("no session".into())));
         };
-        // A Verify's answer waits for the server to score what it has not yet: a new context,
-        // and the skipped tokens it carries. (Started comes back before any scoring.)
-        let timeout = match &msg {
-            Message::Verify(v) => self
-                .inner
-                .config
-                .answer_timeout(link.unscored + v.skipped.len()),
-            _ => self.inner.config.request_timeout(),
-        };
+        let timeout = self.inner.config.request_timeout();
         link.state
             .on_message(Side::Device, &msg)
             .map_err(|c| LinkError::Protocol(format!("cannot send {}: {c}", msg.kind())))?;
@@ -947,15 +930,10 @@ impl Generation {
             &self.cancel,
         )
         .await?;
-        let rtt = t0.elapsed();
-        self.stats.record_rtt(rtt);
+        self.stats.record_rtt(t0.elapsed());
         link.state
             .on_message(Side::Server, &reply)
             .map_err(|c| LinkError::Protocol(format!("unexpected {}: {c}", reply.kind())))?;
-        if matches!(reply, Message::Verdict(_)) {
-            link.unscored = 0;
-            self.last_verify = Some(rtt);
-        }
         Ok(reply)
     }
 
@@ -1105,10 +1083,11 @@ async fn recv_until(
     recv_within(stream, downlink, timeout, cancel).await
 }
 
-/// A draft task's result.
-fn join_draft(
-    joined: Result<Result<(Drafted, Duration), SdkError>, tokio::task::JoinError>,
-) -> Result<(Drafted, Duration), SdkError> {
+/// What a blocking model task gives back when joined.
+type Joined<T> = Result<Result<T, SdkError>, tokio::task::JoinError>;
+
+/// A joined model task's result; a task that panicked is a model error.
+fn joined_model<T>(joined: Joined<T>) -> Result<T, SdkError> {
     joined.map_err(|e| SdkError::Model(format!("the model thread failed: {e}")))?
 }
 
@@ -1139,9 +1118,7 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&mut Drafter) -> Result<T, SdkError> + Send + 'static,
 ) -> Result<T, SdkError> {
     let d = drafter.clone();
-    tokio::task::spawn_blocking(move || f(&mut lock(&d)))
-        .await
-        .map_err(|e| SdkError::Model(format!("the model thread failed: {e}")))?
+    joined_model(tokio::task::spawn_blocking(move || f(&mut lock(&d))).await)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,7 +1,8 @@
 //! One forward pass for every session with work: continuous batching.
 //!
 //! Each turn the worker plans a [`Plan`]: the `Verify`s queued (each session's skipped tokens
-//! and the positions to decide: one, or a chain of drafts verified in order), one token for every running generation, and chunks of the
+//! and the positions to decide: one, or a chain of drafts verified in order), one token for
+//! every running generation, and chunks of the
 //! sessions catching up on a context, as many as fit in `max_batch` sessions and
 //! `max_batch_tokens` tokens. [`Session::score_batch`] then runs every weight matmul once over
 //! all their rows (attention per session, against its own cache), and each row's last logits
@@ -19,9 +20,7 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use uhlm_core::protocol::{
-    Acceptance, Draft, ErrorCode, ErrorMessage, FinishReason, Verdict, Verify,
-};
+use uhlm_core::protocol::{Acceptance, ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
 use uhlm_core::sampling::{probabilities_into, sample};
 use uhlm_model::{BatchItem, Outputs, Session};
 
@@ -447,18 +446,18 @@ impl Worker {
             entry.pending = tokens;
         };
         let positions = v.positions().unwrap_or_default();
-        let drafts: Vec<Option<&Draft>> = std::iter::once(v.draft.as_ref())
-            .chain(v.chain.iter().map(|l| Some(&l.draft)))
-            .collect();
+        let mut drafts = v.drafts();
         let rows = q.len().max(1);
-        if !logits.len().is_multiple_of(rows) || positions.len() != rows || drafts.len() != rows {
+        if !logits.len().is_multiple_of(rows) || positions.len() != rows {
             undo(entry, tokens);
             return Err(fail(ErrorCode::Internal, "the model returned too few rows"));
         }
         let vocab = logits.len() / rows;
         let mut accepted_links = Vec::new();
         let mut decided = None;
-        for (i, (draft, q)) in drafts.iter().zip(&q).enumerate() {
+        for (i, q) in q.iter().enumerate() {
+            // Without a draft there is one position and nothing to verify (`Verify::check`).
+            let draft = drafts.next();
             let row = &logits[i * vocab..(i + 1) * vocab];
             if !probabilities_into(row, &entry.sampling, &mut self.probs, &mut self.scratch) {
                 undo(entry, tokens);

@@ -266,6 +266,11 @@ impl Verify {
         Some(out)
     }
 
+    /// The drafts, in position order: `draft`, then each link's (none without a `draft`).
+    pub fn drafts(&self) -> impl Iterator<Item = &Draft> {
+        self.draft.iter().chain(self.chain.iter().map(|l| &l.draft))
+    }
+
     /// What the server appends to its context to decide every position: `skipped`, then per
     /// link the previous draft and the link's skipped tokens. The last draft is not among them:
     /// it is decided, not scored.
@@ -309,11 +314,7 @@ impl Verify {
                 "a Verify without a draft cannot carry a chain".into(),
             );
         }
-        let drafts: Vec<&Draft> = self
-            .draft
-            .iter()
-            .chain(self.chain.iter().map(|l| &l.draft))
-            .collect();
+        let drafts: Vec<&Draft> = self.drafts().collect();
         let skipped = std::iter::once(&self.skipped).chain(self.chain.iter().map(|l| &l.skipped));
         if let Some(t) = skipped
             .flatten()
