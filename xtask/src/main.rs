@@ -480,22 +480,43 @@ fn test_aarch64(full: bool) -> Result<()> {
         // lengthens the cross build (no host build shares these artifacts).
         ("CARGO_PROFILE_RELEASE_DEBUG", "0"),
     ];
-    let cargo = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--release", "--target", AARCH64]);
-        run_with_env("cargo", &all, env)
-    };
-    // In release: qemu runs the real models ~20x slower than the host.
-    cargo(&["test", "-p", "uhlm-core"])?;
-    // Kernels against candle's, and SmolLM2's greedy tokens and logits against x86-64's.
-    let mut model = vec!["test", "-p", "uhlm-model", "--lib", "--test", "cross_arch"];
-    if full {
-        model.extend(["--test", "runtime_toy", "--test", "runtime_real"]);
+    // One build for the three crates (one feature resolution, each dependency compiled
+    // once), in release: qemu runs the real models ~20x slower than the host. Targets: every
+    // test of uhlm-core, the runtime's unit tests and its kernels and SmolLM2's greedy tokens
+    // and logits against the x86-64 record (`cross_arch`), and the SDK's unit tests (its other
+    // tests talk to a server on the host's CPU).
+    let core_tests = std::fs::read_dir(root().join("rust/core/tests"))
+        .context("reading rust/core/tests")?
+        .map(|entry| Ok(entry?.path()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut core_tests: Vec<String> = core_tests
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_string()))
+        .collect();
+    core_tests.sort();
+    let mut args = vec![
+        "test",
+        "--release",
+        "--target",
+        AARCH64,
+        "-p",
+        "uhlm-core",
+        "-p",
+        "uhlm-model",
+        "-p",
+        "uhlm-sdk",
+        "--lib",
+        "--test",
+        "cross_arch",
+    ];
+    for test in &core_tests {
+        args.extend(["--test", test.as_str()]);
     }
-    cargo(&model)?;
-    // The SDK's own tests talk to a server on the host's CPU; here it is built and its unit
-    // tests run.
-    cargo(&["test", "-p", "uhlm-sdk", "--lib"])
+    if full {
+        args.extend(["--test", "runtime_toy", "--test", "runtime_real"]);
+    }
+    run_with_env("cargo", &args, env)
 }
 
 /// Type-checks the FFI crate as a phone links it (no `desktop` feature) for each of

@@ -67,7 +67,11 @@ impl KvCache {
 
     /// Marks `n` tokens valid after a forward pass wrote them.
     pub fn set_len(&mut self, n: usize) {
-        debug_assert!(n <= self.capacity);
+        assert!(
+            n <= self.capacity,
+            "{n} tokens exceed the reserved {}",
+            self.capacity
+        );
         self.len = n;
     }
 
