@@ -2,15 +2,14 @@
 //!
 //! Each turn the worker plans a [`Plan`]: the `Verify`s queued (each session's skipped tokens
 //! and the positions to decide: one, or a chain of drafts verified in order), one token for
-//! every running generation, and chunks of the
-//! sessions catching up on a context, as many as fit in `max_batch` sessions and
-//! `max_batch_tokens` tokens. [`Session::score_batch`] then runs every weight matmul once over
-//! all their rows (attention per session, against its own cache), and each row's last logits
-//! answer its session. What does not fit waits for the next turn, first in line. Catch-ups get
-//! a chunk per pass (cut to `pass_target` where one is set) however busy the worker is (over
-//! the token budget if need be): with a
-//! quarter of a chunk, 64 busy devices left four 4,096-token prompts 100 s from their first
-//! token in the fault campaign. No short request waits behind more than one pass.
+//! every running generation, and chunks of the sessions catching up on a context, as many as
+//! fit in `max_batch` sessions and `max_batch_tokens` tokens. [`Session::score_batch`] then
+//! runs every weight matmul once over all their rows (attention per session, against its own
+//! cache), and the logits at the rows each session asks for answer it. What does not fit waits
+//! for the next turn, first in line. Catch-ups get a chunk per pass (cut to `pass_target` where
+//! one is set) however busy the worker is (over the token budget if need be): with a quarter
+//! of a chunk, 64 busy devices left four 4,096-token prompts 100 s from their first token in
+//! the fault campaign. No short request waits behind more than one pass.
 //!
 //! Batching changes no result: the runtime's kernels are batch-invariant, so every session
 //! gets bit for bit the logits it would get alone. If the batched pass fails (a model error or
