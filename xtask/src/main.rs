@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bindings;
+mod build_profile;
 mod demo;
 mod soak;
 
@@ -58,6 +59,9 @@ enum Task {
     },
     /// Check that uhlm-core stays free of I/O, async and model crates.
     CheckCoreDeps,
+    /// Check that every crate that runs only at build time (proc macros, build scripts) is
+    /// built unoptimised in the dev profile (also part of `test`).
+    CheckBuildProfile,
     /// Regenerate the Kotlin, Swift and Python bindings from the host library (uniffi).
     Bindgen {
         /// Only check that the committed bindings match a fresh generation.
@@ -98,6 +102,7 @@ fn main() -> Result<()> {
         Task::Soak(args) => soak::soak(args),
         Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
         Task::CheckCoreDeps => check_core_deps(),
+        Task::CheckBuildProfile => build_profile::check(),
         Task::Bindgen { check } => bindings::bindgen(check),
         Task::TestBindings => test_bindings().map(drop),
         Task::TestAarch64 { full } => test_aarch64(full).and_then(|()| check_phone_targets()),
@@ -254,6 +259,7 @@ fn test() -> Result<()> {
     ensure_debian_packages()?;
     run("cargo", &["fmt", "--all", "--check"])?;
     check_core_deps()?;
+    build_profile::check()?;
     let lints = LintedBuilds::enable()?;
     // Built with the whole workspace's features, so `cargo test` reuses every artifact, and
     // linted as `cargo clippy --workspace --all-targets -- -D warnings` would.
