@@ -18,7 +18,7 @@ pub fn check() -> Result<()> {
     let metadata = cargo_metadata()?;
     let manifest = std::fs::read_to_string(root().join("Cargo.toml"))
         .context("reading the workspace Cargo.toml")?;
-    let unoptimised = unoptimised_in_dev(&manifest);
+    let unoptimised = unoptimised_in_dev(&manifest)?;
     let missing: Vec<String> = build_time_only(&metadata)?
         .into_iter()
         .filter(|name| !unoptimised.contains(name))
@@ -47,42 +47,32 @@ fn cargo_metadata() -> Result<Value> {
         .lines()
         .find_map(|l| l.strip_prefix("host: "))
         .context("rustc -vV printed no host")?;
-    let out = Command::new("cargo")
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--filter-platform",
-            host,
-        ])
-        .current_dir(root())
-        .output()
-        .context("cannot run cargo metadata")?;
-    if !out.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    serde_json::from_slice(&out.stdout).context("parsing cargo metadata")
+    let metadata = crate::cargo_stdout(&[
+        "metadata",
+        "--format-version",
+        "1",
+        "--filter-platform",
+        host,
+    ])?;
+    serde_json::from_str(&metadata).context("parsing cargo metadata")
 }
 
 /// Names given `opt-level = 0` in a `[profile.dev.package.NAME]` table of `manifest`.
-fn unoptimised_in_dev(manifest: &str) -> HashSet<String> {
-    let mut names = HashSet::new();
-    let mut table: Option<&str> = None;
-    for line in manifest.lines().map(str::trim) {
-        if line.starts_with('[') {
-            table = line
-                .strip_prefix("[profile.dev.package.")
-                .and_then(|rest| rest.strip_suffix(']'));
-        } else if let Some(name) = table
-            && line.replace(' ', "") == "opt-level=0"
-        {
-            names.insert(name.trim_matches('"').to_string());
-        }
-    }
-    names
+fn unoptimised_in_dev(manifest: &str) -> Result<HashSet<String>> {
+    let manifest: toml::Table = toml::from_str(manifest).context("parsing Cargo.toml")?;
+    let Some(packages) = manifest
+        .get("profile")
+        .and_then(|p| p.get("dev"))
+        .and_then(|d| d.get("package"))
+        .and_then(toml::Value::as_table)
+    else {
+        return Ok(HashSet::new());
+    };
+    Ok(packages
+        .iter()
+        .filter(|(_, table)| table.get("opt-level") == Some(&toml::Value::Integer(0)))
+        .map(|(name, _)| name.clone())
+        .collect())
 }
 
 /// Packages reached only through proc macros or build dependencies, never from the
@@ -190,7 +180,7 @@ mod tests {
                         [profile.dev.package.syn]\nopt-level = 0\n\
                         [profile.dev.package.uhlm-model]\nopt-level = 3\n\
                         [profile.release.package.quote]\nopt-level = 0\n";
-        let names = unoptimised_in_dev(manifest);
+        let names = unoptimised_in_dev(manifest).unwrap();
         assert_eq!(names, HashSet::from(["syn".to_string()]));
     }
 

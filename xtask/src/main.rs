@@ -151,6 +151,21 @@ fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()
 }
 
 /// `cargo run --release` of the `uhlm` binary with `args` (the models are fetched by `uhlm`).
+/// `cargo ARGS` in the repository root, its output captured: stdout, or an error with its
+/// stderr.
+fn cargo_stdout(args: &[&str]) -> Result<String> {
+    let what = format!("cargo {}", args.join(" "));
+    let out = Command::new("cargo")
+        .args(args)
+        .current_dir(root())
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("{what} printed non-UTF-8"))
+}
+
 fn uhlm_release(args: &[&str]) -> Result<()> {
     let mut cmd = vec!["run", "--release", "-p", "uhlm-cli", "--bin", "uhlm", "--"];
     cmd.extend(args);
@@ -337,18 +352,7 @@ const FUZZ_CI_SECONDS: u64 = 10;
 
 /// Every fuzz target, as `cargo fuzz list` names them.
 fn fuzz_targets() -> Result<Vec<String>> {
-    let out = Command::new("cargo")
-        .args(["+nightly", "fuzz", "list"])
-        .current_dir(root())
-        .output()
-        .context("cannot run cargo fuzz list")?;
-    if !out.status.success() {
-        bail!(
-            "cargo fuzz list failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(cargo_stdout(&["+nightly", "fuzz", "list"])?
         .lines()
         .map(str::to_string)
         .collect())
@@ -577,26 +581,15 @@ const FORBIDDEN_IN_CORE: &[&str] = &[
 
 fn check_core_deps() -> Result<()> {
     println!("\n==> cargo tree -p uhlm-core -e normal");
-    let out = Command::new("cargo")
-        .args([
-            "tree",
-            "-p",
-            "uhlm-core",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
-        .current_dir(root())
-        .output()
-        .context("cannot run cargo tree")?;
-    if !out.status.success() {
-        bail!(
-            "cargo tree failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let tree = String::from_utf8(out.stdout).context("cargo tree printed non-UTF-8")?;
+    let tree = cargo_stdout(&[
+        "tree",
+        "-p",
+        "uhlm-core",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+    ])?;
     let found: Vec<&str> = tree
         .lines()
         .filter_map(|l| l.split_whitespace().next())
