@@ -150,7 +150,6 @@ fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()
     Ok(())
 }
 
-/// `cargo run --release` of the `uhlm` binary with `args` (the models are fetched by `uhlm`).
 /// `cargo ARGS` in the repository root, its output captured: stdout, or an error with its
 /// stderr.
 fn cargo_stdout(args: &[&str]) -> Result<String> {
@@ -166,6 +165,7 @@ fn cargo_stdout(args: &[&str]) -> Result<String> {
     String::from_utf8(out.stdout).with_context(|| format!("{what} printed non-UTF-8"))
 }
 
+/// `cargo run --release` of the `uhlm` binary with `args` (the models are fetched by `uhlm`).
 fn uhlm_release(args: &[&str]) -> Result<()> {
     let mut cmd = vec!["run", "--release", "-p", "uhlm-cli", "--bin", "uhlm", "--"];
     cmd.extend(args);
