@@ -486,12 +486,9 @@ fn test_aarch64(full: bool) -> Result<()> {
         ("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar"),
         // A missing model fails the test instead of skipping it.
         ("UHLM_REQUIRE_MODELS", "1"),
-        // Release for speed under qemu, without the debug info nobody reads here: it only
-        // lengthens the cross build (no host build shares these artifacts).
-        ("CARGO_PROFILE_RELEASE_DEBUG", "0"),
     ];
     // One build for the three crates (one feature resolution, each dependency compiled
-    // once), in release: qemu runs the real models ~20x slower than the host. Targets: every
+    // once), optimised (the manifest's `qemu-test` profile says how). Targets: every
     // test of uhlm-core, the runtime's unit tests and its kernels and SmolLM2's greedy tokens
     // and logits against the x86-64 record (`cross_arch`), and the SDK's unit tests (its other
     // tests talk to a server on the host's CPU).
@@ -507,7 +504,8 @@ fn test_aarch64(full: bool) -> Result<()> {
     core_tests.sort();
     let mut args = vec![
         "test",
-        "--release",
+        "--profile",
+        "qemu-test",
         "--target",
         AARCH64,
         "-p",
