@@ -27,10 +27,10 @@ import kotlinx.coroutines.launch
  *
  * Its work runs on one confined dispatcher, so loading, generating and replacing the engine
  * never overlap; [cancel], [networkChanged] and [close] reach the engine from the UI thread
- * (the engine's own methods are thread-safe), and the engine's callbacks (on Rust threads) only
- * update [state], which is thread-safe. Each message is answered on its own (one user turn, the model's chat template):
- * a small on-device model does better without a long history, and the demo is about how the
- * tokens are decided.
+ * (the engine's own methods are thread-safe), and the engine's callbacks (on Rust threads)
+ * update [state], which is thread-safe, and repeat a pending Cancel. Each message is answered
+ * on its own (one user turn, the model's chat template): a small on-device model does better
+ * without a long history, and the demo is about how the tokens are decided.
  */
 class ChatViewModel(
     private val store: SettingsStore,
@@ -44,6 +44,13 @@ class ChatViewModel(
     // Written on the confined dispatcher; read by [cancel] from the UI thread.
     @Volatile private var engine: Uhlm? = null
     @Volatile private var job: Job? = null
+
+    /**
+     * A Cancel pressed during this generation. The engine's `cancel` ends only generations it
+     * has registered, so a Cancel in the instant before `generate` reaches Rust is repeated
+     * at the first token ([onToken]) rather than lost.
+     */
+    @Volatile private var cancelRequested = false
 
     /** The settings and model [engine] was loaded with: it is reloaded when they change. */
     private var engineKey: Pair<DemoSettings, String>? = null
@@ -72,14 +79,14 @@ class ChatViewModel(
 
     /**
      * Stops what is running: a generation ends with the engine's own "cancelled" error (shown
-     * as the notice, tokens so far kept); a model download stops at its next read. A blocking
-     * native call (loading the engine, the desktop's model cache) runs to its end first: its
-     * result is then dropped. A Cancel in the instant between the Generating phase and the
-     * engine registering the generation is not seen (known gap).
+     * as the notice, tokens so far kept; see [cancelRequested]); a model download stops at
+     * its next read. A blocking native call (loading the engine, the desktop's model cache)
+     * runs to its end first: its result is then dropped.
      */
     fun cancel() {
         val running = job ?: return
         if (_state.value.phase == Phase.Generating) {
+            cancelRequested = true
             engine?.cancel()
         } else {
             running.cancel()
@@ -148,6 +155,8 @@ class ChatViewModel(
     }
 
     private suspend fun generate(uhlm: Uhlm, prompt: String) = coroutineScope {
+        // Cleared before the phase says Generating: a Cancel from then on is this one's.
+        cancelRequested = false
         _state.update { it.copy(phase = Phase.Generating, turns = it.turns + Turn.Reply()) }
         val vocab = uhlm.vocabSize()
         // The counters move while tokens stream, not only at the end.
@@ -172,9 +181,12 @@ class ChatViewModel(
         }
     }
 
-    private fun onToken(event: TokenEvent) = _state.update { s ->
-        val reply = s.turns.lastOrNull() as? Turn.Reply ?: return@update s
-        s.copy(turns = s.turns.dropLast(1) + reply.plus(event.text, event.source))
+    private fun onToken(event: TokenEvent) {
+        _state.update { s ->
+            val reply = s.turns.lastOrNull() as? Turn.Reply ?: return@update s
+            s.copy(turns = s.turns.dropLast(1) + reply.plus(event.text, event.source))
+        }
+        if (cancelRequested) engine?.cancel()
     }
 
     private fun onLinkChange(online: Boolean, detail: String) =
