@@ -47,6 +47,10 @@ final class ChatModel: ObservableObject {
     private var modelPath: String?
     private var task: Task<Void, Never>?
     private var nextId = 0
+    /// A Cancel pressed during this generation. The engine's `cancel()` ends only generations
+    /// it has registered, so a Cancel in the instant before `generate` reaches Rust is repeated
+    /// at the first token rather than lost.
+    private let cancelRequest = CancelRequest()
 
     init(store: SettingsStore) {
         self.store = store
@@ -69,9 +73,15 @@ final class ChatModel: ObservableObject {
         task = Task { await run(prompt) }
     }
 
-    /// A generation ends with the engine's "generation cancelled"; a download is abandoned.
+    /// A generation ends with the engine's "generation cancelled" (see `cancelRequest`); a
+    /// download is abandoned.
     func cancel() {
-        if phase == .generating { engine?.cancel() } else { task?.cancel() }
+        if phase == .generating {
+            cancelRequest.set(true)
+            engine?.cancel()
+        } else {
+            task?.cancel()
+        }
     }
 
     private func run(_ prompt: String) async {
@@ -81,6 +91,8 @@ final class ChatModel: ObservableObject {
             let uhlm = try await loadEngine(model)
             // A Cancel pressed while the engine loaded cancelled this task, not a generation.
             try Task.checkCancellation()
+            // Cleared before the phase says generating: a Cancel from then on is this one's.
+            cancelRequest.set(false)
             phase = .generating
             let replyId = newId()
             append(.reply(id: replyId, pieces: [], summary: nil))
@@ -121,8 +133,10 @@ final class ChatModel: ObservableObject {
         }
         defer { ticker.cancel() }
         let options = GenerationOptions(maxTokens: 160, chatTemplate: true)
+        let request = cancelRequest
         let summary = try await uhlm.generate(prompt, options: options, onToken: { event in
             sink.yield(event)
+            if request.isSet { uhlm.cancel() }
         }, onLinkChange: { up, detail in
             Task { @MainActor in self.online = (up, detail) }
         })
@@ -185,5 +199,23 @@ final class ChatModel: ObservableObject {
     private func newId() -> Int {
         nextId += 1
         return nextId
+    }
+}
+
+/// A flag set on the main actor and read on the engine's thread.
+private final class CancelRequest: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+
+    var isSet: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return value
+    }
+
+    func set(_ newValue: Bool) {
+        lock.lock()
+        value = newValue
+        lock.unlock()
     }
 }
