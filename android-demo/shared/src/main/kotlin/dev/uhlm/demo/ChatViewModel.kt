@@ -36,6 +36,11 @@ class ChatViewModel(
     private val store: SettingsStore,
     private val models: ModelSource,
     private val options: GenerationOptions = GenerationOptions(maxTokens = 160u, chatTemplate = true),
+    /**
+     * For tests: runs once the phase is Generating, just before the engine is asked, the
+     * instant a Cancel used to be lost in ([cancelRequested]).
+     */
+    internal val beforeGenerate: () -> Unit = {},
 ) : AutoCloseable {
     private val scope = CoroutineScope(SupervisorJob() + Dispatchers.Default.limitedParallelism(1))
     private val _state = MutableStateFlow(ChatState(settings = store.load()))
@@ -166,6 +171,7 @@ class ChatViewModel(
                 _state.update { it.copy(counters = Counters.of(uhlm.stats(), vocab)) }
             }
         }
+        beforeGenerate()
         val summary = attempt("Generation cancelled.") {
             uhlm.generate(prompt, options, onLinkChange = ::onLinkChange, onToken = ::onToken)
         }

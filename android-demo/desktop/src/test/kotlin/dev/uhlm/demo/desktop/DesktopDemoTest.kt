@@ -86,7 +86,11 @@ class DesktopDemoTest {
     }
 
     /** Starts the app on the loopback server, greedy, answering with at most [maxTokens]. */
-    private fun startApp(mode: Mode, maxTokens: UInt): ChatViewModel {
+    private fun startApp(
+        mode: Mode,
+        maxTokens: UInt,
+        beforeGenerate: (ChatViewModel) -> Unit = {},
+    ): ChatViewModel {
         val settings = DemoSettings(
             server = server.address(),
             pin = server.certFingerprint(),
@@ -94,7 +98,10 @@ class DesktopDemoTest {
             mode = mode,
         )
         val options = GenerationOptions(temperature = 0.0f, maxTokens = maxTokens, chatTemplate = true)
-        val vm = ChatViewModel(InMemorySettingsStore(settings), CachedDefaultModels, options)
+        lateinit var vm: ChatViewModel
+        vm = ChatViewModel(InMemorySettingsStore(settings), CachedDefaultModels, options) {
+            beforeGenerate(vm)
+        }
         viewModel = vm
         rule.setContent { App(vm) }
         return vm
@@ -185,6 +192,17 @@ class DesktopDemoTest {
         val counters = vm.state.value.counters
         assertNotNull("counters after a cancelled generation", counters)
         assertTrue(counters!!.tokens < 400uL)
+    }
+
+    @Test
+    fun `a Cancel before the generation reaches the engine is not lost`() {
+        // Cancel in the instant between the Generating phase and the engine registering the
+        // generation: the engine has nothing to cancel yet, so the view model repeats it.
+        val vm = startApp(Mode.HLM, maxTokens = 400u, beforeGenerate = { it.cancel() })
+        send("Count from 1 to 300, separated by commas.")
+        vm.waitFor("the generation to end") { !it.busy && it.turns.size == 2 }
+        assertEquals("generation cancelled", vm.state.value.notice)
+        assertNull(lastSummary(vm.state.value))
     }
 
     @Test
