@@ -640,6 +640,77 @@ async fn one_forward_pass_answers_sessions_in_different_states() {
     server.shutdown().await;
 }
 
+/// A session closed while its row waits in the planned pass (its device stopped the stream
+/// during its `Verify`) leaves every other row its own logits. The batched pass used to hand
+/// the rows after a vanished session their neighbours' logits: verdicts drawn from another
+/// session's distribution, which the fault campaign saw as "the model returned too few rows"
+/// and as distributions of different lengths where a neighbour's row count differed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_closed_in_the_planned_pass_leaves_the_others_their_own_logits() {
+    let model = llm();
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    // Requests sent within two seconds of the first meet in one pass.
+    config.batch_wait = Duration::from_secs(2);
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready_on(&server).await;
+    let prompts: Vec<Vec<u32>> = [PROMPTS[0], PROMPTS[4], PROMPTS[9]]
+        .iter()
+        .map(|t| prompt_tokens(&model, t))
+        .collect();
+    let greedy: Vec<u32> = prompts
+        .iter()
+        .map(|p| argmax(&model.session().score_last(p).unwrap()).unwrap())
+        .collect();
+    assert!(
+        greedy[1] != greedy[2],
+        "the check needs sessions that answer differently"
+    );
+    let mut streams = Vec::new();
+    for (id, prompt) in prompts.iter().enumerate() {
+        let mut s = client.session().await;
+        s.send(start(id as u64, prompt)).await;
+        assert!(matches!(s.recv().await, Some(Message::Started(_))));
+        streams.push(s);
+    }
+    // The prompts are scored as the sessions open: wait until the worker is idle.
+    let scored: usize = prompts.iter().map(|p| p.len() - 1).sum();
+    while (common::metric(&server, "uhlm_prefilled_tokens_total") as usize) < scored {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let verify = |prompt: &[u32]| Verify {
+        seq: 0,
+        position: prompt.len() as u32,
+        skipped: Vec::new(),
+        draft: None,
+        uncertainty: 0.0,
+        chain: Vec::new(),
+    };
+    let passes = common::metric(&server, "uhlm_forward_passes_total");
+    // The first session's Verify is planned, then the device stops listening: its session
+    // closes while the pass is still gathering requests. The others join the same pass.
+    streams[0].send(verify(&prompts[0])).await;
+    streams[0].recv.stop(0u32.into()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (s, prompt) in streams[1..].iter_mut().zip(&prompts[1..]) {
+        s.send(verify(prompt)).await;
+    }
+    for (i, s) in streams.iter_mut().enumerate().skip(1) {
+        match s.recv().await {
+            Some(Message::Verdict(v)) => assert_eq!(v.token, greedy[i], "session {i}"),
+            other => panic!("session {i}: expected a Verdict, got {other:?}"),
+        }
+    }
+    // One pass, and the closed session's row was in it undecided.
+    assert_eq!(
+        common::metric(&server, "uhlm_forward_passes_total"),
+        passes + 1.0
+    );
+    assert_eq!(common::metric(&server, "uhlm_tokens_verified_total"), 2.0);
+    server.shutdown().await;
+}
+
 /// Prompts still being prefilled are protected from eviction, but not past the KV budget: of
 /// two long prompts that do not fit together, the one further along keeps its cache and the
 /// other is told to resync (issue 11's campaign: four 4,096-token prompts took 712 MiB of a

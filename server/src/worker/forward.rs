@@ -609,11 +609,17 @@ fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
             Session::score_batch(&mut items)
         }));
         if let Ok(Ok(logits)) = batched {
+            // One result per present session, in order: an absent one takes none (an eager
+            // `Option::and(logits.next())` here handed every later row its neighbour's).
             let mut logits = logits.into_iter();
             return sessions
                 .iter()
-                .map(|s| match s.as_ref().and(logits.next()) {
-                    Some(l) => Scored::Logits(l.into_vec()),
+                .map(|s| match s.as_ref().map(|_| logits.next()) {
+                    Some(Some(l)) => Scored::Logits(l.into_vec()),
+                    Some(None) => Scored::Failed(fail(
+                        ErrorCode::Internal,
+                        "the model returned too few results",
+                    )),
                     None => Scored::Failed(gone()),
                 })
                 .collect();
