@@ -9,8 +9,8 @@ use uhlm_core::protocol::{
     DEFAULT_MAX_FRAME_BYTES, Hello, Message, PROTOCOL_VERSION, encode_frame,
 };
 use uhlm_sdk::{
-    CancelToken, Codec, GenerationOptions, HybridEngine, Mode, PolicyConfig, Prompt,
-    SamplingOptions, TokenSource,
+    CancelToken, Codec, DraftModel, EngineConfig, GenerationOptions, HybridEngine, Mode,
+    PolicyConfig, Prompt, SamplingOptions, SdkError, TokenSource,
 };
 
 const PROMPT: &str = "Explain in two sentences why the sky is blue.";
@@ -138,4 +138,108 @@ fn default_policy_skips_tokens_and_the_stats_add_up() {
     assert!(s.downlink_bytes > 0);
     // The Start, then one Verify per chain: a chain settles at least one sent token.
     assert!(s.round_trips >= 2 && s.round_trips <= s.sent + 1, "{s:?}");
+}
+
+/// A draft model scripted to put its mass on 1000, 2001, 3002, 1000, ... after any context.
+struct Scripted {
+    tokens: Vec<u32>,
+    vocab: usize,
+    steps: usize,
+}
+
+impl Scripted {
+    const SCRIPT: [u32; 3] = [1000, 2001, 3002];
+
+    fn row(&self) -> Vec<f32> {
+        let mut logits = vec![0.0; self.vocab];
+        logits[Self::SCRIPT[self.steps % 3] as usize] = 30.0;
+        logits
+    }
+}
+
+impl DraftModel for Scripted {
+    fn context_length(&self) -> usize {
+        8192
+    }
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+    fn score_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SdkError> {
+        self.tokens.extend_from_slice(tokens);
+        self.steps = 0;
+        Ok(self.row())
+    }
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, SdkError> {
+        self.tokens.push(token);
+        self.steps += 1;
+        Ok(self.row())
+    }
+}
+
+/// An app's own draft model (another runtime, a load generator's replay): the engine drafts
+/// with it, checks that it scores the loaded model's vocabulary, and verification keeps the
+/// output the LLM's whatever it drafts.
+#[test]
+fn an_engine_drafts_with_the_model_it_is_given() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let engine = |config: EngineConfig, extra: usize| {
+        HybridEngine::with_draft_model(config, rt.handle().clone(), move |model| {
+            Ok(Box::new(Scripted {
+                tokens: Vec::new(),
+                vocab: model.info().vocab_size + extra,
+                steps: 0,
+            }))
+        })
+        .unwrap()
+    };
+    let prompt = || Prompt::Text(PROMPT.into());
+    let options = GenerationOptions {
+        sampling: SamplingOptions::greedy(6),
+        chat_template: false,
+    };
+    let on_device = EngineConfig {
+        slm_path: e2e_common::draft_path(),
+        mode: Mode::Slm,
+        threads: Some(1),
+        ..EngineConfig::default()
+    };
+    let summary = engine(on_device.clone(), 0)
+        .generate_blocking(
+            prompt(),
+            options.clone(),
+            Arc::new(Recorder::default()),
+            CancelToken::new(),
+        )
+        .unwrap();
+    assert_eq!(summary.token_ids, [1000, 2001, 3002, 1000, 2001, 3002]);
+    // A row of another vocabulary is refused, not sampled from.
+    match engine(on_device, 1).generate_blocking(
+        prompt(),
+        options.clone(),
+        Arc::new(Recorder::default()),
+        CancelToken::new(),
+    ) {
+        Err(SdkError::Model(m)) => assert!(m.contains("logits for a vocabulary of"), "{m}"),
+        other => panic!("expected a model error, got {other:?}"),
+    }
+    // Every token verified: the scripted drafts are rejected or accepted by the LLM's rule.
+    let server = ServerProc::start();
+    let hybrid = engine(
+        server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all()),
+        0,
+    );
+    let summary = hybrid
+        .generate_blocking(
+            prompt(),
+            options,
+            Arc::new(Recorder::default()),
+            CancelToken::new(),
+        )
+        .unwrap();
+    let ids = hybrid.tokenize_prompt(&prompt(), false).unwrap();
+    assert_eq!(summary.token_ids, llm_greedy(&ids, 6));
+    assert_eq!(summary.stats.offline, 0);
 }

@@ -59,6 +59,16 @@ pub struct SoakArgs {
     /// The server's matmul threads (`uhlm serve --kernel-threads`; default: candle's).
     #[arg(long)]
     kernel_threads: Option<usize>,
+    /// How long a forward pass that carries catch-up chunks may take (`uhlm serve
+    /// --pass-target`; `0s`: passes sized by tokens only).
+    #[arg(long, default_value = "150ms")]
+    pass_target: String,
+    /// Devices replay the logits their draft model computed once per prompt, one token every
+    /// this many milliseconds (`uhlm loadgen --replay-token-ms`); 0: every device runs its draft
+    /// model for every token. The campaign measures the server, and 64 drafting models took
+    /// 1.2 of this machine's 2 cores, more than the server got (RELIABILITY.md, run 9).
+    #[arg(long, default_value_t = 20.0)]
+    device_token_ms: f64,
 }
 
 impl SoakArgs {
@@ -77,6 +87,9 @@ impl SoakArgs {
             margin: 256 << 20,
             out: PathBuf::from("target/soak-short"),
             kernel_threads: None,
+            pass_target: "0s".into(),
+            // Four devices leave the server its cores: the short form runs the real models.
+            device_token_ms: 0.0,
         }
     }
 }
@@ -288,6 +301,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         &metrics_addr,
         "--kv-memory-budget-bytes",
         &args.kv_budget.to_string(),
+        "--pass-target",
+        &args.pass_target,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -322,7 +337,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         .context("starting uhlm-linkemu")?;
     let report_path = out.join("loadgen.json");
     let _ = std::fs::remove_file(&report_path);
-    let loadgen_args = [
+    let mut loadgen_args: Vec<String> = [
         "-n",
         "10",
         uhlm.as_str(),
@@ -343,7 +358,13 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         &args.long_prompt_tokens.to_string(),
         "--out",
         &report_path.to_string_lossy(),
-    ];
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if args.device_token_ms > 0.0 {
+        loadgen_args.extend(["--replay-token-ms".into(), args.device_token_ms.to_string()]);
+    }
     println!("\n==> nice {}", loadgen_args.join(" "));
     let mut loadgen = Command::new("nice")
         .args(loadgen_args)
@@ -445,6 +466,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let summary = serde_json::json!({
         "devices": args.devices,
         "kernel_threads": args.kernel_threads,
+        "pass_target": args.pass_target,
+        "device_token_ms": args.device_token_ms,
         "duration": args.duration,
         "loss": args.loss,
         "kills": kills_done,

@@ -8,7 +8,10 @@
 //! those ids decode to, and it is as long as asked unless it stopped for a reason.
 //!
 //! Devices: one in `--hlm-every` verifies every token (HLM); the others are uhlm devices with a
-//! fixed threshold; one in `--long-every` sends long prompts.
+//! fixed threshold; one in `--long-every` sends long prompts. With `--replay-token-ms` a device
+//! runs its draft model once per prompt and then replays those logits at a phone's pace
+//! ([`ReplayedDraft`]): 64 devices running their models would take more of the machine than
+//! the server they load (RELIABILITY.md, run 9).
 //!
 //! Latency: every verified token carries its `Verify` round trip (`TokenEvent::verify_ms`).
 //! Those of short-prompt devices that overlap a long prompt's prefill (from its generation's
@@ -23,11 +26,13 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use uhlm_model::fetch;
+use uhlm_core::sampling::argmax;
 use uhlm_model::tokenizer::Tokenizer;
+use uhlm_model::{Model, fetch};
 use uhlm_sdk::{
-    CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode,
-    PolicyConfig, Prompt, SamplingOptions, StopReason, TokenEvent, TokenListener, TokenSource,
+    CancelToken, DraftModel, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine,
+    Mode, PolicyConfig, Prompt, SamplingOptions, SdkError, StopReason, TokenEvent, TokenListener,
+    TokenSource,
 };
 
 #[derive(Debug, Args)]
@@ -73,6 +78,12 @@ pub struct LoadgenArgs {
     think: Duration,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Devices run their draft model once per prompt (the prompt and `--max-tokens` greedy
+    /// steps) and replay those logits, one every this many milliseconds, instead of running
+    /// the model for every token. Sampling, the uplink codec, uncertainty, the policy and the
+    /// link run as usual.
+    #[arg(long)]
+    replay_token_ms: Option<f64>,
     /// Where to write the JSON report (also printed).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -104,6 +115,9 @@ pub struct LoadReport {
     pub verify_ms: Percentiles,
     /// The same, only those that overlapped a long prompt's prefill.
     pub verify_during_long_prefill_ms: Percentiles,
+    /// The first `Verify` of each short-prompt generation: it also waits for the prompt's
+    /// prefill on the server (the session opens with the generation).
+    pub first_verify_ms: Percentiles,
     pub wall_s: f64,
     /// The first problems found, for the reader.
     pub problems: Vec<String>,
@@ -170,6 +184,8 @@ struct Campaign {
     long_prefills: Mutex<Vec<(Instant, Option<Instant>)>>,
     /// (sent, answered) of each `Verify` of short-prompt devices.
     verifies: Mutex<Vec<(Instant, Instant)>>,
+    /// Round trips of the first `Verify` of short-prompt generations, in ms.
+    first_verifies: Mutex<Vec<f64>>,
     tokenizer: Tokenizer,
 }
 
@@ -194,6 +210,7 @@ pub fn run(args: LoadgenArgs) -> Result<()> {
         }),
         long_prefills: Mutex::default(),
         verifies: Mutex::default(),
+        first_verifies: Mutex::default(),
         tokenizer,
     });
     let args = Arc::new(args);
@@ -252,18 +269,39 @@ async fn device(
     // Staggered starts: devices arrive over the first tenth of the run, not all at once.
     let arrive = args.duration.mul_f64(0.1 * rng.random::<f64>());
     tokio::time::sleep(arrive).await;
-    let engine = tokio::task::spawn_blocking(move || HybridEngine::with_runtime(config, rt))
-        .await?
-        .context("loading the device's engine")?;
-    let engine = Arc::new(engine);
     let long = args.long_every > 0 && index % args.long_every == args.long_every - 1;
-    let prompt = if long {
-        long_prompt(&engine, args.long_prompt_tokens, index)?
-    } else {
-        Prompt::Text(format!(
-            "Device {index} writes a short story about a lighthouse keeper. Once upon a time"
-        ))
-    };
+    let (replay, max_tokens, long_tokens) = (
+        args.replay_token_ms,
+        args.max_tokens,
+        args.long_prompt_tokens,
+    );
+    let (engine, prompt) = tokio::task::spawn_blocking(move || {
+        let tokenizer = Tokenizer::from_gguf_path(&config.slm_path)?;
+        let text = if long {
+            long_prompt(&tokenizer, long_tokens, index)?
+        } else {
+            format!(
+                "Device {index} writes a short story about a lighthouse keeper. Once upon a time"
+            )
+        };
+        let engine = match replay {
+            Some(ms) => {
+                // The prompt as the engine renders it (plain text, no chat template).
+                let ids = tokenizer.encode(&text, true)?;
+                let pace = Duration::from_secs_f64(ms / 1e3);
+                HybridEngine::with_draft_model(config, rt, |model| {
+                    Ok(Box::new(ReplayedDraft::record(
+                        model, &ids, max_tokens, pace,
+                    )?))
+                })
+            }
+            None => HybridEngine::with_runtime(config, rt),
+        };
+        anyhow::Ok((engine?, Prompt::Text(text)))
+    })
+    .await?
+    .context("loading the device's engine")?;
+    let engine = Arc::new(engine);
     let mut n = 0u64;
     while Instant::now() < deadline {
         let recorder = Arc::new(Recorder::default());
@@ -305,7 +343,7 @@ async fn device(
 }
 
 /// A prompt of about `tokens` tokens: numbered sentences, so that no two devices share one.
-fn long_prompt(engine: &HybridEngine, tokens: usize, index: usize) -> Result<Prompt> {
+fn long_prompt(tokenizer: &Tokenizer, tokens: usize, index: usize) -> Result<String> {
     let mut text = String::new();
     let mut i = 0;
     loop {
@@ -313,12 +351,85 @@ fn long_prompt(engine: &HybridEngine, tokens: usize, index: usize) -> Result<Pro
             format!("Line {i} of device {index}: the keeper climbed the stairs and lit the lamp. ");
         text.push_str(&sentence);
         i += 1;
-        if i % 32 == 0 {
-            let prompt = Prompt::Text(text.clone());
-            if engine.tokenize_prompt(&prompt, false)?.len() >= tokens {
-                return Ok(prompt);
-            }
+        if i % 32 == 0 && tokenizer.encode(&text, true)?.len() >= tokens {
+            return Ok(text);
         }
+    }
+}
+
+/// Most prompt tokens a [`ReplayedDraft`] recording scores: the end of a long prompt is enough
+/// for the distributions' shapes, and four 4,096-token prefills on the devices' own core took
+/// minutes in the campaign.
+const RECORD_CONTEXT: usize = 256;
+
+/// A device's draft model that costs (almost) no computation: the logits its real draft model
+/// computed once for the device's prompt (its last [`RECORD_CONTEXT`] tokens: at their end and
+/// after each of `max_tokens` greedy steps), replayed by position after the prompt, one step
+/// every `pace` (a phone's time per token, slept, not computed). Whatever token the device
+/// samples, the next row is the recorded one for that position: the distributions keep the
+/// draft's real shapes (entropy, uncertainty, how much the codec keeps), not its agreement
+/// with the context.
+struct ReplayedDraft {
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    rows: Vec<Vec<f32>>,
+    context_length: usize,
+    pace: Duration,
+}
+
+impl ReplayedDraft {
+    fn record(
+        model: &Arc<Model>,
+        prompt: &[u32],
+        max_tokens: u32,
+        pace: Duration,
+    ) -> Result<Self, SdkError> {
+        let mut session = model.session();
+        let tail = &prompt[prompt.len().saturating_sub(RECORD_CONTEXT)..];
+        let mut rows = vec![session.score_last(tail)?];
+        for _ in 0..max_tokens {
+            let last = &rows[rows.len() - 1];
+            let token = argmax(last)
+                .ok_or_else(|| SdkError::Model("the draft model produced no logits".into()))?;
+            rows.push(session.step(token)?);
+        }
+        Ok(Self {
+            prompt_len: prompt.len(),
+            tokens: Vec::new(),
+            rows,
+            context_length: session.context_length(),
+            pace,
+        })
+    }
+
+    fn row(&self) -> Vec<f32> {
+        let at = self.tokens.len().saturating_sub(self.prompt_len);
+        self.rows[at % self.rows.len()].clone()
+    }
+}
+
+impl DraftModel for ReplayedDraft {
+    fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    fn score_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SdkError> {
+        self.tokens.extend_from_slice(tokens);
+        Ok(self.row())
+    }
+
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, SdkError> {
+        std::thread::sleep(self.pace);
+        self.tokens.push(token);
+        Ok(self.row())
     }
 }
 
@@ -394,6 +505,9 @@ fn record(
                 verifies.push((*at - Duration::from_secs_f64(ms / 1e3), *at));
             }
         }
+        if let Some(ms) = seen.tokens.iter().find_map(|(_, e)| e.verify_ms) {
+            lock(&campaign.first_verifies).push(ms);
+        }
     }
     let mut r = lock(&campaign.report);
     r.completed += 1;
@@ -442,6 +556,7 @@ fn finish(campaign: &Campaign, wall: Duration) -> LoadReport {
     let mut report = std::mem::take(&mut *lock(&campaign.report));
     report.verify_ms = Percentiles::of(verifies.into_iter().map(ms).collect());
     report.verify_during_long_prefill_ms = Percentiles::of(during);
+    report.first_verify_ms = Percentiles::of(lock(&campaign.first_verifies).clone());
     report.wall_s = wall.as_secs_f64();
     report
 }

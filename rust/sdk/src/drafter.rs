@@ -7,8 +7,8 @@ use uhlm_core::codec::{Codec, encode};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
 use uhlm_core::uncertainty::UncertaintyEstimator;
 use uhlm_core::uncertainty::combined::LogisticCombiner;
-use uhlm_model::Session;
 
+use crate::draft_model::DraftModel;
 use crate::error::SdkError;
 
 /// ChaCha stream of the device's draft sampling. The server seeds its verification RNG from
@@ -33,7 +33,9 @@ struct Params {
 }
 
 pub(crate) struct Drafter {
-    session: Session,
+    session: Box<dyn DraftModel>,
+    /// Logits every step must have (the engine's model's vocabulary).
+    vocab: usize,
     estimator: Box<dyn UncertaintyEstimator>,
     params: Option<Params>,
     logits: Vec<f32>,
@@ -42,9 +44,14 @@ pub(crate) struct Drafter {
 }
 
 impl Drafter {
-    pub fn new(session: Session, estimator: Box<dyn UncertaintyEstimator>) -> Self {
+    pub fn new(
+        session: Box<dyn DraftModel>,
+        vocab: usize,
+        estimator: Box<dyn UncertaintyEstimator>,
+    ) -> Self {
         Self {
             session,
+            vocab,
             estimator,
             params: None,
             logits: Vec::new(),
@@ -77,8 +84,9 @@ impl Drafter {
         // Keep at least one prompt token to score: its logits predict the first new token.
         self.session
             .truncate(common.min(prompt.len().saturating_sub(1)));
-        let fresh = &prompt[self.session.len()..];
-        self.logits = self.session.score_last(fresh)?;
+        let fresh = &prompt[self.session.tokens().len()..];
+        let logits = self.session.score_last(fresh)?;
+        self.logits = self.checked(logits)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(DRAFT_STREAM);
         self.params = Some(Params {
@@ -97,8 +105,23 @@ impl Drafter {
 
     /// Appends a token and computes the logits for the next position.
     pub fn feed(&mut self, token: u32) -> Result<(), SdkError> {
-        self.logits = self.session.step(token)?;
+        let logits = self.session.step(token)?;
+        self.logits = self.checked(logits)?;
         Ok(())
+    }
+
+    /// `logits` if they cover the vocabulary: a shorter or longer row would draft tokens the
+    /// server's model does not have (or never draft some it does).
+    fn checked(&self, logits: Vec<f32>) -> Result<Vec<f32>, SdkError> {
+        if logits.len() == self.vocab {
+            Ok(logits)
+        } else {
+            Err(SdkError::Model(format!(
+                "the draft model returned {} logits for a vocabulary of {}",
+                logits.len(),
+                self.vocab
+            )))
+        }
     }
 
     /// Drafts the next token from the current logits.

@@ -14,6 +14,7 @@ use uhlm_model::{LoadOptions, LoadProgress, Model, ModelInfo};
 
 use crate::cancel::CancelToken;
 use crate::config::{EngineConfig, GenerationOptions, Prompt};
+use crate::draft_model::DraftModel;
 use crate::drafter::Drafter;
 use crate::error::SdkError;
 use crate::events::{GenerationSummary, TokenListener};
@@ -106,20 +107,33 @@ impl HybridEngine {
             .enable_all()
             .build()
             .map_err(|e| SdkError::InvalidConfig(format!("cannot start a runtime: {e}")))?;
-        let mut engine = Self::load(config, runtime.handle().clone(), progress)?;
+        let mut engine = Self::load(config, runtime.handle().clone(), progress, own_session)?;
         engine.runtime = Some(runtime);
         Ok(engine)
     }
 
     /// Like [`new`](Self::new), on the caller's tokio runtime.
     pub fn with_runtime(config: EngineConfig, rt: Handle) -> Result<Self, SdkError> {
-        Self::load(config, rt, None)
+        Self::load(config, rt, None, own_session)
+    }
+
+    /// Like [`with_runtime`](Self::with_runtime), drafting with the model `draft` makes from the
+    /// loaded SLM instead of a session of it: another runtime for the same vocabulary, or a
+    /// load generator's stand-in. The loaded SLM still provides the tokenizer, the chat
+    /// template and the vocabulary fingerprint.
+    pub fn with_draft_model(
+        config: EngineConfig,
+        rt: Handle,
+        draft: impl FnOnce(&Arc<Model>) -> Result<Box<dyn DraftModel>, SdkError>,
+    ) -> Result<Self, SdkError> {
+        Self::load(config, rt, None, draft)
     }
 
     fn load(
         config: EngineConfig,
         rt: Handle,
         progress: Option<LoadProgress>,
+        draft: impl FnOnce(&Arc<Model>) -> Result<Box<dyn DraftModel>, SdkError>,
     ) -> Result<Self, SdkError> {
         config.validate()?;
         let calibration = match &config.calibration {
@@ -154,7 +168,7 @@ impl HybridEngine {
             Duration::from_millis(config.reconnect_backoff_ms),
             Duration::from_millis(config.reconnect_backoff_max_ms),
         );
-        let drafter = Drafter::new(model.session(), estimator);
+        let drafter = Drafter::new(draft(&model)?, model.info().vocab_size, estimator);
         let lookahead = Mutex::new(LookaheadLimit::new(config.max_lookahead));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -307,4 +321,9 @@ impl GenerationHandle {
         let rt = self.rt.clone();
         rt.block_on(self.wait())
     }
+}
+
+/// The default draft model: a session of the loaded SLM.
+fn own_session(model: &Arc<Model>) -> Result<Box<dyn DraftModel>, SdkError> {
+    Ok(Box::new(model.session()))
 }

@@ -33,6 +33,7 @@
 
 mod cancel;
 mod config;
+mod draft_model;
 mod drafter;
 mod engine;
 mod error;
@@ -47,6 +48,7 @@ mod transport;
 
 pub use cancel::CancelToken;
 pub use config::{EngineConfig, GenerationOptions, Mode, Prompt};
+pub use draft_model::DraftModel;
 pub use engine::{GenerationHandle, HybridEngine};
 pub use error::SdkError;
 pub use events::{
@@ -60,4 +62,4 @@ pub use uhlm_core::codec::Codec;
 pub use uhlm_core::sampling::SamplingOptions;
 pub use uhlm_core::threshold::{PolicyConfig, ThresholdMode};
 pub use uhlm_core::uncertainty::UncertaintyKind;
-pub use uhlm_model::LoadProgress;
+pub use uhlm_model::{LoadProgress, Model};
