@@ -78,10 +78,10 @@ pub struct LoadgenArgs {
     think: Duration,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Devices run their draft model once per prompt (the prompt and `--max-tokens` greedy
-    /// steps) and replay those logits, one every this many milliseconds, instead of running
-    /// the model for every token. Sampling, the uplink codec, uncertainty, the policy and the
-    /// link run as usual.
+    /// Devices run their draft model once per prompt (its last 256 tokens and `--max-tokens`
+    /// greedy steps) and replay those logits, one every this many milliseconds, instead of
+    /// running the model for every token. Sampling, the uplink codec, uncertainty, the policy
+    /// and the link run as usual.
     #[arg(long)]
     replay_token_ms: Option<f64>,
     /// Where to write the JSON report (also printed).
@@ -275,10 +275,11 @@ async fn device(
         args.max_tokens,
         args.long_prompt_tokens,
     );
+    let shared = campaign.clone();
     let (engine, prompt) = tokio::task::spawn_blocking(move || {
-        let tokenizer = Tokenizer::from_gguf_path(&config.slm_path)?;
+        let tokenizer = &shared.tokenizer;
         let text = if long {
-            long_prompt(&tokenizer, long_tokens, index)?
+            long_prompt(tokenizer, long_tokens, index)?
         } else {
             format!(
                 "Device {index} writes a short story about a lighthouse keeper. Once upon a time"
