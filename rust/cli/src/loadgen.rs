@@ -270,29 +270,27 @@ async fn device(
     let arrive = args.duration.mul_f64(0.1 * rng.random::<f64>());
     tokio::time::sleep(arrive).await;
     let long = args.long_every > 0 && index % args.long_every == args.long_every - 1;
-    let (replay, max_tokens, long_tokens) = (
-        args.replay_token_ms,
-        args.max_tokens,
-        args.long_prompt_tokens,
-    );
-    let shared = campaign.clone();
+    let (shared, a) = (campaign.clone(), args.clone());
     let (engine, prompt) = tokio::task::spawn_blocking(move || {
         let tokenizer = &shared.tokenizer;
         let text = if long {
-            long_prompt(tokenizer, long_tokens, index)?
+            long_prompt(tokenizer, a.long_prompt_tokens, index)?
         } else {
             format!(
                 "Device {index} writes a short story about a lighthouse keeper. Once upon a time"
             )
         };
-        let engine = match replay {
+        let engine = match a.replay_token_ms {
             Some(ms) => {
                 // The prompt as the engine renders it (plain text, no chat template).
                 let ids = tokenizer.encode(&text, true)?;
                 let pace = Duration::from_secs_f64(ms / 1e3);
                 HybridEngine::with_draft_model(config, rt, |model| {
                     Ok(Box::new(ReplayedDraft::record(
-                        model, &ids, max_tokens, pace,
+                        model,
+                        &ids,
+                        a.max_tokens,
+                        pace,
                     )?))
                 })
             }
