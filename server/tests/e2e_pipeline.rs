@@ -238,6 +238,48 @@ fn pipelined_chains_sample_exactly_the_llms_distribution() {
     );
 }
 
+#[test]
+fn a_seed_gives_the_same_generation_whether_the_device_drafts_ahead_or_not() {
+    // The random numbers of each position are drawn for that position, so the drafts thrown
+    // away after a rejection (pipelining) do not shift the ones after them: the same seed
+    // gives the same tokens with chains in flight and one draft at a time.
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, config, _) = toy_pair(dir.path(), "3ms");
+    let pipelined = HybridEngine::new(config.clone()).unwrap();
+    let one_at_a_time = HybridEngine::new(EngineConfig {
+        max_lookahead: 0,
+        ..config
+    })
+    .unwrap();
+    let mut discarded = 0;
+    for seed in 0..24 {
+        let options = GenerationOptions {
+            sampling: SamplingOptions {
+                max_tokens: 8,
+                seed: Some(seed),
+                ..sampling()
+            },
+            chat_template: false,
+        };
+        let generate = |engine: &HybridEngine| {
+            engine
+                .generate_blocking(
+                    Prompt::Text(PROMPT.into()),
+                    options.clone(),
+                    Arc::new(Recorder::default()),
+                    CancelToken::new(),
+                )
+                .unwrap()
+        };
+        let (a, b) = (generate(&pipelined), generate(&one_at_a_time));
+        assert_eq!(a.token_ids, b.token_ids, "seed {seed}");
+        assert_eq!(b.stats.discarded, 0);
+        discarded += a.stats.discarded;
+    }
+    // Drafts were thrown away, so the seeds' draws had to survive them.
+    assert!(discarded > 0);
+}
+
 /// Sends the first chain of at least two links to `hook`, once.
 struct OnChain<F: Fn() + Send + Sync> {
     hook: F,

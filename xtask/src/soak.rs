@@ -63,12 +63,17 @@ pub struct SoakArgs {
     /// --pass-target`; `0s`: passes sized by tokens only).
     #[arg(long, default_value = "150ms")]
     pass_target: String,
-    /// Devices replay the logits their draft model computed once per prompt, one token every
-    /// this many milliseconds (`uhlm loadgen --replay-token-ms`); 0: every device runs its draft
-    /// model for every token. The campaign measures the server, and 64 drafting models took
+    /// Devices replay the logits their draft model computed once for each context they reach,
+    /// one token every this many milliseconds (`uhlm loadgen --replay-token-ms`); 0: every
+    /// device runs its draft model for every token. The campaign measures the server, and 64 drafting models took
     /// 1.2 of this machine's 2 cores, more than the server got (RELIABILITY.md, run 9).
     #[arg(long, default_value_t = 20.0)]
     device_token_ms: f64,
+    /// Devices generate this long before `--duration` (`uhlm loadgen --warm-up`; kills are
+    /// spread over `--duration` only): replaying devices compute each context's rows the
+    /// first time, and those generations competed with the server for the cores.
+    #[arg(long, default_value = "3m")]
+    warm_up: String,
 }
 
 impl SoakArgs {
@@ -90,6 +95,7 @@ impl SoakArgs {
             pass_target: "0s".into(),
             // Four devices leave the server its cores: the short form runs the real models.
             device_token_ms: 0.0,
+            warm_up: "0s".into(),
         }
     }
 }
@@ -236,6 +242,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     }
     let duration = humantime::parse_duration(&args.duration)
         .with_context(|| format!("--duration {:?}", args.duration))?;
+    let warm_up = humantime::parse_duration(&args.warm_up)
+        .with_context(|| format!("--warm-up {:?}", args.warm_up))?;
     let out = root().join(&args.out);
     std::fs::create_dir_all(&out)?;
     let profile = if args.dev_build { "debug" } else { "release" };
@@ -352,6 +360,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         &args.devices.to_string(),
         "--duration",
         &args.duration,
+        "--warm-up",
+        &args.warm_up,
         "--long-every",
         &args.long_every.to_string(),
         "--long-prompt-tokens",
@@ -384,7 +394,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         if let Some(status) = loadgen.try_wait()? {
             break status;
         }
-        let next_kill = duration.mul_f64(f64::from(kills_done + 1) / f64::from(args.kills + 1));
+        let next_kill =
+            warm_up + duration.mul_f64(f64::from(kills_done + 1) / f64::from(args.kills + 1));
         if kills_done < args.kills && t0.elapsed() >= next_kill {
             println!(
                 "[{:>4.0}s] killing the server (SIGKILL)",
@@ -469,6 +480,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         "pass_target": args.pass_target,
         "device_token_ms": args.device_token_ms,
         "duration": args.duration,
+        "warm_up": args.warm_up,
         "loss": args.loss,
         "kills": kills_done,
         "long_prompt_tokens": args.long_prompt_tokens,

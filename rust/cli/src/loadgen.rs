@@ -9,15 +9,16 @@
 //!
 //! Devices: one in `--hlm-every` verifies every token (HLM); the others are uhlm devices with a
 //! fixed threshold; one in `--long-every` sends long prompts. With `--replay-token-ms` a device
-//! runs its draft model once per prompt and then replays those logits at a phone's pace
-//! ([`ReplayedDraft`]): 64 devices running their models would take more of the machine than
-//! the server they load (RELIABILITY.md, run 9).
+//! runs its draft model once per context it reaches and replays those logits at a phone's pace
+//! when the context comes back ([`ReplayedDraft`]): 64 devices running their models would take
+//! more of the machine than the server they load (RELIABILITY.md, run 9).
 //!
 //! Latency: every verified token carries its `Verify` round trip (`TokenEvent::verify_ms`).
 //! Those of short-prompt devices that overlap a long prompt's prefill (from its generation's
 //! start to its first token) are reported apart: that is what one long prompt costs the others.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,13 +27,14 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use uhlm_core::sampling::argmax;
+
+mod replayed_draft;
+use replayed_draft::{ReplayCounts, ReplayedDraft};
+use uhlm_model::fetch;
 use uhlm_model::tokenizer::Tokenizer;
-use uhlm_model::{Model, fetch};
 use uhlm_sdk::{
-    CancelToken, DraftModel, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine,
-    Mode, PolicyConfig, Prompt, SamplingOptions, SdkError, StopReason, TokenEvent, TokenListener,
-    TokenSource,
+    CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode,
+    PolicyConfig, Prompt, SamplingOptions, StopReason, TokenEvent, TokenListener, TokenSource,
 };
 
 #[derive(Debug, Args)]
@@ -73,15 +75,20 @@ pub struct LoadgenArgs {
     /// Tokens each generation asks for.
     #[arg(long, default_value_t = 24)]
     max_tokens: u32,
+    /// Devices generate this long before `--duration` starts: their generations are checked,
+    /// their round trips not timed. Replaying devices compute each context's rows the first
+    /// time they reach it, and the first generations compete with the server for the cores.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    warm_up: Duration,
     /// Longest pause of a device between two generations (drawn uniformly).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     think: Duration,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Devices run their draft model once per prompt (its last 256 tokens and `--max-tokens`
-    /// greedy steps) and replay those logits, one every this many milliseconds, instead of
-    /// running the model for every token. Sampling, the uplink codec, uncertainty, the policy
-    /// and the link run as usual.
+    /// Devices run their draft model once for each context they reach and replay its logits
+    /// when the context comes back, one token every this many milliseconds: each device repeats
+    /// one seed, and a generation is a function of its seed. Sampling, the uplink codec,
+    /// uncertainty, the policy and the link run as usual.
     #[arg(long)]
     replay_token_ms: Option<f64>,
     /// Where to write the JSON report (also printed).
@@ -118,6 +125,10 @@ pub struct LoadReport {
     /// The first `Verify` of each short-prompt generation: it also waits for the prompt's
     /// prefill on the server (the session opens with the generation).
     pub first_verify_ms: Percentiles,
+    /// With `--replay-token-ms`: draft rows replayed, and computed by the draft model (each
+    /// context's first time, and contexts past what a device keeps).
+    pub draft_rows_replayed: u64,
+    pub draft_rows_computed: u64,
     pub wall_s: f64,
     /// The first problems found, for the reader.
     pub problems: Vec<String>,
@@ -186,6 +197,7 @@ struct Campaign {
     verifies: Mutex<Vec<(Instant, Instant)>>,
     /// Round trips of the first `Verify` of short-prompt generations, in ms.
     first_verifies: Mutex<Vec<f64>>,
+    replay_counts: Arc<ReplayCounts>,
     tokenizer: Tokenizer,
 }
 
@@ -211,11 +223,13 @@ pub fn run(args: LoadgenArgs) -> Result<()> {
         long_prefills: Mutex::default(),
         verifies: Mutex::default(),
         first_verifies: Mutex::default(),
+        replay_counts: Arc::default(),
         tokenizer,
     });
     let args = Arc::new(args);
     let t0 = Instant::now();
-    let deadline = t0 + args.duration;
+    let timed_from = t0 + args.warm_up;
+    let deadline = timed_from + args.duration;
     let devices: Vec<_> = (0..args.devices)
         .map(|i| {
             let hlm = i % args.hlm_every.max(1) == 0;
@@ -236,7 +250,9 @@ pub fn run(args: LoadgenArgs) -> Result<()> {
             };
             let (campaign, args) = (campaign.clone(), args.clone());
             let handle = rt.handle().clone();
-            rt.spawn(async move { device(i, config, handle, campaign, args, deadline).await })
+            rt.spawn(async move {
+                device(i, config, handle, campaign, args, timed_from, deadline).await
+            })
         })
         .collect();
     rt.block_on(async {
@@ -256,13 +272,15 @@ pub fn run(args: LoadgenArgs) -> Result<()> {
     Ok(())
 }
 
-/// One device: loads its engine, then generates until the deadline.
+/// One device: loads its engine, then generates until the deadline (round trips timed in
+/// generations that start from `timed_from`).
 async fn device(
     index: usize,
     config: EngineConfig,
     rt: tokio::runtime::Handle,
     campaign: Arc<Campaign>,
     args: Arc<LoadgenArgs>,
+    timed_from: Instant,
     deadline: Instant,
 ) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ (index as u64).wrapping_mul(0x9E37));
@@ -285,13 +303,9 @@ async fn device(
                 // The prompt as the engine renders it (plain text, no chat template).
                 let ids = tokenizer.encode(&text, true)?;
                 let pace = Duration::from_secs_f64(ms / 1e3);
+                let counts = shared.replay_counts.clone();
                 HybridEngine::with_draft_model(config, rt, |model| {
-                    Ok(Box::new(ReplayedDraft::record(
-                        model,
-                        &ids,
-                        a.max_tokens,
-                        pace,
-                    )?))
+                    Ok(Box::new(ReplayedDraft::new(model, ids, pace, counts)?))
                 })
             }
             None => HybridEngine::with_runtime(config, rt),
@@ -303,12 +317,15 @@ async fn device(
     let engine = Arc::new(engine);
     let mut n = 0u64;
     while Instant::now() < deadline {
+        // A replaying device repeats its generation, so that its contexts come back (see
+        // `ReplayedDraft`); where a fault changed the path, the model computes the new rows.
+        let round = if args.replay_token_ms.is_some() { 0 } else { n };
         let recorder = Arc::new(Recorder::default());
         let options = GenerationOptions {
             sampling: SamplingOptions {
                 temperature: 0.8,
                 max_tokens: args.max_tokens,
-                seed: Some(args.seed ^ ((index as u64) << 32) ^ n),
+                seed: Some(args.seed ^ ((index as u64) << 32) ^ round),
                 ..SamplingOptions::default()
             },
             chat_template: false,
@@ -333,7 +350,8 @@ async fn device(
             let first = seen.tokens.first().map_or(Instant::now(), |(t, _)| *t);
             lock(&campaign.long_prefills)[w].1 = Some(first);
         }
-        record(&campaign, index, long, args.max_tokens, result, seen);
+        let timed = started >= timed_from;
+        record(&campaign, index, long, timed, args.max_tokens, result, seen);
         n += 1;
         let think = args.think.mul_f64(rng.random::<f64>());
         tokio::time::sleep(think).await;
@@ -356,87 +374,12 @@ fn long_prompt(tokenizer: &Tokenizer, tokens: usize, index: usize) -> Result<Str
     }
 }
 
-/// Most prompt tokens a [`ReplayedDraft`] recording scores: the end of a long prompt is enough
-/// for the distributions' shapes, and four 4,096-token prefills on the devices' own core took
-/// minutes in the campaign.
-const RECORD_CONTEXT: usize = 256;
-
-/// A device's draft model that costs (almost) no computation: the logits its real draft model
-/// computed once for the device's prompt (its last [`RECORD_CONTEXT`] tokens: at their end and
-/// after each of `max_tokens` greedy steps), replayed by position after the prompt, one step
-/// every `pace` (a phone's time per token, slept, not computed). Whatever token the device
-/// samples, the next row is the recorded one for that position: the distributions keep the
-/// draft's real shapes (entropy, uncertainty, how much the codec keeps), not its agreement
-/// with the context.
-struct ReplayedDraft {
-    prompt_len: usize,
-    tokens: Vec<u32>,
-    rows: Vec<Vec<f32>>,
-    context_length: usize,
-    pace: Duration,
-}
-
-impl ReplayedDraft {
-    fn record(
-        model: &Arc<Model>,
-        prompt: &[u32],
-        max_tokens: u32,
-        pace: Duration,
-    ) -> Result<Self, SdkError> {
-        let mut session = model.session();
-        let tail = &prompt[prompt.len().saturating_sub(RECORD_CONTEXT)..];
-        let mut rows = vec![session.score_last(tail)?];
-        for _ in 0..max_tokens {
-            let last = &rows[rows.len() - 1];
-            let token = argmax(last)
-                .ok_or_else(|| SdkError::Model("the draft model produced no logits".into()))?;
-            rows.push(session.step(token)?);
-        }
-        Ok(Self {
-            prompt_len: prompt.len(),
-            tokens: Vec::new(),
-            rows,
-            context_length: session.context_length(),
-            pace,
-        })
-    }
-
-    fn row(&self) -> Vec<f32> {
-        let at = self.tokens.len().saturating_sub(self.prompt_len);
-        self.rows[at % self.rows.len()].clone()
-    }
-}
-
-impl DraftModel for ReplayedDraft {
-    fn context_length(&self) -> usize {
-        self.context_length
-    }
-
-    fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
-    fn truncate(&mut self, n: usize) {
-        self.tokens.truncate(n);
-    }
-
-    fn score_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SdkError> {
-        self.tokens.extend_from_slice(tokens);
-        Ok(self.row())
-    }
-
-    fn step(&mut self, token: u32) -> Result<Vec<f32>, SdkError> {
-        std::thread::sleep(self.pace);
-        self.tokens.push(token);
-        Ok(self.row())
-    }
-}
-
 /// Checks one generation and adds it to the report.
 fn record(
     campaign: &Campaign,
     device: usize,
     long: bool,
+    timed: bool,
     max_tokens: u32,
     result: Result<GenerationSummary, uhlm_sdk::SdkError>,
     seen: Seen,
@@ -497,7 +440,7 @@ fn record(
             summary.token_ids.len()
         ));
     }
-    if !long {
+    if timed && !long {
         let mut verifies = lock(&campaign.verifies);
         for (at, e) in &seen.tokens {
             if let Some(ms) = e.verify_ms {
@@ -556,6 +499,8 @@ fn finish(campaign: &Campaign, wall: Duration) -> LoadReport {
     report.verify_ms = Percentiles::of(verifies.into_iter().map(ms).collect());
     report.verify_during_long_prefill_ms = Percentiles::of(during);
     report.first_verify_ms = Percentiles::of(lock(&campaign.first_verifies).clone());
+    report.draft_rows_replayed = campaign.replay_counts.replayed.load(Ordering::Relaxed);
+    report.draft_rows_computed = campaign.replay_counts.computed.load(Ordering::Relaxed);
     report.wall_s = wall.as_secs_f64();
     report
 }

@@ -6,6 +6,7 @@
 //! verification rule needs no special case.
 
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::fast_exp;
@@ -200,10 +201,46 @@ pub fn sample<R: Rng + ?Sized>(probs: &[f32], rng: &mut R) -> u32 {
     last_positive
 }
 
+/// Words of a ChaCha stream reserved for each position: a verdict takes at most four (an
+/// acceptance draw and a residual sample, two words each), a draft two.
+const WORDS_PER_POSITION: u128 = 16;
+
+/// Moves `rng` to the draws reserved for the token at `position`. Each token's random numbers
+/// are then a function of the seed and its position alone, not of how many were drawn before:
+/// a hybrid generation comes out the same from its seed however many drafts were made and
+/// discarded while a verdict travelled, and however many requests were retried. Draws of
+/// different positions never overlap, so each is as independent as sequential draws.
+pub fn seek_position(rng: &mut ChaCha8Rng, position: usize) {
+    rng.set_word_pos(position as u128 * WORDS_PER_POSITION);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn a_positions_draws_do_not_depend_on_the_draws_before_them() {
+        let draw = |skipped: usize, position: usize| {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            for _ in 0..skipped {
+                rng.random::<f64>();
+            }
+            seek_position(&mut rng, position);
+            (rng.random::<f64>(), rng.random::<f64>())
+        };
+        assert_eq!(draw(0, 3), draw(7, 3));
+        assert_eq!(draw(40, 3), draw(1, 3));
+        assert_ne!(draw(0, 3), draw(0, 4));
+        // A position's draws stay inside its words: the next position starts after them.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        seek_position(&mut rng, 4);
+        let next = rng.random::<f64>();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        seek_position(&mut rng, 3);
+        let within: Vec<f64> = (0..4).map(|_| rng.random::<f64>()).collect();
+        assert!(!within.contains(&next));
+    }
 
     fn probs(logits: &[f32], opts: &SamplingOptions) -> Vec<f32> {
         let mut out = Vec::new();

@@ -4,7 +4,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use uhlm_core::codec::{Codec, encode};
-use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample};
+use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample, seek_position};
 use uhlm_core::uncertainty::UncertaintyEstimator;
 use uhlm_core::uncertainty::combined::LogisticCombiner;
 
@@ -140,6 +140,9 @@ impl Drafter {
                 "the on-device model produced no finite logit".into(),
             ));
         }
+        // The draft for this position draws the same number however many drafts were thrown
+        // away before it (chains drafted past a rejected token).
+        seek_position(&mut p.rng, self.session.tokens().len());
         let (token, q) = match &p.codec {
             Some(codec) => {
                 let enc = encode(codec, &self.probs)

@@ -20,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use uhlm_core::protocol::{Acceptance, ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
-use uhlm_core::sampling::{probabilities_into, sample};
+use uhlm_core::sampling::{probabilities_into, sample, seek_position};
 use uhlm_model::{BatchItem, Outputs, Session};
 
 use super::{Entry, GenEvent, SessionKey, Streaming, VerdictReply, Worker, fail, model_failure};
@@ -465,6 +465,8 @@ impl Worker {
                     "the model produced no finite logits",
                 ));
             }
+            // A position's verdict draws the same numbers on a retry or a new connection.
+            seek_position(&mut entry.rng, positions[i] as usize);
             let verdict = match (draft, q) {
                 (Some(d), Some(q)) => {
                     match uhlm_core::verify::verify(&self.probs, q, d.token, &mut entry.rng) {
@@ -553,6 +555,7 @@ impl Worker {
                 "the model produced no finite logits",
             ));
         }
+        seek_position(&mut entry.rng, len);
         let token = sample(&self.probs, &mut entry.rng);
         entry.pending = vec![token];
         entry.last_used = clock;
