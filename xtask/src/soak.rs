@@ -74,6 +74,9 @@ pub struct SoakArgs {
     /// first time, and those generations competed with the server for the cores.
     #[arg(long, default_value = "3m")]
     warm_up: String,
+    /// The devices' `uhlm loadgen --max-lookahead` [default: the SDK's].
+    #[arg(long)]
+    max_lookahead: Option<usize>,
 }
 
 impl SoakArgs {
@@ -96,6 +99,7 @@ impl SoakArgs {
             // Four devices leave the server its cores: the short form runs the real models.
             device_token_ms: 0.0,
             warm_up: "0s".into(),
+            max_lookahead: None,
         }
     }
 }
@@ -375,6 +379,9 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     if args.device_token_ms > 0.0 {
         loadgen_args.extend(["--replay-token-ms".into(), args.device_token_ms.to_string()]);
     }
+    if let Some(n) = args.max_lookahead {
+        loadgen_args.extend(["--max-lookahead".into(), n.to_string()]);
+    }
     println!("\n==> nice {}", loadgen_args.join(" "));
     let mut loadgen = Command::new("nice")
         .args(loadgen_args)
@@ -481,6 +488,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         "device_token_ms": args.device_token_ms,
         "duration": args.duration,
         "warm_up": args.warm_up,
+        "max_lookahead": args.max_lookahead,
         "loss": args.loss,
         "kills": kills_done,
         "long_prompt_tokens": args.long_prompt_tokens,

@@ -67,6 +67,10 @@ pub struct LoadgenArgs {
     /// tokens with the fixed `--threshold` (1: every device verifies every token).
     #[arg(long, default_value_t = 4)]
     hlm_every: usize,
+    /// Most tokens a device drafts ahead of its final ones while drafts are verified
+    /// (`EngineConfig::max_lookahead`; 0: one draft at a time) [default: the SDK's].
+    #[arg(long)]
+    max_lookahead: Option<usize>,
     /// Uncertainty threshold of the uhlm devices [default: the target-risk threshold measured
     /// on the SmolLM2 pair at epsilon 0.1]. A fixed one: the default policy without a
     /// calibration sends every token once it has seen 32 verdicts.
@@ -233,7 +237,7 @@ pub fn run(args: LoadgenArgs) -> Result<()> {
     let devices: Vec<_> = (0..args.devices)
         .map(|i| {
             let hlm = i % args.hlm_every.max(1) == 0;
-            let config = EngineConfig {
+            let mut config = EngineConfig {
                 slm_path: slm.clone(),
                 server: Some(args.server.clone()),
                 pin: args.pin.clone(),
@@ -248,6 +252,9 @@ pub fn run(args: LoadgenArgs) -> Result<()> {
                 client_name: format!("uhlm-loadgen/{i}"),
                 ..EngineConfig::default()
             };
+            if let Some(n) = args.max_lookahead {
+                config.max_lookahead = n;
+            }
             let (campaign, args) = (campaign.clone(), args.clone());
             let handle = rt.handle().clone();
             rt.spawn(async move {

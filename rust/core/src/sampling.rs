@@ -23,7 +23,9 @@ pub struct SamplingOptions {
     pub top_p: Option<f32>,
     /// Maximum number of generated tokens.
     pub max_tokens: u32,
-    /// Seed of every random draw of a generation; `None` lets the caller pick one.
+    /// Seed of every random draw of a generation; `None` lets the caller pick one. The same
+    /// seed gives the same tokens while the server answers (each position draws its own
+    /// numbers, see [`seek_position`]); tokens decided offline follow the device's model.
     pub seed: Option<u64>,
     /// Generation stops once the text ends with one of these strings.
     pub stop: Vec<String>,

@@ -103,7 +103,8 @@ pub struct GenerationSummary {
     pub sources: Vec<TokenSource>,
     pub stop: StopReason,
     pub prompt_tokens: u32,
-    /// The seed used (the options' seed, or the one drawn when it was `None`).
+    /// The seed used (the options' seed, or the one drawn when it was `None`): passed back, it
+    /// gives the same generation from the same models while the server answers throughout.
     pub seed: u64,
     pub stats: Stats,
 }
