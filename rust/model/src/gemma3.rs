@@ -66,7 +66,7 @@ impl Gemma3 {
         opts: LayerOptions,
     ) -> std::result::Result<Self, ModelError> {
         let p = "gemma3";
-        let n_layer = g.usize(&format!("{p}.block_count"))?;
+        let n_layer = g.block_count(p)?;
         let n_embd = g.usize(&format!("{p}.embedding_length"))?;
         let n_head = g.usize(&format!("{p}.attention.head_count"))?;
         let n_kv_head = g.usize(&format!("{p}.attention.head_count_kv"))?;

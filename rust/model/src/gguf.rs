@@ -138,6 +138,21 @@ impl GgufFile {
         self.opt_f32(key)?.ok_or_else(|| self.missing_key(key))
     }
 
+    /// `{prefix}.block_count`, refused when the file cannot hold that many blocks (each has
+    /// several tensors): the count sizes allocations before any block is read.
+    pub fn block_count(&self, prefix: &str) -> Result<usize, ModelError> {
+        let key = format!("{prefix}.block_count");
+        let n = self.usize(&key)?;
+        let tensors = self.content.tensor_infos.len();
+        if n > tensors {
+            return Err(self.bad_key(
+                &key,
+                &format!("is {n}, but the file holds only {tensors} tensors"),
+            ));
+        }
+        Ok(n)
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

@@ -45,7 +45,7 @@ impl Llama {
         opts: LayerOptions,
     ) -> Result2<Self> {
         let p = arch.gguf_name();
-        let n_layer = g.usize(&format!("{p}.block_count"))?;
+        let n_layer = g.block_count(p)?;
         let n_embd = g.usize(&format!("{p}.embedding_length"))?;
         let n_head = g.usize(&format!("{p}.attention.head_count"))?;
         let n_kv_head = g

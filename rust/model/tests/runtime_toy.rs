@@ -427,6 +427,18 @@ fn missing_tensor_or_metadata_is_corrupt_model() {
     let err = Model::load(&path, &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, ModelError::CorruptModel { .. }), "{err:?}");
     assert!(err.to_string().contains("blk.3."), "{err}");
+    // A block count no file could hold sizes nothing (found by the `gguf` fuzz target: the
+    // loader reserved room for 2^60 blocks and aborted).
+    for (toy, key) in [
+        (Toy::llama(), "llama.block_count"),
+        (Toy::gemma3(), "gemma3.block_count"),
+    ] {
+        let path = dir.path().join("huge.gguf");
+        write_toy(&path, &toy, &[(key, Value::U64(1 << 60))]);
+        let err = Model::load(&path, &LoadOptions::default()).unwrap_err();
+        assert!(matches!(err, ModelError::CorruptModel { .. }), "{err:?}");
+        assert!(err.to_string().contains(key), "{err}");
+    }
 }
 
 #[test]
