@@ -27,15 +27,15 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-
-mod replayed_draft;
-use replayed_draft::{ReplayCounts, ReplayedDraft};
 use uhlm_model::fetch;
 use uhlm_model::tokenizer::Tokenizer;
 use uhlm_sdk::{
     CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode,
     PolicyConfig, Prompt, SamplingOptions, StopReason, TokenEvent, TokenListener, TokenSource,
 };
+
+mod replayed_draft;
+use replayed_draft::{ReplayCounts, ReplayedDraft};
 
 #[derive(Debug, Args)]
 pub struct LoadgenArgs {
