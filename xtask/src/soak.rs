@@ -65,8 +65,9 @@ pub struct SoakArgs {
     pass_target: String,
     /// Devices replay the logits their draft model computed once for each context they reach,
     /// one token every this many milliseconds (`uhlm loadgen --replay-token-ms`); 0: every
-    /// device runs its draft model for every token. The campaign measures the server, and 64 drafting models took
-    /// 1.2 of this machine's 2 cores, more than the server got (RELIABILITY.md, run 9).
+    /// device runs its draft model for every token. The campaign measures the server, and 64
+    /// drafting models took 1.2 of this machine's 2 cores, more than the server got
+    /// (RELIABILITY.md, run 9).
     #[arg(long, default_value_t = 20.0)]
     device_token_ms: f64,
     /// Devices generate this long before `--duration` (`uhlm loadgen --warm-up`; kills are

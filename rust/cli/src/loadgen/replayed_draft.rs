@@ -7,9 +7,9 @@
 //! its own), and loadgen's replaying devices repeat their seed; a fault (a lost link, a killed
 //! server) sends a generation down a new path, whose rows are then computed. Every row a device
 //! samples from is the draft model's own row for that device's context: the server sees drafts
-//! that agree with it as often as a drafting phone's do. Run 9's first replay recorded one greedy path and
-//! replayed it by position whatever the device sampled, and the server accepted 15 % of the
-//! drafts against 61 % from drafting devices (RELIABILITY.md, run 10).
+//! that agree with it as often as a drafting phone's do. Run 9's replay recorded one greedy
+//! path and replayed it by position whatever the device sampled, and the server accepted 15 %
+//! of the drafts against 61 % from drafting devices (RELIABILITY.md, run 10).
 
 use std::collections::HashMap;
 use std::sync::Arc;
