@@ -1,4 +1,4 @@
-//! `uhlm-server`: hosts the LLM for many devices behind QUIC (TLS 1.3, ALPN `uhlm/3`).
+//! `uhlm-server`: hosts the LLM for many devices behind QUIC (TLS 1.3, ALPN `uhlm/4`).
 //!
 //! Devices send only their uncertain tokens; for each, the server catches its KV cache up on
 //! the tokens the device committed locally and verifies the draft with speculative-sampling

@@ -178,6 +178,7 @@ impl WorkerPool {
                 reported_kv_bytes: 0,
                 pass_clock: PassClock::default(),
                 eos: model.tokenizer().eos_ids().to_vec(),
+                window: None,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("uhlm-worker-{i}"))
@@ -274,6 +275,8 @@ struct Worker {
     pass_clock: PassClock,
     /// End-of-sequence ids of the model: a generation stops after sampling one.
     eos: Vec<u32>,
+    /// The drafting window this pass's verdicts carry ([`Verdict::window`]).
+    window: Option<u16>,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
@@ -339,13 +342,19 @@ impl Worker {
             // Catching up gets a share of every pass however full it is, so it never starves;
             // it costs the others one chunk a pass (cut to `pass_target` where one is set).
             self.plan_catch_ups(&mut plan);
-            let mut protected: HashSet<SessionKey> = plan.keys().collect();
+            // Every session with work in this pass or waiting for the next.
+            let mut busy: HashSet<SessionKey> = plan.keys().collect();
+            busy.extend(self.streams.iter().map(|s| s.key));
+            busy.extend(self.catching_up.iter().copied());
+            busy.extend(self.ready.iter().map(|r| r.0));
+            busy.extend(held_keys);
+            self.window = Some(self.drafting_window(busy.len()));
             self.run_plan(plan);
-            protected.extend(self.streams.iter().map(|s| s.key));
-            protected.extend(self.catching_up.iter().copied());
-            protected.extend(self.ready.iter().map(|r| r.0));
-            protected.extend(held_keys);
-            self.enforce_budget(&protected);
+            // Nor is a session that has just joined the queues evicted.
+            busy.extend(self.streams.iter().map(|s| s.key));
+            busy.extend(self.catching_up.iter().copied());
+            busy.extend(self.ready.iter().map(|r| r.0));
+            self.enforce_budget(&busy);
             self.clock += 1;
             if stopping && self.held.is_empty() && self.ready.is_empty() {
                 break;

@@ -181,6 +181,7 @@ fn a_verdict_outside_the_vocabulary_ends_the_session_not_the_generation() {
                     beta: 1.0,
                     tv_distance: 1.0,
                     accepted_links: Vec::new(),
+                    window: None,
                 });
                 write_message(&mut send, &verdict).await;
                 std::future::pending::<()>().await;

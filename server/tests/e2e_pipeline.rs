@@ -156,6 +156,11 @@ fn chi_square_p_value(observed: &HashMap<Outcome, u64>, exact: &HashMap<Outcome,
 /// for company, so round trips last several drafts), and an engine configuration for the SDK
 /// with the 4-bit copy as its SLM.
 fn toy_pair(dir: &std::path::Path, batch_wait: &str) -> (ServerProc, EngineConfig, PathBuf) {
+    toy_pair_with(dir, &["--batch-wait", batch_wait])
+}
+
+/// [`toy_pair`] with these `uhlm serve` options.
+fn toy_pair_with(dir: &std::path::Path, serve: &[&str]) -> (ServerProc, EngineConfig, PathBuf) {
     let (llm_path, slm_path) = (dir.join("llm.gguf"), dir.join("slm.gguf"));
     write_toy(&llm_path, &Toy::llama(), &[]);
     // The same weights rounded to 4 bits: a draft that agrees often but not always, like the
@@ -168,7 +173,7 @@ fn toy_pair(dir: &std::path::Path, batch_wait: &str) -> (ServerProc, EngineConfi
         },
         &[],
     );
-    let server = ServerProc::start_model(llm_path.to_str().unwrap(), &["--batch-wait", batch_wait]);
+    let server = ServerProc::start_model(llm_path.to_str().unwrap(), serve);
     let mut config = server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all());
     config.slm_path = slm_path;
     (server, config, llm_path)
@@ -278,6 +283,52 @@ fn a_seed_gives_the_same_generation_whether_the_device_drafts_ahead_or_not() {
     }
     // Drafts were thrown away, so the seeds' draws had to survive them.
     assert!(discarded > 0);
+}
+
+#[test]
+fn a_device_drafts_no_further_ahead_than_the_server_asks() {
+    // A pass of one token: every verdict asks for at most one token past the first link (a
+    // server's share of a pass for each busy session), so the device sends one draft at a
+    // time and throws nothing away, where its own window pipelines on the same round trips
+    // (`a_seed_gives_the_same_generation_whether_the_device_drafts_ahead_or_not`).
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, config, _) = toy_pair_with(
+        dir.path(),
+        &["--batch-wait", "3ms", "--max-batch-tokens", "1"],
+    );
+    let engine = HybridEngine::new(config).unwrap();
+    let (mut verifies, mut tokens) = (0, 0);
+    for seed in 0..8 {
+        let log = Arc::new(ChainLog::default());
+        let summary = engine
+            .generate_blocking(
+                Prompt::Text(PROMPT.into()),
+                GenerationOptions {
+                    sampling: SamplingOptions {
+                        max_tokens: 8,
+                        seed: Some(seed),
+                        ..sampling()
+                    },
+                    chat_template: false,
+                },
+                log.clone(),
+                CancelToken::new(),
+            )
+            .unwrap();
+        assert_eq!(summary.stats.discarded, 0, "seed {seed}");
+        let chains = log.chains.lock().unwrap();
+        assert!(
+            chains.iter().all(|c| c.len() == 1),
+            "seed {seed}: {chains:?}"
+        );
+        verifies += chains.len();
+        tokens += summary.token_ids.len();
+    }
+    // Every token was a link (the policy sends all): one round trip each.
+    assert!(
+        verifies >= tokens && tokens > 0,
+        "{verifies} verifies, {tokens} tokens"
+    );
 }
 
 /// Sends the first chain of at least two links to `hook`, once.

@@ -640,6 +640,64 @@ async fn one_forward_pass_answers_sessions_in_different_states() {
     server.shutdown().await;
 }
 
+/// Every verdict asks its device to draft no further ahead than its share of a pass: the
+/// tokens a pass holds over the sessions with work in it. Alone, a session may fill a pass;
+/// four meeting in one pass get a quarter each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_carries_the_sessions_share_of_a_pass() {
+    let model = llm();
+    let text = prompt_tokens(&model, "The quick brown fox jumps over the lazy dog.");
+    let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
+    config.max_batch_tokens = 64;
+    // Requests sent together meet in one pass.
+    config.batch_wait = Duration::from_secs(1);
+    config.max_batch = 4;
+    let server = Server::start_with_model(config, model.clone())
+        .await
+        .unwrap();
+    let (client, _control) = Client::ready_on(&server).await;
+    let verify = Verify {
+        seq: 0,
+        position: 1,
+        skipped: Vec::new(),
+        draft: None,
+        uncertainty: 0.0,
+        chain: Vec::new(),
+    };
+    let mut sessions = Vec::new();
+    for id in 0..4 {
+        let mut s = client.session().await;
+        // One-token prompts: nothing to catch up on, only the verified position to score.
+        s.send(start(id, &text[id as usize..id as usize + 1])).await;
+        assert!(matches!(s.recv().await, Some(Message::Started(_))));
+        sessions.push(s);
+    }
+    let window = |m: Option<Message>| match m {
+        Some(Message::Verdict(v)) => v.window,
+        other => panic!("expected a Verdict, got {other:?}"),
+    };
+    sessions[0].send(verify.clone()).await;
+    assert_eq!(window(sessions[0].recv().await), Some(64));
+    let passes = common::metric(&server, "uhlm_forward_passes_total");
+    // Session 0's context is two tokens long now (its prompt and the verdict's token).
+    for (i, s) in sessions.iter_mut().enumerate() {
+        s.send(Verify {
+            position: if i == 0 { 2 } else { 1 },
+            ..verify.clone()
+        })
+        .await;
+    }
+    for s in &mut sessions {
+        assert_eq!(window(s.recv().await), Some(16));
+    }
+    assert_eq!(
+        common::metric(&server, "uhlm_forward_passes_total"),
+        passes + 1.0,
+        "the four met in one pass"
+    );
+    server.shutdown().await;
+}
+
 /// A session closed while its row waits in the planned pass (its device stopped the stream
 /// during its `Verify`) leaves every other row its own logits. The batched pass used to hand
 /// the rows after a vanished session their neighbours' logits: verdicts drawn from another

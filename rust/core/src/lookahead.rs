@@ -343,7 +343,11 @@ impl<M> Lookahead<M> {
 /// Drafting past a chain in flight costs nothing in latency (the device would wait idle) but
 /// every token drafted after a draft the server rejects is thrown away. The limit is about one
 /// round trip's worth of drafting, at least 2 tokens, and no more than twice the expected run
-/// of tokens before a rejection when recent links were rejected often.
+/// of tokens before a rejection when recent links were rejected often; and never more than the
+/// server's latest window ([`Verdict::window`](crate::protocol::Verdict::window)). Only the
+/// server knows whether a longer round trip is the network (drafting ahead hides it) or its
+/// own queue (drafting ahead lengthens it: the thrown-away tokens are scored in passes that
+/// every device waits for).
 #[derive(Clone, Debug)]
 pub struct LookaheadLimit {
     max: usize,
@@ -352,6 +356,8 @@ pub struct LookaheadLimit {
     round_trip: Option<f64>,
     draft: Option<f64>,
     rejections: f64,
+    /// The server's window in its last verdict.
+    server: Option<usize>,
 }
 
 /// Weight of the newest observation in the running averages.
@@ -365,6 +371,7 @@ impl LookaheadLimit {
             round_trip: None,
             draft: None,
             rejections: 0.0,
+            server: None,
         }
     }
 
@@ -390,6 +397,11 @@ impl LookaheadLimit {
         self.rejections += SMOOTHING * (rate - self.rejections);
     }
 
+    /// Takes the window of the server's latest verdict (`None`: it sets no limit).
+    pub fn observe_server_window(&mut self, window: Option<u16>) {
+        self.server = window.map(usize::from);
+    }
+
     /// Most tokens to hold beyond the final ones right now.
     pub fn limit(&self) -> usize {
         if self.max == 0 {
@@ -404,7 +416,8 @@ impl LookaheadLimit {
         } else {
             f64::INFINITY
         };
-        (per_trip.min(run).max(2.0) as usize).min(self.max)
+        let own = (per_trip.min(run).max(2.0) as usize).min(self.max);
+        self.server.map_or(own, |s| own.min(s))
     }
 }
 
@@ -436,6 +449,7 @@ mod tests {
                 };
                 earlier
             ],
+            window: None,
         }
     }
 
@@ -652,5 +666,24 @@ mod tests {
         l.observe_round_trip(100.0);
         assert_eq!(LookaheadLimit::new(3).limit().max(l.limit().min(3)), 3);
         assert_eq!(LookaheadLimit::new(0).limit(), 0);
+    }
+
+    #[test]
+    fn the_server_window_caps_the_limit_until_it_is_lifted() {
+        let mut l = LookaheadLimit::new(64);
+        l.observe_draft(0.025);
+        l.observe_round_trip(0.2);
+        assert_eq!(l.limit(), 9);
+        l.observe_server_window(Some(3));
+        assert_eq!(l.limit(), 3);
+        // A busy server may ask for one link at a time, below the device's own floor of 2.
+        l.observe_server_window(Some(0));
+        assert_eq!(l.limit(), 0);
+        // A window wider than the device's own changes nothing; none lifts the cap.
+        l.observe_server_window(Some(40));
+        assert_eq!(l.limit(), 9);
+        l.observe_server_window(Some(0));
+        l.observe_server_window(None);
+        assert_eq!(l.limit(), 9);
     }
 }

@@ -6,7 +6,7 @@ use uhlm_core::protocol::*;
 
 fn golden_hello() -> Message {
     Hello {
-        protocol_version: 3,
+        protocol_version: 4,
         model_fingerprint: std::array::from_fn(|i| i as u8),
         api_key: "key".into(),
         client: "uhlm/0.1".into(),
@@ -17,7 +17,7 @@ fn golden_hello() -> Message {
 const GOLDEN_HELLO: &[u8] = &[
     0x00, 0x00, 0x00, 0x2f, // payload length 47, big-endian
     0x00, // variant 0: Hello
-    0x03, // protocol_version 3
+    0x04, // protocol_version 4
     0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, // model_fingerprint: 32 raw bytes
     0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, //
     0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, //
@@ -79,12 +79,13 @@ fn golden_verdict() -> Message {
             beta: 0.0,
             tv_distance: 0.125,
         }],
+        window: Some(4),
     }
     .into()
 }
 
 const GOLDEN_VERDICT: &[u8] = &[
-    0x00, 0x00, 0x00, 0x15, // payload length 21
+    0x00, 0x00, 0x00, 0x17, // payload length 23
     0x06, // variant 6: Verdict
     0x07, // seq 7
     0x63, // token 99
@@ -94,6 +95,7 @@ const GOLDEN_VERDICT: &[u8] = &[
     0x01, // accepted_links: length 1
     0x00, 0x00, 0x00, 0x00, // accepted_links[0].beta 0.0
     0x00, 0x00, 0x00, 0x3e, // accepted_links[0].tv_distance 0.125 (0x3e000000)
+    0x01, 0x04, // window: Some(4)
 ];
 
 fn golden_error() -> Message {
@@ -187,9 +189,16 @@ fn golden_frames_encode_exactly() {
 
 #[test]
 fn golden_constants() {
-    assert_eq!(PROTOCOL_VERSION, 3);
-    assert_eq!(ALPN, b"uhlm/3");
-    assert_eq!(LEGACY_ALPNS, &[b"uhlm/1".as_slice(), b"uhlm/2".as_slice()]);
+    assert_eq!(PROTOCOL_VERSION, 4);
+    assert_eq!(ALPN, b"uhlm/4");
+    assert_eq!(
+        LEGACY_ALPNS,
+        &[
+            b"uhlm/1".as_slice(),
+            b"uhlm/2".as_slice(),
+            b"uhlm/3".as_slice()
+        ]
+    );
     assert_eq!(DEFAULT_MAX_FRAME_BYTES, 1024 * 1024);
     assert_eq!(LARGE_VOCAB_MAX_FRAME_BYTES, 2 * 1024 * 1024);
 }

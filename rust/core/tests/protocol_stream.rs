@@ -82,6 +82,7 @@ fn verdict(seq: u32) -> Message {
         beta: 0.0,
         tv_distance: 0.0,
         accepted_links: vec![],
+        window: None,
     }
     .into()
 }
@@ -665,6 +666,7 @@ fn chain_verdict(seq: u32, link: usize, accepted: bool) -> Message {
             };
             link
         ],
+        window: None,
     }
     .into()
 }

@@ -602,6 +602,8 @@ impl FrameSizes {
             beta: 0.25,
             tv_distance: 0.25,
             accepted_links: Vec::new(),
+            // What a busy server sends; a few bytes more than `None`.
+            window: Some(256),
         }))?;
         Ok(Self {
             generate,

@@ -108,7 +108,8 @@ pub struct EngineConfig {
     /// Sent in `Hello` for the server's logs.
     pub client_name: String,
     /// Most tokens drafted ahead of the final ones while drafts are being verified
-    /// (pipelining; the device adapts below it to the round trip and the rejection rate),
+    /// (pipelining; the device adapts below it to the round trip, the rejection rate and the
+    /// window the server asks for when it is busy),
     /// and most drafts verified in one request beyond the first. 0: one draft at a time, and
     /// no drafting while it is verified.
     pub max_lookahead: usize,

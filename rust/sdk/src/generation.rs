@@ -814,6 +814,7 @@ impl Generation {
                 let decided = applied.settled.len() + applied.rejected.unwrap_or(0);
                 self.limit
                     .observe_chain(decided, applied.rejected.is_some());
+                self.limit.observe_server_window(v.window);
                 if let Some(dropped) = applied.rejected {
                     self.stats.counters.discarded += dropped as u64;
                     // The SLM forgets the rejected draft and what followed it, and takes the

@@ -388,6 +388,11 @@ pub struct Verdict {
     /// The chain links accepted before the one `token` decides, in order (empty for a
     /// single-position `Verify`, or when its first draft was rejected).
     pub accepted_links: Vec<Acceptance>,
+    /// Most tokens the server asks the device to draft past its first unverified link while
+    /// its next chain waits (0: one link at a time); `None`: no limit. A busy server sends its
+    /// fair share of a forward pass: drafts thrown away behind a rejected link cost a saturated
+    /// server time that every device waits for. Advice only: longer chains are still served.
+    pub window: Option<u16>,
 }
 
 /// How an accepted draft of a chain compared with the server's distribution.

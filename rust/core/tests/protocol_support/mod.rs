@@ -111,6 +111,7 @@ pub fn samples() -> Vec<Message> {
                 beta: 0.1,
                 tv_distance: 0.2,
             }],
+            window: Some(3),
         }
         .into(),
         Resync {
@@ -279,9 +280,10 @@ pub fn message() -> impl Strategy<Value = Message> {
             any::<bool>(),
             any::<f32>(),
             any::<f32>(),
-            vec((any::<f32>(), any::<f32>()), 0..4)
+            vec((any::<f32>(), any::<f32>()), 0..4),
+            proptest::option::of(any::<u16>()),
         )
-            .prop_map(|(seq, token, accepted, beta, tv_distance, links)| {
+            .prop_map(|(seq, token, accepted, beta, tv_distance, links, window)| {
                 Message::from(Verdict {
                     seq,
                     token,
@@ -292,6 +294,7 @@ pub fn message() -> impl Strategy<Value = Message> {
                         .into_iter()
                         .map(|(beta, tv_distance)| Acceptance { beta, tv_distance })
                         .collect(),
+                    window,
                 })
             }),
         tokens().prop_map(|context| Message::from(Resync { context })),
