@@ -178,7 +178,7 @@ impl WorkerPool {
                 reported_kv_bytes: 0,
                 pass_clock: PassClock::default(),
                 eos: model.tokenizer().eos_ids().to_vec(),
-                window: None,
+                window: 0,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("uhlm-worker-{i}"))
@@ -275,8 +275,8 @@ struct Worker {
     pass_clock: PassClock,
     /// End-of-sequence ids of the model: a generation stops after sampling one.
     eos: Vec<u32>,
-    /// The drafting window this pass's verdicts carry ([`Verdict::window`]).
-    window: Option<u16>,
+    /// The drafting window the verdicts of the pass being run carry ([`Verdict::window`]).
+    window: u16,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
@@ -348,9 +348,9 @@ impl Worker {
             busy.extend(self.catching_up.iter().copied());
             busy.extend(self.ready.iter().map(|r| r.0));
             busy.extend(held_keys);
-            self.window = Some(self.drafting_window(busy.len()));
+            self.window = self.drafting_window(busy.len());
             self.run_plan(plan);
-            // Nor is a session that has just joined the queues evicted.
+            // Kept from eviction: these, and the sessions the pass has just queued.
             busy.extend(self.streams.iter().map(|s| s.key));
             busy.extend(self.catching_up.iter().copied());
             busy.extend(self.ready.iter().map(|r| r.0));

@@ -9,7 +9,9 @@
 //! for the next turn, first in line. Catch-ups get a chunk per pass (cut to `pass_target` where
 //! one is set) however busy the worker is (over the token budget if need be): with a quarter
 //! of a chunk, 64 busy devices left four 4,096-token prompts 100 s from their first token in
-//! the fault campaign. No short request waits behind more than one pass.
+//! the fault campaign. No short request waits behind more than one pass. Every `Verdict` tells
+//! its device how far ahead to draft: its share of a pass, so that a saturated server is not
+//! filled with drafts thrown away behind rejections.
 //!
 //! Batching changes no result: the runtime's kernels are batch-invariant, so every session
 //! gets bit for bit the logits it would get alone. If the batched pass fails (a model error or
@@ -527,7 +529,7 @@ impl Worker {
             return Err(fail(ErrorCode::Internal, "no position was decided"));
         };
         verdict.accepted_links = accepted_links;
-        verdict.window = self.window;
+        verdict.window = Some(self.window);
         // What was scored after the decided position (a rejected chain's tail) leaves the cache.
         if let Some(llm) = entry.llm.as_mut() {
             llm.truncate(positions[link] as usize);
