@@ -279,6 +279,13 @@ fn a_seed_gives_the_same_generation_whether_the_device_drafts_ahead_or_not() {
         let (a, b) = (generate(&pipelined), generate(&one_at_a_time));
         assert_eq!(a.token_ids, b.token_ids, "seed {seed}");
         assert_eq!(b.stats.discarded, 0);
+        // Where the time went: the device read the prompt, drafted, and (one draft at a time)
+        // waited for every verdict; the parts do not overlap.
+        for s in [&a.stats, &b.stats] {
+            assert!(s.prefill_ms > 0.0 && s.draft_ms > 0.0, "{s:?}");
+            assert!(s.prefill_ms + s.draft_ms + s.wait_ms <= s.elapsed_ms, "{s:?}");
+        }
+        assert!(b.stats.wait_ms > 0.0, "{:?}", b.stats);
         discarded += a.stats.discarded;
     }
     // Drafts were thrown away, so the seeds' draws had to survive them.

@@ -171,6 +171,13 @@ fn print_summary(summary: &GenerationSummary, vocab: usize) -> Result<()> {
             format!("mean {:.1} ms, p95 {:.1} ms", s.rtt_mean_ms, s.rtt_p95_ms),
         ),
         ("tokens/s", format!("{:.1}", s.tokens_per_second)),
+        (
+            "device time",
+            format!(
+                "{:.0} ms: prefill {:.0}, drafting {:.0} ({} drafts discarded), waiting {:.0}",
+                s.elapsed_ms, s.prefill_ms, s.draft_ms, s.discarded, s.wait_ms
+            ),
+        ),
     ];
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {

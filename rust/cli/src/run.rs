@@ -211,7 +211,8 @@ fn one_line_stats(summary: &GenerationSummary) -> String {
     let s = &summary.stats;
     format!(
         "{} tokens ({:?}): {} local, {} sent ({} accepted, {} resampled), {} remote, {} offline; \
-         {} B up, {} B down, {:.1} tokens/s, rtt p50 {:.1} ms",
+         {} B up, {} B down, {:.1} tokens/s, rtt p50 {:.1} ms; device {:.0} ms: prefill {:.0}, \
+         drafting {:.0} ({} drafts discarded), waiting {:.0}",
         summary.token_ids.len(),
         summary.stop,
         s.skipped,
@@ -224,5 +225,10 @@ fn one_line_stats(summary: &GenerationSummary) -> String {
         s.downlink_bytes,
         s.tokens_per_second,
         s.rtt_p50_ms,
+        s.elapsed_ms,
+        s.prefill_ms,
+        s.draft_ms,
+        s.discarded,
+        s.wait_ms,
     )
 }

@@ -429,7 +429,10 @@ impl Generation {
             self.sampling.clone(),
             self.codec.clone(),
         );
-        blocking(&self.inner.drafter, move |d| d.start(&ids, s, codec, seed)).await
+        let started = Instant::now();
+        let r = blocking(&self.inner.drafter, move |d| d.start(&ids, s, codec, seed)).await;
+        self.stats.prefill += started.elapsed();
+        r
     }
 
     /// LLM-only mode: asks the server to generate what is left (several `Generate`s when it is
@@ -623,6 +626,7 @@ impl Generation {
     /// A draft task's result, its time counted towards the lookahead.
     fn finish_draft(&mut self, joined: Joined<(Drafted, Duration)>) -> Result<Drafted, SdkError> {
         let (drafted, took) = joined_model(joined)?;
+        self.stats.draft += took;
         self.limit.observe_draft(took.as_secs_f64());
         Ok(drafted)
     }
@@ -665,16 +669,17 @@ impl Generation {
     async fn wait_verdict(&mut self) -> Option<Result<Message, Wait>> {
         let link = self.link.as_mut()?;
         let deadline = self.chain_deadline.unwrap_or_else(Instant::now);
+        let started = Instant::now();
         let c = &mut self.stats.counters;
-        Some(
-            recv_until(
-                &mut link.stream,
-                &mut c.downlink_bytes,
-                deadline,
-                &self.cancel,
-            )
-            .await,
+        let reply = recv_until(
+            &mut link.stream,
+            &mut c.downlink_bytes,
+            deadline,
+            &self.cancel,
         )
+        .await;
+        self.stats.wait += started.elapsed();
+        Some(reply)
     }
 
     /// Takes a drafted token into the window: the policy decides whether it is verified.

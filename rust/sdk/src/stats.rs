@@ -41,6 +41,14 @@ pub struct Stats {
     /// Sessions (re)opened after the link had been down.
     pub reconnects: u64,
     pub elapsed_ms: f64,
+    /// Where the device's generation time went: its model reading the prompt (and catching up
+    /// on tokens it did not draft, after LLM-only streaming), its model drafting (every
+    /// drafted token, the discarded ones included, and taking the server's token after a
+    /// rejection), and waiting idle for a verdict (the drafting window full, or nothing left
+    /// to draft). The rest of `elapsed_ms` is opening sessions, sending and bookkeeping.
+    pub prefill_ms: f64,
+    pub draft_ms: f64,
+    pub wait_ms: f64,
     /// Generated tokens per second of generation time.
     pub tokens_per_second: f64,
     pub generated_tokens: u64,
@@ -52,6 +60,9 @@ pub(crate) struct StatsAccumulator {
     pub counters: Stats,
     rtts_ms: Vec<f64>,
     elapsed: Duration,
+    pub prefill: Duration,
+    pub draft: Duration,
+    pub wait: Duration,
 }
 
 /// Round trips kept for the lifetime percentiles; older ones are dropped.
@@ -95,6 +106,9 @@ impl StatsAccumulator {
             self.rtts_ms.push(r);
         }
         self.elapsed += other.elapsed;
+        self.prefill += other.prefill;
+        self.draft += other.draft;
+        self.wait += other.wait;
     }
 
     pub fn snapshot(&self) -> Stats {
@@ -107,6 +121,9 @@ impl StatsAccumulator {
             s.rtt_p95_ms = percentile(&rtts, 0.95);
         }
         s.elapsed_ms = self.elapsed.as_secs_f64() * 1e3;
+        s.prefill_ms = self.prefill.as_secs_f64() * 1e3;
+        s.draft_ms = self.draft.as_secs_f64() * 1e3;
+        s.wait_ms = self.wait.as_secs_f64() * 1e3;
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
             s.tokens_per_second = s.generated_tokens as f64 / secs;
@@ -140,11 +157,18 @@ mod tests {
         assert!((s.rtt_mean_ms - 50.5).abs() < 1e-9);
         assert!((s.tokens_per_second - 25.0).abs() < 1e-9);
         let mut total = StatsAccumulator::default();
+        g.draft = Duration::from_millis(1500);
+        g.wait = Duration::from_millis(300);
+        g.prefill = Duration::from_millis(100);
         total.merge(&g);
         total.merge(&g);
         let t = total.snapshot();
         assert_eq!(t.round_trips, 200);
         assert_eq!(t.generated_tokens, 100);
         assert!((t.tokens_per_second - 25.0).abs() < 1e-9);
+        assert_eq!(
+            (t.draft_ms, t.wait_ms, t.prefill_ms),
+            (3000.0, 600.0, 200.0)
+        );
     }
 }
