@@ -283,7 +283,10 @@ fn a_seed_gives_the_same_generation_whether_the_device_drafts_ahead_or_not() {
         // waited for every verdict; the parts do not overlap.
         for s in [&a.stats, &b.stats] {
             assert!(s.prefill_ms > 0.0 && s.draft_ms > 0.0, "{s:?}");
-            assert!(s.prefill_ms + s.draft_ms + s.wait_ms <= s.elapsed_ms, "{s:?}");
+            assert!(
+                s.prefill_ms + s.draft_ms + s.wait_ms <= s.elapsed_ms,
+                "{s:?}"
+            );
         }
         assert!(b.stats.wait_ms > 0.0, "{:?}", b.stats);
         discarded += a.stats.discarded;
