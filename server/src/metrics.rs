@@ -41,6 +41,9 @@ pub struct Metrics {
     /// Duration of each forward pass (what a request arriving during one waits for).
     pub forward_seconds: Histogram,
     pub verify_latency: Histogram,
+    /// The drafting window each verdict asked for (`Verdict::window`): how busy the server
+    /// tells its devices it is.
+    pub drafting_window: Histogram,
     pub uplink_bytes: Counter,
     pub downlink_bytes: Counter,
     errors: Family<CodeLabel, Counter>,
@@ -82,6 +85,10 @@ impl Metrics {
             forward_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             // 0.5 ms .. ~4 s.
             verify_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            // 0 (one link at a time), then 1 .. 256 tokens.
+            drafting_window: Histogram::new(
+                std::iter::once(0.0).chain(exponential_buckets(1.0, 2.0, 9)),
+            ),
             uplink_bytes: Counter::default(),
             downlink_bytes: Counter::default(),
             errors: Family::default(),
@@ -152,6 +159,11 @@ impl Metrics {
             "batch_size",
             "Sessions served by one forward pass",
             m.batch_size.clone(),
+        );
+        registry.register(
+            "drafting_window",
+            "Tokens each verdict asked its device to draft ahead at most (its share of a pass)",
+            m.drafting_window.clone(),
         );
         registry.register(
             "forward_passes",

@@ -695,6 +695,9 @@ async fn a_verdict_carries_the_sessions_share_of_a_pass() {
         passes + 1.0,
         "the four met in one pass"
     );
+    // Operators see the windows asked for.
+    assert_eq!(common::metric(&server, "uhlm_drafting_window_count"), 5.0);
+    assert_eq!(common::metric(&server, "uhlm_drafting_window_sum"), 128.0);
     server.shutdown().await;
 }
 

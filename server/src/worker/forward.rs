@@ -530,6 +530,7 @@ impl Worker {
         };
         verdict.accepted_links = accepted_links;
         verdict.window = Some(self.window);
+        self.metrics.drafting_window.observe(f64::from(self.window));
         // What was scored after the decided position (a rejected chain's tail) leaves the cache.
         if let Some(llm) = entry.llm.as_mut() {
             llm.truncate(positions[link] as usize);
