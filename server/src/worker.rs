@@ -343,17 +343,12 @@ impl Worker {
             // it costs the others one chunk a pass (cut to `pass_target` where one is set).
             self.plan_catch_ups(&mut plan);
             // Every session with work in this pass or waiting for the next.
-            let mut busy: HashSet<SessionKey> = plan.keys().collect();
-            busy.extend(self.streams.iter().map(|s| s.key));
-            busy.extend(self.catching_up.iter().copied());
-            busy.extend(self.ready.iter().map(|r| r.0));
-            busy.extend(held_keys);
+            let mut busy: HashSet<SessionKey> = plan.keys().chain(held_keys).collect();
+            busy.extend(self.queued_keys());
             self.window = self.drafting_window(busy.len());
             self.run_plan(plan);
             // Kept from eviction: these, and the sessions the pass has just queued.
-            busy.extend(self.streams.iter().map(|s| s.key));
-            busy.extend(self.catching_up.iter().copied());
-            busy.extend(self.ready.iter().map(|r| r.0));
+            busy.extend(self.queued_keys());
             self.enforce_budget(&busy);
             self.clock += 1;
             if stopping && self.held.is_empty() && self.ready.is_empty() {
@@ -365,6 +360,13 @@ impl Worker {
         self.metrics.sessions.dec_by(self.sessions.len() as i64);
         self.sessions.clear();
         self.report_kv_bytes(0);
+    }
+
+    /// Sessions queued for a later pass: running generations, catch-ups, caught-up `Verify`s.
+    fn queued_keys(&self) -> impl Iterator<Item = SessionKey> + '_ {
+        let streams = self.streams.iter().map(|s| s.key);
+        let ready = self.ready.iter().map(|r| r.0);
+        streams.chain(self.catching_up.iter().copied()).chain(ready)
     }
 
     /// Nothing to do until a request comes.
