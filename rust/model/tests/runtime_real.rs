@@ -256,6 +256,61 @@ fn smollm2_default_draft_round_trip() {
     );
 }
 
+/// A stand-in rebuilt from the header alone loads as the real model does: the same
+/// hyper-parameters, tensor types and tokenizer (so a device's fingerprint matches), random
+/// weights whose logits are finite and have nothing to do with the real ones. The header
+/// alone is refused as a truncated model, with a typed error.
+#[test]
+fn a_stand_in_from_the_header_alone_loads_like_the_model() {
+    let Some(src) = cached_model(SMOLLM2) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (header, stand_in) = (dir.path().join("h.gguf"), dir.path().join("s.gguf"));
+    let header_bytes = uhlm_model::stand_in::strip_weights(&src, &header).unwrap();
+    let source = Model::load(&src, &LoadOptions::default()).unwrap();
+    assert!(
+        header_bytes < source.info().file_bytes / 20,
+        "{header_bytes} bytes"
+    );
+    match Model::load(&header, &LoadOptions::default()) {
+        Err(uhlm_model::ModelError::CorruptModel { reason, .. }) => {
+            assert!(reason.contains("truncated"), "{reason}")
+        }
+        other => panic!(
+            "the header alone loaded: {:?}",
+            other.map(|m| m.info().clone())
+        ),
+    }
+    uhlm_model::stand_in::random_weights(&header, &stand_in, 7).unwrap();
+    let fake = Model::load(&stand_in, &LoadOptions::default()).unwrap();
+    let (a, b) = (source.info(), fake.info());
+    assert_eq!(
+        (a.architecture, a.vocab_size, a.n_layers, a.context_length),
+        (b.architecture, b.vocab_size, b.n_layers, b.context_length)
+    );
+    assert_eq!(a.dtypes, b.dtypes);
+    assert_eq!(
+        (a.stand_in_for.as_deref(), b.stand_in_for.as_deref()),
+        (None, Some("h.gguf"))
+    );
+    assert_eq!(fake.fingerprint(), source.fingerprint());
+    // Within a few KiB: the same tensors in the same types, metadata reordered.
+    assert!(
+        b.file_bytes.abs_diff(a.file_bytes) < 64 << 10,
+        "{a:?} / {b:?}"
+    );
+    let tokens = encode(&source, EIFFEL);
+    let real = source.session().score(&tokens).unwrap();
+    let random = fake.session().score(&tokens).unwrap();
+    assert!(random.last().iter().all(|x| x.is_finite()));
+    let r = correlation(real.last(), random.last());
+    assert!(
+        r.abs() < 0.2,
+        "random weights track the model: correlation {r}"
+    );
+}
+
 /// The server's batched verification on the real models: sessions of different lengths
 /// (one rolled back as after a rejection), each catching up on a different number of tokens,
 /// in one forward pass, get bit for bit the logits they get alone.
