@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uhlm_core::protocol::DEFAULT_MAX_FRAME_BYTES;
+use uhlm_model::Device;
 
 use crate::error::ServerError;
 
@@ -94,6 +95,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Threads for candle's matmul kernels (process-wide; `None`: candle's default).
     pub kernel_threads: Option<usize>,
+    /// Where the model runs: `cpu`, or `cuda` / `cuda:N` in builds with the `cuda` feature.
+    pub device: Device,
     /// Address of the HTTP endpoint serving `/healthz` and `/metrics`; `None`: no endpoint.
     pub metrics: Option<SocketAddr>,
 }
@@ -127,6 +130,7 @@ impl Default for ServerConfig {
             pass_target: Duration::ZERO,
             workers: 1,
             kernel_threads: None,
+            device: Device::Cpu,
             metrics: None,
         }
     }
@@ -318,6 +322,9 @@ pub struct ServerArgs {
     /// Threads for the matmul kernels.
     #[arg(long)]
     pub kernel_threads: Option<usize>,
+    /// Where the model runs: cpu, cuda or cuda:N (GPU builds: `cargo xtask cuda`).
+    #[arg(long)]
+    pub device: Option<Device>,
     /// HTTP address for /healthz and /metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
@@ -378,6 +385,7 @@ impl ServerArgs {
         if self.kernel_threads.is_some() {
             config.kernel_threads = self.kernel_threads;
         }
+        set(&mut config.device, self.device);
         if self.metrics.is_some() {
             config.metrics = self.metrics;
         }
@@ -395,7 +403,7 @@ mod tests {
         std::fs::write(
             &path,
             "model = \"/m.gguf\"\nself_signed = true\napi_keys = \"keys.txt\"\n\
-             batch_wait = \"5ms\"\nidle_timeout = \"1m\"\nmax_batch = 4\n",
+             batch_wait = \"5ms\"\nidle_timeout = \"1m\"\nmax_batch = 4\ndevice = \"cpu\"\n",
         )
         .unwrap();
         let mut config = ServerConfig::from_toml_file(&path).unwrap();
@@ -416,6 +424,22 @@ mod tests {
         assert_eq!(config.max_batch, 8);
         assert_eq!(config.batch_wait, Duration::from_millis(1));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_cpu_build_refuses_a_gpu_at_start() {
+        let e = toml::from_str::<ServerConfig>("device = \"cuda:0\"").unwrap_err();
+        assert!(e.to_string().contains("no CUDA support"), "{e}");
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServerArgs,
+        }
+        let e = <Serve as clap::Parser>::try_parse_from(["serve", "--device", "cuda"])
+            .err()
+            .expect("--device cuda was accepted");
+        assert!(e.to_string().contains("no CUDA support"), "{e}");
     }
 
     #[test]

@@ -57,6 +57,7 @@ impl Server {
         let path = uhlm_model::fetch::resolve_model(&config.model.to_string_lossy())?;
         let opts = LoadOptions {
             threads: config.kernel_threads,
+            device: config.device,
             ..LoadOptions::default()
         };
         let model = tokio::task::spawn_blocking(move || Model::load(&path, &opts))
@@ -163,8 +164,15 @@ impl Server {
             %local_addr,
             fingerprint = %fingerprint_hex,
             api_keys = shared.keys.len(),
+            device = %shared.model.device(),
             "uhlm-server listening"
         );
+        if let Some(source) = &shared.model.info().stand_in_for {
+            tracing::warn!(
+                "the model is a stand-in for {source} with random weights: its tokens mean \
+                 nothing (made for timing)"
+            );
+        }
         Ok(ServerHandle {
             local_addr,
             metrics_addr,

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use std::time::Duration;
 
 use uhlm_eval::token_cost::token_cost;
-use uhlm_model::{BenchReport, LoadOptions, Model, bench_model, fetch};
+use uhlm_model::{BenchReport, Device, LoadOptions, Model, bench_model, check_device, fetch};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -67,6 +67,13 @@ pub struct BenchModelArgs {
     /// verifying many devices at once runs); the decode rate counts all their tokens.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Where the forward passes run: cpu, cuda or cuda:N (GPU builds: `cargo xtask cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Before timing, compare the model's logits on --device with the CPU's, and batched
+    /// with alone there; fails on a non-finite logit.
+    #[arg(long)]
+    check_device: bool,
     /// Print the reports as JSON lines.
     #[arg(long)]
     json: bool,
@@ -110,12 +117,34 @@ fn bench(args: BenchModelArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    if args.check_device {
+        let check = check_device(&path, args.device, args.prompt_tokens)
+            .with_context(|| format!("checking {} on {}", path.display(), args.device))?;
+        eprintln!(
+            "{}: logits within {:.4} of the CPU's over {} rows ({} most likely tokens differ); \
+             batched within {:.4} of alone",
+            check.device,
+            check.max_abs_diff_vs_cpu,
+            check.rows,
+            check.argmax_mismatches,
+            check.max_abs_diff_batched_vs_alone
+        );
+        if args.json {
+            println!("{}", serde_json::to_string(&check)?);
+        }
+        if !(check.max_abs_diff_vs_cpu.is_finite()
+            && check.max_abs_diff_batched_vs_alone.is_finite())
+        {
+            bail!("non-finite logits on {}", args.device);
+        }
+    }
     let reports = if args.threads.len() <= 1 {
         let threads = args.threads.first().copied();
         vec![
             bench_model(
                 &path,
                 threads,
+                args.device,
                 args.prompt_tokens,
                 args.decode_tokens,
                 args.batch,
@@ -238,6 +267,8 @@ fn run_child(path: &std::path::Path, threads: usize, args: &BenchModelArgs) -> R
             args.decode_tokens.to_string(),
             "--batch".to_string(),
             args.batch.to_string(),
+            "--device".to_string(),
+            args.device.to_string(),
         ])
         .output()
         .context("running the benchmark child process")?;

