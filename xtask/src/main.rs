@@ -10,6 +10,7 @@ use std::process::Command;
 
 mod bindings;
 mod build_profile;
+mod cuda;
 mod demo;
 mod soak;
 
@@ -45,6 +46,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The `uhlm` binary with the server's model on an NVIDIA GPU (`uhlm serve --device
+    /// cuda`), in target/cuda; CUDA 13.0's compiler and libraries are fetched from PyPI on
+    /// first use. `--check`: type-check only; `--bundle DIR`: also what the
+    /// GPU capacity sweep needs (xtask/gpu-capacity.sh).
+    Cuda(cuda::CudaArgs),
     /// The fault and load campaign: devices through a lossy emulated link, the server killed
     /// and restarted, every generation checked (`--short`: the form CI runs).
     Soak(soak::SoakArgs),
@@ -99,6 +105,7 @@ fn main() -> Result<()> {
         Task::Test => test(),
         Task::Humaneval { args } => humaneval(&args),
         Task::Capacity { args } => capacity(&args),
+        Task::Cuda(args) => cuda::cuda(args),
         Task::Soak(args) => soak::soak(args),
         Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
         Task::CheckCoreDeps => check_core_deps(),
