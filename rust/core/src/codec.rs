@@ -495,13 +495,13 @@ pub fn decode(bytes: &[u8], expected_vocab: Option<usize>) -> Result<Vec<f32>, C
         return Err(CodecError::VocabTooLarge(vocab as usize));
     }
     let vocab = vocab as usize;
-    if let Some(expected) = expected_vocab {
-        if expected != vocab {
-            return Err(CodecError::VocabMismatch {
-                got: vocab,
-                expected,
-            });
-        }
+    if let Some(expected) = expected_vocab
+        && expected != vocab
+    {
+        return Err(CodecError::VocabMismatch {
+            got: vocab,
+            expected,
+        });
     }
     let mut out = vec![0.0f32; vocab];
     match tag {

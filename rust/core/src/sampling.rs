@@ -65,10 +65,10 @@ impl SamplingOptions {
         if self.top_k == Some(0) {
             return Err("top_k must be at least 1".into());
         }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(format!("top_p must be in (0, 1], got {p}"));
-            }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(format!("top_p must be in (0, 1], got {p}"));
         }
         Ok(())
     }

@@ -77,10 +77,10 @@ fn messages_without_nan_compare_equal_after_decoding() {
         let mut decoded = FrameDecoder::new(MAX);
         decoded.push(&encode_frame(&msg, MAX).unwrap());
         let got = decoded.next_frame().unwrap().unwrap();
-        if let Message::Verify(Verify { uncertainty, .. }) = &msg {
-            if uncertainty.is_nan() {
-                continue;
-            }
+        if let Message::Verify(Verify { uncertainty, .. }) = &msg
+            && uncertainty.is_nan()
+        {
+            continue;
         }
         assert_eq!(got, msg);
     }

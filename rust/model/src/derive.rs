@@ -118,10 +118,10 @@ pub fn derive_draft(
         let flags = kept.iter().map(|&i| Value::Bool(sliding[i])).collect();
         set(&mut metadata, SLIDING_PATTERN_KEY, Value::Array(flags));
     }
-    if let Some(q) = opts.quant {
-        if let Some(ft) = llama_file_type(q) {
-            set(&mut metadata, "general.file_type", Value::U32(ft));
-        }
+    if let Some(q) = opts.quant
+        && let Some(ft) = llama_file_type(q)
+    {
+        set(&mut metadata, "general.file_type", Value::U32(ft));
     }
     set(
         &mut metadata,

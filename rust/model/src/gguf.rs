@@ -189,16 +189,16 @@ impl GgufFile {
                 (self.read_bytes as f64 / self.tensor_bytes.max(1) as f64).min(0.99) as f32,
             );
         }
-        if let Some(dims) = dims {
-            if t.shape().dims() != dims {
-                return Err(ModelError::corrupt(
-                    &self.path,
-                    format!(
-                        "tensor {name} has shape {:?}, expected {dims:?}",
-                        t.shape().dims()
-                    ),
-                ));
-            }
+        if let Some(dims) = dims
+            && t.shape().dims() != dims
+        {
+            return Err(ModelError::corrupt(
+                &self.path,
+                format!(
+                    "tensor {name} has shape {:?}, expected {dims:?}",
+                    t.shape().dims()
+                ),
+            ));
         }
         Ok(t)
     }

@@ -65,13 +65,13 @@ impl Llama {
         let head_dim = g
             .opt_usize(&format!("{p}.attention.key_length"))?
             .unwrap_or(n_embd / n_head);
-        if let Some(rope_dim) = g.opt_usize(&format!("{p}.rope.dimension_count"))? {
-            if rope_dim != head_dim {
-                return Err(ModelError::corrupt(
-                    &g.path,
-                    format!("partial rotary ({rope_dim} of {head_dim}) is not supported"),
-                ));
-            }
+        if let Some(rope_dim) = g.opt_usize(&format!("{p}.rope.dimension_count"))?
+            && rope_dim != head_dim
+        {
+            return Err(ModelError::corrupt(
+                &g.path,
+                format!("partial rotary ({rope_dim} of {head_dim}) is not supported"),
+            ));
         }
         let vocab = g.tensor_dims("token_embd.weight")?[0];
         let embd = Arc::new(g.tensor("token_embd.weight", Some(&[vocab, n_embd]), device)?);

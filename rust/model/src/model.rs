@@ -482,23 +482,23 @@ static KERNEL_THREADS: OnceLock<usize> = OnceLock::new();
 /// sets that variable, unless the user already did.
 fn configure_threads(requested: Option<usize>) {
     let actual = *KERNEL_THREADS.get_or_init(|| {
-        if let Some(n) = requested.filter(|n| *n > 0) {
-            if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-                // SAFETY: runs once, on the first model load, before candle has started its
-                // pool; the runtime spawns no threads that read the environment concurrently.
-                unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
-            }
+        if let Some(n) = requested.filter(|n| *n > 0)
+            && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+        {
+            // SAFETY: runs once, on the first model load, before candle has started its
+            // pool; the runtime spawns no threads that read the environment concurrently.
+            unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
         }
         kernel_threads_from_env()
     });
-    if let Some(n) = requested {
-        if n != actual {
-            tracing::warn!(
-                requested = n,
-                actual,
-                "candle's kernel thread pool is per process and already sized; ignoring"
-            );
-        }
+    if let Some(n) = requested
+        && n != actual
+    {
+        tracing::warn!(
+            requested = n,
+            actual,
+            "candle's kernel thread pool is per process and already sized; ignoring"
+        );
     }
 }
 

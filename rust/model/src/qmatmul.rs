@@ -32,6 +32,10 @@ use crate::model::Kernels;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx2_kquant;
+#[cfg(target_arch = "x86_64")]
+mod dot;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use dot::Isa;
 
 /// Which kernel family serves a weight, holding the weight in the form that kernel reads.
 #[derive(Debug, Clone)]
@@ -55,6 +59,9 @@ pub(crate) struct QuantMatmul {
     n: usize,
     k: usize,
     kernel: Kernel,
+    /// The instruction set of the x86 kernels: AVX-VNNI where the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    isa: Isa,
 }
 
 impl QuantMatmul {
@@ -81,7 +88,13 @@ impl QuantMatmul {
             Path::Blocks(dtype) => Kernel::Blocks(dtype, weight),
             Path::Candle => Kernel::Candle(QMatMul::from_arc(weight)?),
         };
-        Ok(Self { n, k, kernel })
+        Ok(Self {
+            n,
+            k,
+            kernel,
+            #[cfg(target_arch = "x86_64")]
+            isa: Isa::detect(),
+        })
     }
 
     /// Whether this CPU multiplies `dtype` weights from their own blocks at SIMD speed, so
@@ -119,10 +132,10 @@ impl QuantMatmul {
             match &self.kernel {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Block32(format, w) => {
-                    avx2::matmul(*format, (m, k, n), x, &w.data()?, &mut out)?
+                    avx2::matmul(*format, self.isa, (m, k, n), x, &w.data()?, &mut out)?
                 }
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Interleaved(w) => avx2_kquant::matmul(w, m, n, x, &mut out),
+                Kernel::Interleaved(w) => avx2_kquant::matmul(w, self.isa, m, n, x, &mut out),
                 Kernel::Blocks(dtype, w) => {
                     blocks_matmul(*dtype, (m, k, n), x, &w.data()?, &mut out)?
                 }
@@ -270,6 +283,8 @@ mod tests {
     /// Widths cover whole and partial groups of four blocks and of four columns.
     #[test]
     fn every_format_matches_candles_kernel() {
+        #[cfg(target_arch = "x86_64")]
+        let mut vnni_compared = false;
         for (n, k) in [(40, 512), (37, 576), (5, 256)] {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5) * 0.2)
@@ -312,8 +327,28 @@ mod tests {
                         let alone = to_vec(ours.forward(&x.narrow(0, r, 1).unwrap()).unwrap());
                         assert_eq!(alone, a[r * n..(r + 1) * n], "{dtype:?} m={m} row {r}");
                     }
+                    // Nor on the instruction set: AVX2 alone gives what VNNI gives.
+                    #[cfg(target_arch = "x86_64")]
+                    if ours.isa == Isa::AvxVnni {
+                        let avx2 = QuantMatmul {
+                            isa: Isa::Avx2,
+                            ..ours.clone()
+                        };
+                        assert_eq!(to_vec(avx2.forward(&x).unwrap()), a, "{dtype:?} m={m}");
+                        vnni_compared = true;
+                    }
                 }
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if !vnni_compared {
+            // Without AVX-VNNI the kernels run AVX2 alone; the comparison needs such a CPU.
+            assert_eq!(
+                Isa::detect(),
+                Isa::Avx2,
+                "a VNNI CPU must have compared the kernels"
+            );
+            eprintln!("no AVX-VNNI on this CPU: the AVX2 kernels only");
         }
     }
 }

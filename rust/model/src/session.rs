@@ -160,13 +160,13 @@ impl Session {
                 return Err(ModelError::MixedBatch);
             }
             item.session.check(item.tokens)?;
-            if let Outputs::Rows(rows) = item.outputs {
-                if let Some(&row) = rows.iter().find(|&&r| r >= item.tokens.len()) {
-                    return Err(ModelError::NoSuchRow {
-                        row,
-                        rows: item.tokens.len(),
-                    });
-                }
+            if let Outputs::Rows(rows) = item.outputs
+                && let Some(&row) = rows.iter().find(|&&r| r >= item.tokens.len())
+            {
+                return Err(ModelError::NoSuchRow {
+                    row,
+                    rows: item.tokens.len(),
+                });
             }
         }
         let mut parts: Vec<Part<'_>> = items

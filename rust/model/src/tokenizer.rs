@@ -234,10 +234,10 @@ impl GgufVocab {
             ("tokenizer.ggml.unknown_token_id", vocab.unk),
             ("tokenizer.ggml.padding_token_id", vocab.pad),
         ] {
-            if let Some(id) = id {
-                if id as usize >= vocab.tokens.len() {
-                    return Err(bad(key, format!("id {id} outside the vocabulary")));
-                }
+            if let Some(id) = id
+                && id as usize >= vocab.tokens.len()
+            {
+                return Err(bad(key, format!("id {id} outside the vocabulary")));
             }
         }
         Ok(vocab)
@@ -295,10 +295,8 @@ fn parse_byte_token(piece: &str) -> Option<u8> {
 
 /// Bytes of a SentencePiece piece (`▁world` → ` world`, `<0x0A>` → `\n`).
 fn spm_bytes(piece: &str, is_byte_token: bool) -> Box<[u8]> {
-    if is_byte_token {
-        if let Some(b) = parse_byte_token(piece) {
-            return Box::new([b]);
-        }
+    if is_byte_token && let Some(b) = parse_byte_token(piece) {
+        return Box::new([b]);
     }
     piece
         .replace(SPM_SPACE, " ")

@@ -70,10 +70,10 @@ impl Inner {
         let mut ids = tokenizer
             .encode(&text, false)
             .map_err(|e| SdkError::InvalidConfig(format!("prompt: {e}")))?;
-        if let Some(bos) = tokenizer.bos_id().filter(|_| tokenizer.adds_bos()) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
+        if let Some(bos) = tokenizer.bos_id().filter(|_| tokenizer.adds_bos())
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }

@@ -254,10 +254,12 @@ impl Generation {
                 break StopReason::ContextFull;
             }
             let may_retry = self.retry_at.is_none_or(|t| Instant::now() >= t);
-            if self.mode.uses_server() && self.link.is_none() && may_retry {
-                if let Some(conn) = self.inner.link.poll(&self.inner.rt) {
-                    self.open_session(conn, true).await?;
-                }
+            if self.mode.uses_server()
+                && self.link.is_none()
+                && may_retry
+                && let Some(conn) = self.inner.link.poll(&self.inner.rt)
+            {
+                self.open_session(conn, true).await?;
             }
             if self.mode == Mode::Llm && self.link.is_some() {
                 match self.stream_remote(&mut out, context_limit).await? {
@@ -312,10 +314,10 @@ impl Generation {
             } else {
                 self.wait_verdict().await
             };
-            if let Some(reply) = reply {
-                if let Some(stop) = self.on_reply(&mut out, reply).await? {
-                    break stop;
-                }
+            if let Some(reply) = reply
+                && let Some(stop) = self.on_reply(&mut out, reply).await?
+            {
+                break stop;
             }
         };
         let (tail, hit) = out.text.finish();
@@ -779,10 +781,10 @@ impl Generation {
             }
         }
         // A draft made while the verdict came is kept unless the verdict rolled back.
-        if let Some((drafted, rollbacks)) = self.unapplied_draft.take() {
-            if rollbacks == self.rollbacks {
-                self.on_drafted(drafted);
-            }
+        if let Some((drafted, rollbacks)) = self.unapplied_draft.take()
+            && rollbacks == self.rollbacks
+        {
+            self.on_drafted(drafted);
         }
         Ok(None)
     }

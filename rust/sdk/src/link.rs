@@ -62,10 +62,10 @@ impl Link {
 
     /// A live connection, connecting now if needed (used when a generation starts).
     pub async fn get(&self) -> Result<Arc<ClientConn>, SdkError> {
-        if let State::Up(c) = &*lock(&self.state) {
-            if c.is_alive() {
-                return Ok(c.clone());
-            }
+        if let State::Up(c) = &*lock(&self.state)
+            && c.is_alive()
+        {
+            return Ok(c.clone());
         }
         let endpoint = self.endpoint().await?;
         match connect(&endpoint, &self.target).await {

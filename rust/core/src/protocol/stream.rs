@@ -190,10 +190,10 @@ impl SessionStream {
                 self.close();
             }
             (_, Side::Server, Message::Error(e)) => {
-                if let (Verifying { seq } | Generating { seq, .. }, Some(s)) = (self.phase, e.seq) {
-                    if s != seq {
-                        return unexpected;
-                    }
+                if let (Verifying { seq } | Generating { seq, .. }, Some(s)) = (self.phase, e.seq)
+                    && s != seq
+                {
+                    return unexpected;
                 }
                 self.on_server_error(e.code.recovery());
             }

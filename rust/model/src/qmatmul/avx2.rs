@@ -4,8 +4,8 @@
 //! `s = d · Σq` for the formats with an offset). A tile kernel then walks the weight blocks
 //! of `RN` columns once and multiplies each unpacked block with the matching block of `RM`
 //! activation rows, keeping the `RM x RN` partial sums in registers. The 4- and 5-bit formats
-//! are unpacked to unsigned bytes, so the integer dot product is one `maddubs` with no sign
-//! fix-up; their offset (−8·d, −16·d, or the block minimum `m`) multiplies `Σa` once per block.
+//! are unpacked to unsigned bytes, so the integer dot product (`maddubs`, or VNNI's
+//! `vpdpbusd`: [`super::dot`]) needs no sign fix-up; their offset (−8·d, −16·d, or the block minimum `m`) multiplies `Σa` once per block.
 
 // Row loops index several per-row register arrays in lock step.
 #![allow(clippy::needless_range_loop)]
@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::blocks;
+use super::dot::{Avx2, AvxVnni, Dot, Isa};
 use candle_core::Result;
 use candle_core::quantized::GgmlDType;
 
@@ -172,9 +173,11 @@ block!(Q5_1, signed: false,
     offset: |b| f32_of(b.m));
 block!(Q8_0, signed: true, unpack: |b| _mm256_loadu_si256(b.qs.as_ptr().cast()), offset: |_b| 0.0);
 
-/// `dst (m, n) = x (m, k) · Wᵀ` for `W` stored as `n` rows of `k / 32` blocks in `data`.
+/// `dst (m, n) = x (m, k) · Wᵀ` for `W` stored as `n` rows of `k / 32` blocks in `data`, on
+/// `isa`'s kernels (the same results on either).
 pub(crate) fn matmul(
     format: Format,
+    isa: Isa,
     mkn: (usize, usize, usize),
     x: &[f32],
     data: &[u8],
@@ -183,11 +186,11 @@ pub(crate) fn matmul(
     let (_, k, n) = mkn;
     let count = n * (k / QK);
     match format {
-        Format::Q4_0 => run::<Q4_0>(mkn, x, blocks(data, count)?, dst),
-        Format::Q4_1 => run::<Q4_1>(mkn, x, blocks(data, count)?, dst),
-        Format::Q5_0 => run::<Q5_0>(mkn, x, blocks(data, count)?, dst),
-        Format::Q5_1 => run::<Q5_1>(mkn, x, blocks(data, count)?, dst),
-        Format::Q8_0 => run::<Q8_0>(mkn, x, blocks(data, count)?, dst),
+        Format::Q4_0 => run::<Q4_0>(isa, mkn, x, blocks(data, count)?, dst),
+        Format::Q4_1 => run::<Q4_1>(isa, mkn, x, blocks(data, count)?, dst),
+        Format::Q5_0 => run::<Q5_0>(isa, mkn, x, blocks(data, count)?, dst),
+        Format::Q5_1 => run::<Q5_1>(isa, mkn, x, blocks(data, count)?, dst),
+        Format::Q8_0 => run::<Q8_0>(isa, mkn, x, blocks(data, count)?, dst),
     }
     Ok(())
 }
@@ -198,7 +201,7 @@ const RM: usize = 4;
 /// tile passes over them.
 const COLS_PER_ITEM: usize = 8;
 
-fn run<B: Block>((m, k, n): (usize, usize, usize), x: &[f32], w: &[B], dst: &mut [f32]) {
+fn run<B: Block>(isa: Isa, (m, k, n): (usize, usize, usize), x: &[f32], w: &[B], dst: &mut [f32]) {
     let kb = k / QK;
     let acts = quantize(x, m, k);
     let dst_ptr = dst.as_mut_ptr() as usize;
@@ -207,9 +210,15 @@ fn run<B: Block>((m, k, n): (usize, usize, usize), x: &[f32], w: &[B], dst: &mut
         for item in range {
             let c0 = item * COLS_PER_ITEM;
             let c1 = n.min(c0 + COLS_PER_ITEM);
-            // SAFETY: AVX2 and FMA were detected before this path was chosen; every
-            // (row, column) of dst is written by exactly one work item.
-            unsafe { columns::<B>(&acts, w, kb, m, n, c0..c1, dst_ptr as *mut f32) }
+            let dst = dst_ptr as *mut f32;
+            // SAFETY: `isa` was detected before this path was chosen; every (row, column)
+            // of dst is written by exactly one work item.
+            unsafe {
+                match isa {
+                    Isa::Avx2 => columns_avx2::<B>(&acts, w, kb, m, n, c0..c1, dst),
+                    Isa::AvxVnni => columns_vnni::<B>(&acts, w, kb, m, n, c0..c1, dst),
+                }
+            }
         }
     });
 }
@@ -236,7 +245,34 @@ fn quantize(x: &[f32], m: usize, k: usize) -> Vec<Act> {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn columns<B: Block>(
+unsafe fn columns_avx2<B: Block>(
+    acts: &[Act],
+    w: &[B],
+    kb: usize,
+    m: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+    dst: *mut f32,
+) {
+    unsafe { columns::<Avx2, B>(acts, w, kb, m, n, cols, dst) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn columns_vnni<B: Block>(
+    acts: &[Act],
+    w: &[B],
+    kb: usize,
+    m: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+    dst: *mut f32,
+) {
+    unsafe { columns::<AvxVnni, B>(acts, w, kb, m, n, cols, dst) }
+}
+
+/// Columns `cols` of `dst`, tile by tile.
+#[inline(always)]
+unsafe fn columns<D: Dot, B: Block>(
     acts: &[Act],
     w: &[B],
     kb: usize,
@@ -254,10 +290,10 @@ unsafe fn columns<B: Block>(
             let rows_at = &acts[r * kb..];
             unsafe {
                 match rows {
-                    1 => tile::<B, 1>(col, rows_at, kb, n, out),
-                    2 => tile::<B, 2>(col, rows_at, kb, n, out),
-                    3 => tile::<B, 3>(col, rows_at, kb, n, out),
-                    _ => tile::<B, RM>(col, rows_at, kb, n, out),
+                    1 => tile::<D, B, 1>(col, rows_at, kb, n, out),
+                    2 => tile::<D, B, 2>(col, rows_at, kb, n, out),
+                    3 => tile::<D, B, 3>(col, rows_at, kb, n, out),
+                    _ => tile::<D, B, RM>(col, rows_at, kb, n, out),
                 }
             }
             r += rows;
@@ -274,7 +310,7 @@ unsafe fn columns<B: Block>(
 /// difference can flip a rounding in the next layer and grow into visible logit changes.
 /// Two accumulators also let consecutive blocks' FMAs overlap.
 #[inline(always)]
-unsafe fn tile<B: Block, const R: usize>(
+unsafe fn tile<D: Dot, B: Block, const R: usize>(
     col: &[B],
     acts: &[Act],
     kb: usize,
@@ -282,13 +318,12 @@ unsafe fn tile<B: Block, const R: usize>(
     out: *mut f32,
 ) {
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); R]; 2];
         let mut offset = [[0f32; R]; 2];
         let row = |i: usize, b: usize| acts.get_unchecked(i * kb + b);
         let step = |b: usize, acc: &mut [__m256; R], offset: &mut [f32; R]| {
             let blk = col.get_unchecked(b);
-            // Unsigned magnitudes for `maddubs`; for Q8_0 the signs move onto the
+            // Unsigned magnitudes for the byte products; for Q8_0 the signs move onto the
             // activations.
             let raw = blk.unpack();
             let wv = if B::SIGNED {
@@ -305,7 +340,7 @@ unsafe fn tile<B: Block, const R: usize>(
                 } else {
                     av
                 };
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
+                let dot = D::dot(wv, av);
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(wd * a.d), acc[i]);
                 if !B::SIGNED {
                     offset[i] += wo * a.s;

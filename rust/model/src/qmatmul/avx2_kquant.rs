@@ -4,7 +4,8 @@
 //! block per 256-value super-block (and the originals dropped), with the packed 6-bit scales
 //! unpacked to bytes: Q4_K takes 1,184 bytes where the file has 1,152 (+2.8%), Q6_K 1,696
 //! for 1,680 (+1%). One 32-byte load then holds four consecutive values of all eight columns,
-//! so a single `maddubs` against four broadcast activation bytes advances eight dot products,
+//! so one byte product instruction (`maddubs`, or VNNI's `vpdpbusd`: [`super::dot`]) against
+//! four broadcast activation bytes advances eight dot products,
 //! and the per-super-block work (scales, mins, the float multiply) is shared by eight columns
 //! instead of repeated per column. llama.cpp's CPU backend repacks Q4_K the same way; these
 //! layouts are ours.
@@ -23,6 +24,7 @@ use candle_core::quantized::GgmlDType;
 
 use super::avx2::prefetch;
 use super::blocks;
+use super::dot::{Avx2, AvxVnni, Dot, Isa};
 
 const QK_K: usize = 256;
 
@@ -256,40 +258,26 @@ fn quantize(x: &[f32]) -> Vec<Act> {
 /// Activation rows per tile.
 const RM: usize = 4;
 
-/// `dst (m, n) = x (m, k) · Wᵀ`.
-pub(crate) fn matmul(w: &Packed, m: usize, n: usize, x: &[f32], dst: &mut [f32]) {
+/// `dst (m, n) = x (m, k) · Wᵀ`, on `isa`'s kernels (the same results on either).
+pub(crate) fn matmul(w: &Packed, isa: Isa, m: usize, n: usize, x: &[f32], dst: &mut [f32]) {
     let acts = quantize(x);
-    match w {
-        Packed::Q4K(blocks, kb) => run(
-            blocks,
-            *kb,
-            m,
-            n,
-            &acts,
-            dst,
-            tile_q4k::<1>,
-            tile_q4k::<2>,
-            tile_q4k::<3>,
-            tile_q4k::<RM>,
-        ),
-        Packed::Q6K(blocks, kb) => run(
-            blocks,
-            *kb,
-            m,
-            n,
-            &acts,
-            dst,
-            tile_q6k::<1>,
-            tile_q6k::<2>,
-            tile_q6k::<3>,
-            tile_q6k::<RM>,
-        ),
+    match (w, isa) {
+        (Packed::Q4K(blocks, kb), Isa::Avx2) => run(blocks, *kb, m, n, &acts, dst, q4k_tiles()),
+        (Packed::Q4K(blocks, kb), Isa::AvxVnni) => {
+            run(blocks, *kb, m, n, &acts, dst, q4k_vnni_tiles())
+        }
+        (Packed::Q6K(blocks, kb), Isa::Avx2) => run(blocks, *kb, m, n, &acts, dst, q6k_tiles()),
+        (Packed::Q6K(blocks, kb), Isa::AvxVnni) => {
+            run(blocks, *kb, m, n, &acts, dst, q6k_vnni_tiles())
+        }
     }
 }
 
 type Tile<B> = unsafe fn(&[B], &[Act], usize, usize, *mut f32);
 
-#[allow(clippy::too_many_arguments)]
+/// A kernel's tiles for 1 to [`RM`] rows.
+type Tiles<B> = [Tile<B>; RM];
+
 fn run<B: Sync>(
     blocks: &[B],
     kb: usize,
@@ -297,10 +285,7 @@ fn run<B: Sync>(
     n: usize,
     acts: &[Act],
     dst: &mut [f32],
-    t1: Tile<B>,
-    t2: Tile<B>,
-    t3: Tile<B>,
-    t4: Tile<B>,
+    tiles: Tiles<B>,
 ) {
     let dst_ptr = dst.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(n / 8, |range| {
@@ -311,21 +296,54 @@ fn run<B: Sync>(
                 let rows = (m - r).min(RM);
                 let out = (dst_ptr as *mut f32).wrapping_add(r * n + group * 8);
                 let a = &acts[r * kb..];
-                let tile = [t1, t2, t3, t4][rows - 1];
-                // SAFETY: AVX2/FMA/F16C were detected before this path was chosen; each
-                // (row, 8-column group) of dst is written by exactly one work item.
-                unsafe { tile(col, a, kb, n, out) };
+                // SAFETY: the tiles' instruction set was detected before this path was
+                // chosen; each (row, 8-column group) of dst is written by exactly one work
+                // item.
+                unsafe { tiles[rows - 1](col, a, kb, n, out) };
                 r += rows;
             }
         }
     });
 }
 
-/// 16 x i16: byte `c` of `v` (sign- or zero-extended) in lanes `2c` and `2c + 1`.
-#[inline(always)]
-unsafe fn doubled(w: __m128i) -> __m256i {
-    unsafe { _mm256_set_m128i(_mm_unpackhi_epi16(w, w), _mm_unpacklo_epi16(w, w)) }
+/// The tile functions of one kernel: the generic body compiled for one instruction set.
+macro_rules! tiles {
+    ($name:ident, $tiles:ident, $body:ident, $block:ty, $dot:ty, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(
+            col: &[$block],
+            acts: &[Act],
+            kb: usize,
+            n: usize,
+            out: *mut f32,
+        ) {
+            unsafe { $body::<$dot, R>(col, acts, kb, n, out) }
+        }
+
+        fn $tiles() -> Tiles<$block> {
+            [$name::<1>, $name::<2>, $name::<3>, $name::<RM>]
+        }
+    };
 }
+
+tiles!(tile_q4k, q4k_tiles, q4k, Q4Kx8, Avx2, "avx2,fma,f16c");
+tiles!(
+    tile_q4k_vnni,
+    q4k_vnni_tiles,
+    q4k,
+    Q4Kx8,
+    AvxVnni,
+    "avx2,fma,f16c,avxvnni"
+);
+tiles!(tile_q6k, q6k_tiles, q6k, Q6Kx8, Avx2, "avx2,fma,f16c");
+tiles!(
+    tile_q6k_vnni,
+    q6k_vnni_tiles,
+    q6k,
+    Q6Kx8,
+    AvxVnni,
+    "avx2,fma,f16c,avxvnni"
+);
 
 /// Four activation bytes, broadcast.
 #[inline(always)]
@@ -341,8 +359,8 @@ unsafe fn two(sums: &[i16], p: usize) -> __m256i {
 
 /// Eight Q4_K columns times `R` activation rows; row `i` goes to `out + i * n`. Each row's
 /// arithmetic is the same for every `R`, so results do not depend on batching.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4k<const R: usize>(
+#[inline(always)]
+unsafe fn q4k<D: Dot, const R: usize>(
     col: &[Q4Kx8],
     acts: &[Act],
     kb: usize,
@@ -357,10 +375,10 @@ unsafe fn tile_q4k<const R: usize>(
             let row = |i: usize| acts.get_unchecked(i * kb + b);
             let mut sumi = [_mm256_setzero_si256(); R];
             for s in 0..8 {
-                let scales = doubled(_mm_cvtepu8_epi16(_mm_loadl_epi64(
-                    blk.scales[s].as_ptr().cast(),
-                )));
-                let mut p = [_mm256_setzero_si256(); R];
+                let scales = D::scales_u8(blk.scales[s].as_ptr());
+                // Two chains of partial sums per row (low and high nibbles), so that VNNI's
+                // accumulating products (5 cycles each) overlap.
+                let mut p = [[_mm256_setzero_si256(); R]; 2];
                 prefetch::<2>(blk.qs[s].as_ptr().cast());
                 for g in 0..4 {
                     let v = _mm256_loadu_si256(blk.qs[s][g].as_ptr().cast());
@@ -368,14 +386,15 @@ unsafe fn tile_q4k<const R: usize>(
                     let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                     for i in 0..R {
                         let a = row(i).qs.as_ptr().add(s * 32 + g * 8);
-                        // Each i16 lane: two products of at most 15 · 127; eight such
-                        // additions stay below i16::MAX.
-                        p[i] = _mm256_add_epi16(p[i], _mm256_maddubs_epi16(lo, four(a)));
-                        p[i] = _mm256_add_epi16(p[i], _mm256_maddubs_epi16(hi, four(a.add(4))));
+                        p[0][i] = D::acc(p[0][i], lo, four(a));
+                        p[1][i] = D::acc(p[1][i], hi, four(a.add(4)));
                     }
                 }
                 for i in 0..R {
-                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(p[i], scales));
+                    // In i16 lanes, each addition is two products of at most 15 · 127; eight
+                    // of them stay below i16::MAX.
+                    let p = D::merge(p[0][i], p[1][i]);
+                    sumi[i] = _mm256_add_epi32(sumi[i], D::scale(p, scales));
                 }
             }
             let mins: [__m256i; 4] = std::array::from_fn(|p| {
@@ -401,9 +420,9 @@ unsafe fn tile_q4k<const R: usize>(
     }
 }
 
-/// Eight Q6_K columns times `R` activation rows, as [`tile_q4k`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q6k<const R: usize>(
+/// Eight Q6_K columns times `R` activation rows, as [`q4k`].
+#[inline(always)]
+unsafe fn q6k<D: Dot, const R: usize>(
     col: &[Q6Kx8],
     acts: &[Act],
     kb: usize,
@@ -413,14 +432,13 @@ unsafe fn tile_q6k<const R: usize>(
     unsafe {
         let low = _mm256_set1_epi8(0x0f);
         let high = _mm256_set1_epi8(0x30);
+        let zero = _mm256_setzero_si256();
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, blk) in col.iter().enumerate() {
             let row = |i: usize| acts.get_unchecked(i * kb + b);
             let mut sumi = [_mm256_setzero_si256(); R];
             for s in 0..16 {
-                let scales = doubled(_mm_cvtepi8_epi16(_mm_loadl_epi64(
-                    blk.scales[s].as_ptr().cast(),
-                )));
+                let scales = D::scales_i8(blk.scales[s].as_ptr());
                 let sub = &blk.subs[s];
                 prefetch::<2>((sub as *const Q6Sub).cast());
                 let h = _mm256_loadu_si256(sub.qh.as_ptr().cast());
@@ -444,20 +462,15 @@ unsafe fn tile_q6k<const R: usize>(
                 ];
                 for i in 0..R {
                     let a = row(i).qs.as_ptr().add(s * 16);
-                    // Each i16 lane: two products of at most 63 · 127; two such additions
-                    // stay below i16::MAX, so the halves meet only in i32.
-                    let p0 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w[0], four(a)),
-                        _mm256_maddubs_epi16(w[1], four(a.add(4))),
-                    );
-                    let p1 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w[2], four(a.add(8))),
-                        _mm256_maddubs_epi16(w[3], four(a.add(12))),
-                    );
-                    let p = _mm256_add_epi32(
-                        _mm256_madd_epi16(p0, scales),
-                        _mm256_madd_epi16(p1, scales),
-                    );
+                    let p0 = D::acc(D::acc(zero, w[0], four(a)), w[1], four(a.add(4)));
+                    let p1 = D::acc(D::acc(zero, w[2], four(a.add(8))), w[3], four(a.add(12)));
+                    let p = if D::WIDE {
+                        D::scale(D::merge(p0, p1), scales)
+                    } else {
+                        // In i16 lanes, each addition is two products of at most 63 · 127;
+                        // two of them stay below i16::MAX, so the halves meet only in i32.
+                        _mm256_add_epi32(D::scale(p0, scales), D::scale(p1, scales))
+                    };
                     sumi[i] = _mm256_add_epi32(sumi[i], p);
                 }
             }
