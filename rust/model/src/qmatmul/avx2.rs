@@ -244,31 +244,26 @@ fn quantize(x: &[f32], m: usize, k: usize) -> Vec<Act> {
     out
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn columns_avx2<B: Block>(
-    acts: &[Act],
-    w: &[B],
-    kb: usize,
-    m: usize,
-    n: usize,
-    cols: std::ops::Range<usize>,
-    dst: *mut f32,
-) {
-    unsafe { columns::<Avx2, B>(acts, w, kb, m, n, cols, dst) }
+/// [`columns`] compiled for one instruction set.
+macro_rules! columns_on {
+    ($name:ident, $dot:ty, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<B: Block>(
+            acts: &[Act],
+            w: &[B],
+            kb: usize,
+            m: usize,
+            n: usize,
+            cols: std::ops::Range<usize>,
+            dst: *mut f32,
+        ) {
+            unsafe { columns::<$dot, B>(acts, w, kb, m, n, cols, dst) }
+        }
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn columns_vnni<B: Block>(
-    acts: &[Act],
-    w: &[B],
-    kb: usize,
-    m: usize,
-    n: usize,
-    cols: std::ops::Range<usize>,
-    dst: *mut f32,
-) {
-    unsafe { columns::<AvxVnni, B>(acts, w, kb, m, n, cols, dst) }
-}
+columns_on!(columns_avx2, Avx2, "avx2,fma,f16c");
+columns_on!(columns_vnni, AvxVnni, "avx2,fma,f16c,avxvnni");
 
 /// Columns `cols` of `dst`, tile by tile.
 #[inline(always)]
