@@ -5,7 +5,8 @@
 //! of `RN` columns once and multiplies each unpacked block with the matching block of `RM`
 //! activation rows, keeping the `RM x RN` partial sums in registers. The 4- and 5-bit formats
 //! are unpacked to unsigned bytes, so the integer dot product (`maddubs`, or VNNI's
-//! `vpdpbusd`: [`super::dot`]) needs no sign fix-up; their offset (−8·d, −16·d, or the block minimum `m`) multiplies `Σa` once per block.
+//! `vpdpbusd`: [`super::dot`]) needs no sign fix-up; their offset (−8·d, −16·d, or the block
+//! minimum `m`) multiplies `Σa` once per block.
 
 // Row loops index several per-row register arrays in lock step.
 #![allow(clippy::needless_range_loop)]
