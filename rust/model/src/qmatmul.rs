@@ -35,7 +35,7 @@ mod avx2_kquant;
 #[cfg(target_arch = "x86_64")]
 mod dot;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use dot::Isa;
+use dot::Isa;
 
 /// Which kernel family serves a weight, holding the weight in the form that kernel reads.
 #[derive(Debug, Clone)]
