@@ -13,6 +13,7 @@ mod build_profile;
 mod cuda;
 mod demo;
 mod soak;
+mod steps;
 
 #[derive(Parser)]
 #[command(about = "uhlm project tasks")]
@@ -278,30 +279,82 @@ fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    ensure_debian_packages()?;
-    run("cargo", &["fmt", "--all", "--check"])?;
-    check_core_deps()?;
-    build_profile::check()?;
+    let result = test_steps();
+    steps::print_table(result.is_ok());
+    result
+}
+
+/// `test`'s steps, each timed for the table [`steps::print_table`] prints at the end.
+fn test_steps() -> Result<()> {
+    steps::step("Debian packages", ensure_debian_packages)?;
+    steps::step("sccache (compile cache)", ensure_sccache)?;
+    steps::step("formatting, core deps, build profile", || {
+        run("cargo", &["fmt", "--all", "--check"])?;
+        check_core_deps()?;
+        build_profile::check()
+    })?;
     let lints = LintedBuilds::enable()?;
     // Built with the whole workspace's features, so `cargo test` reuses every artifact, and
     // linted as `cargo clippy --workspace --all-targets -- -D warnings` would.
-    run("cargo", &["build", "--workspace", "--all-targets"])?;
+    steps::step("linted build", || {
+        run("cargo", &["build", "--workspace", "--all-targets"])
+    })?;
     // The real-model tests need the default weights: fetch them (idempotent, sha256-checked)
     // and make a missing model a failure rather than a skip.
-    let fetch = bindings::target_dir().join("debug/examples/fetch_models");
-    run(&fetch.to_string_lossy(), &[])?;
-    run_with_env(
-        "cargo",
-        &["test", "--workspace"],
-        &[("UHLM_REQUIRE_MODELS", "1")],
-    )?;
+    steps::step("models", fetch_test_models)?;
+    // Every fuzz target's kept inputs are replayed here too (rust/fuzz-checks' tests).
+    steps::step("cargo test", || {
+        run_with_env(
+            "cargo",
+            &["test", "--workspace"],
+            &[("UHLM_REQUIRE_MODELS", "1")],
+        )
+    })?;
+    let lib = steps::step("bindings (Kotlin, Python)", test_bindings)?;
     // The demo's UI test runs on the library the binding tests just built.
-    demo::test_demo(&test_bindings()?)?;
-    soak::soak(soak::SoakArgs::short())?;
-    // Other toolchains and targets from here on.
+    steps::step("demo UI test", || demo::test_demo(&lib))?;
+    steps::step("short soak", || soak::soak(soak::SoakArgs::short()))?;
+    // Other targets from here on.
     drop(lints);
-    fuzz(FUZZ_CI_SECONDS, &[])?;
-    test_aarch64(false)
+    steps::step("aarch64 under qemu", || test_aarch64(false))
+}
+
+/// The test suite's models (idempotent, sha256-checked), with the example that the workspace
+/// build makes (built here first when it is missing).
+fn fetch_test_models() -> Result<()> {
+    let fetch = bindings::target_dir().join("debug/examples/fetch_models");
+    if !fetch.is_file() {
+        run("cargo", &["build", "--workspace", "--all-targets"])?;
+    }
+    run(&fetch.to_string_lossy(), &[])
+}
+
+/// The compile cache outside the clone that the repository's rustc wrapper
+/// (`xtask/rustc-wrapper`) uses: sccache, installed from crates.io when missing (local disk
+/// only, no cloud backends). A fresh clone on a machine that has run the tests before then
+/// compiles none of the dependencies again.
+fn ensure_sccache() -> Result<()> {
+    let installed = Command::new("sh")
+        .args([
+            "-c",
+            "command -v sccache || test -x \"${CARGO_HOME:-$HOME/.cargo}/bin/sccache\"",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        return Ok(());
+    }
+    run(
+        "cargo",
+        &[
+            "install",
+            "sccache",
+            "--version",
+            "^0.19",
+            "--locked",
+            "--no-default-features",
+        ],
+    )
 }
 
 /// Clippy inside the workspace's one dev build: `clippy-driver` as the rustc wrapper of the
@@ -352,10 +405,6 @@ impl Drop for LintedBuilds {
         }
     }
 }
-
-/// Seconds `test` fuzzes each target for: a bounded regression run over the kept seeds and
-/// whatever the fuzzer reaches in that time (`cargo xtask fuzz` runs longer).
-const FUZZ_CI_SECONDS: u64 = 10;
 
 /// Every fuzz target, as `cargo fuzz list` names them.
 fn fuzz_targets() -> Result<Vec<String>> {
@@ -422,6 +471,8 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
 fn test_bindings() -> Result<PathBuf> {
     bindings::bindgen(true)?;
     let lib = bindings::build_host_library()?;
+    // The Kotlin and Python suites load SmolLM2 from the model cache.
+    fetch_test_models()?;
     bindings::test_kotlin(&lib)?;
     bindings::test_python(&lib)?;
     Ok(lib)
