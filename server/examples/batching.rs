@@ -5,7 +5,7 @@
 //!
 //! `cargo run -p uhlm-server --example batching [-- MODEL.gguf [VERIFIES]]`
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;

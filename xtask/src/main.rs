@@ -545,27 +545,15 @@ fn test_aarch64(full: bool) -> Result<()> {
         // A missing model fails the test instead of skipping it.
         ("UHLM_REQUIRE_MODELS", "1"),
     ];
-    // One build for the three crates (one feature resolution, each dependency compiled
-    // once), optimised (the manifest's `qemu-test` profile says how). Targets: every
-    // test of uhlm-core, the runtime's unit tests and its kernels and SmolLM2's greedy tokens
-    // and logits against the x86-64 record (`cross_arch`), and the SDK's unit tests (its other
-    // tests talk to a server on the host's CPU).
-    let core_tests = std::fs::read_dir(root().join("rust/core/tests"))
-        .context("reading rust/core/tests")?
-        .map(|entry| Ok(entry?.path()))
-        .collect::<Result<Vec<_>>>()?;
-    let mut core_tests: Vec<String> = core_tests
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
-        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_string()))
-        .collect();
-    core_tests.sort();
-    let mut args = vec![
-        "test",
-        "--profile",
-        "qemu-test",
-        "--target",
-        AARCH64,
+    // Optimised builds (the manifest's `qemu-test` profile says how). First the runtime's
+    // unit tests and its kernels, SmolLM2's greedy tokens and logits against the x86-64 record
+    // (`cross_arch`), and the SDK's unit tests (its other tests talk to a server on the host's
+    // CPU); then every test of uhlm-core. Two invocations, because `--test it` would select
+    // every package's `it`; uhlm-core's dependencies are the few crates built twice.
+    let profile = ["--profile", "qemu-test", "--target", AARCH64];
+    let mut device = vec!["test"];
+    device.extend(profile);
+    device.extend([
         "-p",
         "uhlm-core",
         "-p",
@@ -575,14 +563,40 @@ fn test_aarch64(full: bool) -> Result<()> {
         "--lib",
         "--test",
         "cross_arch",
-    ];
+    ]);
+    run_with_env("cargo", &device, env)?;
+    // Cargo's test targets: `tests/NAME.rs` and `tests/NAME/main.rs`.
+    let mut core_tests: Vec<String> = std::fs::read_dir(root().join("rust/core/tests"))
+        .context("reading rust/core/tests")?
+        .map(|entry| Ok(entry?.path()))
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "rs") || p.join("main.rs").is_file())
+        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_string()))
+        .collect();
+    core_tests.sort();
+    let mut core = vec!["test"];
+    core.extend(profile);
+    core.extend(["-p", "uhlm-core"]);
     for test in &core_tests {
-        args.extend(["--test", test.as_str()]);
+        core.extend(["--test", test.as_str()]);
     }
+    run_with_env("cargo", &core, env)?;
     if full {
-        args.extend(["--test", "runtime_toy", "--test", "runtime_real"]);
+        let mut suites = vec!["test"];
+        suites.extend(profile);
+        suites.extend([
+            "-p",
+            "uhlm-model",
+            "--test",
+            "it",
+            "--",
+            "runtime_toy::",
+            "runtime_real::",
+        ]);
+        run_with_env("cargo", &suites, env)?;
     }
-    run_with_env("cargo", &args, env)
+    Ok(())
 }
 
 /// Type-checks the FFI crate as a phone links it (no `desktop` feature) for each of

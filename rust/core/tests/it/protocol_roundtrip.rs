@@ -1,6 +1,6 @@
 //! Every message survives framing, however the stream splits the bytes.
 
-mod protocol_support;
+use crate::protocol_support;
 
 use proptest::prelude::*;
 use protocol_support::{message, payload, samples};

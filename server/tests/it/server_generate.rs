@@ -2,7 +2,7 @@
 //! tokens are the LLM's own greedy continuation, cancelling or leaving stops the server's work,
 //! long generations do not starve verification, and the limits answer with typed errors.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Losing the server mid-generation, getting it back, and cancelling.
 
-mod e2e_common;
+use crate::e2e_common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

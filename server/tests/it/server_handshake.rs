@@ -1,7 +1,7 @@
 //! Connection admission over real QUIC: wrong key, wrong vocabulary and wrong version each get
 //! their own typed error, then the server closes the connection.
 
-mod common;
+use crate::common;
 
 use common::{API_KEY, Client, llm};
 use uhlm_core::protocol::{ErrorCode, Message, PROTOCOL_VERSION};

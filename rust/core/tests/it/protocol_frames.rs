@@ -1,6 +1,6 @@
 //! Hostile and broken byte streams: truncation, oversized prefixes, garbage.
 
-mod protocol_support;
+use crate::protocol_support;
 
 use protocol_support::{payload, samples};
 use uhlm_core::protocol::*;

@@ -1,8 +1,7 @@
 //! Runtime behaviour on tiny random-weight models written by the test: loading, errors,
 //! incremental decoding, rollback, session isolation and draft derivation.
 
-#[path = "runtime_support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

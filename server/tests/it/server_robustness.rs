@@ -2,7 +2,7 @@
 //! each end only their own stream (with an Error frame), while a well-behaved session on
 //! another connection runs to the end with correct verdicts.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

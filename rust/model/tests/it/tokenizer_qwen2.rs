@@ -20,7 +20,7 @@ use uhlm_model::tokenizer::Tokenizer;
 const QWEN_05B: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 const QWEN_15B: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
 
-const GOLDEN: &str = include_str!("data/qwen2_llamacpp_tokens.json");
+const GOLDEN: &str = include_str!("../data/qwen2_llamacpp_tokens.json");
 
 #[derive(Deserialize)]
 struct Golden {

@@ -1,6 +1,6 @@
 //! The SDK against a fake server that breaks the protocol on purpose.
 
-mod e2e_common;
+use crate::e2e_common;
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! The hybrid loop end to end: SDK engine ↔ real `uhlm-server` process over QUIC, real models.
 
-mod e2e_common;
+use crate::e2e_common;
 
 use std::sync::Arc;
 

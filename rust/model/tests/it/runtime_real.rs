@@ -1,8 +1,7 @@
 //! The runtime on the real cached models: SmolLM2-135M (llama), gemma-3-270m and
 //! Qwen2.5-Coder-0.5B (qwen2).
 
-#[path = "runtime_support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! the LLM's tokens; stop strings and cancellation behave as on the per-token path, and a server
 //! lost mid-stream leaves the device to finish the generation on its own model.
 
-mod e2e_common;
+use crate::e2e_common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! The real `uhlm-server` binary: startup line, config file + flags, certificate reuse,
 //! `/healthz` + `/metrics`, and SIGTERM during a request (the request is still answered).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -233,7 +233,7 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
     let skipped: Vec<u32> = model.tokenizer().encode(&text.repeat(2), false).unwrap();
     let logits = tokio::task::block_in_place(|| mirror.score(&skipped));
     let best = argmax(&logits).unwrap();
-    s.send(Verify {
+    let verify = Message::Verify(Verify {
         seq: 1,
         position: (mirror.context.len() + skipped.len()) as u32,
         skipped: skipped.clone(),
@@ -243,9 +243,19 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
         }),
         uncertainty: 0.5,
         chain: Vec::new(),
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    let frame_bytes = uhlm_core::protocol::encode_frame(&verify, u32::MAX)
+        .unwrap()
+        .len() as f64;
+    let uplink = |text: &str| sample(text, "uhlm_uplink_bytes_total");
+    let read_before = uplink(&http_get(metrics_addr, "/metrics").await);
+    s.send(verify).await;
+    // SIGTERM once the server has read the whole request (its uplink counter says so).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while uplink(&http_get(metrics_addr, "/metrics").await) < read_before + frame_bytes {
+        assert!(std::time::Instant::now() < deadline, "the Verify never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     term(running.child.id());
     match s.recv().await {
         Some(Message::Verdict(v)) => assert_eq!((v.seq, v.token, v.accepted), (1, best, true)),

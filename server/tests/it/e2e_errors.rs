@@ -1,6 +1,6 @@
 //! Misconfigurations surface as distinct typed errors with messages a user can act on.
 
-mod e2e_common;
+use crate::e2e_common;
 
 use std::sync::Arc;
 

@@ -8,9 +8,8 @@
 //! QUIC; the histogram of whole generations is checked against the LLM's exact sequence
 //! distribution, enumerated in this process, with a chi-square test.
 
-mod e2e_common;
-#[path = "../../rust/model/tests/runtime_support/mod.rs"]
-mod runtime_support;
+use crate::e2e_common;
+use crate::runtime_support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
