@@ -17,6 +17,7 @@ static STEPS: Mutex<Vec<Step>> = Mutex::new(Vec::new());
 
 /// Runs `f` as the step `name`, recording how long it took and whether it passed.
 pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    xtask_build_time();
     let started = Instant::now();
     let result = f();
     STEPS
@@ -53,25 +54,26 @@ pub fn print_table(passed: bool) {
     );
 }
 
-/// How long `cargo xtask` ran before it started this process: the time from the parent
-/// process's start (cargo) to this one's, which is xtask's compilation when it was built.
+/// How long `cargo xtask` ran before this process's `main`: the time from the process's start
+/// to now, read when the first step begins. Cargo and rustup's proxy `exec` on Unix, so the
+/// process that `.ci/run` started as `cargo` is this one, and that time is xtask's build.
 /// `None` where `/proc` does not tell.
 fn xtask_build_time() -> Option<Duration> {
-    let parent = start_ticks(&format!(
-        "/proc/{}/stat",
-        std::os::unix::process::parent_id()
-    ))?;
-    let this = start_ticks("/proc/self/stat")?;
-    // Start times are in clock ticks since boot; Linux's USER_HZ is 100 on every architecture
-    // it exports to user space.
-    Some(Duration::from_millis(this.checked_sub(parent)? * 10))
+    *BUILD_TIME.get_or_init(|| {
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces; fields from the
+        // third on follow the last ')'. Field 22 is the start time in clock ticks since boot,
+        // and Linux's USER_HZ is 100 on every architecture it exports to user space.
+        let rest = &text[text.rfind(')')? + 1..];
+        let started: f64 = rest.split_whitespace().nth(22 - 3)?.parse().ok()?;
+        Some(Duration::from_secs_f64((uptime - started / 100.0).max(0.0)))
+    })
 }
 
-/// Field 22 of `/proc/PID/stat`, the process's start time in clock ticks since boot.
-fn start_ticks(stat: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(stat).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces; fields from the third
-    // on follow the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
-}
+static BUILD_TIME: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();

@@ -253,7 +253,10 @@ async fn metrics_move_and_sigterm_finishes_the_in_flight_verify() {
     // SIGTERM once the server has read the whole request (its uplink counter says so).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while uplink(&http_get(metrics_addr, "/metrics").await) < read_before + frame_bytes {
-        assert!(std::time::Instant::now() < deadline, "the Verify never arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Verify never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     term(running.child.id());
