@@ -3,7 +3,7 @@
 //! the edges and feeds bytes in and out, like `quinn` drives `quinn-proto`.
 //!
 //! `docs/PROTOCOL.md` is the normative description for other-language clients; the golden
-//! vectors in `tests/protocol_golden.rs` pin the bytes it prints.
+//! vectors in `tests/it/protocol_golden.rs` pin the bytes it prints.
 //!
 //! - [`message`]: every message, serialised with postcard.
 //! - [`error_code`]: the error codes and what a client does for each.
