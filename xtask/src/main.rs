@@ -320,13 +320,15 @@ fn test_steps() -> Result<()> {
 }
 
 /// The test suite's models (idempotent, sha256-checked), with the example that the workspace
-/// build makes (built here first when it is missing).
+/// build makes, or built and run on its own where no workspace build has made it (every
+/// sub-command that needs the models fetches them, as `test` does).
 fn fetch_test_models() -> Result<()> {
     let fetch = bindings::target_dir().join("debug/examples/fetch_models");
-    if !fetch.is_file() {
-        run("cargo", &["build", "--workspace", "--all-targets"])?;
+    if fetch.is_file() {
+        run(&fetch.to_string_lossy(), &[])
+    } else {
+        run("cargo", &["run", "--quiet", "--example", "fetch_models"])
     }
-    run(&fetch.to_string_lossy(), &[])
 }
 
 /// The compile cache outside the clone that the repository's rustc wrapper
@@ -435,6 +437,8 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
     if !has_cargo_fuzz {
         run("cargo", &["install", "cargo-fuzz", "--locked"])?;
     }
+    // The chat_prompt target reads SmolLM2 from the model cache.
+    fetch_test_models()?;
     let targets = if only.is_empty() {
         fuzz_targets()?
     } else {
@@ -524,6 +528,8 @@ fn rustup_target(target: &str) -> Result<bool> {
 
 fn test_aarch64(full: bool) -> Result<()> {
     ensure_packages(AARCH64_PACKAGES)?;
+    // `cross_arch` and the runtime's suites read SmolLM2 from the model cache.
+    fetch_test_models()?;
     if !rustup_target(AARCH64)? {
         bail!(
             "rustup could not add {AARCH64}'s standard library (it needs the network); \
@@ -545,15 +551,18 @@ fn test_aarch64(full: bool) -> Result<()> {
         // A missing model fails the test instead of skipping it.
         ("UHLM_REQUIRE_MODELS", "1"),
     ];
-    // Optimised builds (the manifest's `qemu-test` profile says how). First the runtime's
-    // unit tests and its kernels, SmolLM2's greedy tokens and logits against the x86-64 record
-    // (`cross_arch`), and the SDK's unit tests (its other tests talk to a server on the host's
-    // CPU); then every test of uhlm-core. Two invocations, because `--test it` would select
-    // every package's `it`; uhlm-core's dependencies are the few crates built twice.
-    let profile = ["--profile", "qemu-test", "--target", AARCH64];
-    let mut device = vec!["test"];
-    device.extend(profile);
-    device.extend([
+    // One build for the three crates (one feature resolution, each dependency compiled
+    // once), optimised (the manifest's `qemu-test` profile says how). Targets: every test of
+    // uhlm-core, the runtime's unit tests and its kernels and SmolLM2's greedy tokens and
+    // logits against the x86-64 record (`cross_arch`), and the SDK's unit tests (its other
+    // tests talk to a server on the host's CPU).
+    let core_tests = test_targets("uhlm-core")?;
+    let mut args = vec![
+        "test",
+        "--profile",
+        "qemu-test",
+        "--target",
+        AARCH64,
         "-p",
         "uhlm-core",
         "-p",
@@ -563,40 +572,64 @@ fn test_aarch64(full: bool) -> Result<()> {
         "--lib",
         "--test",
         "cross_arch",
-    ]);
-    run_with_env("cargo", &device, env)?;
-    // Cargo's test targets: `tests/NAME.rs` and `tests/NAME/main.rs`.
-    let mut core_tests: Vec<String> = std::fs::read_dir(root().join("rust/core/tests"))
-        .context("reading rust/core/tests")?
-        .map(|entry| Ok(entry?.path()))
-        .collect::<Result<Vec<_>>>()?
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "rs") || p.join("main.rs").is_file())
-        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_string()))
-        .collect();
-    core_tests.sort();
-    let mut core = vec!["test"];
-    core.extend(profile);
-    core.extend(["-p", "uhlm-core"]);
+    ];
     for test in &core_tests {
-        core.extend(["--test", test.as_str()]);
+        args.extend(["--test", test.as_str()]);
     }
-    run_with_env("cargo", &core, env)?;
+    run_with_env("cargo", &args, env)?;
     if full {
-        let mut suites = vec!["test"];
-        suites.extend(profile);
-        suites.extend([
-            "-p",
-            "uhlm-model",
-            "--test",
-            "it",
-            "--",
-            "runtime_toy::",
-            "runtime_real::",
-        ]);
-        run_with_env("cargo", &suites, env)?;
+        // The toy- and real-model suites are modules of the runtime's integration tests.
+        run_with_env(
+            "cargo",
+            &[
+                "test",
+                "--profile",
+                "qemu-test",
+                "--target",
+                AARCH64,
+                "-p",
+                "uhlm-model",
+                "--test",
+                "it",
+                "--",
+                "runtime_toy::",
+                "runtime_real::",
+            ],
+            env,
+        )?;
     }
     Ok(())
+}
+
+/// The names of `package`'s integration-test targets, as Cargo sees them.
+fn test_targets(package: &str) -> Result<Vec<String>> {
+    let metadata: serde_json::Value = serde_json::from_str(&cargo_stdout(&[
+        "metadata",
+        "--format-version",
+        "1",
+        "--no-deps",
+    ])?)
+    .context("parsing cargo metadata")?;
+    let packages = metadata["packages"]
+        .as_array()
+        .context("cargo metadata lists no packages")?;
+    let found = packages
+        .iter()
+        .find(|p| p["name"] == package)
+        .with_context(|| format!("no package {package} in the workspace"))?;
+    let mut tests: Vec<String> = found["targets"]
+        .as_array()
+        .context("a package without targets")?
+        .iter()
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
+        .filter_map(|t| Some(t["name"].as_str()?.to_string()))
+        .collect();
+    tests.sort();
+    Ok(tests)
 }
 
 /// Type-checks the FFI crate as a phone links it (no `desktop` feature) for each of

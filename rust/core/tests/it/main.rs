@@ -1,6 +1,7 @@
-//! uhlm-core's integration tests, one module per file, in one test binary (one link instead
-//! of one per file). `protocol_alloc.rs` stays a binary of its own: its counting global allocator
-//! must see no other test's allocations.
+//! uhlm-core's integration tests, one module per file, in one test binary, `core_it` (one link
+//! instead of one per file; Cargo.toml says why it is not called `it`). `protocol_alloc.rs`
+//! stays a binary of its own: its counting global allocator must see no other test's
+//! allocations.
 
 mod codec_properties;
 mod combined_online;
