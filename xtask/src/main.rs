@@ -557,12 +557,9 @@ fn test_aarch64(full: bool) -> Result<()> {
     // logits against the x86-64 record (`cross_arch`), and the SDK's unit tests (its other
     // tests talk to a server on the host's CPU).
     let core_tests = test_targets("uhlm-core")?;
-    let mut args = vec![
-        "test",
-        "--profile",
-        "qemu-test",
-        "--target",
-        AARCH64,
+    let qemu_test = ["test", "--profile", "qemu-test", "--target", AARCH64];
+    let mut args = qemu_test.to_vec();
+    args.extend([
         "-p",
         "uhlm-core",
         "-p",
@@ -572,31 +569,24 @@ fn test_aarch64(full: bool) -> Result<()> {
         "--lib",
         "--test",
         "cross_arch",
-    ];
+    ]);
     for test in &core_tests {
         args.extend(["--test", test.as_str()]);
     }
     run_with_env("cargo", &args, env)?;
     if full {
         // The toy- and real-model suites are modules of the runtime's integration tests.
-        run_with_env(
-            "cargo",
-            &[
-                "test",
-                "--profile",
-                "qemu-test",
-                "--target",
-                AARCH64,
-                "-p",
-                "uhlm-model",
-                "--test",
-                "it",
-                "--",
-                "runtime_toy::",
-                "runtime_real::",
-            ],
-            env,
-        )?;
+        let mut suites = qemu_test.to_vec();
+        suites.extend([
+            "-p",
+            "uhlm-model",
+            "--test",
+            "it",
+            "--",
+            "runtime_toy::",
+            "runtime_real::",
+        ]);
+        run_with_env("cargo", &suites, env)?;
     }
     Ok(())
 }
