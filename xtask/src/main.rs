@@ -334,7 +334,7 @@ fn fetch_test_models() -> Result<()> {
 /// The compile cache outside the clone that the repository's rustc wrapper
 /// (`xtask/rustc-wrapper`) uses: sccache, installed from crates.io when missing (local disk
 /// only, no cloud backends). A fresh clone on a machine that has run the tests before then
-/// compiles none of the dependencies again.
+/// takes most of its dependencies from the cache (docs/BENCHMARKS.md).
 fn ensure_sccache() -> Result<()> {
     let installed = Command::new("sh")
         .args([
