@@ -76,7 +76,8 @@ enum Task {
         check: bool,
     },
     /// Check the generated bindings, build the host library and run the Kotlin and Python
-    /// tests against it (also part of `test`).
+    /// tests against it, installing the JDK, Maven and venv and fetching the models first when
+    /// missing (also part of `test`).
     TestBindings,
     /// The device crates on aarch64 (the phones' CPU: candle's NEON kernels) under qemu-user,
     /// with Debian's cross linker (installs both, and the rustup target, when missing): all of
@@ -112,7 +113,9 @@ fn main() -> Result<()> {
         Task::CheckCoreDeps => check_core_deps(),
         Task::CheckBuildProfile => build_profile::check(),
         Task::Bindgen { check } => bindings::bindgen(check),
-        Task::TestBindings => test_bindings().map(drop),
+        Task::TestBindings => ensure_debian_packages()
+            .and_then(|()| test_bindings())
+            .map(drop),
         Task::TestAarch64 { full } => test_aarch64(full).and_then(|()| check_phone_targets()),
         Task::TestDemo => test_demo(),
         Task::DemoDesktop => demo::demo_desktop(),
