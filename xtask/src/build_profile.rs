@@ -37,7 +37,8 @@ pub fn check() -> Result<()> {
     Ok(())
 }
 
-fn cargo_metadata() -> Result<Value> {
+/// `cargo metadata` for the host platform, parsed (also read by `test-aarch64` for test targets).
+pub(crate) fn cargo_metadata() -> Result<Value> {
     let rustc = Command::new("rustc")
         .arg("-vV")
         .output()

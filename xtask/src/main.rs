@@ -116,7 +116,11 @@ fn main() -> Result<()> {
         Task::TestBindings => ensure_debian_packages()
             .and_then(|()| test_bindings())
             .map(drop),
-        Task::TestAarch64 { full } => test_aarch64(full).and_then(|()| check_phone_targets()),
+        // `cross_arch` and the runtime's suites read SmolLM2 from the model cache (`test` has
+        // fetched it before).
+        Task::TestAarch64 { full } => fetch_test_models()
+            .and_then(|()| test_aarch64(full))
+            .and_then(|()| check_phone_targets()),
         Task::TestDemo => test_demo(),
         Task::DemoDesktop => demo::demo_desktop(),
         Task::Android => bindings::android(),
@@ -282,6 +286,7 @@ fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
 }
 
 fn test() -> Result<()> {
+    steps::begin();
     let result = test_steps();
     steps::print_table(result.is_ok());
     result
@@ -531,8 +536,6 @@ fn rustup_target(target: &str) -> Result<bool> {
 
 fn test_aarch64(full: bool) -> Result<()> {
     ensure_packages(AARCH64_PACKAGES)?;
-    // `cross_arch` and the runtime's suites read SmolLM2 from the model cache.
-    fetch_test_models()?;
     if !rustup_target(AARCH64)? {
         bail!(
             "rustup could not add {AARCH64}'s standard library (it needs the network); \
@@ -596,13 +599,7 @@ fn test_aarch64(full: bool) -> Result<()> {
 
 /// The names of `package`'s integration-test targets, as Cargo sees them.
 fn test_targets(package: &str) -> Result<Vec<String>> {
-    let metadata: serde_json::Value = serde_json::from_str(&cargo_stdout(&[
-        "metadata",
-        "--format-version",
-        "1",
-        "--no-deps",
-    ])?)
-    .context("parsing cargo metadata")?;
+    let metadata = build_profile::cargo_metadata()?;
     let packages = metadata["packages"]
         .as_array()
         .context("cargo metadata lists no packages")?;

@@ -15,9 +15,13 @@ struct Step {
 
 static STEPS: Mutex<Vec<Step>> = Mutex::new(Vec::new());
 
+/// Marks the end of xtask's build: call first thing in `main`'s command.
+pub fn begin() {
+    xtask_build_time();
+}
+
 /// Runs `f` as the step `name`, recording how long it took and whether it passed.
 pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    xtask_build_time();
     let started = Instant::now();
     let result = f();
     STEPS
@@ -55,7 +59,7 @@ pub fn print_table(passed: bool) {
 }
 
 /// How long `cargo xtask` ran before this process's `main`: the time from the process's start
-/// to now, read when the first step begins. Cargo and rustup's proxy `exec` on Unix, so the
+/// to the first call (from [`begin`]). Cargo and rustup's proxy `exec` on Unix, so the
 /// process that `.ci/run` started as `cargo` is this one, and that time is xtask's build.
 /// `None` where `/proc` does not tell.
 fn xtask_build_time() -> Option<Duration> {

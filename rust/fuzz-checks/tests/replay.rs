@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 
 use uhlm_fuzz_checks::{TARGETS, replay};
 
+/// The runtime tests' helpers: a cached model, or a skip (a failure with `UHLM_REQUIRE_MODELS`).
+#[path = "../../model/tests/runtime_support/mod.rs"]
+mod support;
+
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
 }
@@ -74,16 +78,7 @@ fn every_target_is_replayed_here_and_has_seeds() {
 #[test]
 fn chat_prompt() {
     // The target reads SmolLM2's tokenizer and template from the model cache.
-    let model = uhlm_model::fetch::models_dir()
-        .expect("a model cache")
-        .join(uhlm_fuzz_checks::chat_prompt::MODEL);
-    if !model.exists() {
-        assert!(
-            std::env::var_os("UHLM_REQUIRE_MODELS").is_none(),
-            "{} is missing and UHLM_REQUIRE_MODELS is set",
-            model.display()
-        );
-        eprintln!("skipping: {} not cached", model.display());
+    if support::cached_model(uhlm_fuzz_checks::chat_prompt::MODEL).is_none() {
         return;
     }
     assert!(replay_target("chat_prompt") > 0);
