@@ -99,6 +99,75 @@ pub struct ServerConfig {
     pub device: Device,
     /// Address of the HTTP endpoint serving `/healthz` and `/metrics`; `None`: no endpoint.
     pub metrics: Option<SocketAddr>,
+    /// What runs the LLM's forward passes: `"embedded"` (this process, the default) or
+    /// `"llama-server URL"` (a llama.cpp server serving the same GGUF as `model`, which then
+    /// only provides the tokenizer and the vocabulary).
+    pub engine: EngineChoice,
+    /// Longest wait for one request to a remote engine; past it the request fails and the
+    /// device goes on alone.
+    #[serde(with = "humantime_serde")]
+    pub engine_timeout: Duration,
+}
+
+/// Which engine runs the LLM (see [`ServerConfig::engine`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum EngineChoice {
+    /// uhlm's own runtime, in this process.
+    #[default]
+    Embedded,
+    /// llama.cpp's `llama-server` at this base URL (`http://host:port`).
+    LlamaServer { url: String },
+}
+
+impl std::str::FromStr for EngineChoice {
+    type Err = String;
+
+    /// `embedded`, or `llama-server URL` (also `llama-server=URL`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (kind, url) = match s.split_once(|c: char| c == '=' || c.is_whitespace()) {
+            Some((k, u)) => (k, Some(u.trim())),
+            None => (s, None),
+        };
+        match (kind, url) {
+            ("embedded", None) => Ok(Self::Embedded),
+            ("llama-server", Some(url)) if url.starts_with("http://") => Ok(Self::LlamaServer {
+                url: url.trim_end_matches('/').to_string(),
+            }),
+            ("llama-server", Some(url)) => Err(format!(
+                "the llama-server URL must start with http:// (got {url:?})"
+            )),
+            ("llama-server", None) => {
+                Err("llama-server needs its URL: llama-server http://HOST:PORT".into())
+            }
+            _ => Err(format!(
+                "unknown engine {s:?}: use embedded or llama-server http://HOST:PORT"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for EngineChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("embedded"),
+            Self::LlamaServer { url } => write!(f, "llama-server {url}"),
+        }
+    }
+}
+
+impl TryFrom<String> for EngineChoice {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<EngineChoice> for String {
+    fn from(e: EngineChoice) -> String {
+        e.to_string()
+    }
 }
 
 impl Default for ServerConfig {
@@ -132,6 +201,8 @@ impl Default for ServerConfig {
             kernel_threads: None,
             device: Device::Cpu,
             metrics: None,
+            engine: EngineChoice::Embedded,
+            engine_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -244,6 +315,9 @@ impl ServerConfig {
         if self.idle_timeout.is_zero() {
             return bad("idle_timeout must be positive");
         }
+        if self.engine_timeout.is_zero() {
+            return bad("engine_timeout must be positive");
+        }
         Ok(())
     }
 }
@@ -328,11 +402,17 @@ pub struct ServerArgs {
     /// HTTP address for /healthz and /metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// What runs the LLM: `embedded` (default) or `llama-server URL`.
+    #[arg(long, num_args = 1..=2, value_names = ["KIND", "URL"])]
+    pub engine: Vec<String>,
+    /// Longest wait for one request to a remote engine, e.g. `30s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub engine_timeout: Option<Duration>,
 }
 
 impl ServerArgs {
     /// Overrides `config` with every flag that was given.
-    pub fn apply(self, config: &mut ServerConfig) {
+    pub fn apply(self, config: &mut ServerConfig) -> Result<(), ServerError> {
         fn set<T>(slot: &mut T, v: Option<T>) {
             if let Some(v) = v {
                 *slot = v;
@@ -389,6 +469,15 @@ impl ServerArgs {
         if self.metrics.is_some() {
             config.metrics = self.metrics;
         }
+        if !self.engine.is_empty() {
+            config.engine = self
+                .engine
+                .join(" ")
+                .parse()
+                .map_err(|e| ServerError::Config(format!("--engine: {e}")))?;
+        }
+        set(&mut config.engine_timeout, self.engine_timeout);
+        Ok(())
     }
 }
 
@@ -420,7 +509,7 @@ mod tests {
             batch_wait: Some(Duration::from_millis(1)),
             ..ServerArgs::default()
         };
-        args.apply(&mut config);
+        args.apply(&mut config).unwrap();
         assert_eq!(config.max_batch, 8);
         assert_eq!(config.batch_wait, Duration::from_millis(1));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
@@ -440,6 +529,52 @@ mod tests {
             .err()
             .expect("--device cuda was accepted");
         assert!(e.to_string().contains("no CUDA support"), "{e}");
+    }
+
+    #[test]
+    fn the_engine_is_chosen_in_toml_or_on_the_command_line() {
+        let c: ServerConfig =
+            toml::from_str("engine = \"llama-server http://127.0.0.1:8080/\"").unwrap();
+        let url = "http://127.0.0.1:8080".to_string();
+        assert_eq!(c.engine, EngineChoice::LlamaServer { url: url.clone() });
+        assert_eq!(
+            toml::to_string(&c)
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("engine =")),
+            Some("engine = \"llama-server http://127.0.0.1:8080\"")
+        );
+        for bad in [
+            "engine = \"llama-server\"",
+            "engine = \"vllm http://x\"",
+            "engine = \"llama-server ftp://x\"",
+        ] {
+            assert!(toml::from_str::<ServerConfig>(bad).is_err(), "{bad}");
+        }
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServerArgs,
+        }
+        let mut c = ServerConfig::local("/m.gguf", ["k"]);
+        let serve = <Serve as clap::Parser>::try_parse_from([
+            "serve",
+            "--engine",
+            "llama-server",
+            "http://127.0.0.1:8080",
+            "--max-batch",
+            "2",
+        ])
+        .unwrap();
+        serve.args.apply(&mut c).unwrap();
+        assert_eq!(c.engine, EngineChoice::LlamaServer { url });
+        assert_eq!(c.max_batch, 2);
+        let serve =
+            <Serve as clap::Parser>::try_parse_from(["serve", "--engine", "embedded"]).unwrap();
+        serve.args.apply(&mut c).unwrap();
+        assert_eq!(c.engine, EngineChoice::Embedded);
+        let serve = <Serve as clap::Parser>::try_parse_from(["serve", "--engine", "tgi"]).unwrap();
+        assert!(serve.args.apply(&mut c).is_err());
     }
 
     #[test]

@@ -50,17 +50,23 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    let checked = hello.and_then(|h| check_hello(&shared, &h)).and_then(|id| {
-        match shared.key_connections.acquire(id) {
-            Some(held) => Ok((id, held)),
-            None => Err(ErrorMessage::new(
-                ErrorCode::SessionLimit,
-                format!(
-                    "this API key already holds {} connections, its limit",
-                    shared.key_connections.max()
-                ),
-            )),
-        }
+    let checked = match hello.and_then(|h| check_hello(&shared, &h)) {
+        // A remote engine must still serve the vocabulary the device drafts with.
+        Ok(id) => match &shared.engine_probe {
+            Some(probe) => probe.check().await.map(|()| id),
+            None => Ok(id),
+        },
+        Err(e) => Err(e),
+    };
+    let checked = checked.and_then(|id| match shared.key_connections.acquire(id) {
+        Some(held) => Ok((id, held)),
+        None => Err(ErrorMessage::new(
+            ErrorCode::SessionLimit,
+            format!(
+                "this API key already holds {} connections, its limit",
+                shared.key_connections.max()
+            ),
+        )),
     });
     // Held until this function returns, with the connection.
     let (key_id, _key_connection) = match checked {
@@ -169,7 +175,7 @@ fn check_hello(shared: &Shared, hello: &Hello) -> Result<KeyId, ErrorMessage> {
                 "the device's model vocabulary (fingerprint {}) differs from the server's model {} \
                  (fingerprint {}); drafts would be meaningless",
                 hex::encode(hello.model_fingerprint),
-                shared.model.info().name,
+                shared.llm.name(),
                 hex::encode(shared.fingerprint),
             ),
         ));

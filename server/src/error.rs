@@ -12,6 +12,9 @@ pub enum ServerError {
     /// Loading the LLM failed.
     #[error(transparent)]
     Model(#[from] uhlm_model::ModelError),
+    /// The remote inference engine cannot be used: unreachable, or serving another vocabulary.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     /// A model name could not be resolved to a file.
     #[error(transparent)]
     Fetch(#[from] uhlm_model::fetch::FetchError),

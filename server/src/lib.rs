@@ -18,9 +18,11 @@
 mod auth;
 pub mod config;
 mod connection;
+mod engine;
 mod error;
 mod http;
 mod key_quota;
+mod llm_card;
 mod metrics;
 mod rate_limit;
 pub mod serve;
@@ -29,7 +31,8 @@ mod session;
 mod tls;
 mod worker;
 
-pub use config::{ServerArgs, ServerConfig};
+pub use config::{EngineChoice, ServerArgs, ServerConfig};
+pub use engine::{EngineCheck, EngineError, check_llama_server};
 pub use error::ServerError;
 pub use server::{Server, ServerHandle};
 pub use tls::{SELF_SIGNED_CERT_FILE, SELF_SIGNED_KEY_FILE, cert_fingerprint};

@@ -46,6 +46,12 @@ pub struct Metrics {
     pub drafting_window: Histogram,
     pub uplink_bytes: Counter,
     pub downlink_bytes: Counter,
+    /// Requests sent to a remote inference engine (none with the embedded one).
+    pub engine_requests: Counter,
+    /// Prompt tokens the remote engine evaluated (what its prompt cache did not hold).
+    pub engine_prompt_tokens: Counter,
+    /// Bytes of the remote engine's answers.
+    pub engine_response_bytes: Counter,
     errors: Family<CodeLabel, Counter>,
 }
 
@@ -91,6 +97,9 @@ impl Metrics {
             ),
             uplink_bytes: Counter::default(),
             downlink_bytes: Counter::default(),
+            engine_requests: Counter::default(),
+            engine_prompt_tokens: Counter::default(),
+            engine_response_bytes: Counter::default(),
             errors: Family::default(),
             registry: Registry::default(),
         };
@@ -194,6 +203,21 @@ impl Metrics {
             "downlink_bytes",
             "Bytes sent on session and control streams",
             m.downlink_bytes.clone(),
+        );
+        registry.register(
+            "engine_requests",
+            "Requests sent to the remote inference engine",
+            m.engine_requests.clone(),
+        );
+        registry.register(
+            "engine_prompt_tokens",
+            "Prompt tokens the remote inference engine evaluated (not found in its cache)",
+            m.engine_prompt_tokens.clone(),
+        );
+        registry.register(
+            "engine_response_bytes",
+            "Bytes of the remote inference engine's answers",
+            m.engine_response_bytes.clone(),
         );
         registry.register("errors", "Error frames sent, by code", m.errors.clone());
         Self { registry, ..m }

@@ -28,7 +28,7 @@ pub fn serve_blocking(cli: ServeArgs) -> anyhow::Result<()> {
         Some(path) => ServerConfig::from_toml_file(path)?,
         None => ServerConfig::default(),
     };
-    cli.args.apply(&mut config);
+    cli.args.apply(&mut config)?;
     if config.self_signed && config.cert_dir.is_none() {
         config.cert_dir = Some(default_cert_dir()?);
     }

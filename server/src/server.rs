@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use uhlm_model::{LoadOptions, Model};
+use uhlm_model::{LoadOptions, Model, ModelCard};
 
 use crate::auth::ApiKeys;
-use crate::config::ServerConfig;
+use crate::config::{EngineChoice, ServerConfig};
+use crate::engine::{Embedded, EngineProbe, LlamaServer, check_llama_server};
 use crate::error::ServerError;
 use crate::key_quota::KeyQuota;
+use crate::llm_card::LlmCard;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::tls;
@@ -25,7 +27,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// State every connection and session task shares.
 pub(crate) struct Shared {
     pub config: ServerConfig,
-    pub model: Arc<Model>,
+    pub llm: LlmCard,
+    /// Checks the remote engine as each device connects (`None`: the embedded engine).
+    pub engine_probe: Option<EngineProbe>,
     pub fingerprint: [u8; 32],
     pub max_context_tokens: u32,
     pub keys: ApiKeys,
@@ -51,10 +55,47 @@ impl Shared {
 pub struct Server;
 
 impl Server {
-    /// Loads the model named by `config.model` (a path or a cached model's name) and starts.
+    /// Loads the model named by `config.model` (a path or a cached model's name) and starts
+    /// on `config.engine`: with a remote engine only the model's header is read here, and the
+    /// engine is checked to serve the same vocabulary.
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config.validate()?;
         let path = uhlm_model::fetch::resolve_model(&config.model.to_string_lossy())?;
+        if let EngineChoice::LlamaServer { url } = &config.engine {
+            let timeout = config.engine_timeout;
+            let probe_url = url.clone();
+            let (card, check) = tokio::task::spawn_blocking(move || {
+                let card = ModelCard::read(&path)?;
+                let check = check_llama_server(&probe_url, &card, timeout)?;
+                Ok::<_, ServerError>((Arc::new(card), check))
+            })
+            .await
+            .map_err(|e| ServerError::Config(format!("engine check task failed: {e}")))??;
+            tracing::info!(engine = %config.engine, ?check, "inference engine checked");
+            let probe = EngineProbe {
+                url: url.clone(),
+                card: card.clone(),
+                timeout,
+            };
+            let llm = LlmCard::Header(card.clone());
+            return Self::launch(
+                config,
+                llm,
+                Some(probe.clone()),
+                move |settings, metrics| {
+                    let eos = card.tokenizer.eos_ids().first().copied().unwrap_or(0);
+                    let engine =
+                        LlamaServer::new(&probe.url, &check, eos, timeout, metrics.clone());
+                    WorkerPool::start(
+                        Arc::new(engine),
+                        card.tokenizer.eos_ids(),
+                        settings,
+                        metrics,
+                    )
+                },
+            )
+            .await;
+        }
         let opts = LoadOptions {
             threads: config.kernel_threads,
             device: config.device,
@@ -66,8 +107,9 @@ impl Server {
         Self::start_with_model(config, model).await
     }
 
-    /// Starts with an already loaded model (`config.model` is then ignored), e.g. to share
-    /// one model between an embedded server and the device side of a demo.
+    /// Starts with an already loaded model on the embedded engine (`config.model` and
+    /// `config.engine` are then ignored), e.g. to share one model between an embedded server
+    /// and the device side of a demo.
     pub async fn start_with_model(
         mut config: ServerConfig,
         model: Arc<Model>,
@@ -75,6 +117,22 @@ impl Server {
         if config.model.as_os_str().is_empty() {
             config.model = model.path().to_path_buf();
         }
+        config.engine = EngineChoice::Embedded;
+        let llm = LlmCard::Loaded(model.clone());
+        Self::launch(config, llm, None, move |settings, metrics| {
+            let eos = model.tokenizer().eos_ids().to_vec();
+            WorkerPool::start(Arc::new(Embedded::new(model)), &eos, settings, metrics)
+        })
+        .await
+    }
+
+    /// Binds, starts the workers `start_workers` makes, and serves.
+    async fn launch(
+        config: ServerConfig,
+        llm: LlmCard,
+        engine_probe: Option<EngineProbe>,
+        start_workers: impl FnOnce(&WorkerSettings, Arc<Metrics>) -> std::io::Result<WorkerPool>,
+    ) -> Result<ServerHandle, ServerError> {
         config.validate()?;
         let mut keys = ApiKeys::from_keys(config.api_key_list.iter().map(String::as_str));
         if let Some(path) = &config.api_keys {
@@ -128,7 +186,7 @@ impl Server {
         };
         let max_context_tokens = config
             .max_context_tokens
-            .min(u32::try_from(model.info().context_length).unwrap_or(u32::MAX));
+            .min(u32::try_from(llm.context_length()).unwrap_or(u32::MAX));
         let settings = WorkerSettings {
             workers: config.workers,
             batch_wait: config.batch_wait,
@@ -141,20 +199,21 @@ impl Server {
             prefill_chunk: config.prefill_chunk_tokens,
             pass_target: config.pass_target,
         };
-        let workers = WorkerPool::start(model.clone(), &settings, metrics.clone())
+        let workers = start_workers(&settings, metrics.clone())
             .map_err(|e| ServerError::Config(format!("cannot start model worker threads: {e}")))?;
         let (per_key_sessions, per_key_connections) = config.per_key_caps(keys.len());
         let shared = Arc::new(Shared {
             key_sessions: KeyQuota::new(per_key_sessions),
             key_connections: KeyQuota::new(per_key_connections),
-            fingerprint: model.fingerprint(),
+            fingerprint: llm.fingerprint(),
             limiter: RateLimiter::new(config.rate_limit),
             session_slots: Arc::new(Semaphore::new(config.max_sessions)),
             max_context_tokens,
             keys,
             metrics,
             workers,
-            model,
+            llm,
+            engine_probe,
             shutdown: shutdown_rx,
             next_key: AtomicU64::new(1),
             config,
@@ -164,10 +223,10 @@ impl Server {
             %local_addr,
             fingerprint = %fingerprint_hex,
             api_keys = shared.keys.len(),
-            device = %shared.model.device(),
+            engine = %shared.config.engine,
             "uhlm-server listening"
         );
-        if let Some(source) = &shared.model.info().stand_in_for {
+        if let Some(source) = shared.llm.stand_in_for() {
             tracing::warn!(
                 "the model is a stand-in for {source} with random weights: its tokens mean \
                  nothing (made for timing)"
@@ -249,7 +308,7 @@ pub struct ServerHandle {
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("model", &self.model.info().name)
+            .field("model", &self.llm.name())
             .finish_non_exhaustive()
     }
 }

@@ -404,14 +404,14 @@ fn render_chat(
 ) -> Result<Vec<u32>, Failure> {
     let bad = |m: String| ErrorMessage::new(ErrorCode::InvalidRequest, m);
     let template = shared
-        .model
+        .llm
         .chat_template()
         .ok_or_else(|| bad("the server's model has no chat template; send token ids".into()))?;
     let text = template
         .render(messages, true)
         .map_err(|e| bad(e.to_string()))?;
     shared
-        .model
+        .llm
         .tokenizer()
         .encode(&text, false)
         .map_err(|e| bad(format!("cannot tokenize the rendered chat: {e}")))

@@ -27,7 +27,9 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Generate, Verdict, Verify};
 use uhlm_core::sampling::SamplingOptions;
-use uhlm_model::{Model, ModelError, Session};
+use uhlm_model::ModelError;
+
+use crate::engine::{Engine, EngineError, EngineSession};
 
 use crate::metrics::Metrics;
 
@@ -152,8 +154,10 @@ pub(crate) struct WorkerPool {
 }
 
 impl WorkerPool {
-    pub fn start(
-        model: Arc<Model>,
+    /// Starts `settings.workers` threads over `engine`; `eos`: the model's end-of-sequence ids.
+    pub fn start<E: Engine>(
+        engine: Arc<E>,
+        eos: &[u32],
         settings: &WorkerSettings,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -163,7 +167,7 @@ impl WorkerPool {
         for i in 0..n {
             let (tx, rx) = mpsc::channel();
             let worker = Worker {
-                model: model.clone(),
+                engine: engine.clone(),
                 sessions: HashMap::new(),
                 settings: settings.clone(),
                 budget: settings.kv_memory_budget_bytes / n as u64,
@@ -177,7 +181,7 @@ impl WorkerPool {
                 ready: VecDeque::new(),
                 reported_kv_bytes: 0,
                 pass_clock: PassClock::default(),
-                eos: model.tokenizer().eos_ids().to_vec(),
+                eos: eos.to_vec(),
                 window: 0,
             };
             let handle = std::thread::Builder::new()
@@ -235,9 +239,9 @@ impl WorkerPool {
 }
 
 /// One session's state in its worker.
-struct Entry {
-    /// The KV cache of the tokens scored so far; `None` once evicted.
-    llm: Option<Session>,
+struct Entry<S> {
+    /// The engine's context of the tokens scored so far; `None` once evicted.
+    llm: Option<S>,
     /// Committed tokens not yet scored: the prompt, then each verdict's token.
     pending: Vec<u32>,
     sampling: SamplingOptions,
@@ -250,9 +254,9 @@ struct Entry {
 /// Where a `Verify`'s answer goes.
 type VerdictReply = oneshot::Sender<Result<Verdict, Failure>>;
 
-struct Worker {
-    model: Arc<Model>,
-    sessions: HashMap<SessionKey, Entry>,
+struct Worker<E: Engine> {
+    engine: Arc<E>,
+    sessions: HashMap<SessionKey, Entry<E::Session>>,
     settings: WorkerSettings,
     budget: u64,
     metrics: Arc<Metrics>,
@@ -283,7 +287,7 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
     ErrorMessage::new(code, message)
 }
 
-impl Worker {
+impl<E: Engine> Worker<E> {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         let mut stopping = false;
         loop {
@@ -458,7 +462,7 @@ impl Worker {
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), Failure> {
-        let vocab = self.model.info().vocab_size;
+        let vocab = self.engine.vocab_size();
         match tokens.iter().find(|&&t| t as usize >= vocab) {
             Some(t) => Err(fail(
                 ErrorCode::InvalidRequest,
@@ -477,7 +481,7 @@ impl Worker {
         self.check_context(&context)?;
         let seed = sampling.seed.unwrap_or_else(rand::random);
         let entry = Entry {
-            llm: Some(self.model.session()),
+            llm: Some(self.engine.session()),
             pending: context,
             sampling,
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -493,7 +497,7 @@ impl Worker {
     fn resync(&mut self, key: SessionKey, context: Vec<u32>) -> Result<(), Failure> {
         self.check_context(&context)?;
         let clock = self.clock;
-        let model = self.model.clone();
+        let engine = self.engine.clone();
         let entry = self.sessions.get_mut(&key).ok_or_else(|| {
             fail(
                 ErrorCode::Internal,
@@ -502,7 +506,7 @@ impl Worker {
         })?;
         match entry.llm.as_mut() {
             Some(llm) => llm.reset(),
-            None => entry.llm = Some(model.session()),
+            None => entry.llm = Some(engine.session()),
         }
         // A well-behaved device has no Verify outstanding when it resyncs.
         if let Some((_, reply)) = entry.deferred.take() {
@@ -609,20 +613,36 @@ impl Worker {
 }
 
 /// KV bytes an entry's cache holds allocated (none once evicted).
-fn kv_bytes(e: &Entry) -> u64 {
+fn kv_bytes<S: EngineSession>(e: &Entry<S>) -> u64 {
     e.llm.as_ref().map_or(0, |s| s.kv_cache_bytes() as u64)
 }
 
-/// Maps a model error on client-supplied tokens to the code the client can act on.
-fn model_failure(e: ModelError) -> Failure {
+/// Maps an engine error on client-supplied tokens to the code the client can act on.
+fn engine_failure(e: EngineError) -> Failure {
     match e {
-        ModelError::ContextOverflow { .. } => fail(ErrorCode::ContextTooLong, e.to_string()),
-        ModelError::InvalidToken { .. } | ModelError::EmptyPrompt => {
-            fail(ErrorCode::InvalidRequest, e.to_string())
+        EngineError::Model(
+            e @ (ModelError::ContextOverflow { .. }
+            | ModelError::InvalidToken { .. }
+            | ModelError::EmptyPrompt),
+        ) => {
+            let code = if matches!(e, ModelError::ContextOverflow { .. }) {
+                ErrorCode::ContextTooLong
+            } else {
+                ErrorCode::InvalidRequest
+            };
+            fail(code, e.to_string())
         }
-        other => {
+        EngineError::Model(other) => {
             tracing::error!(error = %other, "model failure");
             fail(ErrorCode::Internal, "the model failed on this request")
+        }
+        // The device goes on alone and tries again later; the operator sees why in the log.
+        remote @ (EngineError::Remote { .. } | EngineError::Vocabulary { .. }) => {
+            tracing::error!(error = %remote, "inference engine failure");
+            fail(
+                ErrorCode::Internal,
+                "the server's inference engine failed on this request",
+            )
         }
     }
 }

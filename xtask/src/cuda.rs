@@ -161,7 +161,7 @@ fn toolkit(with_libraries: bool) -> Result<PathBuf> {
 }
 
 /// `$XDG_CACHE_HOME/uhlm` or `~/.cache/uhlm`, where the models are cached too.
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),

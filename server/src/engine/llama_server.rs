@@ -1,0 +1,532 @@
+//! llama.cpp's `llama-server` as the engine, over its HTTP API.
+//!
+//! Token ids go in, never text. Each position a session needs decided is one prompt (the
+//! session's context up to that position) with `n_predict` 1 and `n_probs` over the whole
+//! vocabulary without the sampling chain (`post_sampling_probs` false): llama.cpp then returns
+//! the softmax of the raw logits for every token id, `log p(x)`, which is the logits up to a
+//! constant. The gateway applies the session's temperature, top-k and top-p to them exactly as
+//! the embedded engine does, so verification runs against the same distribution whichever
+//! engine scored it. The sampler chain is still set to temperature only, with every other
+//! sampler neutral (the engine's defaults add top-k 40, top-p 0.95 and min-p 0.05). The
+//! engine's own sample is not used, and a logit bias makes it the end-of-sequence token:
+//! llama-server withholds the probabilities of a sampled token that ends inside a UTF-8
+//! character (a byte token of a byte-level vocabulary), and an end-of-sequence token never does.
+//! The bias acts on the sampler only; the probabilities returned are the model's logits'.
+//!
+//! The session's KV stays in the engine's prompt cache (`cache_prompt`): the engine re-scores
+//! only what its slot does not hold yet. The gateway remembers which slot served a session and
+//! pins a chain's prompts to it, so that they run in order on the cached prefix instead of
+//! re-scoring the whole context on other slots; a single prompt is left to the engine's own
+//! slot choice (the longest common prefix), which finds the same slot when it is free.
+//! Measured per request: `timings.prompt_n`, the tokens the engine evaluated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use uhlm_core::protocol::{ErrorCode, ErrorMessage};
+use uhlm_model::ModelCard;
+
+use super::{Engine, EngineError, EngineSession, ScoreItem, Wanted};
+use crate::metrics::Metrics;
+
+/// Largest response accepted: one prompt's full-vocabulary answer is about 10 MB of JSON on a
+/// 150k vocabulary, and a chain carries up to `max_chain_links + 1` of them.
+const MAX_RESPONSE_BYTES: u64 = 2 << 30;
+
+/// Text whose tokenization the engine must agree on (words, digits, code, non-Latin script,
+/// spaces and newlines: the pre-tokenizer's cases).
+const PROBE_TEXT: &str = "Hello world! def f(x):\n    return x * 42  # ok\n\tÜber 東京 ß 🙂 0.5e-3";
+
+/// A running `llama-server` serving the same GGUF as the gateway's model card.
+pub(crate) struct LlamaServer {
+    url: String,
+    agent: ureq::Agent,
+    vocab_size: usize,
+    /// The token the engine's own (unused) sample is biased to.
+    eos: u32,
+    metrics: Arc<Metrics>,
+}
+
+/// What the start-up check learned about the engine.
+#[derive(Clone, Debug)]
+pub struct EngineCheck {
+    /// Width of the engine's logits.
+    pub n_vocab: usize,
+    /// Sequences the engine runs at once (`--parallel`).
+    pub slots: usize,
+    /// The model file the engine loaded, as it reports it.
+    pub model_path: String,
+}
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// Checks that the engine at `url` serves `card`'s vocabulary: the same number of logits,
+/// the same BOS and EOS, and the same token ids for a probe text. A mismatch is
+/// [`EngineError::Vocabulary`]; an engine that cannot be asked is [`EngineError::Remote`].
+pub fn check_llama_server(
+    url: &str,
+    card: &ModelCard,
+    timeout: Duration,
+) -> Result<EngineCheck, EngineError> {
+    let url = url.trim_end_matches('/');
+    let agent = agent(timeout);
+    let remote = |reason: String| EngineError::Remote {
+        url: url.to_string(),
+        reason,
+    };
+    let mismatch = |reason: String| EngineError::Vocabulary {
+        url: url.to_string(),
+        reason,
+    };
+    let models: serde_json::Value =
+        get_json(&agent, &format!("{url}/v1/models")).map_err(remote)?;
+    let n_vocab = models["data"][0]["meta"]["n_vocab"]
+        .as_u64()
+        .ok_or_else(|| remote("/v1/models has no data[0].meta.n_vocab".into()))?
+        as usize;
+    if n_vocab != card.vocab_size {
+        return Err(mismatch(format!(
+            "{n_vocab} logits, the server's model {} has {}",
+            card.name, card.vocab_size
+        )));
+    }
+    let props: serde_json::Value = get_json(&agent, &format!("{url}/props")).map_err(remote)?;
+    let tok = &card.tokenizer;
+    // Where the model defines none, llama.cpp assumes one, which token-id prompts never use.
+    let ends = [
+        ("BOS", "bos_token", tok.bos_id()),
+        ("EOS", "eos_token", tok.eos_ids().first().copied()),
+    ];
+    for (what, key, id) in ends {
+        let Some(ours) = id.and_then(|i| tok.token_piece(i)) else {
+            continue;
+        };
+        let theirs = props[key].as_str().unwrap_or_default();
+        if theirs != ours {
+            return Err(mismatch(format!(
+                "its {what} is {theirs:?}, the server's model's is {ours:?}"
+            )));
+        }
+    }
+    let ours = tok
+        .encode(PROBE_TEXT, false)
+        .map_err(|e| remote(format!("cannot tokenize the probe text here: {e}")))?;
+    let theirs: serde_json::Value = post_json(
+        &agent,
+        &format!("{url}/tokenize"),
+        &json!({"content": PROBE_TEXT, "add_special": false}),
+    )
+    .map_err(remote)?;
+    let theirs: Vec<u32> = serde_json::from_value(theirs["tokens"].clone())
+        .map_err(|e| remote(format!("/tokenize answered no token ids: {e}")))?;
+    if theirs != ours {
+        return Err(mismatch(format!(
+            "it tokenizes a probe text as {theirs:?}, the server's model as {ours:?}"
+        )));
+    }
+    Ok(EngineCheck {
+        n_vocab,
+        slots: props["total_slots"].as_u64().unwrap_or(1) as usize,
+        model_path: props["model_path"].as_str().unwrap_or_default().to_string(),
+    })
+}
+
+/// The check [`check_llama_server`] runs at start-up, run again as each device connects, so
+/// that an engine restarted on another model is caught before a device drafts against it.
+#[derive(Clone)]
+pub(crate) struct EngineProbe {
+    pub url: String,
+    pub card: Arc<ModelCard>,
+    pub timeout: Duration,
+}
+
+impl EngineProbe {
+    /// The check's outcome as the `Error` a device gets: `VocabularyMismatch` for another
+    /// vocabulary, `Internal` for an engine that cannot be asked.
+    pub async fn check(&self) -> Result<(), ErrorMessage> {
+        let probe = self.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            check_llama_server(&probe.url, &probe.card, probe.timeout)
+        })
+        .await;
+        match checked {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e @ EngineError::Vocabulary { .. })) => Err(ErrorMessage::new(
+                ErrorCode::VocabularyMismatch,
+                e.to_string(),
+            )),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "inference engine check failed");
+                Err(ErrorMessage::new(
+                    ErrorCode::Internal,
+                    "the server's inference engine is unavailable",
+                ))
+            }
+            Err(_) => Err(ErrorMessage::new(
+                ErrorCode::Internal,
+                "the inference engine check failed",
+            )),
+        }
+    }
+}
+
+fn get_json(agent: &ureq::Agent, url: &str) -> Result<serde_json::Value, String> {
+    let resp = agent
+        .get(url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    read_json(resp, url)
+}
+
+fn post_json(
+    agent: &ureq::Agent,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let resp = agent
+        .post(url)
+        .send_json(body)
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    read_json(resp, url)
+}
+
+fn read_json(
+    mut resp: ureq::http::Response<ureq::Body>,
+    url: &str,
+) -> Result<serde_json::Value, String> {
+    let status = resp.status();
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_RESPONSE_BYTES)
+        .read_to_string()
+        .map_err(|e| format!("{url}: reading the answer: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{url}: HTTP {status}: {}", clip(&text)));
+    }
+    serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON ({e}): {}", clip(&text)))
+}
+
+/// The start of an answer, for an error message.
+fn clip(text: &str) -> &str {
+    let end = text.char_indices().nth(300).map_or(text.len(), |(i, _)| i);
+    &text[..end]
+}
+
+impl LlamaServer {
+    /// An engine at `url` that [`check_llama_server`] accepted for the server's model, whose
+    /// end-of-sequence token is `eos`.
+    pub fn new(
+        url: &str,
+        check: &EngineCheck,
+        eos: u32,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            agent: agent(timeout),
+            vocab_size: check.n_vocab,
+            eos,
+            metrics,
+        }
+    }
+
+    fn remote(&self, reason: impl Into<String>) -> EngineError {
+        EngineError::Remote {
+            url: self.url.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Scores one item: one request whose prompts are the context up to each wanted row.
+    fn score_one(
+        &self,
+        session: &RemoteSession,
+        tokens: &[u32],
+        wanted: Wanted<'_>,
+    ) -> Result<Scored, EngineError> {
+        let mut full = session.tokens.clone();
+        full.extend_from_slice(tokens);
+        let base = session.tokens.len();
+        let ends: Vec<usize> = match wanted {
+            Wanted::Nothing | Wanted::Last => vec![full.len()],
+            Wanted::Rows(rows) => rows.iter().map(|&r| base + r + 1).collect(),
+        };
+        if ends.iter().any(|&e| e == 0 || e > full.len()) {
+            return Err(self.remote("a wanted row lies outside the new tokens"));
+        }
+        let prompts: Vec<&[u32]> = ends.iter().map(|&e| &full[..e]).collect();
+        let n_probs = if matches!(wanted, Wanted::Nothing) {
+            0
+        } else {
+            self.vocab_size
+        };
+        // Several prompts run on the session's slot one after another, each on the cached
+        // prefix; one prompt goes wherever the engine finds its prefix.
+        let id_slot = match (prompts.len(), session.slot) {
+            (n, Some(slot)) if n > 1 => slot,
+            _ => -1,
+        };
+        let body = json!({
+            "prompt": prompts,
+            "n_predict": 1,
+            "n_probs": n_probs,
+            "post_sampling_probs": false,
+            "cache_prompt": true,
+            "id_slot": id_slot,
+            "stream": false,
+            "samplers": ["temperature"],
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "min_p": 0.0,
+            "typical_p": 1.0,
+            "repeat_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "dry_multiplier": 0.0,
+            "xtc_probability": 0.0,
+            "logit_bias": [[self.eos, 1000.0]],
+        });
+        let url = format!("{}/completion", self.url);
+        let mut resp = self
+            .agent
+            .post(&url)
+            .send_json(&body)
+            .map_err(|e| self.remote(format!("POST {url}: {e}")))?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_string()
+            .map_err(|e| self.remote(format!("reading the answer: {e}")))?;
+        self.metrics.engine_requests.inc();
+        self.metrics.engine_response_bytes.inc_by(text.len() as u64);
+        if !status.is_success() {
+            return Err(self.remote(format!("HTTP {status}: {}", clip(&text))));
+        }
+        let answers = parse_completions(&text).map_err(|e| self.remote(e))?;
+        if answers.len() != prompts.len() {
+            return Err(self.remote(format!(
+                "{} answers to {} prompts",
+                answers.len(),
+                prompts.len()
+            )));
+        }
+        let evaluated: u64 = answers
+            .iter()
+            .map(|a| a.timings.as_ref().map_or(0, |t| t.prompt_n.max(0) as u64))
+            .sum();
+        self.metrics.engine_prompt_tokens.inc_by(evaluated);
+        let slot = answers.last().and_then(|a| a.id_slot);
+        if n_probs == 0 {
+            return Ok((Vec::new(), slot));
+        }
+        let mut logits = vec![f32::NAN; self.vocab_size * answers.len()];
+        for (row, answer) in logits.chunks_mut(self.vocab_size).zip(&answers) {
+            answer_logits(answer, row).map_err(|e| self.remote(e))?;
+        }
+        Ok((logits, slot))
+    }
+}
+
+/// One item's logits (row-major) and the slot that served it.
+type Scored = (Vec<f32>, Option<i64>);
+
+/// One prompt's answer, reduced to what verification needs (the rest is skipped unparsed).
+#[derive(Debug, Deserialize)]
+pub(crate) struct Completion {
+    #[serde(default)]
+    id_slot: Option<i64>,
+    #[serde(default)]
+    timings: Option<Timings>,
+    #[serde(default)]
+    completion_probabilities: Vec<TokenProbs>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Timings {
+    #[serde(default)]
+    prompt_n: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenProbs {
+    top_logprobs: Vec<Candidate>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Candidate {
+    id: u32,
+    logprob: f32,
+}
+
+/// Reads a `/completion` answer: an array for several prompts, an object for one.
+pub(crate) fn parse_completions(text: &str) -> Result<Vec<Completion>, String> {
+    let parsed = if text.trim_start().starts_with('[') {
+        serde_json::from_str(text)
+    } else {
+        serde_json::from_str(text).map(|c| vec![c])
+    };
+    parsed.map_err(|e| format!("unexpected answer ({e}): {}", clip(text)))
+}
+
+/// Fills `row` with the answer's log-probability of every token id: each id exactly once.
+fn answer_logits(answer: &Completion, row: &mut [f32]) -> Result<(), String> {
+    let first = answer
+        .completion_probabilities
+        .first()
+        .ok_or("the answer has no probabilities")?;
+    if first.top_logprobs.len() != row.len() {
+        return Err(format!(
+            "{} probabilities for a vocabulary of {}",
+            first.top_logprobs.len(),
+            row.len()
+        ));
+    }
+    for c in &first.top_logprobs {
+        let slot = row
+            .get_mut(c.id as usize)
+            .ok_or_else(|| format!("token id {} is outside the vocabulary", c.id))?;
+        if !slot.is_nan() || c.logprob.is_nan() || c.logprob > 0.0 {
+            return Err(format!("token id {} has a repeated or invalid entry", c.id));
+        }
+        *slot = c.logprob;
+    }
+    Ok(())
+}
+
+/// A session's context as the engine was last given it; its KV is in the engine's cache.
+pub(crate) struct RemoteSession {
+    tokens: Vec<u32>,
+    /// The engine's slot that last held this context.
+    slot: Option<i64>,
+}
+
+impl EngineSession for RemoteSession {
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.tokens.truncate(len);
+    }
+
+    fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    fn kv_cache_bytes(&self) -> usize {
+        self.tokens.capacity() * std::mem::size_of::<u32>()
+    }
+}
+
+impl Engine for LlamaServer {
+    type Session = RemoteSession;
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn session(&self) -> RemoteSession {
+        RemoteSession {
+            tokens: Vec::new(),
+            slot: None,
+        }
+    }
+
+    /// Every item's request at once, so that the engine batches them across its slots.
+    fn score(
+        &self,
+        items: &mut [ScoreItem<'_, RemoteSession>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let results: Vec<Result<Scored, EngineError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .iter()
+                .map(|i| {
+                    let (session, tokens, wanted) = (&*i.session, i.tokens, i.wanted);
+                    s.spawn(move || self.score_one(session, tokens, wanted))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(self.remote("the request thread panicked")))
+                })
+                .collect()
+        });
+        // All or nothing: no session advances unless every item was scored.
+        let results: Vec<(Vec<f32>, Option<i64>)> =
+            results.into_iter().collect::<Result<_, _>>()?;
+        Ok(items
+            .iter_mut()
+            .zip(results)
+            .map(|(item, (logits, slot))| {
+                item.session.tokens.extend_from_slice(item.tokens);
+                if slot.is_some() {
+                    item.session.slot = slot;
+                }
+                logits
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_as_logits_of_every_token_id() {
+        let one = r#"{"content":"x","id_slot":2,"timings":{"prompt_n":5},
+            "completion_probabilities":[{"id":1,"token":"b","bytes":[98],"logprob":-0.1,
+            "top_logprobs":[{"id":1,"token":"b","bytes":[98],"logprob":-0.1},
+                            {"id":0,"token":"a","bytes":[97],"logprob":-2.4},
+                            {"id":2,"token":"c","bytes":[99],"logprob":-3.4028235e38}]}]}"#;
+        let answers = parse_completions(one).unwrap();
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].id_slot, Some(2));
+        let mut row = vec![f32::NAN; 3];
+        answer_logits(&answers[0], &mut row).unwrap();
+        assert_eq!(row, [-2.4, -0.1, f32::MIN]);
+        let many = format!("[{one},{one}]");
+        assert_eq!(parse_completions(&many).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn garbage_answers_are_errors() {
+        let mut row = vec![f32::NAN; 3];
+        for bad in [
+            // Too few ids.
+            r#"{"completion_probabilities":[{"top_logprobs":[{"id":0,"logprob":-1}]}]}"#,
+            // A repeated id.
+            r#"{"completion_probabilities":[{"top_logprobs":[{"id":0,"logprob":-1},
+                {"id":0,"logprob":-1},{"id":1,"logprob":-1}]}]}"#,
+            // Outside the vocabulary.
+            r#"{"completion_probabilities":[{"top_logprobs":[{"id":0,"logprob":-1},
+                {"id":1,"logprob":-1},{"id":7,"logprob":-1}]}]}"#,
+            // A probability above one.
+            r#"{"completion_probabilities":[{"top_logprobs":[{"id":0,"logprob":1},
+                {"id":1,"logprob":-1},{"id":2,"logprob":-1}]}]}"#,
+            // No probabilities at all.
+            r#"{"content":"x"}"#,
+        ] {
+            row.fill(f32::NAN);
+            let answers = parse_completions(bad).unwrap();
+            assert!(answer_logits(&answers[0], &mut row).is_err(), "{bad}");
+        }
+        assert!(parse_completions("<html>502</html>").is_err());
+        assert!(parse_completions(r#"{"completion_probabilities":"no"}"#).is_err());
+    }
+}
