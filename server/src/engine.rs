@@ -3,11 +3,15 @@
 //! Everything uhlm adds on the server (QUIC and TLS, keys, sessions and their limits, the
 //! protocol, the exact verification against the distribution the phone drafted from) lives
 //! above this seam and stays the same whichever engine is below it. An engine only scores
-//! rows: it appends a session's new tokens to that session's context and returns the LLM's
-//! logits at the positions asked for. [`Embedded`] is uhlm's own candle runtime, in process;
-//! [`LlamaServer`] delegates to llama.cpp's `llama-server` over HTTP, where the session's KV
-//! stays in the engine's prompt cache.
+//! rows: it appends a session's new tokens to that session's context and reports the LLM's
+//! distribution at the positions asked for ([`Target`]): all its logits, or what a sampling
+//! engine answers cheaply (its top candidates' probabilities and its own draws), which
+//! `uhlm_core::verify_partial` verifies exactly. [`Embedded`] is uhlm's own candle runtime,
+//! in process; [`LlamaServer`] delegates to llama.cpp's `llama-server` over HTTP, where the
+//! session's KV stays in the engine's prompt cache.
 
+use uhlm_core::sampling::SamplingOptions;
+use uhlm_core::verify_partial::PartialTarget;
 use uhlm_model::ModelError;
 
 mod embedded;
@@ -27,6 +31,12 @@ pub enum EngineError {
     /// promises. The request fails; the device goes on alone and retries later.
     #[error("the inference engine at {url} failed: {reason}")]
     Remote { url: String, reason: String },
+    /// The engine cannot do what was asked of it.
+    #[error("the {engine} engine cannot {what}")]
+    Unsupported {
+        engine: &'static str,
+        what: &'static str,
+    },
     /// The remote engine serves another vocabulary than the server's model.
     #[error("the inference engine at {url} serves another vocabulary: {reason}")]
     Vocabulary { url: String, reason: String },
@@ -43,11 +53,25 @@ pub(crate) enum Wanted<'a> {
     Rows(&'a [usize]),
 }
 
+/// The LLM's distribution at one position, as the engine reports it.
+#[derive(Debug)]
+pub(crate) enum Target {
+    /// Its logits over the whole vocabulary.
+    Logits(Vec<f32>),
+    /// The session's sampling applied by the engine: exact probabilities of its top tokens and
+    /// its own draws (see `uhlm_core::verify_partial`).
+    Partial(PartialTarget),
+}
+
 /// One session's part of a pass.
 pub(crate) struct ScoreItem<'a, S> {
     pub session: &'a mut S,
     pub tokens: &'a [u32],
     pub wanted: Wanted<'a>,
+    /// The session's sampling, for engines that sample.
+    pub sampling: &'a SamplingOptions,
+    /// Per wanted row, the seed of an engine's own draw there.
+    pub seeds: &'a [u32],
 }
 
 /// A session's state in its engine: the tokens its context holds there.
@@ -72,10 +96,24 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// A session with an empty context.
     fn session(&self) -> Self::Session;
 
-    /// Appends each item's tokens to its session and returns, per item in order, its wanted
-    /// rows of logits, row-major (empty for [`Wanted::Nothing`]). On error no session changed.
+    /// Appends each item's tokens to its session and returns, per item in order, a target per
+    /// wanted row (none for [`Wanted::Nothing`]). On error no session changed.
     fn score(
         &self,
         items: &mut [ScoreItem<'_, Self::Session>],
-    ) -> Result<Vec<Vec<f32>>, EngineError>;
+    ) -> Result<Vec<Vec<Target>>, EngineError>;
+
+    /// The LLM's logits after the first `len` tokens of `session`'s context, for a
+    /// [`Target::Partial`] that did not suffice.
+    fn logits_at(&self, session: &Self::Session, len: usize) -> Result<Vec<f32>, EngineError>;
+
+    /// More of the engine's own draws after the first `len` tokens of `session`'s context,
+    /// each with its probability, under `sampling` from `seed`.
+    fn draws_at(
+        &self,
+        session: &Self::Session,
+        len: usize,
+        sampling: &SamplingOptions,
+        seed: u32,
+    ) -> Result<Vec<(u32, f32)>, EngineError>;
 }

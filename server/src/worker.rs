@@ -34,6 +34,7 @@ use crate::engine::{Engine, EngineError, EngineSession};
 use crate::metrics::Metrics;
 
 mod catch_up;
+mod decide;
 mod forward;
 mod pass_time;
 
@@ -637,7 +638,9 @@ fn engine_failure(e: EngineError) -> Failure {
             fail(ErrorCode::Internal, "the model failed on this request")
         }
         // The device goes on alone and tries again later; the operator sees why in the log.
-        remote @ (EngineError::Remote { .. } | EngineError::Vocabulary { .. }) => {
+        remote @ (EngineError::Remote { .. }
+        | EngineError::Vocabulary { .. }
+        | EngineError::Unsupported { .. }) => {
             tracing::error!(error = %remote, "inference engine failure");
             fail(
                 ErrorCode::Internal,

@@ -27,3 +27,4 @@ pub mod sampling;
 pub mod threshold;
 pub mod uncertainty;
 pub mod verify;
+pub mod verify_partial;

@@ -71,6 +71,8 @@ pub enum VerifyError {
     DraftNotInSupport { draft: u32 },
     #[error("the draft was rejected but max(0, p - q) has no mass to resample from")]
     NoResidualMass,
+    #[error("the engine gave no more draws from p to sample the residual with")]
+    NoMoreDraws,
 }
 
 fn check(which: Which, dist: &[f32]) -> Result<(), VerifyError> {

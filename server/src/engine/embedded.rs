@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
+use uhlm_core::sampling::SamplingOptions;
 use uhlm_model::{BatchItem, Model, Outputs, Session};
 
-use super::{Engine, EngineError, EngineSession, ScoreItem, Wanted};
+use super::{Engine, EngineError, EngineSession, ScoreItem, Target, Wanted};
 
 /// The model loaded in this process.
 pub(crate) struct Embedded {
@@ -47,7 +48,7 @@ impl Engine for Embedded {
         self.model.session()
     }
 
-    fn score(&self, items: &mut [ScoreItem<'_, Session>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn score(&self, items: &mut [ScoreItem<'_, Session>]) -> Result<Vec<Vec<Target>>, EngineError> {
         let mut batch: Vec<BatchItem<'_>> = items
             .iter_mut()
             .map(|i| BatchItem {
@@ -61,13 +62,40 @@ impl Engine for Embedded {
             })
             .collect();
         let logits = Session::score_batch(&mut batch)?;
+        let vocab = self.vocab_size();
         Ok(logits
             .into_iter()
             .zip(items.iter())
             .map(|(l, i)| match i.wanted {
                 Wanted::Nothing => Vec::new(),
-                _ => l.into_vec(),
+                _ => l
+                    .into_vec()
+                    .chunks(vocab)
+                    .map(|row| Target::Logits(row.to_vec()))
+                    .collect(),
             })
             .collect())
+    }
+
+    /// Never needed: every target this engine gives is whole.
+    fn logits_at(&self, _: &Session, _: usize) -> Result<Vec<f32>, EngineError> {
+        Err(EngineError::Unsupported {
+            engine: "embedded",
+            what: "score a past position again",
+        })
+    }
+
+    /// Never needed: every target this engine gives is whole.
+    fn draws_at(
+        &self,
+        _: &Session,
+        _: usize,
+        _: &SamplingOptions,
+        _: u32,
+    ) -> Result<Vec<(u32, f32)>, EngineError> {
+        Err(EngineError::Unsupported {
+            engine: "embedded",
+            what: "draw from a past position",
+        })
     }
 }

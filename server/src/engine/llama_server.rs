@@ -1,24 +1,33 @@
 //! llama.cpp's `llama-server` as the engine, over its HTTP API.
 //!
-//! Token ids go in, never text. Each position a session needs decided is one prompt (the
-//! session's context up to that position) with `n_predict` 1 and `n_probs` over the whole
-//! vocabulary without the sampling chain (`post_sampling_probs` false): llama.cpp then returns
-//! the softmax of the raw logits for every token id, `log p(x)`, which is the logits up to a
-//! constant. The gateway applies the session's temperature, top-k and top-p to them exactly as
-//! the embedded engine does, so verification runs against the same distribution whichever
-//! engine scored it. The sampler chain is still set to temperature only, with every other
-//! sampler neutral (the engine's defaults add top-k 40, top-p 0.95 and min-p 0.05). The
-//! engine's own sample is not used, and a logit bias makes it the end-of-sequence token:
-//! llama-server withholds the probabilities of a sampled token that ends inside a UTF-8
-//! character (a byte token of a byte-level vocabulary), and an end-of-sequence token never does.
-//! The bias acts on the sampler only; the probabilities returned are the model's logits'.
+//! Token ids go in, never text. Each position a session needs decided is one request: the
+//! session's context up to that position as the prompt, `n_predict` 1, its own seed. Two
+//! answers give verification what it needs, exactly:
+//!
+//! - **Sampled** (the usual one). The engine samples with the session's own semantics,
+//!   temperature first, then top-k, then top-p on the tempered probabilities (the sampler list
+//!   is set explicitly: the server's defaults apply temperature last with top-k 40, top-p 0.95
+//!   and min-p 0.05), and reports its draw with its probability and the probabilities of its
+//!   top [`KNOWN_TOKENS`] after that chain (`post_sampling_probs`). A few kB of JSON.
+//!   `uhlm_core::verify_partial` verifies the draft against that, drawing the residual by
+//!   rejection from the engine's samples and asking for more ([`Engine::draws_at`]) where they
+//!   run out.
+//! - **Whole** (where the sampled answer does not suffice: the draft is not among the top
+//!   tokens; top-k and top-p both set, which llama.cpp renormalises between; a draw that ends
+//!   inside a UTF-8 character, whose probabilities llama-server withholds). `n_probs` over the
+//!   whole vocabulary without the chain (`post_sampling_probs` false): the softmax of the raw
+//!   logits for every id, `log p(x)`, the logits up to a constant, to which the gateway applies
+//!   the session's sampling as the embedded engine does. 14 MB of JSON on Qwen2.5's 152k
+//!   vocabulary, about ten times the time of a sampled answer (docs/BENCHMARKS.md, "The
+//!   gateway on llama-server"). The engine's own sample is then biased to end-of-sequence,
+//!   which never ends inside a character; the bias acts on the sampler only.
 //!
 //! The session's KV stays in the engine's prompt cache (`cache_prompt`): the engine re-scores
 //! only what its slot does not hold yet. The gateway remembers which slot served a session and
-//! pins a chain's prompts to it, so that they run in order on the cached prefix instead of
-//! re-scoring the whole context on other slots; a single prompt is left to the engine's own
-//! slot choice (the longest common prefix), which finds the same slot when it is free.
-//! Measured per request: `timings.prompt_n`, the tokens the engine evaluated.
+//! pins a chain's requests to it, so that they run on the cached prefix instead of re-scoring
+//! the whole context on other slots; a single request is left to the engine's own slot choice
+//! (the longest common prefix), which finds the same slot when it is free. Measured per
+//! request: `timings.prompt_n`, the tokens the engine evaluated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +35,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 use uhlm_core::protocol::{ErrorCode, ErrorMessage};
+use uhlm_core::sampling::{SamplingOptions, probabilities_into};
+use uhlm_core::verify_partial::PartialTarget;
 use uhlm_model::ModelCard;
 
-use super::{Engine, EngineError, EngineSession, ScoreItem, Wanted};
+use super::{Engine, EngineError, EngineSession, ScoreItem, Target, Wanted};
 use crate::metrics::Metrics;
 
 /// Largest response accepted: one prompt's full-vocabulary answer is about 10 MB of JSON on a
@@ -247,61 +258,13 @@ impl LlamaServer {
         }
     }
 
-    /// Scores one item: one request whose prompts are the context up to each wanted row.
-    fn score_one(
-        &self,
-        session: &RemoteSession,
-        tokens: &[u32],
-        wanted: Wanted<'_>,
-    ) -> Result<Scored, EngineError> {
-        let mut full = session.tokens.clone();
-        full.extend_from_slice(tokens);
-        let base = session.tokens.len();
-        let ends: Vec<usize> = match wanted {
-            Wanted::Nothing | Wanted::Last => vec![full.len()],
-            Wanted::Rows(rows) => rows.iter().map(|&r| base + r + 1).collect(),
-        };
-        if ends.iter().any(|&e| e == 0 || e > full.len()) {
-            return Err(self.remote("a wanted row lies outside the new tokens"));
-        }
-        let prompts: Vec<&[u32]> = ends.iter().map(|&e| &full[..e]).collect();
-        let n_probs = if matches!(wanted, Wanted::Nothing) {
-            0
-        } else {
-            self.vocab_size
-        };
-        // Several prompts run on the session's slot one after another, each on the cached
-        // prefix; one prompt goes wherever the engine finds its prefix.
-        let id_slot = match (prompts.len(), session.slot) {
-            (n, Some(slot)) if n > 1 => slot,
-            _ => -1,
-        };
-        let body = json!({
-            "prompt": prompts,
-            "n_predict": 1,
-            "n_probs": n_probs,
-            "post_sampling_probs": false,
-            "cache_prompt": true,
-            "id_slot": id_slot,
-            "stream": false,
-            "samplers": ["temperature"],
-            "temperature": 1.0,
-            "top_k": 0,
-            "top_p": 1.0,
-            "min_p": 0.0,
-            "typical_p": 1.0,
-            "repeat_penalty": 1.0,
-            "presence_penalty": 0.0,
-            "frequency_penalty": 0.0,
-            "dry_multiplier": 0.0,
-            "xtc_probability": 0.0,
-            "logit_bias": [[self.eos, 1000.0]],
-        });
+    /// Sends one `/completion` request (one prompt, one predicted token) and reads its answer.
+    fn complete(&self, body: &serde_json::Value) -> Result<Completion, EngineError> {
         let url = format!("{}/completion", self.url);
         let mut resp = self
             .agent
             .post(&url)
-            .send_json(&body)
+            .send_json(body)
             .map_err(|e| self.remote(format!("POST {url}: {e}")))?;
         let status = resp.status();
         let text = resp
@@ -315,39 +278,222 @@ impl LlamaServer {
         if !status.is_success() {
             return Err(self.remote(format!("HTTP {status}: {}", clip(&text))));
         }
-        let answers = parse_completions(&text).map_err(|e| self.remote(e))?;
-        if answers.len() != prompts.len() {
-            return Err(self.remote(format!(
-                "{} answers to {} prompts",
-                answers.len(),
-                prompts.len()
-            )));
+        let mut answers = parse_completions(&text).map_err(|e| self.remote(e))?;
+        if answers.len() != 1 {
+            return Err(self.remote(format!("{} answers to one prompt", answers.len())));
         }
-        let evaluated: u64 = answers
-            .iter()
-            .map(|a| a.timings.as_ref().map_or(0, |t| t.prompt_n.max(0) as u64))
-            .sum();
-        self.metrics.engine_prompt_tokens.inc_by(evaluated);
-        let slot = answers.last().and_then(|a| a.id_slot);
-        if n_probs == 0 {
-            return Ok((Vec::new(), slot));
+        let answer = answers.remove(0);
+        let evaluated = answer.timings.as_ref().map_or(0, |t| t.prompt_n.max(0));
+        self.metrics.engine_prompt_tokens.inc_by(evaluated as u64);
+        Ok(answer)
+    }
+
+    /// The request body for `prompt`: the prompt cache on, on slot `id_slot` (-1: the engine's
+    /// choice), one predicted token.
+    fn body(&self, prompt: &[u32], id_slot: i64) -> serde_json::Value {
+        json!({
+            "prompt": prompt,
+            "n_predict": 1,
+            "cache_prompt": true,
+            "id_slot": id_slot,
+            "stream": false,
+            "return_tokens": true,
+            "min_p": 0.0,
+            "typical_p": 1.0,
+            "repeat_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "dry_multiplier": 0.0,
+            "xtc_probability": 0.0,
+        })
+    }
+
+    /// The logits after `prompt`: the whole vocabulary's log-probabilities, the softmax of the
+    /// raw logits (no sampler), the engine's own sample biased to EOS (see the module's doc).
+    fn full(&self, prompt: &[u32], id_slot: i64) -> Result<(Vec<f32>, Option<i64>), EngineError> {
+        let mut body = self.body(prompt, id_slot);
+        body["n_probs"] = json!(self.vocab_size);
+        body["post_sampling_probs"] = json!(false);
+        body["samplers"] = json!(["temperature"]);
+        body["temperature"] = json!(1.0);
+        body["top_k"] = json!(0);
+        body["top_p"] = json!(1.0);
+        body["logit_bias"] = json!([[self.eos, 1000.0]]);
+        let answer = self.complete(&body)?;
+        let mut logits = vec![f32::NAN; self.vocab_size];
+        answer_logits(&answer, &mut logits).map_err(|e| self.remote(e))?;
+        Ok((logits, answer.id_slot))
+    }
+
+    /// What the engine samples after `prompt` under `sampling` from `seed`: its draw with its
+    /// probability, and the probabilities of its top [`KNOWN_TOKENS`]; `None` for the
+    /// probabilities where it withheld them (a draw ending inside a UTF-8 character).
+    fn sample(
+        &self,
+        prompt: &[u32],
+        sampling: &SamplingOptions,
+        seed: u32,
+        n_probs: usize,
+        id_slot: i64,
+    ) -> Result<(Drawn, Option<i64>), EngineError> {
+        let mut body = self.body(prompt, id_slot);
+        body["n_probs"] = json!(n_probs);
+        body["post_sampling_probs"] = json!(true);
+        body["seed"] = json!(seed);
+        if sampling.temperature <= 0.0 {
+            body["temperature"] = json!(0.0);
+            body["samplers"] = json!(["temperature"]);
+        } else {
+            // The SDK's order: temperature first, then top-k, then top-p on the tempered
+            // probabilities.
+            body["samplers"] = json!(["temperature", "top_k", "top_p"]);
+            body["temperature"] = json!(sampling.temperature);
+            body["top_k"] = json!(sampling.top_k.unwrap_or(0));
+            body["top_p"] = json!(sampling.top_p.unwrap_or(1.0));
         }
-        let mut logits = vec![f32::NAN; self.vocab_size * answers.len()];
-        for (row, answer) in logits.chunks_mut(self.vocab_size).zip(&answers) {
-            answer_logits(answer, row).map_err(|e| self.remote(e))?;
+        let answer = self.complete(&body)?;
+        let token = match answer.tokens.as_slice() {
+            [t] => *t,
+            other => {
+                return Err(self.remote(format!("{} tokens sampled for one", other.len())));
+            }
+        };
+        let drawn = match answer.completion_probabilities.first() {
+            Some(probs) => {
+                if probs.id != token || probs.prob.is_none() {
+                    return Err(self.remote("the sampled token's probability is missing"));
+                }
+                Drawn {
+                    token,
+                    prob: probs.prob,
+                    top: probs.top_probs.iter().map(|c| (c.id, c.prob)).collect(),
+                }
+            }
+            None => Drawn {
+                token,
+                prob: None,
+                top: Vec::new(),
+            },
+        };
+        Ok((drawn, answer.id_slot))
+    }
+
+    /// The target at the end of `prompt` for a session sampling with `sampling`.
+    fn target(
+        &self,
+        prompt: &[u32],
+        sampling: &SamplingOptions,
+        seed: u32,
+        id_slot: i64,
+    ) -> Result<(Target, Option<i64>), EngineError> {
+        // llama.cpp's top-p after top-k renormalises over the top k; the SDK's does not.
+        let same_semantics = !(sampling.top_k.is_some() && sampling.top_p.is_some());
+        if same_semantics {
+            let (drawn, slot) = self.sample(prompt, sampling, seed, KNOWN_TOKENS, id_slot)?;
+            if let Some(prob) = drawn.prob {
+                let target = if sampling.temperature <= 0.0 {
+                    // Greedy: all of p is on the engine's argmax.
+                    PartialTarget {
+                        known: vec![(drawn.token, 1.0)],
+                        draws: Vec::new(),
+                        complete: true,
+                    }
+                } else {
+                    // Fewer candidates than asked for: the engine lists every token with mass
+                    // (it leaves out zeros), as after a top-k.
+                    let complete = drawn.top.len() < KNOWN_TOKENS;
+                    PartialTarget {
+                        known: drawn.top,
+                        draws: vec![(drawn.token, prob)],
+                        complete,
+                    }
+                };
+                return Ok((Target::Partial(target), slot));
+            }
         }
-        Ok((logits, slot))
+        let (logits, slot) = self.full(prompt, id_slot)?;
+        Ok((Target::Logits(logits), slot))
+    }
+
+    /// Scores one item: a request per wanted row (its own seed), at once.
+    fn score_one(&self, item: &ScoreItem<'_, RemoteSession>) -> Result<Scored, EngineError> {
+        let session = &*item.session;
+        let mut full = session.tokens.clone();
+        full.extend_from_slice(item.tokens);
+        let base = session.tokens.len();
+        let ends: Vec<usize> = match item.wanted {
+            Wanted::Nothing | Wanted::Last => vec![full.len()],
+            Wanted::Rows(rows) => rows.iter().map(|&r| base + r + 1).collect(),
+        };
+        if ends.iter().any(|&e| e == 0 || e > full.len()) {
+            return Err(self.remote("a wanted row lies outside the new tokens"));
+        }
+        if matches!(item.wanted, Wanted::Nothing) {
+            // Only into the prompt cache: the smallest answer.
+            let mut body = self.body(&full, -1);
+            body["n_probs"] = json!(0);
+            let answer = self.complete(&body)?;
+            return Ok((Vec::new(), answer.id_slot));
+        }
+        if item.seeds.len() != ends.len() {
+            return Err(self.remote("a seed is missing for a wanted row"));
+        }
+        // Several rows run on the session's slot, each on the cached prefix; one row goes
+        // wherever the engine finds its prefix.
+        let id_slot = match (ends.len(), session.slot) {
+            (n, Some(slot)) if n > 1 => slot,
+            _ => -1,
+        };
+        let answers: Vec<Result<(Target, Option<i64>), EngineError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ends
+                .iter()
+                .zip(item.seeds)
+                .map(|(&end, &seed)| {
+                    let prompt = &full[..end];
+                    s.spawn(move || self.target(prompt, item.sampling, seed, id_slot))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(self.remote("the request thread panicked")))
+                })
+                .collect()
+        });
+        let mut targets = Vec::with_capacity(answers.len());
+        let mut slot = None;
+        for answer in answers {
+            let (target, s) = answer?;
+            targets.push(target);
+            slot = slot.or(s);
+        }
+        Ok((targets, slot))
     }
 }
 
-/// One item's logits (row-major) and the slot that served it.
-type Scored = (Vec<f32>, Option<i64>);
+/// Probabilities asked for with each draw: the engine's top tokens after the session's
+/// sampling. Enough to hold the draft's probability and most of the residual's mass almost
+/// always (a few kB of JSON; the whole vocabulary is 14 MB on Qwen2.5).
+const KNOWN_TOKENS: usize = 128;
+
+/// What one sampling request reported.
+struct Drawn {
+    token: u32,
+    prob: Option<f32>,
+    top: Vec<(u32, f32)>,
+}
+
+/// One item's targets and the slot that served it.
+type Scored = (Vec<Target>, Option<i64>);
 
 /// One prompt's answer, reduced to what verification needs (the rest is skipped unparsed).
 #[derive(Debug, Deserialize)]
 pub(crate) struct Completion {
     #[serde(default)]
     id_slot: Option<i64>,
+    #[serde(default)]
+    tokens: Vec<u32>,
     #[serde(default)]
     timings: Option<Timings>,
     #[serde(default)]
@@ -360,15 +506,30 @@ struct Timings {
     prompt_n: i64,
 }
 
+/// The probabilities reported with a sampled token: log-probabilities without the sampler
+/// chain, or probabilities after it (`post_sampling_probs`).
 #[derive(Debug, Deserialize)]
 struct TokenProbs {
+    #[serde(default)]
+    id: u32,
+    #[serde(default)]
+    prob: Option<f32>,
+    #[serde(default)]
     top_logprobs: Vec<Candidate>,
+    #[serde(default)]
+    top_probs: Vec<ProbCandidate>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Candidate {
     id: u32,
     logprob: f32,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProbCandidate {
+    id: u32,
+    prob: f32,
 }
 
 /// Reads a `/completion` answer: an array for several prompts, an object for one.
@@ -445,18 +606,15 @@ impl Engine for LlamaServer {
         }
     }
 
-    /// Every item's request at once, so that the engine batches them across its slots.
+    /// Every item's requests at once, so that the engine batches them across its slots.
     fn score(
         &self,
         items: &mut [ScoreItem<'_, RemoteSession>],
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+    ) -> Result<Vec<Vec<Target>>, EngineError> {
         let results: Vec<Result<Scored, EngineError>> = std::thread::scope(|s| {
             let handles: Vec<_> = items
                 .iter()
-                .map(|i| {
-                    let (session, tokens, wanted) = (&*i.session, i.tokens, i.wanted);
-                    s.spawn(move || self.score_one(session, tokens, wanted))
-                })
+                .map(|item| s.spawn(move || self.score_one(item)))
                 .collect();
             handles
                 .into_iter()
@@ -467,19 +625,58 @@ impl Engine for LlamaServer {
                 .collect()
         });
         // All or nothing: no session advances unless every item was scored.
-        let results: Vec<(Vec<f32>, Option<i64>)> =
-            results.into_iter().collect::<Result<_, _>>()?;
+        let results: Vec<Scored> = results.into_iter().collect::<Result<_, _>>()?;
         Ok(items
             .iter_mut()
             .zip(results)
-            .map(|(item, (logits, slot))| {
+            .map(|(item, (targets, slot))| {
                 item.session.tokens.extend_from_slice(item.tokens);
                 if slot.is_some() {
                     item.session.slot = slot;
                 }
-                logits
+                targets
             })
             .collect())
+    }
+
+    fn logits_at(&self, session: &RemoteSession, len: usize) -> Result<Vec<f32>, EngineError> {
+        let prompt = session
+            .tokens
+            .get(..len)
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| self.remote("no context to score"))?;
+        Ok(self.full(prompt, session.slot.unwrap_or(-1))?.0)
+    }
+
+    /// One more draw. Where the engine withholds its probability (a draw ending inside a
+    /// UTF-8 character), it is read from the whole distribution under the same sampling:
+    /// leaving such draws out would make their tokens impossible.
+    fn draws_at(
+        &self,
+        session: &RemoteSession,
+        len: usize,
+        sampling: &SamplingOptions,
+        seed: u32,
+    ) -> Result<Vec<(u32, f32)>, EngineError> {
+        let prompt = session
+            .tokens
+            .get(..len)
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| self.remote("no context to draw after"))?;
+        let slot = session.slot.unwrap_or(-1);
+        let (drawn, _) = self.sample(prompt, sampling, seed, 1, slot)?;
+        let prob = match drawn.prob {
+            Some(p) => p,
+            None => {
+                let (logits, _) = self.full(prompt, slot)?;
+                let (mut probs, mut scratch) = (Vec::new(), Vec::new());
+                if !probabilities_into(&logits, sampling, &mut probs, &mut scratch) {
+                    return Err(self.remote("the engine's logits are not finite"));
+                }
+                probs[drawn.token as usize]
+            }
+        };
+        Ok(vec![(drawn.token, prob)])
     }
 }
 

@@ -3,9 +3,11 @@
 //! Each turn the worker plans a [`Plan`]: the `Verify`s queued (each session's skipped tokens
 //! and the positions to decide: one, or a chain of drafts verified in order), one token for
 //! every running generation, and chunks of the sessions catching up on a context, as many as
-//! fit in `max_batch` sessions and `max_batch_tokens` tokens. [`Session::score_batch`] then
-//! runs every weight matmul once over all their rows (attention per session, against its own
-//! cache), and the logits at the rows each session asks for answer it. What does not fit waits
+//! fit in `max_batch` sessions and `max_batch_tokens` tokens. The engine then scores them in
+//! one pass ([`Engine::score`]: the embedded runtime runs every weight matmul once over all
+//! their rows, attention per session against its own cache; llama-server gets every request at
+//! once), and what it reports at the rows each session asks for answers it
+//! ([`super::decide`]). What does not fit waits
 //! for the next turn, first in line. Catch-ups get a chunk per pass (cut to `pass_target` where
 //! one is set) however busy the worker is (over the token budget if need be): with a quarter
 //! of a chunk, 64 busy devices left four 4,096-token prompts 100 s from their first token in
@@ -13,7 +15,7 @@
 //! its device how far ahead to draft: its share of a pass, so that a saturated server is not
 //! filled with drafts thrown away behind rejections.
 //!
-//! Batching changes no result: the runtime's kernels are batch-invariant, so every session
+//! Batching changes no result: the embedded runtime's kernels are batch-invariant, so every session
 //! gets bit for bit the logits it would get alone. If the batched pass fails (a model error or
 //! a panic), each session is scored alone to find the one that failed: only its request fails.
 
@@ -21,10 +23,11 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use super::decide::{Position, engine_seed};
 use super::{Entry, GenEvent, SessionKey, Streaming, VerdictReply, Worker, engine_failure, fail};
-use crate::engine::{Engine, EngineSession, ScoreItem, Wanted};
+use crate::engine::{Engine, EngineSession, ScoreItem, Target, Wanted};
 use uhlm_core::protocol::{Acceptance, ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
-use uhlm_core::sampling::{probabilities_into, sample, seek_position};
+use uhlm_core::sampling::SamplingOptions;
 
 /// What the next forward pass computes.
 pub(super) struct Plan {
@@ -43,6 +46,10 @@ struct Row {
     /// Positions of `tokens` whose logits the work needs; empty: the last one's.
     outputs: Vec<usize>,
     work: Work,
+    /// The session's sampling and, per wanted row, the seed of the engine's own draw there
+    /// (for engines that sample; set when the pass runs).
+    sampling: SamplingOptions,
+    seeds: Vec<u32>,
 }
 
 impl Row {
@@ -53,6 +60,25 @@ impl Row {
             Wanted::Last
         } else {
             Wanted::Rows(&self.outputs)
+        }
+    }
+
+    /// The context length at each wanted row, for a session holding `cached` tokens.
+    fn ends(&self, cached: usize) -> Vec<usize> {
+        match self.wanted() {
+            Wanted::Nothing => Vec::new(),
+            Wanted::Last => vec![cached + self.tokens.len()],
+            Wanted::Rows(rows) => rows.iter().map(|r| cached + r + 1).collect(),
+        }
+    }
+
+    fn item<'a, S>(&'a self, session: &'a mut S) -> ScoreItem<'a, S> {
+        ScoreItem {
+            session,
+            tokens: &self.tokens,
+            wanted: self.wanted(),
+            sampling: &self.sampling,
+            seeds: &self.seeds,
         }
     }
 }
@@ -100,8 +126,8 @@ fn chunk_at(cached: usize, chunk: usize) -> usize {
 
 /// How scoring one row went.
 enum Scored {
-    /// The rows the work asked for, row-major.
-    Logits(Vec<f32>),
+    /// The rows the work asked for.
+    Targets(Vec<Target>),
     Failed(ErrorMessage),
     /// The model panicked on this session: it is dropped.
     Panicked,
@@ -200,6 +226,8 @@ impl<E: Engine> Worker<E> {
                 pending,
                 reply,
             },
+            sampling: SamplingOptions::default(),
+            seeds: Vec::new(),
         });
         None
     }
@@ -246,6 +274,8 @@ impl<E: Engine> Worker<E> {
                 tokens,
                 outputs: Vec::new(),
                 work: Work::Generate(s),
+                sampling: SamplingOptions::default(),
+                seeds: Vec::new(),
             });
         }
         self.streams = waiting;
@@ -323,6 +353,8 @@ impl<E: Engine> Worker<E> {
                 tokens: entry.pending[..n].to_vec(),
                 outputs: Vec::new(),
                 work: Work::CatchUp,
+                sampling: SamplingOptions::default(),
+                seeds: Vec::new(),
             });
         }
         self.catching_up = waiting;
@@ -343,7 +375,7 @@ impl<E: Engine> Worker<E> {
     }
 
     /// Runs `plan` as one forward pass and answers every row.
-    pub(super) fn run_plan(&mut self, plan: Plan) {
+    pub(super) fn run_plan(&mut self, mut plan: Plan) {
         if plan.rows.is_empty() {
             return;
         }
@@ -356,6 +388,16 @@ impl<E: Engine> Worker<E> {
             .iter()
             .map(|r| self.sessions.get_mut(&r.key).and_then(|e| e.llm.take()))
             .collect();
+        for (row, session) in plan.rows.iter_mut().zip(&sessions) {
+            if let (Some(entry), Some(session)) = (self.sessions.get(&row.key), session) {
+                row.seeds = row
+                    .ends(session.len())
+                    .into_iter()
+                    .map(|end| engine_seed(&entry.rng, end, 0))
+                    .collect();
+                row.sampling = entry.sampling.clone();
+            }
+        }
         let scored = score_rows(&*self.engine, &mut sessions, &plan.rows);
         let seconds = started.elapsed().as_secs_f64();
         self.pass_clock.record(plan.tokens, seconds);
@@ -379,7 +421,7 @@ impl<E: Engine> Worker<E> {
             key, tokens, work, ..
         } = row;
         let failure = match scored {
-            Scored::Logits(logits) => {
+            Scored::Targets(targets) => {
                 match work {
                     Work::Verify {
                         verify,
@@ -387,11 +429,11 @@ impl<E: Engine> Worker<E> {
                         pending,
                         reply,
                     } => {
-                        let r = self.finish_verify(key, &verify, q, tokens, pending, &logits);
+                        let r = self.finish_verify(key, &verify, q, tokens, pending, targets);
                         let _ = reply.send(r);
                     }
                     Work::Generate(mut s) => {
-                        match self.finish_generation(&mut s, tokens, &logits) {
+                        match self.finish_generation(&mut s, tokens, targets) {
                             Ok(None) => self.streams.push_back(s),
                             Ok(Some(_)) => {}
                             Err(e) => {
@@ -437,7 +479,7 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    /// Decides the token at `v.position` from the LLM's `logits` there, and for a chain each
+    /// Decides the token at `v.position` from the LLM's target there, and for a chain each
     /// link in turn from its row, up to the first rejection (the standard sequential
     /// speculative-sampling rule): the cache then ends before the decided position.
     fn finish_verify(
@@ -447,9 +489,10 @@ impl<E: Engine> Worker<E> {
         q: Vec<Option<Vec<f32>>>,
         tokens: Vec<u32>,
         pending: usize,
-        logits: &[f32],
+        targets: Vec<Target>,
     ) -> Result<Verdict, ErrorMessage> {
         let clock = self.clock;
+        let engine = self.engine.clone();
         let entry = self
             .sessions
             .get_mut(&key)
@@ -464,56 +507,45 @@ impl<E: Engine> Worker<E> {
         let positions = v.positions().unwrap_or_default();
         let mut drafts = v.drafts();
         let rows = q.len().max(1);
-        if !logits.len().is_multiple_of(rows) || positions.len() != rows {
+        if targets.len() != rows || positions.len() != rows {
             undo(entry, tokens);
             return Err(fail(ErrorCode::Internal, "the model returned too few rows"));
         }
-        let vocab = logits.len() / rows;
         let mut accepted_links = Vec::new();
         let mut decided = None;
-        for (i, q) in q.iter().enumerate() {
+        for (i, (q, target)) in q.iter().zip(targets).enumerate() {
             // Without a draft there is one position and nothing to verify (`Verify::check`).
             let draft = drafts.next();
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            if !probabilities_into(row, &entry.sampling, &mut self.probs, &mut self.scratch) {
-                undo(entry, tokens);
-                return Err(fail(
-                    ErrorCode::Internal,
-                    "the model produced no finite logits",
-                ));
-            }
-            // A position's verdict draws the same numbers on a retry or a new connection.
-            seek_position(&mut entry.rng, positions[i] as usize);
-            let verdict = match (draft, q) {
-                (Some(d), Some(q)) => {
-                    match uhlm_core::verify::verify(&self.probs, q, d.token, &mut entry.rng) {
-                        Ok(r) => Verdict {
-                            seq: v.seq,
-                            token: r.token,
-                            accepted: r.accepted,
-                            beta: r.beta,
-                            tv_distance: r.tv_distance,
-                            accepted_links: Vec::new(),
-                            window: None,
-                        },
-                        Err(e) => {
-                            undo(entry, tokens);
-                            return Err(fail(
-                                ErrorCode::InvalidRequest,
-                                format!("cannot verify the draft: {e}"),
-                            ));
-                        }
-                    }
-                }
-                _ => Verdict {
-                    seq: v.seq,
-                    token: sample(&self.probs, &mut entry.rng),
-                    accepted: false,
-                    beta: 0.0,
-                    tv_distance: 0.0,
-                    accepted_links: Vec::new(),
-                    window: None,
+            let Some(session) = entry.llm.as_ref() else {
+                return Err(fail(ErrorCode::Internal, "the session lost its cache"));
+            };
+            let position = Position {
+                engine: &*engine,
+                session,
+                sampling: &entry.sampling,
+                len: positions[i] as usize,
+                draft: match (draft, q) {
+                    (Some(d), Some(q)) => Some((d.token, q.as_slice())),
+                    _ => None,
                 },
+            };
+            let decision =
+                position.decide(target, &mut entry.rng, &mut self.probs, &mut self.scratch);
+            let r = match decision {
+                Ok(r) => r,
+                Err(e) => {
+                    undo(entry, tokens);
+                    return Err(e);
+                }
+            };
+            let verdict = Verdict {
+                seq: v.seq,
+                token: r.token,
+                accepted: r.accepted,
+                beta: r.beta,
+                tv_distance: r.tv_distance,
+                accepted_links: Vec::new(),
+                window: None,
             };
             if verdict.accepted && i + 1 < rows {
                 accepted_links.push(Acceptance {
@@ -557,27 +589,40 @@ impl<E: Engine> Worker<E> {
         &mut self,
         s: &mut Streaming,
         tokens: Vec<u32>,
-        logits: &[f32],
+        targets: Vec<Target>,
     ) -> Result<Option<FinishReason>, ErrorMessage> {
         let max_context = self.settings.max_context_tokens;
         let clock = self.clock;
+        let engine = self.engine.clone();
         let entry = self
             .sessions
             .get_mut(&s.key)
             .ok_or_else(|| fail(ErrorCode::Internal, "the session vanished"))?;
-        let len = entry.llm.as_ref().map_or(0, EngineSession::len);
-        if !probabilities_into(logits, &entry.sampling, &mut self.probs, &mut self.scratch) {
-            if let Some(llm) = entry.llm.as_mut() {
-                llm.truncate(len - tokens.len());
+        let Some(session) = entry.llm.as_ref() else {
+            return Err(fail(ErrorCode::Internal, "the session lost its cache"));
+        };
+        let len = session.len();
+        let decided = match targets.into_iter().next() {
+            Some(target) => Position {
+                engine: &*engine,
+                session,
+                sampling: &entry.sampling,
+                len,
+                draft: None,
             }
-            entry.pending = tokens;
-            return Err(fail(
-                ErrorCode::Internal,
-                "the model produced no finite logits",
-            ));
-        }
-        seek_position(&mut entry.rng, len);
-        let token = sample(&self.probs, &mut entry.rng);
+            .decide(target, &mut entry.rng, &mut self.probs, &mut self.scratch),
+            None => Err(fail(ErrorCode::Internal, "the model returned no row")),
+        };
+        let token = match decided {
+            Ok(v) => v.token,
+            Err(e) => {
+                if let Some(llm) = entry.llm.as_mut() {
+                    llm.truncate(len - tokens.len());
+                }
+                entry.pending = tokens;
+                return Err(e);
+            }
+        };
         entry.pending = vec![token];
         entry.last_used = clock;
         let len = len + 1;
@@ -626,24 +671,18 @@ fn score_rows<E: Engine>(
             let mut items: Vec<ScoreItem<'_, E::Session>> = sessions
                 .iter_mut()
                 .zip(rows)
-                .filter_map(|(s, r)| {
-                    Some(ScoreItem {
-                        session: s.as_mut()?,
-                        tokens: &r.tokens,
-                        wanted: r.wanted(),
-                    })
-                })
+                .filter_map(|(s, r)| Some(r.item(s.as_mut()?)))
                 .collect();
             engine.score(&mut items)
         }));
-        if let Ok(Ok(logits)) = batched {
+        if let Ok(Ok(targets)) = batched {
             // One result per present session, in order: an absent one takes none (an eager
-            // `Option::and(logits.next())` here handed every later row its neighbour's).
-            let mut logits = logits.into_iter();
+            // `Option::and(targets.next())` here handed every later row its neighbour's).
+            let mut targets = targets.into_iter();
             return sessions
                 .iter()
-                .map(|s| match s.as_ref().map(|_| logits.next()) {
-                    Some(Some(l)) => Scored::Logits(l),
+                .map(|s| match s.as_ref().map(|_| targets.next()) {
+                    Some(Some(t)) => Scored::Targets(t),
                     Some(None) => Scored::Failed(fail(
                         ErrorCode::Internal,
                         "the model returned too few results",
@@ -661,15 +700,11 @@ fn score_rows<E: Engine>(
                 return Scored::Failed(gone());
             };
             let alone = || {
-                let mut item = [ScoreItem {
-                    session,
-                    tokens: &row.tokens,
-                    wanted: row.wanted(),
-                }];
+                let mut item = [row.item(session)];
                 engine.score(&mut item).map(|mut l| l.remove(0))
             };
             match std::panic::catch_unwind(AssertUnwindSafe(alone)) {
-                Ok(Ok(logits)) => Scored::Logits(logits),
+                Ok(Ok(targets)) => Scored::Targets(targets),
                 Ok(Err(e)) => Scored::Failed(engine_failure(e)),
                 Err(_) => Scored::Panicked,
             }

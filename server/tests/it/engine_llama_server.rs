@@ -244,23 +244,25 @@ fn chi_square_p_value(observed: &HashMap<Outcome, u64>, exact: &HashMap<Outcome,
     1.0 - ChiSquared::new((cells - 1) as f64).unwrap().cdf(stat)
 }
 
-#[test]
-fn through_llama_server_the_phone_samples_exactly_the_engines_distribution() {
-    let dir = tempfile::tempdir().unwrap();
-    let (llm, slm) = (dir.path().join("llm.gguf"), dir.path().join("slm.gguf"));
+/// The toy LLM and its 4-bit copy as the draft (one that differs from the LLM, so drafts are
+/// rejected and the residual decides many tokens), in `dir`.
+fn toy_pair_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let (llm, slm) = (dir.join("llm.gguf"), dir.join("slm.gguf"));
     // llama.cpp names GPT-2's pre-tokenizer "default".
     let pre = [("tokenizer.ggml.pre", Value::String("default".into()))];
     write_toy(&llm, &Toy::llama(), &pre);
-    // The same weights rounded to 4 bits: a draft that differs from the LLM, so drafts are
-    // rejected and the residual decides many tokens.
-    write_toy(
-        &slm,
-        &Toy {
-            quant: candle_core::quantized::GgmlDType::Q4_0,
-            ..Toy::llama()
-        },
-        &pre,
-    );
+    let draft = Toy {
+        quant: candle_core::quantized::GgmlDType::Q4_0,
+        ..Toy::llama()
+    };
+    write_toy(&slm, &draft, &pre);
+    (llm, slm)
+}
+
+#[test]
+fn through_llama_server_the_phone_samples_exactly_the_engines_distribution() {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, slm) = toy_pair_files(dir.path());
     let Some(engine) = LlamaServerProc::start(&llm, 2, Toy::llama().context) else {
         return;
     };
@@ -317,6 +319,79 @@ fn through_llama_server_the_phone_samples_exactly_the_engines_distribution() {
     assert!(
         evaluated <= scored + requests,
         "{evaluated} prompt tokens evaluated for {scored} new ones in {requests} requests"
+    );
+}
+
+#[test]
+fn without_top_k_the_residual_is_drawn_from_the_engines_own_samples() {
+    // Temperature 1 over the whole toy vocabulary: the engine reports its top 128 of 258
+    // tokens, so a rejected draft's residual often lies outside them and is drawn from the
+    // engine's own samples (asked for again when they run out). One token per generation:
+    // its histogram against llama-server's distribution after the prompt.
+    const ONE_RUNS: usize = 4000;
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, slm) = toy_pair_files(dir.path());
+    let Some(engine) = LlamaServerProc::start(&llm, 2, Toy::llama().context) else {
+        return;
+    };
+    let server = gateway(&llm, &engine, &[]);
+    let mut config = server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all());
+    config.slm_path = slm;
+    let phone = HybridEngine::new(config).unwrap();
+    let model = Model::load(&llm, &LoadOptions::default()).unwrap();
+    let prompt = model.tokenizer().encode(PROMPT, false).unwrap();
+    let eos = model.tokenizer().eos_ids()[0];
+    let p = engine.distribution(&prompt, runtime_support::toy_vocab().len(), eos);
+    let options = GenerationOptions {
+        sampling: SamplingOptions {
+            temperature: 1.0,
+            top_k: None,
+            max_tokens: 1,
+            ..sampling()
+        },
+        chat_template: false,
+    };
+    let mut counts = vec![0u64; p.len()];
+    let mut resampled = 0;
+    for _ in 0..ONE_RUNS {
+        let summary = phone
+            .generate_blocking(
+                Prompt::Text(PROMPT.into()),
+                options.clone(),
+                Arc::new(Recorder::default()),
+                CancelToken::new(),
+            )
+            .unwrap();
+        resampled += summary.stats.resampled;
+        let token = summary.token_ids.first().copied().unwrap_or(eos);
+        counts[token as usize] += 1;
+    }
+    let observed: HashMap<Outcome, u64> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .map(|(t, c)| ((vec![t as u32], false), *c))
+        .collect();
+    let exact: HashMap<Outcome, f64> = p
+        .iter()
+        .enumerate()
+        .map(|(t, &pt)| ((vec![t as u32], false), f64::from(pt)))
+        .collect();
+    let pv = chi_square_p_value(&observed, &exact);
+    let requests = server.metric("uhlm_engine_requests_total");
+    eprintln!("resampled {resampled} of {ONE_RUNS}, p {pv}, engine requests {requests}");
+    assert!(
+        resampled > ONE_RUNS as u64 / 10,
+        "only {resampled} resampled"
+    );
+    // Beyond one request per Start and one per Verify: further draws and whole distributions.
+    assert!(
+        requests > 2.0 * ONE_RUNS as f64,
+        "{requests} engine requests"
+    );
+    assert!(
+        pv > 1e-3,
+        "chi-square p = {pv}: not llama-server's distribution"
     );
 }
 

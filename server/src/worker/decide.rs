@@ -1,0 +1,131 @@
+//! Deciding one position from what the engine reported there: the exact speculative-sampling
+//! rule on whole logits (`uhlm_core::verify`), or on a sampling engine's partial report
+//! (`uhlm_core::verify_partial`), asking the engine for more where the report does not suffice.
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use uhlm_core::protocol::{ErrorCode, ErrorMessage};
+use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample, seek_position};
+use uhlm_core::verify::{Verdict, VerifyError, verify};
+use uhlm_core::verify_partial::{Partial, sample_partial, verify_partial};
+
+use super::{engine_failure, fail};
+use crate::engine::{Engine, Target};
+
+/// The seed of the engine's `k`-th draw at `position` of a session whose draws come from
+/// `rng`: a ChaCha stream per position apart from the verdicts' (stream 0), so that the
+/// engine's draws are independent of the numbers the verdict draws, and the same seed gives
+/// the same tokens on any engine.
+pub(super) fn engine_seed(rng: &ChaCha8Rng, position: usize, k: u64) -> u32 {
+    let mut r = ChaCha8Rng::from_seed(rng.get_seed());
+    r.set_stream(1 + position as u64);
+    r.set_word_pos(u128::from(k));
+    r.next_u32()
+}
+
+/// What deciding one position needs besides the target.
+pub(super) struct Position<'a, E: Engine> {
+    pub engine: &'a E,
+    pub session: &'a E::Session,
+    pub sampling: &'a SamplingOptions,
+    /// Tokens before the position (its context's length).
+    pub len: usize,
+    /// The draft there and the distribution it was drawn from; `None`: sample.
+    pub draft: Option<(u32, &'a [f32])>,
+}
+
+impl<E: Engine> Position<'_, E> {
+    /// The verdict at this position (for a plain sample: not accepted, `beta` 0). `probs` and
+    /// `scratch` are reused buffers.
+    pub fn decide(
+        &self,
+        target: Target,
+        rng: &mut ChaCha8Rng,
+        probs: &mut Vec<f32>,
+        scratch: &mut Vec<u32>,
+    ) -> Result<Verdict, ErrorMessage> {
+        // A position's verdict draws the same numbers on a retry or a new connection.
+        let seeds = rng.clone();
+        seek_position(rng, self.len);
+        let partial = match target {
+            Target::Logits(logits) => return self.whole(&logits, rng, probs, scratch),
+            Target::Partial(partial) => partial,
+        };
+        let mut k = 0;
+        let mut more = || {
+            k += 1;
+            let seed = engine_seed(&seeds, self.len, k);
+            match self
+                .engine
+                .draws_at(self.session, self.len, self.sampling, seed)
+            {
+                Ok(draws) => Some(draws),
+                Err(e) => {
+                    tracing::error!(error = %e, "the engine gave no further draw");
+                    None
+                }
+            }
+        };
+        let decided = match self.draft {
+            Some((d, q)) => verify_partial(&partial, q, d, rng, &mut more).map_err(bad_draft)?,
+            None => {
+                let token = sample_partial(&partial, rng, &mut more).map_err(bad_draft)?;
+                Partial::Decided(sampled(token))
+            }
+        };
+        match decided {
+            Partial::Decided(v) => Ok(v),
+            // Decided from the report alone, before any number was drawn: the whole
+            // distribution's verdict draws the same numbers it would have.
+            Partial::NeedFull => {
+                let logits = self
+                    .engine
+                    .logits_at(self.session, self.len)
+                    .map_err(engine_failure)?;
+                self.whole(&logits, rng, probs, scratch)
+            }
+        }
+    }
+
+    fn whole(
+        &self,
+        logits: &[f32],
+        rng: &mut ChaCha8Rng,
+        probs: &mut Vec<f32>,
+        scratch: &mut Vec<u32>,
+    ) -> Result<Verdict, ErrorMessage> {
+        if !probabilities_into(logits, self.sampling, probs, scratch) {
+            return Err(fail(
+                ErrorCode::Internal,
+                "the model produced no finite logits",
+            ));
+        }
+        match self.draft {
+            Some((d, q)) => verify(probs, q, d, rng).map_err(bad_draft),
+            None => Ok(sampled(sample(probs, rng))),
+        }
+    }
+}
+
+fn sampled(token: u32) -> Verdict {
+    Verdict {
+        token,
+        accepted: false,
+        beta: 0.0,
+        tv_distance: 0.0,
+    }
+}
+
+/// A draft that cannot be verified is the device's fault, except where the engine ran dry.
+fn bad_draft(e: VerifyError) -> ErrorMessage {
+    match e {
+        VerifyError::NoMoreDraws => fail(
+            ErrorCode::Internal,
+            "the server's inference engine failed on this request",
+        ),
+        e => fail(
+            ErrorCode::InvalidRequest,
+            format!("cannot verify the draft: {e}"),
+        ),
+    }
+}
