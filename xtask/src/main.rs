@@ -13,6 +13,7 @@ mod build_profile;
 mod cuda;
 mod demo;
 mod llama_cpp;
+mod replicas;
 mod soak;
 mod steps;
 
@@ -56,6 +57,10 @@ enum Task {
     /// The fault and load campaign: devices through a lossy emulated link, the server killed
     /// and restarted, every generation checked (`--short`: the form CI runs).
     Soak(soak::SoakArgs),
+    /// Several `uhlm serve` replicas behind nginx (UDP, hashed on the device's address and
+    /// port), devices generating through it while replicas are killed and restarted, every
+    /// generation checked (`--short`: the form CI runs).
+    Replicas(replicas::ReplicaArgs),
     /// Run every fuzz target (cargo-fuzz, nightly) for a bounded time on its kept seeds
     /// (`fuzz/seeds/TARGET`, read-only) and the working corpus (`fuzz/corpus/TARGET`).
     Fuzz {
@@ -113,6 +118,7 @@ fn main() -> Result<()> {
         Task::Capacity { args } => capacity(&args),
         Task::Cuda(args) => cuda::cuda(args),
         Task::Soak(args) => soak::soak(args),
+        Task::Replicas(args) => replicas::replicas(args),
         Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
         Task::LlamaServer => llama_cpp::llama_server().map(|p| println!("{}", p.display())),
         Task::CheckCoreDeps => check_core_deps(),
@@ -333,6 +339,9 @@ fn test_steps() -> Result<()> {
     // The demo's UI test runs on the library the binding tests just built.
     steps::step("demo UI test", || demo::test_demo(&lib))?;
     steps::step("short soak", || soak::soak(soak::SoakArgs::short()))?;
+    steps::step("replicas behind nginx", || {
+        replicas::replicas(replicas::ReplicaArgs::short())
+    })?;
     // Other targets from here on.
     drop(lints);
     steps::step("aarch64 under qemu", || test_aarch64(false))

@@ -106,7 +106,7 @@ impl SoakArgs {
 }
 
 /// A free local port (UDP or TCP), released for the child to take.
-fn free_port(udp: bool) -> Result<u16> {
+pub(crate) fn free_port(udp: bool) -> Result<u16> {
     Ok(if udp {
         UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
     } else {
@@ -115,7 +115,7 @@ fn free_port(udp: bool) -> Result<u16> {
 }
 
 /// The server process and how to start it again on the same port and certificate.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     command: Vec<String>,
     log: PathBuf,
     child: Child,
@@ -123,7 +123,7 @@ struct ServerProcess {
 
 impl ServerProcess {
     /// Starts the server; returns once it listens, with its certificate fingerprint.
-    fn start(command: Vec<String>, log: PathBuf) -> Result<(Self, String)> {
+    pub(crate) fn start(command: Vec<String>, log: PathBuf) -> Result<(Self, String)> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -160,7 +160,7 @@ impl ServerProcess {
         self.child.id()
     }
 
-    fn kill_and_restart(&mut self) -> Result<String> {
+    pub(crate) fn kill_and_restart(&mut self) -> Result<String> {
         self.child.kill()?;
         self.child.wait()?;
         std::thread::sleep(Duration::from_secs(2));
@@ -169,7 +169,7 @@ impl ServerProcess {
         Ok(fingerprint)
     }
 
-    fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()?;
@@ -179,7 +179,7 @@ impl ServerProcess {
 }
 
 /// The server's metrics page, read from its endpoint.
-fn metrics_text(metrics: &str) -> Option<String> {
+pub(crate) fn metrics_text(metrics: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(metrics).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -251,42 +251,12 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         .with_context(|| format!("--warm-up {:?}", args.warm_up))?;
     let out = root().join(&args.out);
     std::fs::create_dir_all(&out)?;
-    let profile = if args.dev_build { "debug" } else { "release" };
-    // The dev build is the whole workspace's (what `cargo xtask test` has just built, with the
-    // same features, so nothing is rebuilt); `--bin` applies to every package named: both
-    // binaries are named.
-    let build: &[&str] = if args.dev_build {
-        &["build", "--workspace", "--all-targets"]
-    } else {
-        &[
-            "build",
-            "--release",
-            "-p",
-            "uhlm-cli",
-            "-p",
-            "uhlm-linkemu",
-            "--bin",
-            "uhlm",
-            "--bin",
-            "uhlm-linkemu",
-        ]
-    };
-    crate::run("cargo", build)?;
-    let bin = crate::bindings::target_dir().join(profile);
-    let uhlm = bin.join("uhlm").to_string_lossy().into_owned();
-    let linkemu = bin.join("uhlm-linkemu").to_string_lossy().into_owned();
-    crate::run(&uhlm, &["models", "fetch", "smollm2"])?;
-    let draft_ok = Command::new(&uhlm)
-        .args(["models", "list"])
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
-                l.starts_with("smollm2-draft") && l.split_whitespace().nth(1) == Some("yes")
-            })
-        });
-    if !draft_ok {
-        crate::run(&uhlm, &["models", "derive-draft"])?;
-    }
+    let uhlm = uhlm_binary(args.dev_build)?;
+    let linkemu = crate::bindings::target_dir()
+        .join(if args.dev_build { "debug" } else { "release" })
+        .join("uhlm-linkemu")
+        .to_string_lossy()
+        .into_owned();
 
     let key_file = out.join("api-key");
     std::fs::write(&key_file, "soak-key\n")?;
@@ -533,6 +503,48 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         bail!("soak failed: {failed:?}; see {}", out.display());
     }
     Ok(())
+}
+
+/// The `uhlm` binary of the dev build (`dev_build`, what `cargo xtask test` has just built) or
+/// a release build (with `uhlm-linkemu`), built here, with SmolLM2 and its draft in the model
+/// cache.
+pub(crate) fn uhlm_binary(dev_build: bool) -> Result<String> {
+    let profile = if dev_build { "debug" } else { "release" };
+    // The dev build is the whole workspace's (what `cargo xtask test` has just built, with the
+    // same features, so nothing is rebuilt); `--bin` applies to every package named: both
+    // binaries are named.
+    let build: &[&str] = if dev_build {
+        &["build", "--workspace", "--all-targets"]
+    } else {
+        &[
+            "build",
+            "--release",
+            "-p",
+            "uhlm-cli",
+            "-p",
+            "uhlm-linkemu",
+            "--bin",
+            "uhlm",
+            "--bin",
+            "uhlm-linkemu",
+        ]
+    };
+    crate::run("cargo", build)?;
+    let bin = crate::bindings::target_dir().join(profile);
+    let uhlm = bin.join("uhlm").to_string_lossy().into_owned();
+    crate::run(&uhlm, &["models", "fetch", "smollm2"])?;
+    let draft_ok = Command::new(&uhlm)
+        .args(["models", "list"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                l.starts_with("smollm2-draft") && l.split_whitespace().nth(1) == Some("yes")
+            })
+        });
+    if !draft_ok {
+        crate::run(&uhlm, &["models", "derive-draft"])?;
+    }
+    Ok(uhlm)
 }
 
 fn mib(b: u64) -> f64 {
