@@ -57,6 +57,11 @@ pub struct ReplicaArgs {
     /// loadgen --replay-token-ms`; 0: every device runs its draft model).
     #[arg(long, default_value_t = 20.0)]
     device_token_ms: f64,
+    /// Tokens each generation asks for: long enough that a generation outlasts the time a
+    /// device takes to notice its replica is gone (its request timeout), so that it moves to
+    /// another replica within the generation.
+    #[arg(long, default_value_t = 400)]
+    max_tokens: u32,
 }
 
 impl ReplicaArgs {
@@ -72,6 +77,7 @@ impl ReplicaArgs {
             out: PathBuf::from("target/replicas-short"),
             kernel_threads: 1,
             device_token_ms: 0.0,
+            max_tokens: 400,
         }
     }
 }
@@ -96,22 +102,45 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
     })
 }
 
-/// nginx's configuration: a UDP proxy on `listen` over `upstreams`, hashed on the client's
-/// address and port, a failed replica skipped for 10 s.
-fn nginx_conf(out: &Path, listen: &str, upstreams: &[String]) -> String {
-    let servers: String = upstreams
-        .iter()
-        .map(|u| format!("    server {u} max_fails=1 fail_timeout=10s;\n"))
-        .collect();
-    format!(
+/// The shipped nginx configuration (`deploy/nginx/uhlm-stream.conf`) as it runs here: its
+/// `server` lines replaced by `upstreams`, its `listen` address by `listen`, inside a main
+/// configuration of its own (foreground, files under `out`).
+fn nginx_conf(out: &Path, listen: &str, upstreams: &[String]) -> Result<String> {
+    let shipped = root().join("deploy/nginx/uhlm-stream.conf");
+    let template = std::fs::read_to_string(&shipped)
+        .with_context(|| format!("reading {}", shipped.display()))?;
+    let mut stream = String::new();
+    let mut servers_written = false;
+    for line in template.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["server", _, options @ ..] if !options.is_empty() => {
+                if !servers_written {
+                    for u in upstreams {
+                        stream.push_str(&format!("    server {u} {}\n", options.join(" ")));
+                    }
+                    servers_written = true;
+                }
+            }
+            ["listen", _, rest @ ..] => {
+                stream.push_str(&format!("    listen {listen} {}\n", rest.join(" ")));
+            }
+            _ => {
+                stream.push_str(line);
+                stream.push('\n');
+            }
+        }
+    }
+    if !servers_written {
+        bail!("{} has no upstream server lines", shipped.display());
+    }
+    Ok(format!(
         "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {log} info;\n\
          load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-         events {{ worker_connections 4096; }}\n\
-         stream {{\n  upstream uhlm {{\n    hash $remote_addr$remote_port consistent;\n{servers}  }}\n\
-         \x20 server {{\n    listen {listen} udp;\n    proxy_pass uhlm;\n    proxy_timeout 60s;\n  }}\n}}\n",
+         events {{ worker_connections 4096; }}\nstream {{\n{stream}}}\n",
         pid = out.join("nginx.pid").display(),
         log = out.join("nginx-error.log").display(),
-    )
+    ))
 }
 
 pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
@@ -171,7 +200,7 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
     let balancer = format!("127.0.0.1:{}", free_port(true)?);
     let upstreams: Vec<String> = replicas.iter().map(|(l, _)| l.clone()).collect();
     let conf = out.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(&out, &balancer, &upstreams))?;
+    std::fs::write(&conf, nginx_conf(&out, &balancer, &upstreams)?)?;
     println!("\n==> nginx -c {}", conf.display());
     let mut nginx: Child = Command::new("nginx")
         .arg("-c")
@@ -210,6 +239,8 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
         &args.duration,
         "--long-every",
         "0",
+        "--max-tokens",
+        &args.max_tokens.to_string(),
         "--out",
         &report_path.to_string_lossy(),
     ]
@@ -253,7 +284,10 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
             }
             killed_sessions += sessions;
             kills_done += 1;
-            println!("[{:>4.0}s] replica {i} restarted", t0.elapsed().as_secs_f64());
+            println!(
+                "[{:>4.0}s] replica {i} restarted",
+                t0.elapsed().as_secs_f64()
+            );
         }
         std::thread::sleep(Duration::from_secs(1));
     };
@@ -295,8 +329,8 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
             kills_done == args.kills && killed_sessions > 0.0,
         ),
         (
-            "devices moved to another replica",
-            n("reconnects") > 0 && n("reconnects") != u64::MAX,
+            "devices that lost their replica moved to another within their generation",
+            n("link_downs") > 0 && n("reconnects") > 0 && n("reconnects") != u64::MAX,
         ),
     ];
     let summary = serde_json::json!({
@@ -313,13 +347,14 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
     std::fs::write(&json, serde_json::to_string_pretty(&summary)?)?;
     println!("\n{}", serde_json::to_string_pretty(&summary["checks"])?);
     println!(
-        "generations {} tokens {} (offline {}, verified {}, local {}), reconnects {}, sessions on \
-         the killed replicas {killed_sessions}",
+        "generations {} tokens {} (offline {}, verified {}, local {}), links down {}, reconnects \
+         {}, sessions on the killed replicas {killed_sessions}",
         n("generations"),
         n("tokens"),
         n("offline_tokens"),
         n("verified_tokens"),
         n("local_tokens"),
+        n("link_downs"),
         n("reconnects"),
     );
     println!("report: {}", json.display());
@@ -332,4 +367,21 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
         bail!("replica campaign failed: {failed:?}; see {}", out.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_nginx_file_runs_with_the_campaigns_addresses() {
+        let upstreams = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let conf = nginx_conf(Path::new("/o"), "127.0.0.1:9", &upstreams).unwrap();
+        assert!(conf.contains("hash $remote_addr$remote_port consistent;"));
+        assert!(conf.contains("    server 127.0.0.1:1 max_fails=1 fail_timeout=10s;\n"));
+        assert!(conf.contains("    server 127.0.0.1:2 max_fails=1 fail_timeout=10s;\n"));
+        assert!(conf.contains("    listen 127.0.0.1:9 udp;\n"));
+        assert!(!conf.contains("10.0.0.11"), "{conf}");
+        assert!(conf.contains("proxy_pass uhlm_replicas;"));
+    }
 }
