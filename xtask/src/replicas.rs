@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::root;
-use crate::soak::{ServerProcess, free_port, metrics_text};
+use crate::soak::{ServerProcess, free_port, generation_checks, metrics_text};
 
 /// nginx and its stream module, from Debian.
 const NGINX_PACKAGES: &[(&str, &str)] = &[
@@ -310,20 +310,8 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
         &std::fs::read_to_string(&report_path).context("reading the loadgen report")?,
     )?;
     let n = |k: &str| report[k].as_u64().unwrap_or(u64::MAX);
-    let checks = [
-        (
-            "every generation completed",
-            n("failed") == 0 && n("completed") == n("generations") && n("generations") > 0,
-        ),
-        (
-            "0 tokens lost or duplicated",
-            n("lost_or_duplicated_tokens") == 0,
-        ),
-        (
-            "every text is its token ids decoded",
-            n("text_mismatches") == 0,
-        ),
-        ("no generation cut short", n("short_generations") == 0),
+    let mut checks = generation_checks(&report);
+    checks.extend([
         (
             "replicas were killed under devices as planned",
             kills_done == args.kills && killed_sessions > 0.0,
@@ -332,7 +320,7 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
             "devices that lost their replica moved to another within their generation",
             n("link_downs") > 0 && n("reconnects") > 0 && n("reconnects") != u64::MAX,
         ),
-    ];
+    ]);
     let summary = serde_json::json!({
         "replicas": args.replicas,
         "devices": args.devices,

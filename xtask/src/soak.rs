@@ -414,20 +414,8 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     // A leak the budget's headroom would hide: memory beyond the KV cache actually held.
     let rss_used_bound = base_rss + max_kv + args.margin;
     let during = &report["verify_during_long_prefill_ms"];
-    let mut checks = vec![
-        (
-            "every generation completed",
-            n("failed") == 0 && n("completed") == n("generations") && n("generations") > 0,
-        ),
-        (
-            "0 tokens lost or duplicated",
-            n("lost_or_duplicated_tokens") == 0,
-        ),
-        (
-            "every text is its token ids decoded",
-            n("text_mismatches") == 0,
-        ),
-        ("no generation cut short", n("short_generations") == 0),
+    let mut checks = generation_checks(&report);
+    checks.extend([
         (
             "server RSS within start + KV budget + margin",
             max_rss <= rss_bound,
@@ -441,7 +429,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
             fingerprints_kept,
         ),
         ("the server was killed as planned", kills_done == args.kills),
-    ];
+    ]);
     // A latency bound is a measurement, not a test: the full campaign checks it; the short
     // form (what `cargo xtask test` runs, on any machine, on a dev build) only reports it.
     if args.long_every > 0 && !args.short {
@@ -545,6 +533,26 @@ pub(crate) fn uhlm_binary(dev_build: bool) -> Result<String> {
         crate::run(&uhlm, &["models", "derive-draft"])?;
     }
     Ok(uhlm)
+}
+
+/// What every campaign checks of every generation in a `uhlm loadgen` report.
+pub(crate) fn generation_checks(report: &serde_json::Value) -> Vec<(&'static str, bool)> {
+    let n = |k: &str| report[k].as_u64().unwrap_or(u64::MAX);
+    vec![
+        (
+            "every generation completed",
+            n("failed") == 0 && n("completed") == n("generations") && n("generations") > 0,
+        ),
+        (
+            "0 tokens lost or duplicated",
+            n("lost_or_duplicated_tokens") == 0,
+        ),
+        (
+            "every text is its token ids decoded",
+            n("text_mismatches") == 0,
+        ),
+        ("no generation cut short", n("short_generations") == 0),
+    ]
 }
 
 fn mib(b: u64) -> f64 {

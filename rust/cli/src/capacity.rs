@@ -27,6 +27,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use uhlm_core::protocol::{Close, Generate, Message, Prompt as WirePrompt, Start, Verify};
+use uhlm_eval::engine_process::EngineProcess;
 use uhlm_eval::humaneval::{PromptFormat, fetch_problems, load_problems};
 use uhlm_eval::measured::ServerProcess;
 use uhlm_eval::plot::{Chart, Series, draw};
@@ -68,6 +69,12 @@ pub struct CapacityArgs {
     /// Where the server's model runs: cpu, cuda or cuda:N (GPU builds: `cargo xtask cuda`).
     #[arg(long, default_value = "cpu")]
     device: uhlm_model::Device,
+    /// What runs the server's LLM at each point: `embedded` (`uhlm serve`'s own runtime) or
+    /// `llama-server` (llama.cpp's server started for the point with a slot per device and
+    /// `--threads` threads, from `UHLM_LLAMA_SERVER` or `PATH`, the gateway in front of it).
+    /// The device traces are recorded on the embedded engine either way.
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "llama-server"])]
+    engine: String,
     #[arg(long, default_value = "bench-capacity")]
     out: PathBuf,
     /// Print the report as one JSON object.
@@ -103,6 +110,8 @@ pub struct Point {
     pub wait_ms: Percentiles,
     pub sessions_per_pass: f64,
     pub passes_per_token: f64,
+    /// CPU and peak memory of the server's processes: the gateway, and its engine where one
+    /// runs beside it (the sum of both processes' peaks).
     pub server_cpu_s_per_token: f64,
     pub server_peak_rss_bytes: u64,
 }
@@ -117,6 +126,9 @@ pub struct CapacityReport {
     pub token_ms: f64,
     /// Where the server's model ran.
     pub device: String,
+    /// What ran it: `embedded` or `llama-server`.
+    #[serde(default)]
+    pub engine: String,
     pub points: Vec<Point>,
 }
 
@@ -171,6 +183,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         trace_tokens: traces.iter().map(|t| t.tokens.len()).sum(),
         trace_verifies: traces.iter().map(|t| t.verifies.len()).sum(),
         token_ms: args.token_ms,
+        engine: args.engine.clone(),
         device: args.device.to_string(),
         points,
     };
@@ -182,7 +195,11 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     crate::bench::print_report(&report, args.json, &args.out, print_table)
 }
 
-fn serve_command(args: &CapacityArgs, metrics: bool) -> Result<std::process::Command> {
+fn serve_command(
+    args: &CapacityArgs,
+    metrics: bool,
+    engine: Option<&EngineProcess>,
+) -> Result<std::process::Command> {
     let exe = std::env::current_exe().context("locating the uhlm executable")?;
     let mut serve = std::process::Command::new(exe);
     serve
@@ -196,12 +213,15 @@ fn serve_command(args: &CapacityArgs, metrics: bool) -> Result<std::process::Com
     }
     // Room for every device of the largest sweep point.
     serve.args(["--max-sessions", "1024"]);
+    if let Some(engine) = engine {
+        serve.args(["--engine", "llama-server", engine.url()]);
+    }
     Ok(serve)
 }
 
 /// Records what the device model sends for the first `--prompts` HumanEval prompts.
 fn record(args: &CapacityArgs, slm: &Path, llm: &Path) -> Result<Vec<Trace>> {
-    let server = ServerProcess::spawn(serve_command(args, false)?, llm)?;
+    let server = ServerProcess::spawn(serve_command(args, false, None)?, llm)?;
     let problems = load_problems(&fetch_problems(true)?)?;
     let engine = HybridEngine::new(EngineConfig {
         slm_path: slm.to_path_buf(),
@@ -315,7 +335,17 @@ fn measure_point(
     system: &str,
     devices: usize,
 ) -> Result<Point> {
-    let server = ServerProcess::spawn(serve_command(args, true)?, llm)?;
+    // A fresh engine per point, as a fresh server: no point inherits another's caches.
+    let engine = match args.engine.as_str() {
+        "llama-server" => Some(EngineProcess::start(
+            llm,
+            devices.max(1),
+            4096,
+            args.threads.unwrap_or(1),
+        )?),
+        _ => None,
+    };
+    let server = ServerProcess::spawn(serve_command(args, true, engine.as_ref())?, llm)?;
     let metrics_addr = server
         .metrics_addr()
         .context("the server did not say where its metrics are")?;
@@ -333,7 +363,10 @@ fn measure_point(
         .build()
         .context("starting the async runtime")?;
     let counts = Arc::new(Mutex::new(Counts::default()));
-    let cpu0 = cpu_seconds(server.pid());
+    let pids: Vec<u32> = std::iter::once(server.pid())
+        .chain(engine.as_ref().map(EngineProcess::pid))
+        .collect();
+    let cpu0: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let started = Instant::now();
     let deadline = started + args.duration;
     let pace = Duration::from_secs_f64(args.token_ms / 1000.0);
@@ -365,8 +398,8 @@ fn measure_point(
         anyhow::Ok(())
     })?;
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(server.pid()) - cpu0;
-    let peak_rss = peak_rss_bytes(server.pid()).unwrap_or(0);
+    let cpu = pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>() - cpu0;
+    let peak_rss = pids.iter().filter_map(|&p| peak_rss_bytes(p)).sum();
     let metrics = http_metrics(metrics_addr)?;
     let counts = std::mem::take(&mut *lock(&counts));
     let passes = metric(&metrics, "uhlm_forward_passes_total");

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use uhlm_eval::calibrate::CalibrationRun;
+use uhlm_eval::engine_process::EngineProcess;
 use uhlm_eval::humaneval::bench::{
     FoldThresholds, HumanEvalOptions, HumanEvalReport, Progress, calibrate_fold, fold_systems,
     folds, generate_fold, pending_count, score, signal_scores,
@@ -73,6 +74,11 @@ pub struct HumanEvalArgs {
     threads: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// What runs the server's LLM: `embedded` (`uhlm serve`'s own runtime) or `llama-server`
+    /// (llama.cpp's server, started here on the LLM with `--threads` threads, from
+    /// `UHLM_LLAMA_SERVER` or `PATH`; `uhlm serve --engine llama-server` in front of it).
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "llama-server"])]
+    engine: String,
     /// Output directory: samples, calibrations, report; a run resumes from it.
     #[arg(long, default_value = "bench-humaneval")]
     out: PathBuf,
@@ -98,6 +104,7 @@ impl HumanEvalArgs {
             link: self.link.clone(),
             seed: self.seed,
             threads: Some(self.threads),
+            engine: (self.engine != "embedded").then(|| self.engine.clone()),
             ..HumanEvalOptions::default()
         }
     }
@@ -209,6 +216,15 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
         let mut serve = std::process::Command::new(exe);
         serve.arg("serve");
         serve.arg("--kernel-threads").arg(args.threads.to_string());
+        // Kept until the run ends: the gateway delegates every pass to it.
+        let _engine = match options.engine.as_deref() {
+            Some("llama-server") => {
+                let engine = EngineProcess::start(&llm, 1, 8192, args.threads)?;
+                serve.args(["--engine", "llama-server", engine.url()]);
+                Some(engine)
+            }
+            _ => None,
+        };
         let server = ServerProcess::spawn(serve, &llm)?;
         let mut executor = Executor::new()?;
         executor.timeout = std::time::Duration::from_secs(args.exec_timeout);

@@ -11,6 +11,7 @@
 //! - [`token_cost`]: what one drafted token costs the device beyond the SLM's forward pass.
 
 pub mod calibrate;
+pub mod engine_process;
 pub mod humaneval;
 pub mod measured;
 pub mod pair;

@@ -58,11 +58,7 @@ impl ModelCard {
         Ok(Self {
             path: path.to_path_buf(),
             architecture,
-            name: g
-                .opt_string("general.name")
-                .map(str::to_string)
-                .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .unwrap_or_default(),
+            name: g.model_name(),
             vocab_size: g.tensor_dims("token_embd.weight")?[0],
             context_length: g.usize(&format!("{p}.context_length"))?,
             tokenizer,

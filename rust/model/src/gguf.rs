@@ -93,6 +93,18 @@ impl GgufFile {
         }
     }
 
+    /// The model's name: `general.name`, or the file stem when absent.
+    pub fn model_name(&self) -> String {
+        self.opt_string("general.name")
+            .map(str::to_string)
+            .or_else(|| {
+                self.path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
+            .unwrap_or_default()
+    }
+
     pub fn opt_string(&self, key: &str) -> Option<&str> {
         match self.content.metadata.get(key) {
             Some(Value::String(s)) => Some(s),

@@ -281,11 +281,7 @@ impl Model {
         };
         let info = ModelInfo {
             architecture: arch,
-            name: g
-                .opt_string("general.name")
-                .map(str::to_string)
-                .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .unwrap_or_default(),
+            name: g.model_name(),
             vocab_size: dims.vocab_size,
             context_length: dims.context_length,
             n_layers: dims.n_layers,

@@ -258,6 +258,24 @@ impl LlamaServer {
         }
     }
 
+    /// Runs every request on a thread of its own and waits for all: the engine batches what
+    /// arrives together across its slots.
+    fn all_at_once<T: Send>(
+        &self,
+        requests: impl Iterator<Item = impl FnOnce() -> Result<T, EngineError> + Send>,
+    ) -> Vec<Result<T, EngineError>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = requests.map(|r| s.spawn(r)).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(self.remote("the request thread panicked")))
+                })
+                .collect()
+        })
+    }
+
     /// Sends one `/completion` request (one prompt, one predicted token) and reads its answer.
     fn complete(&self, body: &serde_json::Value) -> Result<Completion, EngineError> {
         let url = format!("{}/completion", self.url);
@@ -444,23 +462,11 @@ impl LlamaServer {
             (n, Some(slot)) if n > 1 => slot,
             _ => -1,
         };
-        let answers: Vec<Result<(Target, Option<i64>), EngineError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ends
-                .iter()
-                .zip(item.seeds)
-                .map(|(&end, &seed)| {
-                    let prompt = &full[..end];
-                    s.spawn(move || self.target(prompt, item.sampling, seed, id_slot))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(self.remote("the request thread panicked")))
-                })
-                .collect()
+        let requests = ends.iter().zip(item.seeds).map(|(&end, &seed)| {
+            let prompt = &full[..end];
+            move || self.target(prompt, item.sampling, seed, id_slot)
         });
+        let answers = self.all_at_once(requests);
         let mut targets = Vec::with_capacity(answers.len());
         let mut slot = None;
         for answer in answers {
@@ -611,19 +617,7 @@ impl Engine for LlamaServer {
         &self,
         items: &mut [ScoreItem<'_, RemoteSession>],
     ) -> Result<Vec<Vec<Target>>, EngineError> {
-        let results: Vec<Result<Scored, EngineError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = items
-                .iter()
-                .map(|item| s.spawn(move || self.score_one(item)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(self.remote("the request thread panicked")))
-                })
-                .collect()
-        });
+        let results = self.all_at_once(items.iter().map(|item| move || self.score_one(item)));
         // All or nothing: no session advances unless every item was scored.
         let results: Vec<Scored> = results.into_iter().collect::<Result<_, _>>()?;
         Ok(items

@@ -15,9 +15,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use e2e_common::{Recorder, ServerProc};
+use e2e_common::{Outcome, Recorder, ServerProc, chi_square_p_value};
 use runtime_support::{Toy, write_toy};
-use statrs::distribution::{ChiSquared, ContinuousCDF};
 use uhlm_core::protocol::Verify;
 use uhlm_core::sampling::{SamplingOptions, probabilities_into};
 use uhlm_model::{LoadOptions, Model};
@@ -32,9 +31,6 @@ const TOKENS: u32 = 4;
 const TOP_K: u32 = 4;
 const RUNS: usize = 2000;
 const PROMPT: &str = "he said";
-
-/// A generation's outcome: its tokens, and whether it ended with end-of-sequence.
-type Outcome = (Vec<u32>, bool);
 
 fn sampling() -> SamplingOptions {
     SamplingOptions {
@@ -125,30 +121,6 @@ impl ChainLog {
             })
             .collect()
     }
-}
-
-fn chi_square_p_value(observed: &HashMap<Outcome, u64>, exact: &HashMap<Outcome, f64>) -> f64 {
-    let n = observed.values().sum::<u64>() as f64;
-    for o in observed.keys() {
-        assert!(exact.contains_key(o), "{o:?} is impossible for the LLM");
-    }
-    let (mut stat, mut cells) = (0.0, 0usize);
-    let (mut pooled_obs, mut pooled_exp) = (0.0, 0.0);
-    for (o, &p) in exact {
-        let (c, e) = (observed.get(o).copied().unwrap_or(0) as f64, p * n);
-        if e < 5.0 {
-            pooled_obs += c;
-            pooled_exp += e;
-            continue;
-        }
-        stat += (c - e).powi(2) / e;
-        cells += 1;
-    }
-    if pooled_exp >= 5.0 {
-        stat += (pooled_obs - pooled_exp).powi(2) / pooled_exp;
-        cells += 1;
-    }
-    1.0 - ChiSquared::new((cells - 1) as f64).unwrap().cdf(stat)
 }
 
 /// The toy pair in `dir`: the server process on the LLM (each request waiting `batch_wait`

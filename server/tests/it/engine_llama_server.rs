@@ -19,9 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file::Value;
-use e2e_common::{API_KEY, Recorder, ServerProc, llm_path};
+use e2e_common::{API_KEY, Outcome, Recorder, ServerProc, chi_square_p_value, llm_path};
 use runtime_support::{Toy, write_toy};
-use statrs::distribution::{ChiSquared, ContinuousCDF};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into};
 use uhlm_model::{LoadOptions, Model};
 use uhlm_sdk::{
@@ -162,8 +161,6 @@ const TOP_K: u32 = 4;
 const RUNS: usize = 1500;
 const PROMPT: &str = "he said";
 
-type Outcome = (Vec<u32>, bool);
-
 fn sampling() -> SamplingOptions {
     SamplingOptions {
         temperature: 1.0,
@@ -215,33 +212,6 @@ fn engine_outcomes(engine: &LlamaServerProc, prompt: &[u32], eos: u32) -> HashMa
         }
     }
     out
-}
-
-fn chi_square_p_value(observed: &HashMap<Outcome, u64>, exact: &HashMap<Outcome, f64>) -> f64 {
-    let n = observed.values().sum::<u64>() as f64;
-    for o in observed.keys() {
-        assert!(
-            exact.contains_key(o),
-            "{o:?} is impossible for llama-server"
-        );
-    }
-    let (mut stat, mut cells) = (0.0, 0usize);
-    let (mut pooled_obs, mut pooled_exp) = (0.0, 0.0);
-    for (o, &p) in exact {
-        let (c, e) = (observed.get(o).copied().unwrap_or(0) as f64, p * n);
-        if e < 5.0 {
-            pooled_obs += c;
-            pooled_exp += e;
-            continue;
-        }
-        stat += (c - e).powi(2) / e;
-        cells += 1;
-    }
-    if pooled_exp >= 5.0 {
-        stat += (pooled_obs - pooled_exp).powi(2) / pooled_exp;
-        cells += 1;
-    }
-    1.0 - ChiSquared::new((cells - 1) as f64).unwrap().cdf(stat)
 }
 
 /// The toy LLM and its 4-bit copy as the draft (one that differs from the LLM, so drafts are

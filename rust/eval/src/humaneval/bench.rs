@@ -70,6 +70,10 @@ pub struct HumanEvalOptions {
     pub link: Option<String>,
     /// How long the device waits for the server before deciding locally.
     pub request_timeout_ms: u64,
+    /// What runs the server's LLM: `None` its own runtime, `Some("llama-server")` llama.cpp's
+    /// server started for the run, the gateway in front of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     pub seed: u64,
     /// Kernel threads of the device's SLM (the server's are set on its command line). Speed
     /// only, so a run may resume with another value.
@@ -93,6 +97,7 @@ impl Default for HumanEvalOptions {
             systems: Vec::new(),
             link: None,
             request_timeout_ms: 120_000,
+            engine: None,
             seed: 7,
             threads: None,
         }

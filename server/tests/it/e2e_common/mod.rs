@@ -2,6 +2,7 @@
 //! it, the LLM-alone reference generation, and a listener that records events.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use statrs::distribution::{ChiSquared, ContinuousCDF};
 use uhlm_model::{LoadOptions, Model};
 use uhlm_sdk::{Codec, EngineConfig, Mode, PolicyConfig, TokenEvent, TokenListener, TokenSource};
 
@@ -335,4 +337,33 @@ impl TokenListener for Recorder {
 fn cached_file(file: &str) -> String {
     let dir = uhlm_model::fetch::models_dir().expect("the model cache directory");
     dir.join(file).to_string_lossy().into_owned()
+}
+
+/// A generation's outcome: its tokens, and whether it ended with end-of-sequence.
+pub type Outcome = (Vec<u32>, bool);
+
+/// The chi-square test's p-value of `observed` counts against the `exact` probabilities (cells
+/// expected below 5 pooled); an outcome `exact` deems impossible fails the test outright.
+pub fn chi_square_p_value(observed: &HashMap<Outcome, u64>, exact: &HashMap<Outcome, f64>) -> f64 {
+    let n = observed.values().sum::<u64>() as f64;
+    for o in observed.keys() {
+        assert!(exact.contains_key(o), "{o:?} is impossible for the LLM");
+    }
+    let (mut stat, mut cells) = (0.0, 0usize);
+    let (mut pooled_obs, mut pooled_exp) = (0.0, 0.0);
+    for (o, &p) in exact {
+        let (c, e) = (observed.get(o).copied().unwrap_or(0) as f64, p * n);
+        if e < 5.0 {
+            pooled_obs += c;
+            pooled_exp += e;
+            continue;
+        }
+        stat += (c - e).powi(2) / e;
+        cells += 1;
+    }
+    if pooled_exp >= 5.0 {
+        stat += (pooled_obs - pooled_exp).powi(2) / pooled_exp;
+        cells += 1;
+    }
+    1.0 - ChiSquared::new((cells - 1) as f64).unwrap().cdf(stat)
 }
