@@ -209,17 +209,25 @@ fn post_json(
     read_json(resp, url)
 }
 
-fn read_json(
+/// An answer's status and body (up to [`MAX_RESPONSE_BYTES`]).
+fn read_body(
     mut resp: ureq::http::Response<ureq::Body>,
-    url: &str,
-) -> Result<serde_json::Value, String> {
+) -> Result<(ureq::http::StatusCode, String), String> {
     let status = resp.status();
     let text = resp
         .body_mut()
         .with_config()
         .limit(MAX_RESPONSE_BYTES)
         .read_to_string()
-        .map_err(|e| format!("{url}: reading the answer: {e}"))?;
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    Ok((status, text))
+}
+
+fn read_json(
+    resp: ureq::http::Response<ureq::Body>,
+    url: &str,
+) -> Result<serde_json::Value, String> {
+    let (status, text) = read_body(resp).map_err(|e| format!("{url}: {e}"))?;
     if !status.is_success() {
         return Err(format!("{url}: HTTP {status}: {}", clip(&text)));
     }
@@ -279,18 +287,12 @@ impl LlamaServer {
     /// Sends one `/completion` request (one prompt, one predicted token) and reads its answer.
     fn complete(&self, body: &serde_json::Value) -> Result<Completion, EngineError> {
         let url = format!("{}/completion", self.url);
-        let mut resp = self
+        let resp = self
             .agent
             .post(&url)
             .send_json(body)
             .map_err(|e| self.remote(format!("POST {url}: {e}")))?;
-        let status = resp.status();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE_BYTES)
-            .read_to_string()
-            .map_err(|e| self.remote(format!("reading the answer: {e}")))?;
+        let (status, text) = read_body(resp).map_err(|e| self.remote(e))?;
         self.metrics.engine_requests.inc();
         self.metrics.engine_response_bytes.inc_by(text.len() as u64);
         if !status.is_success() {
