@@ -14,8 +14,8 @@ use crate::engine::{Engine, Target};
 
 /// The seed of the engine's `k`-th draw at `position` of a session whose draws come from
 /// `rng`: a ChaCha stream per position apart from the verdicts' (stream 0), so that the
-/// engine's draws are independent of the numbers the verdict draws, and the same seed gives
-/// the same tokens on any engine.
+/// engine's draws are independent of the numbers the verdict draws, and a seeded generation
+/// asks the engine for the same draws on a retry or a new connection.
 pub(super) fn engine_seed(rng: &ChaCha8Rng, position: usize, k: u64) -> u32 {
     let mut r = ChaCha8Rng::from_seed(rng.get_seed());
     r.set_stream(1 + position as u64);
