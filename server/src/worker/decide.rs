@@ -12,12 +12,12 @@ use uhlm_core::verify_partial::{Partial, sample_partial, verify_partial};
 use super::{engine_failure, fail};
 use crate::engine::{Engine, Target};
 
-/// The seed of the engine's `k`-th draw at `position` of a session whose draws come from
-/// `rng`: a ChaCha stream per position apart from the verdicts' (stream 0), so that the
-/// engine's draws are independent of the numbers the verdict draws, and a seeded generation
-/// asks the engine for the same draws on a retry or a new connection.
-pub(super) fn engine_seed(rng: &ChaCha8Rng, position: usize, k: u64) -> u32 {
-    let mut r = ChaCha8Rng::from_seed(rng.get_seed());
+/// The seed of the engine's `k`-th draw at `position` of a session whose random numbers come
+/// from the ChaCha seed `session_seed`: a stream per position apart from the verdicts' (stream
+/// 0), so that the engine's draws are independent of the numbers the verdict draws, and a
+/// seeded generation asks the engine for the same draws on a retry or a new connection.
+pub(super) fn engine_seed(session_seed: [u8; 32], position: usize, k: u64) -> u32 {
+    let mut r = ChaCha8Rng::from_seed(session_seed);
     r.set_stream(1 + position as u64);
     r.set_word_pos(u128::from(k));
     r.next_u32()
@@ -45,16 +45,16 @@ impl<E: Engine> Position<'_, E> {
         scratch: &mut Vec<u32>,
     ) -> Result<Verdict, ErrorMessage> {
         // A position's verdict draws the same numbers on a retry or a new connection.
-        let seeds = rng.clone();
         seek_position(rng, self.len);
         let partial = match target {
             Target::Logits(logits) => return self.whole(&logits, rng, probs, scratch),
             Target::Partial(partial) => partial,
         };
+        let session_seed = rng.get_seed();
         let mut k = 0;
         let mut more = || {
             k += 1;
-            let seed = engine_seed(&seeds, self.len, k);
+            let seed = engine_seed(session_seed, self.len, k);
             match self
                 .engine
                 .draws_at(self.session, self.len, self.sampling, seed)

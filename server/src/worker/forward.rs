@@ -390,10 +390,11 @@ impl<E: Engine> Worker<E> {
             .collect();
         for (row, session) in plan.rows.iter_mut().zip(&sessions) {
             if let (Some(entry), Some(session)) = (self.sessions.get(&row.key), session) {
+                let session_seed = entry.rng.get_seed();
                 row.seeds = row
                     .ends(session.len())
                     .into_iter()
-                    .map(|end| engine_seed(&entry.rng, end, 0))
+                    .map(|end| engine_seed(session_seed, end, 0))
                     .collect();
                 row.sampling = entry.sampling.clone();
             }

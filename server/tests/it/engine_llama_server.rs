@@ -24,7 +24,8 @@ use runtime_support::{Toy, write_toy};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into};
 use uhlm_model::{LoadOptions, Model};
 use uhlm_sdk::{
-    CancelToken, Codec, GenerationOptions, HybridEngine, Mode, PolicyConfig, Prompt, StopReason,
+    CancelToken, Codec, GenerationOptions, GenerationSummary, HybridEngine, Mode, PolicyConfig,
+    Prompt, StopReason,
 };
 
 /// A `llama-server` child process on a free loopback port; killed on drop.
@@ -229,20 +230,62 @@ fn toy_pair_files(dir: &Path) -> (PathBuf, PathBuf) {
     (llm, slm)
 }
 
+/// The toy pair on a real llama-server (two slots), the gateway in front of it and a phone
+/// verifying every token with the 4-bit draft; the prompt's ids and the end-of-sequence id.
+struct ToyRig {
+    engine: LlamaServerProc,
+    server: ServerProc,
+    phone: HybridEngine,
+    prompt: Vec<u32>,
+    eos: u32,
+}
+
+impl ToyRig {
+    /// `None` (with a note) where llama-server was not built.
+    fn start(dir: &Path) -> Option<Self> {
+        let (llm, slm) = toy_pair_files(dir);
+        let engine = LlamaServerProc::start(&llm, 2, Toy::llama().context)?;
+        let server = gateway(&llm, &engine, &[]);
+        let mut config =
+            server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all());
+        config.slm_path = slm;
+        let phone = HybridEngine::new(config).unwrap();
+        let model = Model::load(&llm, &LoadOptions::default()).unwrap();
+        Some(Self {
+            prompt: model.tokenizer().encode(PROMPT, false).unwrap(),
+            eos: model.tokenizer().eos_ids()[0],
+            engine,
+            server,
+            phone,
+        })
+    }
+}
+
+/// One generation from `prompt`, its events recorded and dropped.
+fn generate(phone: &HybridEngine, prompt: &str, options: &GenerationOptions) -> GenerationSummary {
+    phone
+        .generate_blocking(
+            Prompt::Text(prompt.into()),
+            options.clone(),
+            Arc::new(Recorder::default()),
+            CancelToken::new(),
+        )
+        .unwrap()
+}
+
 #[test]
 fn through_llama_server_the_phone_samples_exactly_the_engines_distribution() {
     let dir = tempfile::tempdir().unwrap();
-    let (llm, slm) = toy_pair_files(dir.path());
-    let Some(engine) = LlamaServerProc::start(&llm, 2, Toy::llama().context) else {
+    let Some(ToyRig {
+        engine,
+        server,
+        phone,
+        prompt,
+        eos,
+    }) = ToyRig::start(dir.path())
+    else {
         return;
     };
-    let server = gateway(&llm, &engine, &[]);
-    let mut config = server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all());
-    config.slm_path = slm;
-    let phone = HybridEngine::new(config).unwrap();
-    let model = Model::load(&llm, &LoadOptions::default()).unwrap();
-    let prompt = model.tokenizer().encode(PROMPT, false).unwrap();
-    let eos = model.tokenizer().eos_ids()[0];
     let exact = engine_outcomes(&engine, &prompt, eos);
     let total: f64 = exact.values().sum();
     assert!((total - 1.0).abs() < 1e-3, "enumeration lost mass: {total}");
@@ -254,14 +297,7 @@ fn through_llama_server_the_phone_samples_exactly_the_engines_distribution() {
     let mut observed: HashMap<Outcome, u64> = HashMap::new();
     let mut resampled = 0;
     for _ in 0..RUNS {
-        let summary = phone
-            .generate_blocking(
-                Prompt::Text(PROMPT.into()),
-                options.clone(),
-                Arc::new(Recorder::default()),
-                CancelToken::new(),
-            )
-            .unwrap();
+        let summary = generate(&phone, PROMPT, &options);
         assert_eq!(summary.stats.skipped + summary.stats.offline, 0);
         resampled += summary.stats.resampled;
         let eos = summary.stop == StopReason::Eos;
@@ -300,17 +336,16 @@ fn without_top_k_the_residual_is_drawn_from_the_engines_own_samples() {
     // its histogram against llama-server's distribution after the prompt.
     const ONE_RUNS: usize = 4000;
     let dir = tempfile::tempdir().unwrap();
-    let (llm, slm) = toy_pair_files(dir.path());
-    let Some(engine) = LlamaServerProc::start(&llm, 2, Toy::llama().context) else {
+    let Some(ToyRig {
+        engine,
+        server,
+        phone,
+        prompt,
+        eos,
+    }) = ToyRig::start(dir.path())
+    else {
         return;
     };
-    let server = gateway(&llm, &engine, &[]);
-    let mut config = server.engine_config(Mode::Hlm, Codec::default(), PolicyConfig::send_all());
-    config.slm_path = slm;
-    let phone = HybridEngine::new(config).unwrap();
-    let model = Model::load(&llm, &LoadOptions::default()).unwrap();
-    let prompt = model.tokenizer().encode(PROMPT, false).unwrap();
-    let eos = model.tokenizer().eos_ids()[0];
     let p = engine.distribution(&prompt, runtime_support::toy_vocab().len(), eos);
     let options = GenerationOptions {
         sampling: SamplingOptions {
@@ -324,14 +359,7 @@ fn without_top_k_the_residual_is_drawn_from_the_engines_own_samples() {
     let mut counts = vec![0u64; p.len()];
     let mut resampled = 0;
     for _ in 0..ONE_RUNS {
-        let summary = phone
-            .generate_blocking(
-                Prompt::Text(PROMPT.into()),
-                options.clone(),
-                Arc::new(Recorder::default()),
-                CancelToken::new(),
-            )
-            .unwrap();
+        let summary = generate(&phone, PROMPT, &options);
         resampled += summary.stats.resampled;
         let token = summary.token_ids.first().copied().unwrap_or(eos);
         counts[token as usize] += 1;
@@ -416,16 +444,7 @@ fn a_dead_engine_is_an_error_to_the_phone_which_goes_on_alone() {
         sampling: SamplingOptions::greedy(12),
         chat_template: false,
     };
-    let run = |phone: &HybridEngine| {
-        phone
-            .generate_blocking(
-                Prompt::Text("Once upon a time".into()),
-                options.clone(),
-                Arc::new(Recorder::default()),
-                CancelToken::new(),
-            )
-            .unwrap()
-    };
+    let run = |phone: &HybridEngine| generate(phone, "Once upon a time", &options);
     let online = run(&phone);
     assert_eq!(online.stats.offline, 0, "{:?}", online.stats);
     assert!(online.stats.sent > 0);
