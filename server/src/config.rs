@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use uhlm_core::protocol::DEFAULT_MAX_FRAME_BYTES;
 use uhlm_model::Device;
 
+use crate::engine::RemoteKind;
 use crate::error::ServerError;
 
 /// Everything a server needs to start. Field names are the TOML keys and, kebab-cased, the CLI
@@ -99,9 +100,10 @@ pub struct ServerConfig {
     pub device: Device,
     /// Address of the HTTP endpoint serving `/healthz` and `/metrics`; `None`: no endpoint.
     pub metrics: Option<SocketAddr>,
-    /// What runs the LLM's forward passes: `"embedded"` (this process, the default) or
-    /// `"llama-server URL"` (a llama.cpp server serving the same GGUF as `model`, which then
-    /// only provides the tokenizer and the vocabulary).
+    /// What runs the LLM's forward passes: `"embedded"` (this process, the default),
+    /// `"llama-server URL"` (a llama.cpp server serving the same GGUF as `model`) or
+    /// `"vllm URL"` (a vLLM server serving the same model); with a remote engine `model` only
+    /// provides the tokenizer and the vocabulary.
     pub engine: EngineChoice,
     /// Longest wait for one request to a remote engine; past it the request fails and the
     /// device goes on alone.
@@ -116,34 +118,47 @@ pub enum EngineChoice {
     /// uhlm's own runtime, in this process.
     #[default]
     Embedded,
-    /// llama.cpp's `llama-server` at this base URL (`http://host:port`).
-    LlamaServer { url: String },
+    /// An engine behind HTTP at this base URL (`http://host:port`).
+    Remote { kind: RemoteKind, url: String },
+}
+
+impl EngineChoice {
+    /// The remote engine's kind and URL; `None` for the embedded one.
+    pub fn remote(&self) -> Option<(RemoteKind, &str)> {
+        match self {
+            Self::Embedded => None,
+            Self::Remote { kind, url } => Some((*kind, url)),
+        }
+    }
 }
 
 impl std::str::FromStr for EngineChoice {
     type Err = String;
 
-    /// `embedded`, or `llama-server URL` (also `llama-server=URL`).
+    /// `embedded`, `llama-server URL` or `vllm URL` (also `KIND=URL`).
     fn from_str(s: &str) -> Result<Self, String> {
+        const USE: &str = "use embedded, llama-server http://HOST:PORT or vllm http://HOST:PORT";
         let s = s.trim();
-        let (kind, url) = match s.split_once(|c: char| c == '=' || c.is_whitespace()) {
+        let (name, url) = match s.split_once(|c: char| c == '=' || c.is_whitespace()) {
             Some((k, u)) => (k, Some(u.trim())),
             None => (s, None),
         };
-        match (kind, url) {
-            ("embedded", None) => Ok(Self::Embedded),
-            ("llama-server", Some(url)) if url.starts_with("http://") => Ok(Self::LlamaServer {
+        let kind = match name {
+            "embedded" if url.is_none() => return Ok(Self::Embedded),
+            "llama-server" => RemoteKind::LlamaServer,
+            "vllm" => RemoteKind::Vllm,
+            _ => return Err(format!("unknown engine {s:?}: {USE}")),
+        };
+        match url {
+            // Plain HTTP: the engine sits on the gateway's private network.
+            Some(url) if url.starts_with("http://") => Ok(Self::Remote {
+                kind,
                 url: url.trim_end_matches('/').to_string(),
             }),
-            ("llama-server", Some(url)) => Err(format!(
-                "the llama-server URL must start with http:// (got {url:?})"
+            Some(url) => Err(format!(
+                "the {name} URL must start with http:// (got {url:?})"
             )),
-            ("llama-server", None) => {
-                Err("llama-server needs its URL: llama-server http://HOST:PORT".into())
-            }
-            _ => Err(format!(
-                "unknown engine {s:?}: use embedded or llama-server http://HOST:PORT"
-            )),
+            None => Err(format!("{name} needs its URL: {name} http://HOST:PORT")),
         }
     }
 }
@@ -152,7 +167,7 @@ impl std::fmt::Display for EngineChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Embedded => f.write_str("embedded"),
-            Self::LlamaServer { url } => write!(f, "llama-server {url}"),
+            Self::Remote { kind, url } => write!(f, "{} {url}", kind.name()),
         }
     }
 }
@@ -402,7 +417,7 @@ pub struct ServerArgs {
     /// HTTP address for /healthz and /metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// What runs the LLM: `embedded` (default) or `llama-server URL`.
+    /// What runs the LLM: `embedded` (default), `llama-server URL` or `vllm URL`.
     #[arg(long, num_args = 1..=2, value_names = ["KIND", "URL"])]
     pub engine: Vec<String>,
     /// Longest wait for one request to a remote engine, e.g. `30s`.
@@ -536,7 +551,11 @@ mod tests {
         let c: ServerConfig =
             toml::from_str("engine = \"llama-server http://127.0.0.1:8080/\"").unwrap();
         let url = "http://127.0.0.1:8080".to_string();
-        assert_eq!(c.engine, EngineChoice::LlamaServer { url: url.clone() });
+        let llama = |url: &str| EngineChoice::Remote {
+            kind: RemoteKind::LlamaServer,
+            url: url.into(),
+        };
+        assert_eq!(c.engine, llama(&url));
         assert_eq!(
             toml::to_string(&c)
                 .unwrap()
@@ -546,7 +565,8 @@ mod tests {
         );
         for bad in [
             "engine = \"llama-server\"",
-            "engine = \"vllm http://x\"",
+            "engine = \"vllm\"",
+            "engine = \"tgi http://x\"",
             "engine = \"llama-server ftp://x\"",
         ] {
             assert!(toml::from_str::<ServerConfig>(bad).is_err(), "{bad}");
@@ -567,7 +587,23 @@ mod tests {
         ])
         .unwrap();
         serve.args.apply(&mut c).unwrap();
-        assert_eq!(c.engine, EngineChoice::LlamaServer { url });
+        assert_eq!(c.engine, llama(&url));
+        let serve = <Serve as clap::Parser>::try_parse_from([
+            "serve",
+            "--engine",
+            "vllm",
+            "http://10.0.0.2:8000/",
+        ])
+        .unwrap();
+        serve.args.apply(&mut c).unwrap();
+        assert_eq!(
+            c.engine,
+            EngineChoice::Remote {
+                kind: RemoteKind::Vllm,
+                url: "http://10.0.0.2:8000".into()
+            }
+        );
+        assert_eq!(c.engine.to_string(), "vllm http://10.0.0.2:8000");
         assert_eq!(c.max_batch, 2);
         let serve =
             <Serve as clap::Parser>::try_parse_from(["serve", "--engine", "embedded"]).unwrap();

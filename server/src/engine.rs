@@ -7,19 +7,25 @@
 //! distribution at the positions asked for ([`Target`]): all its logits, or what a sampling
 //! engine answers cheaply (its top candidates' probabilities and its own draws), which
 //! `uhlm_core::verify_partial` verifies exactly. [`Embedded`] is uhlm's own candle runtime,
-//! in process; [`LlamaServer`] delegates to llama.cpp's `llama-server` over HTTP, where the
-//! session's KV stays in the engine's prompt cache.
+//! in process; [`LlamaServer`] delegates to llama.cpp's `llama-server` and [`Vllm`] to vLLM,
+//! both over HTTP, where the session's KV stays in the engine's prompt cache.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use uhlm_core::protocol::{ErrorCode, ErrorMessage};
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_core::verify_partial::PartialTarget;
-use uhlm_model::ModelError;
+use uhlm_model::{ModelCard, ModelError};
 
 mod embedded;
 mod llama_server;
+mod remote;
+mod vllm;
 
 pub(crate) use embedded::Embedded;
-pub use llama_server::{EngineCheck, check_llama_server};
-pub(crate) use llama_server::{EngineProbe, LlamaServer};
+pub(crate) use llama_server::LlamaServer;
+pub(crate) use vllm::Vllm;
 
 /// Why an engine could not score a batch.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +46,102 @@ pub enum EngineError {
     /// The remote engine serves another vocabulary than the server's model.
     #[error("the inference engine at {url} serves another vocabulary: {reason}")]
     Vocabulary { url: String, reason: String },
+}
+
+/// An engine behind HTTP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteKind {
+    /// llama.cpp's `llama-server`.
+    LlamaServer,
+    /// vLLM's OpenAI-compatible server (`vllm serve`).
+    Vllm,
+}
+
+impl RemoteKind {
+    /// The name `--engine` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LlamaServer => "llama-server",
+            Self::Vllm => "vllm",
+        }
+    }
+}
+
+/// What the start-up check learned about a remote engine.
+#[derive(Clone, Debug)]
+pub struct EngineCheck {
+    /// Width of the engine's logits.
+    pub n_vocab: usize,
+    /// Sequences the engine runs at once, where it says (llama-server's `--parallel`).
+    pub slots: Option<usize>,
+    /// The model the engine serves, as it names it (llama-server: its file; vLLM: the name
+    /// requests give).
+    pub model: String,
+    /// The engine reports its probability at tokens it is asked about, after the session's
+    /// sampling (vLLM's `logprob_token_ids` with processed log-probabilities): a draft is
+    /// verified without the whole vocabulary.
+    pub asks_tokens: bool,
+}
+
+/// Checks that the `kind` engine at `url` serves `card`'s vocabulary and answers what
+/// verification needs (see [`LlamaServer`] and [`Vllm`]). A mismatch is
+/// [`EngineError::Vocabulary`]; an engine that cannot be asked is [`EngineError::Remote`].
+pub fn check_engine(
+    kind: RemoteKind,
+    url: &str,
+    card: &ModelCard,
+    timeout: Duration,
+) -> Result<EngineCheck, EngineError> {
+    match kind {
+        RemoteKind::LlamaServer => llama_server::check_llama_server(url, card, timeout),
+        RemoteKind::Vllm => vllm::check_vllm(url, card, timeout, vllm::Depth::Full),
+    }
+}
+
+/// The start-up check run again as each device connects (for vLLM, its cheap part: the model
+/// it serves and the probe text's ids), so that an engine restarted on another model is
+/// caught before a device drafts against it.
+#[derive(Clone)]
+pub(crate) struct EngineProbe {
+    pub kind: RemoteKind,
+    pub url: String,
+    pub card: Arc<ModelCard>,
+    pub timeout: Duration,
+}
+
+impl EngineProbe {
+    /// The check's outcome as the `Error` a device gets: `VocabularyMismatch` for another
+    /// vocabulary, `Internal` for an engine that cannot be asked.
+    pub async fn check(&self) -> Result<(), ErrorMessage> {
+        let probe = self.clone();
+        let checked = tokio::task::spawn_blocking(move || match probe.kind {
+            RemoteKind::LlamaServer => {
+                llama_server::check_llama_server(&probe.url, &probe.card, probe.timeout)
+            }
+            RemoteKind::Vllm => {
+                vllm::check_vllm(&probe.url, &probe.card, probe.timeout, vllm::Depth::Quick)
+            }
+        })
+        .await;
+        match checked {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e @ EngineError::Vocabulary { .. })) => Err(ErrorMessage::new(
+                ErrorCode::VocabularyMismatch,
+                e.to_string(),
+            )),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "inference engine check failed");
+                Err(ErrorMessage::new(
+                    ErrorCode::Internal,
+                    "the server's inference engine is unavailable",
+                ))
+            }
+            Err(_) => Err(ErrorMessage::new(
+                ErrorCode::Internal,
+                "the inference engine check failed",
+            )),
+        }
+    }
 }
 
 /// Which rows of a scored item the caller needs.
@@ -72,6 +174,9 @@ pub(crate) struct ScoreItem<'a, S> {
     pub sampling: &'a SamplingOptions,
     /// Per wanted row, the seed of an engine's own draw there.
     pub seeds: &'a [u32],
+    /// Per wanted row, the token the device drafted there (`None` or missing: none), whose
+    /// probability an engine that is asked about tokens reports.
+    pub drafts: &'a [Option<u32>],
 }
 
 /// A session's state in its engine: the tokens its context holds there.

@@ -32,7 +32,7 @@ mod tls;
 mod worker;
 
 pub use config::{EngineChoice, ServerArgs, ServerConfig};
-pub use engine::{EngineCheck, EngineError, check_llama_server};
+pub use engine::{EngineCheck, EngineError, RemoteKind, check_engine};
 pub use error::ServerError;
 pub use server::{Server, ServerHandle};
 pub use tls::{SELF_SIGNED_CERT_FILE, SELF_SIGNED_KEY_FILE, cert_fingerprint};

@@ -12,7 +12,7 @@ use uhlm_model::{LoadOptions, Model, ModelCard};
 
 use crate::auth::ApiKeys;
 use crate::config::{EngineChoice, ServerConfig};
-use crate::engine::{Embedded, EngineProbe, LlamaServer, check_llama_server};
+use crate::engine::{Embedded, EngineProbe, LlamaServer, RemoteKind, Vllm, check_engine};
 use crate::error::ServerError;
 use crate::key_quota::KeyQuota;
 use crate::llm_card::LlmCard;
@@ -61,19 +61,20 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config.validate()?;
         let path = uhlm_model::fetch::resolve_model(&config.model.to_string_lossy())?;
-        if let EngineChoice::LlamaServer { url } = &config.engine {
+        if let Some((kind, url)) = config.engine.remote() {
             let timeout = config.engine_timeout;
-            let probe_url = url.clone();
+            let probe_url = url.to_string();
             let (card, check) = tokio::task::spawn_blocking(move || {
                 let card = ModelCard::read(&path)?;
-                let check = check_llama_server(&probe_url, &card, timeout)?;
+                let check = check_engine(kind, &probe_url, &card, timeout)?;
                 Ok::<_, ServerError>((Arc::new(card), check))
             })
             .await
             .map_err(|e| ServerError::Config(format!("engine check task failed: {e}")))??;
             tracing::info!(engine = %config.engine, ?check, "inference engine checked");
             let probe = EngineProbe {
-                url: url.clone(),
+                kind,
+                url: url.to_string(),
                 card: card.clone(),
                 timeout,
             };
@@ -83,15 +84,19 @@ impl Server {
                 llm,
                 Some(probe.clone()),
                 move |settings, metrics| {
-                    let eos = card.tokenizer.eos_ids().first().copied().unwrap_or(0);
-                    let engine =
-                        LlamaServer::new(&probe.url, &check, eos, timeout, metrics.clone());
-                    WorkerPool::start(
-                        Arc::new(engine),
-                        card.tokenizer.eos_ids(),
-                        settings,
-                        metrics,
-                    )
+                    let eos_ids = card.tokenizer.eos_ids();
+                    match kind {
+                        RemoteKind::LlamaServer => {
+                            let eos = eos_ids.first().copied().unwrap_or(0);
+                            let engine =
+                                LlamaServer::new(&probe.url, &check, eos, timeout, metrics.clone());
+                            WorkerPool::start(Arc::new(engine), eos_ids, settings, metrics)
+                        }
+                        RemoteKind::Vllm => {
+                            let engine = Vllm::new(&probe.url, &check, timeout, metrics.clone());
+                            WorkerPool::start(Arc::new(engine), eos_ids, settings, metrics)
+                        }
+                    }
                 },
             )
             .await;

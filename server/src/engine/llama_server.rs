@@ -34,21 +34,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use uhlm_core::protocol::{ErrorCode, ErrorMessage};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into};
 use uhlm_core::verify_partial::PartialTarget;
 use uhlm_model::ModelCard;
 
-use super::{Engine, EngineError, EngineSession, ScoreItem, Target, Wanted};
+use super::remote::{
+    PROBE_TEXT, RemoteSession, agent, all_at_once, clip, get_json, post_json, read_body, score_all,
+};
+use super::{Engine, EngineCheck, EngineError, ScoreItem, Target, Wanted};
 use crate::metrics::Metrics;
-
-/// Largest response accepted: one prompt's full-vocabulary answer is about 10 MB of JSON on a
-/// 150k vocabulary, and a chain carries up to `max_chain_links + 1` of them.
-const MAX_RESPONSE_BYTES: u64 = 2 << 30;
-
-/// Text whose tokenization the engine must agree on (words, digits, code, non-Latin script,
-/// spaces and newlines: the pre-tokenizer's cases).
-const PROBE_TEXT: &str = "Hello world! def f(x):\n    return x * 42  # ok\n\tÜber 東京 ß 🙂 0.5e-3";
 
 /// A running `llama-server` serving the same GGUF as the gateway's model card.
 pub(crate) struct LlamaServer {
@@ -58,25 +52,6 @@ pub(crate) struct LlamaServer {
     /// The token the engine's own (unused) sample is biased to.
     eos: u32,
     metrics: Arc<Metrics>,
-}
-
-/// What the start-up check learned about the engine.
-#[derive(Clone, Debug)]
-pub struct EngineCheck {
-    /// Width of the engine's logits.
-    pub n_vocab: usize,
-    /// Sequences the engine runs at once (`--parallel`).
-    pub slots: usize,
-    /// The model file the engine loaded, as it reports it.
-    pub model_path: String,
-}
-
-fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .build()
-        .into()
 }
 
 /// Checks that the engine at `url` serves `card`'s vocabulary: the same number of logits,
@@ -145,99 +120,10 @@ pub fn check_llama_server(
     }
     Ok(EngineCheck {
         n_vocab,
-        slots: props["total_slots"].as_u64().unwrap_or(1) as usize,
-        model_path: props["model_path"].as_str().unwrap_or_default().to_string(),
+        slots: props["total_slots"].as_u64().map(|n| n as usize),
+        model: props["model_path"].as_str().unwrap_or_default().to_string(),
+        asks_tokens: false,
     })
-}
-
-/// The check [`check_llama_server`] runs at start-up, run again as each device connects, so
-/// that an engine restarted on another model is caught before a device drafts against it.
-#[derive(Clone)]
-pub(crate) struct EngineProbe {
-    pub url: String,
-    pub card: Arc<ModelCard>,
-    pub timeout: Duration,
-}
-
-impl EngineProbe {
-    /// The check's outcome as the `Error` a device gets: `VocabularyMismatch` for another
-    /// vocabulary, `Internal` for an engine that cannot be asked.
-    pub async fn check(&self) -> Result<(), ErrorMessage> {
-        let probe = self.clone();
-        let checked = tokio::task::spawn_blocking(move || {
-            check_llama_server(&probe.url, &probe.card, probe.timeout)
-        })
-        .await;
-        match checked {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e @ EngineError::Vocabulary { .. })) => Err(ErrorMessage::new(
-                ErrorCode::VocabularyMismatch,
-                e.to_string(),
-            )),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "inference engine check failed");
-                Err(ErrorMessage::new(
-                    ErrorCode::Internal,
-                    "the server's inference engine is unavailable",
-                ))
-            }
-            Err(_) => Err(ErrorMessage::new(
-                ErrorCode::Internal,
-                "the inference engine check failed",
-            )),
-        }
-    }
-}
-
-fn get_json(agent: &ureq::Agent, url: &str) -> Result<serde_json::Value, String> {
-    let resp = agent
-        .get(url)
-        .call()
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    read_json(resp, url)
-}
-
-fn post_json(
-    agent: &ureq::Agent,
-    url: &str,
-    body: &serde_json::Value,
-) -> Result<serde_json::Value, String> {
-    let resp = agent
-        .post(url)
-        .send_json(body)
-        .map_err(|e| format!("POST {url}: {e}"))?;
-    read_json(resp, url)
-}
-
-/// An answer's status and body (up to [`MAX_RESPONSE_BYTES`]).
-fn read_body(
-    mut resp: ureq::http::Response<ureq::Body>,
-) -> Result<(ureq::http::StatusCode, String), String> {
-    let status = resp.status();
-    let text = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_RESPONSE_BYTES)
-        .read_to_string()
-        .map_err(|e| format!("reading the answer: {e}"))?;
-    Ok((status, text))
-}
-
-fn read_json(
-    resp: ureq::http::Response<ureq::Body>,
-    url: &str,
-) -> Result<serde_json::Value, String> {
-    let (status, text) = read_body(resp).map_err(|e| format!("{url}: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("{url}: HTTP {status}: {}", clip(&text)));
-    }
-    serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON ({e}): {}", clip(&text)))
-}
-
-/// The start of an answer, for an error message.
-fn clip(text: &str) -> &str {
-    let end = text.char_indices().nth(300).map_or(text.len(), |(i, _)| i);
-    &text[..end]
 }
 
 impl LlamaServer {
@@ -264,24 +150,6 @@ impl LlamaServer {
             url: self.url.clone(),
             reason: reason.into(),
         }
-    }
-
-    /// Runs every request on a thread of its own and waits for all: the engine batches what
-    /// arrives together across its slots.
-    fn all_at_once<T: Send>(
-        &self,
-        requests: impl Iterator<Item = impl FnOnce() -> Result<T, EngineError> + Send>,
-    ) -> Vec<Result<T, EngineError>> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = requests.map(|r| s.spawn(r)).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(self.remote("the request thread panicked")))
-                })
-                .collect()
-        })
     }
 
     /// Sends one `/completion` request (one prompt, one predicted token) and reads its answer.
@@ -468,7 +336,7 @@ impl LlamaServer {
             let prompt = &full[..end];
             move || self.target(prompt, item.sampling, seed, id_slot)
         });
-        let answers = self.all_at_once(requests);
+        let answers = all_at_once(requests, || self.remote("the request thread panicked"));
         let mut targets = Vec::with_capacity(answers.len());
         let mut slot = None;
         for answer in answers {
@@ -575,31 +443,6 @@ fn answer_logits(answer: &Completion, row: &mut [f32]) -> Result<(), String> {
     Ok(())
 }
 
-/// A session's context as the engine was last given it; its KV is in the engine's cache.
-pub(crate) struct RemoteSession {
-    tokens: Vec<u32>,
-    /// The engine's slot that last held this context.
-    slot: Option<i64>,
-}
-
-impl EngineSession for RemoteSession {
-    fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    fn truncate(&mut self, len: usize) {
-        self.tokens.truncate(len);
-    }
-
-    fn reset(&mut self) {
-        self.tokens.clear();
-    }
-
-    fn kv_cache_bytes(&self) -> usize {
-        self.tokens.capacity() * std::mem::size_of::<u32>()
-    }
-}
-
 impl Engine for LlamaServer {
     type Session = RemoteSession;
 
@@ -608,10 +451,7 @@ impl Engine for LlamaServer {
     }
 
     fn session(&self) -> RemoteSession {
-        RemoteSession {
-            tokens: Vec::new(),
-            slot: None,
-        }
+        RemoteSession::new()
     }
 
     /// Every item's requests at once, so that the engine batches them across its slots.
@@ -619,9 +459,11 @@ impl Engine for LlamaServer {
         &self,
         items: &mut [ScoreItem<'_, RemoteSession>],
     ) -> Result<Vec<Vec<Target>>, EngineError> {
-        let results = self.all_at_once(items.iter().map(|item| move || self.score_one(item)));
-        // All or nothing: no session advances unless every item was scored.
-        let results: Vec<Scored> = results.into_iter().collect::<Result<_, _>>()?;
+        let results = score_all(
+            items,
+            |item| self.score_one(item),
+            || self.remote("the request thread panicked"),
+        )?;
         Ok(items
             .iter_mut()
             .zip(results)
@@ -637,9 +479,7 @@ impl Engine for LlamaServer {
 
     fn logits_at(&self, session: &RemoteSession, len: usize) -> Result<Vec<f32>, EngineError> {
         let prompt = session
-            .tokens
-            .get(..len)
-            .filter(|p| !p.is_empty())
+            .prefix(len)
             .ok_or_else(|| self.remote("no context to score"))?;
         Ok(self.full(prompt, session.slot.unwrap_or(-1))?.0)
     }
@@ -655,9 +495,7 @@ impl Engine for LlamaServer {
         seed: u32,
     ) -> Result<Vec<(u32, f32)>, EngineError> {
         let prompt = session
-            .tokens
-            .get(..len)
-            .filter(|p| !p.is_empty())
+            .prefix(len)
             .ok_or_else(|| self.remote("no context to draw after"))?;
         let slot = session.slot.unwrap_or(-1);
         let (drawn, _) = self.sample(prompt, sampling, seed, 1, slot)?;

@@ -50,6 +50,8 @@ struct Row {
     /// (for engines that sample; set when the pass runs).
     sampling: SamplingOptions,
     seeds: Vec<u32>,
+    /// Per wanted row, the device's draft there (empty: none), for engines asked about it.
+    drafts: Vec<Option<u32>>,
 }
 
 impl Row {
@@ -79,6 +81,7 @@ impl Row {
             wanted: self.wanted(),
             sampling: &self.sampling,
             seeds: &self.seeds,
+            drafts: &self.drafts,
         }
     }
 }
@@ -216,10 +219,14 @@ impl<E: Engine> Worker<E> {
         };
         let mut tokens = std::mem::take(&mut entry.pending);
         tokens.extend_from_slice(&inputs);
+        let drafts = std::iter::once(verify.draft.as_ref().map(|d| d.token))
+            .chain(verify.chain.iter().map(|l| Some(l.draft.token)))
+            .collect();
         plan.push(Row {
             key,
             tokens,
             outputs,
+            drafts,
             work: Work::Verify {
                 verify,
                 q,
@@ -276,6 +283,7 @@ impl<E: Engine> Worker<E> {
                 work: Work::Generate(s),
                 sampling: SamplingOptions::default(),
                 seeds: Vec::new(),
+                drafts: Vec::new(),
             });
         }
         self.streams = waiting;
@@ -355,6 +363,7 @@ impl<E: Engine> Worker<E> {
                 work: Work::CatchUp,
                 sampling: SamplingOptions::default(),
                 seeds: Vec::new(),
+                drafts: Vec::new(),
             });
         }
         self.catching_up = waiting;

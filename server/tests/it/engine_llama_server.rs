@@ -217,7 +217,7 @@ fn engine_outcomes(engine: &LlamaServerProc, prompt: &[u32], eos: u32) -> HashMa
 
 /// The toy LLM and its 4-bit copy as the draft (one that differs from the LLM, so drafts are
 /// rejected and the residual decides many tokens), in `dir`.
-fn toy_pair_files(dir: &Path) -> (PathBuf, PathBuf) {
+pub fn toy_pair_files(dir: &Path) -> (PathBuf, PathBuf) {
     let (llm, slm) = (dir.join("llm.gguf"), dir.join("slm.gguf"));
     // llama.cpp names GPT-2's pre-tokenizer "default".
     let pre = [("tokenizer.ggml.pre", Value::String("default".into()))];
@@ -262,7 +262,11 @@ impl ToyRig {
 }
 
 /// One generation from `prompt`, its events recorded and dropped.
-fn generate(phone: &HybridEngine, prompt: &str, options: &GenerationOptions) -> GenerationSummary {
+pub fn generate(
+    phone: &HybridEngine,
+    prompt: &str,
+    options: &GenerationOptions,
+) -> GenerationSummary {
     phone
         .generate_blocking(
             Prompt::Text(prompt.into()),
@@ -463,48 +467,37 @@ fn an_engine_serving_another_vocabulary_is_refused_at_start() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("keys.txt"), format!("{API_KEY}\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_uhlm-server"))
-        .args([
-            "--model",
-            llm_path(),
-            "--listen",
-            "127.0.0.1:0",
-            "--self-signed",
-        ])
-        .arg("--cert-dir")
-        .arg(dir.path())
-        .arg("--api-keys")
-        .arg(dir.path().join("keys.txt"))
-        .args(["--engine", "llama-server", &engine.url])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_at_start(dir.path(), llm_path(), &["llama-server", &engine.url]);
     assert!(
         stderr.contains("serves another vocabulary") && stderr.contains("logits"),
         "{stderr}"
     );
     // And an engine that is not there at all.
-    let out = Command::new(env!("CARGO_BIN_EXE_uhlm-server"))
-        .args([
-            "--model",
-            llm_path(),
-            "--listen",
-            "127.0.0.1:0",
-            "--self-signed",
-        ])
-        .arg("--cert-dir")
-        .arg(dir.path())
-        .arg("--api-keys")
-        .arg(dir.path().join("keys.txt"))
-        .args(["--engine", "llama-server", "http://127.0.0.1:9"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_at_start(
+        dir.path(),
+        llm_path(),
+        &["llama-server", "http://127.0.0.1:9"],
+    );
     assert!(
         stderr.contains("the inference engine at http://127.0.0.1:9 failed"),
         "{stderr}"
     );
+}
+
+/// A gateway started on `model` with `--engine ENGINE...` (keys and certificate in `dir`),
+/// which must refuse to start: its stderr.
+pub fn refused_at_start(dir: &Path, model: &str, engine: &[&str]) -> String {
+    std::fs::write(dir.join("keys.txt"), format!("{API_KEY}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_uhlm-server"))
+        .args(["--model", model, "--listen", "127.0.0.1:0", "--self-signed"])
+        .arg("--cert-dir")
+        .arg(dir)
+        .arg("--api-keys")
+        .arg(dir.join("keys.txt"))
+        .arg("--engine")
+        .args(engine)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the gateway started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -10,6 +10,7 @@ mod e2e_llm;
 mod e2e_offline;
 mod e2e_pipeline;
 mod engine_llama_server;
+mod engine_vllm;
 #[path = "../../../rust/model/tests/runtime_support/mod.rs"]
 mod runtime_support;
 mod server_fairness;
