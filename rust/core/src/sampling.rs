@@ -11,11 +11,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::fast_exp;
 
+/// Temperatures below this are greedy: dividing logits by a subnormal temperature overflows
+/// (1e-45 made every probability NaN and picked token 0), and long before that the softmax is
+/// an argmax in `f32`. vLLM draws the same line.
+pub const GREEDY_BELOW: f32 = 1e-5;
+
 /// Sampling options shared by every mode, the CLI, the FFI and the wire protocol.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SamplingOptions {
-    /// Softmax temperature; `0.0` means greedy (argmax, ties to the lowest id).
+    /// Softmax temperature; `0.0` (anything below [`GREEDY_BELOW`]) means greedy (argmax,
+    /// ties to the lowest id).
     pub temperature: f32,
     /// Keep only the `k` most likely tokens (`None`: no limit).
     pub top_k: Option<u32>,
@@ -45,6 +51,11 @@ impl Default for SamplingOptions {
 }
 
 impl SamplingOptions {
+    /// Whether these options pick the most likely token (see [`GREEDY_BELOW`]).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_BELOW
+    }
+
     /// Greedy decoding with `max_tokens` tokens.
     pub fn greedy(max_tokens: u32) -> Self {
         Self {
@@ -136,7 +147,7 @@ pub fn probabilities_into(
     let Some(best) = argmax(logits) else {
         return false;
     };
-    if opts.temperature <= 0.0 || !logits[best as usize].is_finite() {
+    if opts.is_greedy() || !logits[best as usize].is_finite() {
         out[best as usize] = 1.0;
         return true;
     }
@@ -254,6 +265,28 @@ mod tests {
     fn greedy_is_one_hot_with_ties_to_lowest_id() {
         let p = probs(&[1.0, 3.0, 3.0, -2.0], &SamplingOptions::greedy(1));
         assert_eq!(p, vec![0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_subnormal_temperature_is_greedy() {
+        let logits = [0.5f32, 3.0, 2.9, -1.0];
+        let (mut probs, mut scratch) = (Vec::new(), Vec::new());
+        for t in [1e-45f32, 1e-30, 1e-6] {
+            let opts = SamplingOptions {
+                temperature: t,
+                ..SamplingOptions::default()
+            };
+            assert!(opts.is_greedy());
+            assert!(probabilities_into(&logits, &opts, &mut probs, &mut scratch));
+            assert_eq!(probs, [0.0, 1.0, 0.0, 0.0], "temperature {t}");
+        }
+        let warm = SamplingOptions {
+            temperature: 1e-4,
+            ..SamplingOptions::default()
+        };
+        assert!(!warm.is_greedy());
+        assert!(probabilities_into(&logits, &warm, &mut probs, &mut scratch));
+        assert!(probs.iter().all(|p| p.is_finite()));
     }
 
     #[test]

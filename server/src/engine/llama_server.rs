@@ -228,7 +228,7 @@ impl LlamaServer {
         body["n_probs"] = json!(n_probs);
         body["post_sampling_probs"] = json!(true);
         body["seed"] = json!(seed);
-        if sampling.temperature <= 0.0 {
+        if sampling.is_greedy() {
             body["temperature"] = json!(0.0);
             body["samplers"] = json!(["temperature"]);
         } else {
@@ -279,7 +279,7 @@ impl LlamaServer {
         if same_semantics {
             let (drawn, slot) = self.sample(prompt, sampling, seed, KNOWN_TOKENS, id_slot)?;
             if let Some(prob) = drawn.prob {
-                let target = if sampling.temperature <= 0.0 {
+                let target = if sampling.is_greedy() {
                     // Greedy: all of p is on the engine's argmax.
                     PartialTarget {
                         known: vec![(drawn.token, 1.0)],

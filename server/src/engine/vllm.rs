@@ -285,7 +285,7 @@ impl Vllm {
         let mut body = self.base_body(prompt);
         body["seed"] = json!(seed);
         body["logprobs"] = json!(0);
-        if sampling.temperature <= 0.0 {
+        if sampling.is_greedy() {
             body["temperature"] = json!(0.0);
         } else {
             body["temperature"] = json!(sampling.temperature);
@@ -335,7 +335,7 @@ impl Vllm {
         seed: u32,
         draft: Option<u32>,
     ) -> Result<Target, EngineError> {
-        let greedy = sampling.temperature <= 0.0;
+        let greedy = sampling.is_greedy();
         let same_semantics = !(sampling.top_k.is_some() && sampling.top_p.is_some());
         let asked_is_exact = same_semantics && self.asks_tokens;
         if !greedy && !asked_is_exact {

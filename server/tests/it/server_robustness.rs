@@ -185,6 +185,21 @@ async fn invalid_requests_get_typed_errors() {
         panic!("expected an error")
     };
     assert_eq!((e.code, e.seq), (ErrorCode::InvalidRequest, Some(6)));
+
+    // A generation of no token: said in words, not as a wrong phase.
+    let mut s = client.session().await;
+    s.send(start(4, &[1, 2, 3])).await;
+    assert!(matches!(s.recv().await, Some(Message::Started(_))));
+    s.send(uhlm_core::protocol::Generate {
+        seq: 7,
+        max_tokens: 0,
+    })
+    .await;
+    let Some(Message::Error(e)) = s.recv().await else {
+        panic!("expected an error")
+    };
+    assert_eq!((e.code, e.seq), (ErrorCode::InvalidRequest, Some(7)));
+    assert_eq!(e.message, "Generate.max_tokens must be at least 1");
     server.shutdown().await;
 }
 
