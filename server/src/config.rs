@@ -76,22 +76,21 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// Most tokens one forward pass scores over all its sessions (verified positions, their
     /// skipped tokens, generation steps, catch-up chunks); the rest waits for the next pass.
-    /// Catching up always gets a chunk per pass on top (cut to `pass_target` where one is
-    /// set), so it cannot starve.
+    /// Catching up always gets a chunk per pass on top (cut to `pass_target`), so it cannot
+    /// starve.
     pub max_batch_tokens: usize,
     /// Most context tokens one forward pass scores when catching a session up (a new prompt, a
     /// resync): longer contexts are scored a chunk per turn of the worker, between other
     /// sessions' requests, so a long prompt delays them by at most one chunk.
     pub prefill_chunk_tokens: usize,
-    /// How long a forward pass that catches a session up should take: its chunk is cut to
-    /// fit, from the measured cost of recent passes (at least 16 tokens, so catching up never
+    /// How long a forward pass that catches a session up may take: its chunk is cut to fit,
+    /// from the measured cost of recent passes (at least 16 tokens, so catching up never
     /// stops). Every `Verify` waits for the pass in progress, so this, not the chunk's token
-    /// count, is what a long prompt costs the other devices. Zero (the default): chunks of
-    /// `prefill_chunk_tokens` whatever they cost. Off by default because where a pass's cost
-    /// is mostly fixed (the fault campaign's two shared cores: 0.63 s for 31 tokens) cutting
-    /// chunks saves the others little and slows long prompts (docs/RELIABILITY.md run 8).
-    #[serde(with = "humantime_serde")]
-    pub pass_target: Duration,
+    /// count, is what a long prompt costs the other devices. `auto` (the default): twice what
+    /// a pass of one token costs on this model and this machine, as measured (see
+    /// [`PassTarget::Auto`]); a duration: that; `0s`: chunks of `prefill_chunk_tokens`
+    /// whatever they cost (throughput first).
+    pub pass_target: PassTarget,
     /// Model worker threads; sessions are spread over them and stay on theirs.
     pub workers: usize,
     /// Threads for candle's matmul kernels (process-wide; `None`: candle's default).
@@ -109,6 +108,68 @@ pub struct ServerConfig {
     /// device goes on alone.
     #[serde(with = "humantime_serde")]
     pub engine_timeout: Duration,
+}
+
+/// What a forward pass carrying catch-up chunks is sized to (see [`ServerConfig::pass_target`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum PassTarget {
+    /// [`AUTO_PASS_MULTIPLE`] times the measured cost of a one-token pass (a decode step):
+    /// catch-up at most doubles the pass a waiting `Verify` or stream token sits behind. Where
+    /// a pass's cost is mostly fixed (a GPU, or a CPU shared with other work) that still holds
+    /// large chunks, and cutting them would save the others little; where every token costs
+    /// its share (a CPU running the model alone) chunks become short.
+    #[default]
+    Auto,
+    /// This long.
+    Fixed(Duration),
+    /// Chunks of `prefill_chunk_tokens`, whatever they cost: throughput first.
+    Off,
+}
+
+/// How many one-token passes' worth of time an automatic pass target allows.
+pub const AUTO_PASS_MULTIPLE: f64 = 2.0;
+
+impl std::str::FromStr for PassTarget {
+    type Err = String;
+
+    /// `auto`, `0s` (or `0`, `off`), or a duration such as `150ms`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "0" | "off" => Ok(Self::Off),
+            d => match humantime::parse_duration(d) {
+                Ok(d) if d.is_zero() => Ok(Self::Off),
+                Ok(d) => Ok(Self::Fixed(d)),
+                Err(e) => Err(format!(
+                    "pass target {d:?}: {e} (use auto, 0s or a duration such as 150ms)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for PassTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(d) => write!(f, "{}", humantime::format_duration(*d)),
+            Self::Off => f.write_str("0s"),
+        }
+    }
+}
+
+impl TryFrom<String> for PassTarget {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<PassTarget> for String {
+    fn from(t: PassTarget) -> String {
+        t.to_string()
+    }
 }
 
 /// Which engine runs the LLM (see [`ServerConfig::engine`]).
@@ -211,7 +272,7 @@ impl Default for ServerConfig {
             max_batch: 64,
             max_batch_tokens: 256,
             prefill_chunk_tokens: 128,
-            pass_target: Duration::ZERO,
+            pass_target: PassTarget::Auto,
             workers: 1,
             kernel_threads: None,
             device: Device::Cpu,
@@ -402,9 +463,10 @@ pub struct ServerArgs {
     /// Most context tokens per forward pass when catching a session up.
     #[arg(long)]
     pub prefill_chunk_tokens: Option<usize>,
-    /// Duration a catching-up forward pass is sized to, e.g. `250ms` (default `0s`: by tokens).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub pass_target: Option<Duration>,
+    /// Duration a catching-up forward pass is sized to: `auto` (default: twice a one-token
+    /// pass, measured), a duration such as `150ms`, or `0s` (chunks by tokens only).
+    #[arg(long)]
+    pub pass_target: Option<PassTarget>,
     /// Model worker threads.
     #[arg(long)]
     pub workers: Option<usize>,
@@ -544,6 +606,22 @@ mod tests {
             .err()
             .expect("--device cuda was accepted");
         assert!(e.to_string().contains("no CUDA support"), "{e}");
+    }
+
+    #[test]
+    fn the_pass_target_is_automatic_unless_set() {
+        assert_eq!(ServerConfig::default().pass_target, PassTarget::Auto);
+        for (text, target) in [
+            ("auto", PassTarget::Auto),
+            ("0s", PassTarget::Off),
+            ("0", PassTarget::Off),
+            ("150ms", PassTarget::Fixed(Duration::from_millis(150))),
+        ] {
+            let c: ServerConfig = toml::from_str(&format!("pass_target = \"{text}\"")).unwrap();
+            assert_eq!(c.pass_target, target, "{text}");
+            assert_eq!(target.to_string().parse::<PassTarget>(), Ok(target));
+        }
+        assert!(toml::from_str::<ServerConfig>("pass_target = \"soon\"").is_err());
     }
 
     #[test]

@@ -31,7 +31,7 @@ mod session;
 mod tls;
 mod worker;
 
-pub use config::{EngineChoice, ServerArgs, ServerConfig};
+pub use config::{EngineChoice, PassTarget, ServerArgs, ServerConfig};
 pub use engine::{EngineCheck, EngineError, RemoteKind, check_engine};
 pub use error::ServerError;
 pub use server::{Server, ServerHandle};

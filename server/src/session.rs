@@ -19,7 +19,7 @@ use uhlm_core::protocol::{
 use crate::auth::KeyId;
 use crate::key_quota::Held;
 use crate::server::Shared;
-use crate::worker::{Failure, GenEvent, Job, SessionKey};
+use crate::worker::{Failure, GenEvent, Job, SessionKey, VerdictReply};
 
 /// How long a finished stream waits for the peer to acknowledge its last frames.
 const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -425,7 +425,7 @@ async fn handle_verify(shared: &Arc<Shared>, key: SessionKey, key_id: KeyId, v: 
         .call(|reply| Job::Verify {
             key,
             verify: v,
-            reply,
+            reply: VerdictReply::new(reply),
         })
         .await;
     shared

@@ -15,6 +15,7 @@
 //! recently used sessions outside the current pass lose their cache; their next `Verify` is
 //! answered `NeedResync`.
 
+use crate::config::PassTarget;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
@@ -25,7 +26,9 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc as async_mpsc, oneshot};
-use uhlm_core::protocol::{ErrorCode, ErrorMessage, FinishReason, Generate, Verdict, Verify};
+use uhlm_core::protocol::{
+    Acceptance, ErrorCode, ErrorMessage, FinishReason, Generate, Verdict, Verify,
+};
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_model::ModelError;
 
@@ -60,7 +63,7 @@ pub(crate) enum Job {
     Verify {
         key: SessionKey,
         verify: Verify,
-        reply: oneshot::Sender<Result<Verdict, Failure>>,
+        reply: VerdictReply,
     },
     /// Starts sampling tokens after the session's context, streamed through `events`.
     Generate {
@@ -138,8 +141,8 @@ pub(crate) struct WorkerSettings {
     pub max_chain_links: usize,
     /// Most context tokens per forward pass when catching a session up.
     pub prefill_chunk: usize,
-    /// Duration a forward pass is sized to when catching up (zero: by tokens only).
-    pub pass_target: Duration,
+    /// What a forward pass is sized to when catching up.
+    pub pass_target: PassTarget,
 }
 
 /// Estimated KV-cache bytes per context token: keys and values, f32, every layer.
@@ -252,8 +255,39 @@ struct Entry<S> {
     deferred: Option<(Verify, VerdictReply)>,
 }
 
-/// Where a `Verify`'s answer goes.
-type VerdictReply = oneshot::Sender<Result<Verdict, Failure>>;
+/// Where a `Verify`'s answer goes, with the links of its chain already accepted in earlier
+/// passes (a long chain is decided a part at a time: see `forward::plan_verify`).
+pub(crate) struct VerdictReply {
+    tx: oneshot::Sender<Result<Verdict, Failure>>,
+    /// The chain's links accepted in earlier passes, before the ones this part decides.
+    earlier: Vec<Acceptance>,
+}
+
+impl VerdictReply {
+    pub fn new(tx: oneshot::Sender<Result<Verdict, Failure>>) -> Self {
+        Self {
+            tx,
+            earlier: Vec::new(),
+        }
+    }
+
+    /// Answers the device: the verdict's links follow the ones accepted before.
+    fn send(self, mut r: Result<Verdict, Failure>) -> Result<(), Result<Verdict, Failure>> {
+        if let Ok(v) = &mut r
+            && !self.earlier.is_empty()
+        {
+            let mut links = self.earlier;
+            links.append(&mut v.accepted_links);
+            v.accepted_links = links;
+        }
+        self.tx.send(r)
+    }
+
+    /// Whether the device stopped waiting (timed out, reset the stream, lost the connection).
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
 
 struct Worker<E: Engine> {
     engine: Arc<E>,
@@ -345,7 +379,7 @@ impl<E: Engine> Worker<E> {
             }
             self.plan_generations(&mut plan);
             // Catching up gets a share of every pass however full it is, so it never starves;
-            // it costs the others one chunk a pass (cut to `pass_target` where one is set).
+            // it costs the others one chunk a pass (cut to `pass_target`).
             self.plan_catch_ups(&mut plan);
             // Every session with work in this pass or waiting for the next.
             let mut busy: HashSet<SessionKey> = plan.keys().chain(held_keys).collect();

@@ -60,9 +60,9 @@ pub struct SoakArgs {
     #[arg(long)]
     kernel_threads: Option<usize>,
     /// How long a forward pass that carries catch-up chunks may take (`uhlm serve
-    /// --pass-target`; `0s`: passes sized by tokens only).
-    #[arg(long, default_value = "150ms")]
-    pass_target: String,
+    /// --pass-target`; `0s`: passes sized by tokens only). Unset: the server's default.
+    #[arg(long)]
+    pass_target: Option<String>,
     /// Devices replay the logits their draft model computed once for each context they reach,
     /// one token every this many milliseconds (`uhlm loadgen --replay-token-ms`); 0: every
     /// device runs its draft model for every token. The campaign measures the server, and 64
@@ -96,7 +96,7 @@ impl SoakArgs {
             margin: 256 << 20,
             out: PathBuf::from("target/soak-short"),
             kernel_threads: None,
-            pass_target: "0s".into(),
+            pass_target: None,
             // Four devices leave the server its cores: the short form runs the real models.
             device_token_ms: 0.0,
             warm_up: "0s".into(),
@@ -284,11 +284,14 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
         &metrics_addr,
         "--kv-memory-budget-bytes",
         &args.kv_budget.to_string(),
-        "--pass-target",
-        &args.pass_target,
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        args.pass_target
+            .iter()
+            .flat_map(|t| ["--pass-target".to_string(), t.clone()]),
+    )
     .chain(
         threads
             .iter()
@@ -443,7 +446,7 @@ pub fn soak(mut args: SoakArgs) -> Result<()> {
     let summary = serde_json::json!({
         "devices": args.devices,
         "kernel_threads": args.kernel_threads,
-        "pass_target": args.pass_target,
+        "pass_target": args.pass_target.as_deref().unwrap_or("default"),
         "device_token_ms": args.device_token_ms,
         "duration": args.duration,
         "warm_up": args.warm_up,

@@ -75,6 +75,10 @@ pub struct CapacityArgs {
     /// The device traces are recorded on the embedded engine either way.
     #[arg(long, default_value = "embedded", value_parser = ["embedded", "llama-server"])]
     engine: String,
+    /// The server's `--pass-target` (unset: its default, `auto`); `0s` sizes passes by tokens
+    /// only, the scheduling before issue 39.
+    #[arg(long)]
+    pass_target: Option<String>,
     #[arg(long, default_value = "bench-capacity")]
     out: PathBuf,
     /// Print the report as one JSON object.
@@ -108,6 +112,9 @@ pub struct Point {
     pub server_decided_per_s: f64,
     /// A device's wait per server-decided token, ms.
     pub wait_ms: Percentiles,
+    /// From a generation's `Start` to its first token, ms (uhlm: committed on the device or
+    /// by a verdict; LLM-only: streamed).
+    pub ttft_ms: Percentiles,
     pub sessions_per_pass: f64,
     pub passes_per_token: f64,
     /// CPU and peak memory of the server's processes: the gateway, and its engine where one
@@ -207,6 +214,9 @@ fn serve_command(
         .args(["--device", &args.device.to_string()]);
     if let Some(t) = args.threads {
         serve.arg("--kernel-threads").arg(t.to_string());
+    }
+    if let Some(t) = &args.pass_target {
+        serve.args(["--pass-target", t]);
     }
     if metrics {
         serve.args(["--metrics", "127.0.0.1:0"]);
@@ -325,6 +335,7 @@ struct Counts {
     generated: u64,
     server_decided: u64,
     waits_ms: Vec<f64>,
+    ttfts_ms: Vec<f64>,
 }
 
 fn measure_point(
@@ -415,6 +426,7 @@ fn measure_point(
         generated_per_s: counts.generated as f64 / seconds,
         server_decided_per_s: counts.server_decided as f64 / seconds,
         wait_ms: Percentiles::of(counts.waits_ms),
+        ttft_ms: Percentiles::of(counts.ttfts_ms),
         sessions_per_pass: batch_sum / passes.max(1.0),
         passes_per_token: per_token(passes),
         server_cpu_s_per_token: per_token(cpu),
@@ -457,9 +469,11 @@ async fn replay_one(
     pace: Duration,
     counts: &Mutex<Counts>,
 ) -> Result<()> {
+    let opened = Instant::now();
     let mut s = open(client, session_id, trace).await?;
     let mut verifies = trace.verifies.iter().peekable();
     let (mut decided, mut waits) = (0u64, Vec::new());
+    let mut ttft = None;
     for k in 0..trace.tokens.len() {
         tokio::time::sleep(pace).await;
         let position = (trace.prompt.len() + k) as u32;
@@ -477,6 +491,7 @@ async fn replay_one(
             waits.push(sent.elapsed().as_secs_f64() * 1e3);
             decided += 1;
         }
+        ttft.get_or_insert(opened.elapsed().as_secs_f64() * 1e3);
     }
     ensure!(
         verifies.next().is_none(),
@@ -488,6 +503,7 @@ async fn replay_one(
     c.generated += trace.tokens.len() as u64;
     c.server_decided += decided;
     c.waits_ms.extend(waits);
+    c.ttfts_ms.extend(ttft);
     Ok(())
 }
 
@@ -498,6 +514,7 @@ async fn stream_one(
     trace: &Trace,
     counts: &Mutex<Counts>,
 ) -> Result<()> {
+    let opened = Instant::now();
     let mut s = open(client, session_id, trace).await?;
     s.send(&Message::Generate(Generate {
         seq: 0,
@@ -506,9 +523,11 @@ async fn stream_one(
     .await?;
     let (mut generated, mut waits) = (0u64, Vec::new());
     let mut last = Instant::now();
+    let mut ttft = None;
     loop {
         match s.recv().await? {
             Message::Tokens(t) => {
+                ttft.get_or_insert(opened.elapsed().as_secs_f64() * 1e3);
                 let gap = last.elapsed().as_secs_f64() * 1e3 / t.tokens.len().max(1) as f64;
                 waits.extend(std::iter::repeat_n(gap, t.tokens.len()));
                 generated += t.tokens.len() as u64;
@@ -524,6 +543,7 @@ async fn stream_one(
     c.generated += generated;
     c.server_decided += generated;
     c.waits_ms.extend(waits);
+    c.ttfts_ms.extend(ttft);
     Ok(())
 }
 
@@ -631,13 +651,13 @@ fn print_table(report: &CapacityReport, out: &mut impl Write) -> Result<()> {
     )?;
     writeln!(
         out,
-        "| system | devices | tokens/s | server-decided/s | wait p50/p95/p99 ms | sessions/pass | passes/token | server CPU s/token | peak RSS MiB |"
+        "| system | devices | tokens/s | server-decided/s | wait p50/p95/p99 ms | first token p50/p95 ms | sessions/pass | passes/token | server CPU s/token | peak RSS MiB |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
     for p in &report.points {
         writeln!(
             out,
-            "| {} | {} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} | {:.2} | {:.3} | {:.4} | {:.0} |",
+            "| {} | {} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.3} | {:.4} | {:.0} |",
             p.system,
             p.devices,
             p.generated_per_s,
@@ -645,6 +665,8 @@ fn print_table(report: &CapacityReport, out: &mut impl Write) -> Result<()> {
             p.wait_ms.p50,
             p.wait_ms.p95,
             p.wait_ms.p99,
+            p.ttft_ms.p50,
+            p.ttft_ms.p95,
             p.sessions_per_pass,
             p.passes_per_token,
             p.server_cpu_s_per_token,

@@ -157,8 +157,13 @@ pub fn verify<R: Rng + ?Sized>(
     })
 }
 
-/// Samples from `norm(max(0, p - q))` in two passes without allocating.
-fn sample_residual<R: Rng + ?Sized>(p: &[f32], q: &[f32], rng: &mut R) -> Result<u32, VerifyError> {
+/// Samples from `norm(max(0, p - q))` in two passes without allocating: the token a rejected
+/// draft is replaced by.
+pub fn sample_residual<R: Rng + ?Sized>(
+    p: &[f32],
+    q: &[f32],
+    rng: &mut R,
+) -> Result<u32, VerifyError> {
     let residual = |i: usize| (p[i] as f64 - q[i] as f64).max(0.0);
     let total: f64 = (0..p.len()).map(residual).sum();
     if total <= 0.0 {

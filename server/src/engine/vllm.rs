@@ -19,14 +19,15 @@
 //!   `y` with probability `max(0, 1 - q_y / p_y)`), asking for more samples
 //!   ([`Engine::draws_at`]) until one is kept. Tens of bytes of JSON per position.
 //! - **Whole** (where the asked answer is not exact: top-k and top-p both set, which vLLM
-//!   renormalises between and the SDK does not; or a vLLM that ignores `logprob_token_ids`,
-//!   which it took in July 2026, at every position): `logprobs` -1 at temperature 1, the
-//!   softmax of the raw logits for every id, to which the gateway applies the session's
-//!   sampling as the embedded engine does. Needs vLLM's `--max-logprobs -1`.
+//!   renormalises between and the SDK does not; a temperature vLLM does not sample at as
+//!   asked, above 2 or below 0.01; or a vLLM that ignores `logprob_token_ids`, which it took
+//!   in July 2026, at every position): as many log-probabilities as the vocabulary holds at
+//!   temperature 1, the softmax of the raw logits for every id, to which the gateway applies
+//!   the session's sampling as the embedded engine does. Needs vLLM's `--max-logprobs -1`.
 //!
 //! vLLM keeps each session's KV in its automatic prefix cache: a request re-computes only what
-//! it does not hold. Measured per request, where vLLM reports it
-//! (`--enable-prompt-tokens-details`): prompt tokens less cached ones.
+//! it does not hold. Measured per request: prompt tokens less the cached ones vLLM reports
+//! (with `--enable-prompt-tokens-details`; without it every prompt token counts).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +50,15 @@ use crate::metrics::Metrics;
 /// vLLM's own samples asked for at once when a residual needs more (in parallel requests,
 /// each with its own seed).
 const DRAWS_PER_ASK: usize = 4;
+
+/// The temperatures vLLM samples at as asked (`SamplingParams`: above 2 is refused, a
+/// positive one below 0.01 raised to it); others are applied here to a whole distribution.
+const VLLM_MIN_TEMPERATURE: f32 = 0.01;
+const VLLM_MAX_TEMPERATURE: f32 = 2.0;
+
+/// Tries for a whole distribution: vLLM answers a batch holding `logprob_token_ids` requests
+/// with those ids only, cutting short a whole request that ran in the same batch.
+const WHOLE_TRIES: usize = 3;
 
 /// How the token ids of vLLM's answers are written (`return_tokens_as_token_ids`).
 const TOKEN_ID_PREFIX: &str = "token_id:";
@@ -109,6 +119,12 @@ pub(super) fn check_vllm(
         serde_json::from_value(answer["tokens"].clone())
             .map_err(|e| remote(format!("/tokenize answered no token ids: {e}")))
     };
+    // Values above zero: vLLM reports logits, not log-probabilities.
+    let wrong_mode = |reason: String| {
+        remote(format!(
+            "{reason}: start vLLM with --logprobs-mode processed_logprobs"
+        ))
+    };
     let probe = tok
         .encode(PROBE_TEXT, false)
         .map_err(|e| remote(format!("cannot tokenize the probe text here: {e}")))?;
@@ -124,7 +140,29 @@ pub(super) fn check_vllm(
         model: model.clone(),
         asks_tokens: true,
     };
+    let engine = Vllm {
+        url: url.to_string(),
+        model: model.clone(),
+        agent: agent.clone(),
+        vocab_size: card.vocab_size,
+        asks_tokens: true,
+        metrics: Arc::new(Metrics::new()),
+    };
+    // A context any model holds: the probe text's first tokens.
+    let context = &probe[..probe.len().min(8)];
     if matches!(depth, Depth::Quick) {
+        // vLLM's top three there (if a busy batch hides them, the start-up check stands).
+        let mut body = engine.sample_body(context, &SamplingOptions::default(), 0);
+        body["temperature"] = json!(1.0);
+        body["logprobs"] = json!(3);
+        let top = engine.request(&body)?.first_top().map_err(wrong_mode)?;
+        let mut top: Vec<(u32, f32)> = top.into_iter().collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if let [(a, _), (b, lb), (c, lc), ..] = top[..]
+            && lb - lc > 1e-3
+        {
+            engine.check_processed(context, [a, b, c])?;
+        }
         return Ok(check);
     }
     // BOS and EOS, where the model defines them: their text is one special token to vLLM's
@@ -145,27 +183,17 @@ pub(super) fn check_vllm(
             )));
         }
     }
-    let engine = Vllm {
-        url: url.to_string(),
-        model: check.model.clone(),
-        agent,
-        vocab_size: card.vocab_size,
-        asks_tokens: false,
-        metrics: Arc::new(Metrics::new()),
-    };
-    // The whole vocabulary at temperature 1, after the probe text's first tokens (a context
-    // any model holds): every id exactly once, as wide as our logits.
-    let context = &probe[..probe.len().min(8)];
+    // The whole vocabulary at temperature 1: every id exactly once, as wide as our logits.
     let whole = engine
         .request(&engine.whole_body(context))
         .map_err(|e| match e {
             EngineError::Remote { reason, .. } if reason.contains("logprobs") => remote(format!(
                 "it refused the whole vocabulary's log-probabilities ({reason}); start vLLM with \
-             --max-logprobs -1"
+                 --max-logprobs -1"
             )),
             e => e,
         })?;
-    let listed = whole.first_top().map_err(remote)?;
+    let listed = whole.first_top().map_err(wrong_mode)?;
     if listed.len() != card.vocab_size {
         return Err(mismatch(format!(
             "{} log-probabilities, the server's model {} has {} logits",
@@ -196,41 +224,37 @@ pub(super) fn check_vllm(
         temperature: 0.5,
         ..SamplingOptions::default()
     };
+    let ids = [first, second, last];
     let mut body = engine.sample_body(context, &half, 0);
-    body["logprobs"] = json!(1);
-    body["logprob_token_ids"] = json!([first, second, last]);
-    let asked = engine.request(&body)?;
-    let reported = asked.first_top().map_err(remote)?;
-    match (
+    body["logprobs"] = json!(ids.len());
+    body["logprob_token_ids"] = json!(ids);
+    let reported = engine.request(&body)?.first_top().map_err(wrong_mode)?;
+    let (Some(a), Some(b), Some(_)) = (
         reported.get(&first),
         reported.get(&second),
         reported.get(&last),
-    ) {
-        (Some(a), Some(b), Some(_)) => {
-            let ratio = (a - b) / gap_at_one;
-            if (ratio - 1.0).abs() < 0.1 {
-                return Err(remote(
-                    "it reports raw log-probabilities, not those it samples from; start vLLM \
-                     with --logprobs-mode processed_logprobs"
-                        .into(),
-                ));
-            }
-            if (ratio - 2.0).abs() > 0.2 {
-                return Err(remote(format!(
-                    "its log-probabilities at temperature 1/2 are {ratio:.3} times as far \
-                     apart as at 1, not 2: they are not the distribution it samples from"
-                )));
-            }
-        }
-        _ => {
-            tracing::warn!(
-                url,
-                "this vLLM ignores logprob_token_ids: every position is verified against the \
-                 whole vocabulary (megabytes of JSON each); a vLLM from July 2026 on answers \
-                 in bytes"
-            );
-            check.asks_tokens = false;
-        }
+    ) else {
+        tracing::warn!(
+            url,
+            "this vLLM ignores logprob_token_ids: every position is verified against the \
+             whole vocabulary (megabytes of JSON each); a vLLM from July 2026 on answers \
+             in bytes"
+        );
+        check.asks_tokens = false;
+        return Ok(check);
+    };
+    let ratio = (a - b) / gap_at_one;
+    if (ratio - 2.0).abs() > 0.2 {
+        return Err(remote(format!(
+            "its log-probabilities at temperature 1/2 are {ratio:.3} times as far apart as \
+             at 1, not 2: they are not those it samples from; start vLLM with \
+             --logprobs-mode processed_logprobs"
+        )));
+    }
+    // Top-k, too, is in what it reports (where the second and third tokens do not tie).
+    let (a, b, c) = (order[0], order[1], order[2]);
+    if logits[b as usize] - logits[c as usize] > 1e-3 {
+        engine.check_processed(context, [a, b, c])?;
     }
     Ok(check)
 }
@@ -253,6 +277,36 @@ impl Vllm {
             url: self.url.clone(),
             reason: reason.into(),
         }
+    }
+
+    /// With top-k 2 after `context`, where `ids` are the three most likely tokens in order
+    /// (the third clearly below the second), the log-probabilities vLLM reports must be those it samples from: the top two
+    /// share all the mass, the third has none (vLLM's floor). Raw log-probabilities, or
+    /// processed logits, fail. A vLLM that ignores `logprob_token_ids` passes (it is then
+    /// asked for whole distributions at temperature 1 only).
+    fn check_processed(&self, context: &[u32], ids: [u32; 3]) -> Result<(), EngineError> {
+        let mut body = self.sample_body(context, &SamplingOptions::default(), 0);
+        body["temperature"] = json!(1.0);
+        body["top_k"] = json!(2);
+        body["logprobs"] = json!(ids.len());
+        body["logprob_token_ids"] = json!(ids);
+        let reported = self.request(&body)?.first_top().map_err(|e| {
+            self.remote(format!(
+                "{e}: start vLLM with --logprobs-mode processed_logprobs"
+            ))
+        })?;
+        let [Some(a), Some(b), Some(c)] = ids.map(|t| reported.get(&t).copied()) else {
+            return Ok(());
+        };
+        let kept = probability(a).unwrap_or(0.0) + probability(b).unwrap_or(0.0);
+        if c > LOGPROB_FLOOR || (kept - 1.0).abs() > 1e-3 {
+            return Err(self.remote(format!(
+                "with top-k 2 it reports log-probabilities {a}, {b}, {c} for its three most \
+                 likely tokens, not those it samples from; start vLLM with --logprobs-mode \
+                 processed_logprobs"
+            )));
+        }
+        Ok(())
     }
 
     /// One prompt, one predicted token, no penalty or filter beyond the ones set after.
@@ -295,13 +349,14 @@ impl Vllm {
         body
     }
 
-    /// Every token's log-probability after `prompt` at temperature 1.
+    /// Every token's log-probability after `prompt` at temperature 1. As many as the
+    /// vocabulary holds, not -1: vLLM's completion API answers -1 with no candidate at all.
     fn whole_body(&self, prompt: &[u32]) -> serde_json::Value {
         let mut body = self.sample_body(prompt, &SamplingOptions::default(), 0);
         body["temperature"] = json!(1.0);
         body["top_k"] = json!(0);
         body["top_p"] = json!(1.0);
-        body["logprobs"] = json!(-1);
+        body["logprobs"] = json!(self.vocab_size);
         body
     }
 
@@ -336,7 +391,12 @@ impl Vllm {
         draft: Option<u32>,
     ) -> Result<Target, EngineError> {
         let greedy = sampling.is_greedy();
-        let same_semantics = !(sampling.top_k.is_some() && sampling.top_p.is_some());
+        let top_k = sampling.top_k.filter(|&k| (k as usize) < self.vocab_size);
+        let top_p = sampling.top_p.filter(|&p| p < 1.0);
+        // vLLM renormalises between top-k and top-p (the SDK does not), refuses temperatures
+        // above 2 and raises those below 0.01 to 0.01.
+        let same_semantics = !(top_k.is_some() && top_p.is_some())
+            && (VLLM_MIN_TEMPERATURE..=VLLM_MAX_TEMPERATURE).contains(&sampling.temperature);
         let asked_is_exact = same_semantics && self.asks_tokens;
         if !greedy && !asked_is_exact {
             return Ok(Target::Logits(self.whole(prompt)?));
@@ -375,9 +435,18 @@ impl Vllm {
     /// The logits after `prompt`, up to a constant: every token's log-probability at
     /// temperature 1.
     fn whole(&self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.request(&self.whole_body(prompt))?
-            .logits(self.vocab_size)
-            .map_err(|e| self.remote(e))
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self
+                .request(&self.whole_body(prompt))?
+                .logits(self.vocab_size)
+            {
+                Ok(logits) => return Ok(logits),
+                Err(e) if tries == WHOLE_TRIES => return Err(self.remote(e)),
+                Err(e) => tracing::debug!(error = %e, "a whole distribution came back short"),
+            }
+        }
     }
 
     fn score_one(&self, item: &ScoreItem<'_, RemoteSession>) -> Result<Vec<Target>, EngineError> {
@@ -475,16 +544,21 @@ struct PromptDetails {
 }
 
 /// Reads an answer to one prompt with `n` 1: its choice, and the prompt tokens vLLM computed
-/// where it says how many it had cached.
+/// (all but the cached ones) where it reports usage.
 fn parse_completion(text: &str) -> Result<(Choice, Option<u64>), String> {
     let mut answer: CompletionResponse = serde_json::from_str(text)
         .map_err(|e| format!("unexpected answer ({e}): {}", clip(text)))?;
     if answer.choices.len() != 1 {
         return Err(format!("{} choices for one prompt", answer.choices.len()));
     }
-    let evaluated = answer.usage.and_then(|u| {
-        let cached = u.prompt_tokens_details?.cached_tokens?;
-        Some(u.prompt_tokens.saturating_sub(cached))
+    // vLLM reports cached tokens only where there were some (and only with
+    // `--enable-prompt-tokens-details`): none said, none cached.
+    let evaluated = answer.usage.map(|u| {
+        let cached = u
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        u.prompt_tokens.saturating_sub(cached)
     });
     Ok((answer.choices.remove(0), evaluated))
 }
@@ -654,7 +728,8 @@ mod tests {
         let greedy = vllm.sample_body(&[5], &SamplingOptions::greedy(3), 1);
         assert_eq!(greedy["temperature"], 0.0);
         let whole = vllm.whole_body(&[5]);
-        assert_eq!(whole["logprobs"], -1);
+        // As many as the vocabulary holds: vLLM answers -1 with no candidate.
+        assert_eq!(whole["logprobs"], 4);
         assert_eq!(whole["temperature"], 1.0);
         assert_eq!(whole["top_k"], 0);
     }
@@ -701,10 +776,11 @@ mod tests {
         let (choice, _) = parse_completion(&whole).unwrap();
         assert_eq!(choice.logits(4).unwrap(), [-1.0, -2.0, -3.0, -0.7]);
         assert!(choice.logits(5).is_err());
-        // Without prompt-token details, nothing is counted.
+        // Without prompt-token details (vLLM leaves them out where none was cached), every
+        // prompt token was computed.
         let bare = r#"{"choices":[{"index":0,"text":"","logprobs":null}],
             "usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-        assert_eq!(parse_completion(bare).unwrap().1, None);
+        assert_eq!(parse_completion(bare).unwrap().1, Some(3));
     }
 
     #[test]

@@ -6,11 +6,18 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use uhlm_core::protocol::{ErrorCode, ErrorMessage};
 use uhlm_core::sampling::{SamplingOptions, probabilities_into, sample, seek_position};
-use uhlm_core::verify::{Verdict, VerifyError, verify};
+use uhlm_core::verify::{Verdict, VerifyError, sample_residual, tv_distance, verify};
 use uhlm_core::verify_partial::{Partial, sample_partial, verify_partial};
 
 use super::{engine_failure, fail};
 use crate::engine::{Engine, Target};
+
+/// Most times a position asks the engine for more draws before it takes the whole
+/// distribution instead. The residual's rejection rounds are memoryless: after any number of
+/// refused draws the token to come follows the residual exactly, so drawing it from the whole
+/// distribution then changes no probability; it bounds the requests when the residual's mass
+/// is small (each round keeps its draw with that probability).
+const MAX_DRAW_ASKS: u64 = 8;
 
 /// The seed of the engine's `k`-th draw at `position` of a session whose random numbers come
 /// from the ChaCha seed `session_seed`: a stream per position apart from the verdicts' (stream
@@ -53,6 +60,9 @@ impl<E: Engine> Position<'_, E> {
         let session_seed = rng.get_seed();
         let mut k = 0;
         let mut more = || {
+            if k == MAX_DRAW_ASKS {
+                return None;
+            }
             k += 1;
             let seed = engine_seed(session_seed, self.len, k);
             match self
@@ -67,11 +77,14 @@ impl<E: Engine> Position<'_, E> {
             }
         };
         let decided = match self.draft {
-            Some((d, q)) => verify_partial(&partial, q, d, rng, &mut more).map_err(bad_draft)?,
-            None => {
-                let token = sample_partial(&partial, rng, &mut more).map_err(bad_draft)?;
-                Partial::Decided(sampled(token))
+            Some((d, q)) => verify_partial(&partial, q, d, rng, &mut more),
+            None => sample_partial(&partial, rng, &mut more).map(|t| Partial::Decided(sampled(t))),
+        };
+        let decided = match decided {
+            Err(VerifyError::NoMoreDraws) if k == MAX_DRAW_ASKS => {
+                return self.residual_from_whole(rng, probs, scratch);
             }
+            other => other.map_err(bad_draft)?,
         };
         match decided {
             Partial::Decided(v) => Ok(v),
@@ -85,6 +98,37 @@ impl<E: Engine> Position<'_, E> {
                 self.whole(&logits, rng, probs, scratch)
             }
         }
+    }
+
+    /// After [`MAX_DRAW_ASKS`] refused rounds: the residual (or, with no draft, the sample)
+    /// drawn from the whole distribution.
+    fn residual_from_whole(
+        &self,
+        rng: &mut ChaCha8Rng,
+        probs: &mut Vec<f32>,
+        scratch: &mut Vec<u32>,
+    ) -> Result<Verdict, ErrorMessage> {
+        let logits = self
+            .engine
+            .logits_at(self.session, self.len)
+            .map_err(engine_failure)?;
+        if !probabilities_into(&logits, self.sampling, probs, scratch) {
+            return Err(fail(
+                ErrorCode::Internal,
+                "the model produced no finite logits",
+            ));
+        }
+        let Some((d, q)) = self.draft else {
+            return Ok(sampled(sample(probs, rng)));
+        };
+        let token = sample_residual(probs, q, rng).map_err(bad_draft)?;
+        let (p_d, q_d) = (probs[d as usize], q[d as usize]);
+        Ok(Verdict {
+            token,
+            accepted: false,
+            beta: (1.0 - p_d / q_d).max(0.0),
+            tv_distance: tv_distance(probs, q),
+        })
     }
 
     fn whole(

@@ -8,8 +8,8 @@
 //! their rows, attention per session against its own cache; llama-server gets every request at
 //! once), and what it reports at the rows each session asks for answers it
 //! ([`super::decide`]). What does not fit waits
-//! for the next turn, first in line. Catch-ups get a chunk per pass (cut to `pass_target` where
-//! one is set) however busy the worker is (over the token budget if need be): with a quarter
+//! for the next turn, first in line. Catch-ups get a chunk per pass (cut to `pass_target`:
+//! by default twice a one-token pass) however busy the worker is (over the token budget if need be): with a quarter
 //! of a chunk, 64 busy devices left four 4,096-token prompts 100 s from their first token in
 //! the fault campaign. No short request waits behind more than one pass. Every `Verdict` tells
 //! its device how far ahead to draft: its share of a pass, so that a saturated server is not
@@ -25,8 +25,11 @@ use std::time::Instant;
 
 use super::decide::{Position, engine_seed};
 use super::{Entry, GenEvent, SessionKey, Streaming, VerdictReply, Worker, engine_failure, fail};
+use crate::config::{AUTO_PASS_MULTIPLE, PassTarget};
 use crate::engine::{Engine, EngineSession, ScoreItem, Target, Wanted};
-use uhlm_core::protocol::{Acceptance, ErrorCode, ErrorMessage, FinishReason, Verdict, Verify};
+use uhlm_core::protocol::{
+    Acceptance, ErrorCode, ErrorMessage, FinishReason, Link, Verdict, Verify,
+};
 use uhlm_core::sampling::SamplingOptions;
 
 /// What the next forward pass computes.
@@ -96,6 +99,9 @@ enum Work {
         q: Vec<Option<Vec<f32>>>,
         pending: usize,
         reply: VerdictReply,
+        /// The links cut off a long chain, decided in later passes once every link of this
+        /// part is accepted ([`Verify::continuation`]).
+        rest: Vec<Link>,
     },
     /// Sample the generation's next token.
     Generate(Streaming),
@@ -185,11 +191,16 @@ impl<E: Engine> Worker<E> {
         &mut self,
         plan: &mut Plan,
         key: SessionKey,
-        verify: Verify,
+        mut verify: Verify,
         reply: VerdictReply,
     ) -> Option<(Verify, VerdictReply)> {
+        // The device stopped waiting: nothing to compute for it.
+        if reply.is_closed() {
+            return None;
+        }
         let vocab = self.engine.vocab_size();
         let max_context = self.settings.max_context_tokens;
+        let chunk = self.catch_up_chunk();
         let entry = match live_entry(self.sessions.get_mut(&key)) {
             Ok(entry) => entry,
             Err(e) => {
@@ -199,7 +210,7 @@ impl<E: Engine> Worker<E> {
         };
         let cached = entry.llm.as_ref().map_or(0, EngineSession::len);
         let held = cached + entry.pending.len();
-        let q = match verify.check(held, vocab, max_context, self.settings.max_chain_links) {
+        let mut q = match verify.check(held, vocab, max_context, self.settings.max_chain_links) {
             Ok(q) => q,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -207,9 +218,27 @@ impl<E: Engine> Worker<E> {
             }
         };
         let pending = entry.pending.len();
+        // A chain whose links carry more tokens than a catch-up chunk is decided a part at a
+        // time, each part in its own pass: scored at once, its skipped tokens would hold every
+        // other session's request for as long as a prompt of that size did before prompts were
+        // chunked. (The first position's skipped tokens were caught up already if many.)
+        let first = pending + verify.skipped.len();
+        let mut total = first;
+        let keep = verify
+            .chain
+            .iter()
+            .take_while(|link| {
+                total += 1 + link.skipped.len();
+                total <= chunk.max(first)
+            })
+            .count();
+        let rest = verify.split_chain(keep);
+        q.truncate(1 + keep);
         let inputs = verify.inputs();
         if !plan.fits(pending + inputs.len()) {
-            return Some((verify, reply));
+            let mut whole = verify;
+            whole.chain.extend(rest);
+            return Some((whole, reply));
         }
         // A chain needs the row before each of its positions (checked above to follow the
         // cache); a single position, the last row.
@@ -232,6 +261,7 @@ impl<E: Engine> Worker<E> {
                 q,
                 pending,
                 reply,
+                rest,
             },
             sampling: SamplingOptions::default(),
             seeds: Vec::new(),
@@ -292,10 +322,11 @@ impl<E: Engine> Worker<E> {
     /// Tokens a whole pass may hold to end within `pass_target`, from the measured cost of
     /// recent passes; `None` when passes are sized by tokens only (or none was measured yet).
     fn timed_pass_tokens(&self) -> Option<usize> {
-        if self.settings.pass_target.is_zero() {
-            return None;
-        }
-        let target = self.settings.pass_target.as_secs_f64();
+        let target = match self.settings.pass_target {
+            PassTarget::Off => return None,
+            PassTarget::Fixed(d) => d.as_secs_f64(),
+            PassTarget::Auto => AUTO_PASS_MULTIPLE * self.pass_clock.seconds_for(1)?,
+        };
         self.pass_clock.tokens_within(target)
     }
 
@@ -374,12 +405,18 @@ impl<E: Engine> Worker<E> {
     /// server the tokens a device drafts ahead and loses to a rejection take a pass that all
     /// devices wait for (docs/RELIABILITY.md run 10: 2.4 tokens scored per token generated
     /// under the devices' own windows, p95 1.8 s).
+    ///
+    /// An automatic pass target bounds what catch-up adds to a pass, not the `Verify` rows
+    /// (they always go in): the share is then of the token budget, so that pipelining still
+    /// hides the round trip where passes are cheap in time and dear in tokens (a CPU).
     pub(super) fn drafting_window(&self, sessions: usize) -> u16 {
-        let pass = self
-            .timed_pass_tokens()
-            .map_or(self.settings.max_batch_tokens, |t| {
-                t.min(self.settings.max_batch_tokens)
-            });
+        let timed = match self.settings.pass_target {
+            PassTarget::Fixed(_) => self.timed_pass_tokens(),
+            PassTarget::Auto | PassTarget::Off => None,
+        };
+        let pass = timed.map_or(self.settings.max_batch_tokens, |t| {
+            t.min(self.settings.max_batch_tokens)
+        });
         u16::try_from(pass / sessions.max(1)).unwrap_or(u16::MAX)
     }
 
@@ -437,10 +474,31 @@ impl<E: Engine> Worker<E> {
                         verify,
                         q,
                         pending,
-                        reply,
+                        mut reply,
+                        rest,
                     } => {
                         let r = self.finish_verify(key, &verify, q, tokens, pending, targets);
-                        let _ = reply.send(r);
+                        match r {
+                            // Every link of this part accepted: the next part in a later pass.
+                            Ok(v) if v.accepted && !rest.is_empty() => {
+                                reply.earlier.extend(v.accepted_links);
+                                reply.earlier.push(Acceptance {
+                                    beta: v.beta,
+                                    tv_distance: v.tv_distance,
+                                });
+                                let Some(next) = verify.continuation(rest) else {
+                                    let e = fail(ErrorCode::Internal, "a chain's part is lost");
+                                    let _ = reply.send(Err(e));
+                                    return;
+                                };
+                                if let Some(ready) = self.defer_verify(key, next, reply) {
+                                    self.ready.push_front((key, ready.0, ready.1));
+                                }
+                            }
+                            r => {
+                                let _ = reply.send(r);
+                            }
+                        }
                     }
                     Work::Generate(mut s) => {
                         match self.finish_generation(&mut s, tokens, targets) {

@@ -54,6 +54,12 @@ impl PassClock {
         Some((fixed, per_token))
     }
 
+    /// What a pass of `tokens` tokens costs, once a pass has been measured.
+    pub(super) fn seconds_for(&self, tokens: usize) -> Option<f64> {
+        let (fixed, per_token) = self.model()?;
+        Some(fixed + per_token * tokens as f64)
+    }
+
     /// Most tokens a pass can hold and still end within `target` seconds (0 when even an
     /// empty pass takes longer); `None` until a pass has been measured.
     pub(super) fn tokens_within(&self, target: f64) -> Option<usize> {
@@ -89,6 +95,22 @@ mod tests {
         assert_eq!(clock.tokens_within(0.25), Some(42));
         // Not even an empty pass fits in 30 ms.
         assert_eq!(clock.tokens_within(0.030), Some(0));
+    }
+
+    #[test]
+    fn twice_a_one_token_pass_holds_few_tokens_where_tokens_cost_and_many_where_passes_do() {
+        let auto = |fixed: f64, per_token: f64| {
+            let mut clock = PassClock::default();
+            for n in [1, 3, 16, 2, 64, 1] {
+                clock.record(n, fixed + per_token * n as f64);
+            }
+            let target = crate::config::AUTO_PASS_MULTIPLE * clock.seconds_for(1).unwrap();
+            clock.tokens_within(target).unwrap()
+        };
+        // A CPU running the model alone: 5 ms a pass, 10 ms a token.
+        assert_eq!(auto(0.005, 0.010), 2);
+        // A GPU, or shared cores: 40 ms a pass, half a millisecond a token.
+        assert_eq!(auto(0.040, 0.0005), 82);
     }
 
     #[test]

@@ -37,10 +37,22 @@ use uhlm_sdk::{Codec, GenerationOptions, HybridEngine, Mode, PolicyConfig};
 /// How the stand-in behaves where vLLM versions and flags differ.
 #[derive(Clone, Copy, Default)]
 struct Flavour {
-    /// `--logprobs-mode raw_logprobs` (vLLM's default): log-probabilities before temperature.
-    raw_logprobs: bool,
+    /// What its log-probabilities are (`--logprobs-mode`).
+    mode: LogprobsMode,
     /// A vLLM older than `logprob_token_ids`: the field is ignored.
     ignores_token_ids: bool,
+}
+
+/// vLLM's `--logprobs-mode` values the gateway meets.
+#[derive(Clone, Copy, Default, PartialEq)]
+enum LogprobsMode {
+    /// Of the distribution it samples from: what the gateway needs.
+    #[default]
+    ProcessedLogprobs,
+    /// Before temperature, top-k and top-p (vLLM's default).
+    RawLogprobs,
+    /// The logits after temperature, top-k and top-p, not normalised.
+    ProcessedLogits,
 }
 
 /// A stand-in for `vllm serve` on the toy model; stops on drop.
@@ -215,10 +227,10 @@ fn complete(model: &Arc<Model>, request: &Value, flavour: Flavour) -> (u16, Valu
         }
         pick
     };
-    let reported = if flavour.raw_logprobs {
-        log_softmax(&logits)
-    } else {
-        processed
+    let reported = match flavour.mode {
+        LogprobsMode::ProcessedLogprobs => processed,
+        LogprobsMode::RawLogprobs => log_softmax(&logits),
+        LogprobsMode::ProcessedLogits => scaled,
     };
     let floor = |l: f32| l.max(-9999.0);
     let name = |t: usize| format!("token_id:{t}");
@@ -238,11 +250,8 @@ fn complete(model: &Arc<Model>, request: &Value, flavour: Flavour) -> (u16, Valu
                 top.insert(name(id), json!(floor(reported[id])));
             }
         }
-        (None, Some(-1)) => {
-            for (t, &l) in reported.iter().enumerate() {
-                top.insert(name(t), json!(floor(l)));
-            }
-        }
+        // As vLLM's completion API does: -1 passes validation and lists no candidate.
+        (None, Some(-1)) => top.clear(),
         (None, Some(k)) => {
             let mut by_reported: Vec<usize> = (0..reported.len()).collect();
             by_reported.sort_by(|&a, &b| reported[b].total_cmp(&reported[a]));
@@ -428,24 +437,26 @@ fn a_vllm_without_logprob_token_ids_is_verified_on_the_whole_vocabulary() {
 }
 
 #[test]
-fn a_vllm_reporting_raw_logprobs_or_another_vocabulary_is_refused_at_start() {
+fn a_vllm_reporting_other_logprobs_or_another_vocabulary_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let (llm, _) = toy_pair_files(dir.path());
     let model = Model::load(&llm, &LoadOptions::default()).unwrap();
     let refusal =
         |model_file: &str, url: &str| refused_at_start(dir.path(), model_file, &["vllm", url]);
-    let raw = StandIn::start(
-        model.clone(),
-        Flavour {
-            raw_logprobs: true,
-            ..Flavour::default()
-        },
-    );
-    let stderr = refusal(llm.to_str().unwrap(), &raw.url);
-    assert!(
-        stderr.contains("--logprobs-mode processed_logprobs"),
-        "{stderr}"
-    );
+    for mode in [LogprobsMode::RawLogprobs, LogprobsMode::ProcessedLogits] {
+        let other = StandIn::start(
+            model.clone(),
+            Flavour {
+                mode,
+                ..Flavour::default()
+            },
+        );
+        let stderr = refusal(llm.to_str().unwrap(), &other.url);
+        assert!(
+            stderr.contains("--logprobs-mode processed_logprobs"),
+            "{stderr}"
+        );
+    }
     // The gateway's model is SmolLM2; the engine serves the toy vocabulary.
     let toy = StandIn::start(model, Flavour::default());
     let stderr = refusal(e2e_common::llm_path(), &toy.url);
@@ -497,7 +508,7 @@ fn through_a_real_vllm_the_phone_samples_exactly_its_distribution() {
     let prompt = card.tokenizer.encode(prompt_text, false).unwrap();
     // vLLM's own distribution after the prompt, at temperature 1.
     let body = json!({"model": models(&url), "prompt": prompt, "max_tokens": 1,
-                      "temperature": 1.0, "top_k": 0, "top_p": 1.0, "logprobs": -1,
+                      "temperature": 1.0, "top_k": 0, "top_p": 1.0, "logprobs": card.vocab_size,
                       "return_tokens_as_token_ids": true, "add_special_tokens": false});
     let answer: Value = ureq::post(&format!("{url}/v1/completions"))
         .send_json(&body)

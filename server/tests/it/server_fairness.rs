@@ -4,7 +4,8 @@
 
 use crate::common;
 
-use common::{API_KEY, Client, Stream, llm, prompt_tokens, start};
+use crate::server_sessions::greedy_chain;
+use common::{API_KEY, Client, Mirror, Stream, llm, prompt_tokens, start};
 use uhlm_core::protocol::{Message, Verify};
 use uhlm_core::sampling::argmax;
 use uhlm_server::{Server, ServerConfig, ServerHandle};
@@ -139,6 +140,97 @@ async fn catching_up_stops_when_the_device_is_gone() {
     assert!(
         prefilled < (long.len() - 1) as f64,
         "the whole prompt was scored for a device that had gone: {prefilled}"
+    );
+    server.shutdown().await;
+}
+
+/// The attack of issue 39: one device's chain carries 1,200 skipped tokens in its links
+/// (tokens a prompt would send chunked); another device's short request must not wait for
+/// them, and once the first device is gone nothing more is computed for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_many_skipped_tokens_delays_another_device_by_a_chunk_not_by_the_chain() {
+    // Four dense drafts of SmolLM2's vocabulary fill most of a frame.
+    const LINKS: usize = 4;
+    const SKIPPED: usize = 400;
+    let model = llm();
+    let server = server().await;
+    let metric = |name: &str| common::metric(&server, name);
+    // Two connections: the first device's goes away, the other's stays.
+    let (client_a, control_a) = Client::ready_on(&server).await;
+    let (client_b, _control_b) = Client::ready_on(&server).await;
+    let prompt = prompt_tokens(&model, "A story:");
+    let mut a = client_a.session().await;
+    a.send(start(1, &prompt)).await;
+    started(&mut a).await;
+    // Drafts the LLM accepts (its own greedy tokens, each drafted from a spread distribution),
+    // so that the whole chain has to be scored.
+    let mut mirror = Mirror::new(&model, &prompt);
+    let mut gaps = vec![SKIPPED; LINKS];
+    gaps[0] = 0;
+    let (skipped, draft, chain, _) =
+        tokio::task::block_in_place(|| greedy_chain(&mut mirror, &gaps, None));
+    let chain_tokens: usize = chain.iter().map(|l| l.skipped.len() + 1).sum();
+    let started_at = metric("uhlm_forward_tokens_total");
+    a.send(Verify {
+        seq: 0,
+        position: (mirror.context.len() + skipped.len()) as u32,
+        skipped,
+        draft: Some(draft),
+        uncertainty: 0.5,
+        chain,
+    })
+    .await;
+    // The chain is being scored when the other device asks.
+    while metric("uhlm_forward_tokens_total") == started_at {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let short = prompt_tokens(&model, "The capital of France is");
+    let mut b = client_b.session().await;
+    b.send(start(2, &short)).await;
+    started(&mut b).await;
+    let asked_at = metric("uhlm_forward_tokens_total");
+    b.send(next(0, short.len())).await;
+    let b_token = tokio::select! {
+        biased;
+        m = a.recv() => panic!("the chain was answered first: {m:?}"),
+        m = b.recv() => verdict_token(m),
+    };
+    let scored = metric("uhlm_forward_tokens_total") - asked_at;
+    let greedy = {
+        let mut session = model.session();
+        argmax(&session.score_last(&short).unwrap()).unwrap()
+    };
+    assert_eq!(b_token, greedy);
+    // Answered after the pass running when it came and its own, each holding at most a chunk
+    // of the chain (the passes after it, until the metric was read, hold a chunk each too);
+    // scored in one pass, the chain alone was 1,200 tokens.
+    assert!(
+        scored < (chain_tokens / 4) as f64,
+        "{scored} tokens scored before the short request was answered (the chain: \
+         {chain_tokens})"
+    );
+    // The first device goes away: its session is released and its chain no longer scored.
+    drop(a);
+    drop(client_a);
+    drop(control_a);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while metric("uhlm_sessions") > 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gone device's session was never released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let settled = metric("uhlm_forward_tokens_total");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        metric("uhlm_forward_tokens_total"),
+        settled,
+        "the worker went on scoring for a device that had gone"
+    );
+    assert!(
+        settled - started_at < (chain_tokens + short.len()) as f64,
+        "the whole chain was scored for a device that had gone"
     );
     server.shutdown().await;
 }

@@ -11,7 +11,7 @@ use uhlm_core::protocol::{
     Close, Draft, ErrorCode, Link, Message, PROTOCOL_VERSION, Prompt, Resync, Start, Verify,
 };
 use uhlm_core::sampling::{SamplingOptions, argmax};
-use uhlm_server::{Server, ServerConfig, kv_bytes_per_token};
+use uhlm_server::{PassTarget, Server, ServerConfig, kv_bytes_per_token};
 
 const PROMPTS: [&str; 16] = [
     "The capital of France is",
@@ -904,7 +904,7 @@ async fn catch_up_passes_are_cut_to_the_time_target() {
         argmax(&alone.score_last(&long).unwrap()).unwrap()
     };
     let mut passes = Vec::new();
-    for target in [Duration::from_micros(1), Duration::ZERO] {
+    for target in [PassTarget::Fixed(Duration::from_micros(1)), PassTarget::Off] {
         let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
         config.prefill_chunk_tokens = 128;
         config.pass_target = target;
@@ -947,7 +947,7 @@ async fn catch_up_passes_are_cut_to_the_time_target() {
 /// A chain of greedy drafts with local tokens between them, the link at `wrong` (if any)
 /// drafted as the second most likely token: returns the Verify's fields after `skipped` and
 /// the LLM's greedy token at every position, scored by `mirror` without committing anything.
-fn greedy_chain(
+pub(crate) fn greedy_chain(
     mirror: &mut Mirror,
     gaps: &[usize],
     wrong: Option<usize>,

@@ -266,6 +266,33 @@ impl Verify {
         Some(out)
     }
 
+    /// Cuts the chain after its first `keep` links and returns the links cut off, which
+    /// [`Verify::continuation`] decides once every kept draft is accepted: a server decides a
+    /// long chain a part at a time.
+    pub fn split_chain(&mut self, keep: usize) -> Vec<Link> {
+        self.chain.split_off(keep.min(self.chain.len()))
+    }
+
+    /// The request that decides `rest` (cut off by [`Verify::split_chain`]) after every draft
+    /// of `self` was accepted: `rest`'s first link becomes its position, which follows the
+    /// last draft of `self`. `None` for no rest (or positions that do not fit a `u32`).
+    pub fn continuation(&self, mut rest: Vec<Link>) -> Option<Verify> {
+        let last = *self.positions()?.last()?;
+        if rest.is_empty() {
+            return None;
+        }
+        let first = rest.remove(0);
+        let skipped = u32::try_from(first.skipped.len()).ok()?;
+        Some(Verify {
+            seq: self.seq,
+            position: last.checked_add(1)?.checked_add(skipped)?,
+            skipped: first.skipped,
+            draft: Some(first.draft),
+            uncertainty: first.uncertainty,
+            chain: rest,
+        })
+    }
+
     /// The drafts, in position order: `draft`, then each link's (none without a `draft`).
     pub fn drafts(&self) -> impl Iterator<Item = &Draft> {
         self.draft.iter().chain(self.chain.iter().map(|l| &l.draft))
@@ -541,3 +568,50 @@ impl_from!(
     Finished(Finished),
     Cancel(Cancel)
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(skipped: &[u32], token: u32) -> Link {
+        Link {
+            skipped: skipped.to_vec(),
+            draft: Draft {
+                token,
+                q: vec![token as u8],
+            },
+            uncertainty: 0.5,
+        }
+    }
+
+    #[test]
+    fn a_chain_split_in_parts_decides_the_same_positions_after_the_same_inputs() {
+        let whole = Verify {
+            seq: 9,
+            position: 12,
+            skipped: vec![1, 2],
+            draft: Some(link(&[], 20).draft),
+            uncertainty: 0.5,
+            chain: vec![link(&[3], 21), link(&[4, 5, 6], 22), link(&[], 23)],
+        };
+        let mut first = whole.clone();
+        let rest = first.split_chain(1);
+        assert_eq!(first.chain.len(), 1);
+        let second = first.continuation(rest).unwrap();
+        // Every position once, in order; the inputs of the parts, with the accepted last draft
+        // of the first between them, are the whole's.
+        let mut positions = first.positions().unwrap();
+        positions.extend(second.positions().unwrap());
+        assert_eq!(positions, whole.positions().unwrap());
+        let mut inputs = first.inputs();
+        inputs.push(21);
+        inputs.extend(second.inputs());
+        assert_eq!(inputs, whole.inputs());
+        assert_eq!(second.seq, 9);
+        assert_eq!(second.draft.as_ref().map(|d| d.token), Some(22));
+        // Nothing cut off: nothing to continue.
+        let mut all = whole.clone();
+        assert!(all.split_chain(3).is_empty());
+        assert_eq!(all.continuation(Vec::new()), None);
+    }
+}
