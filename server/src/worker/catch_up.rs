@@ -26,7 +26,10 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    /// Keeps `verify` in its session when catching the session up needs more than one chunk;
+    /// Keeps `verify` in its session when catching the session up needs more than one whole
+    /// `prefill_chunk` (not one cut to the pass target: the tokens a device committed since
+    /// its last uplink are the `Verify`'s own latency-critical work, scored with it, where a
+    /// prompt's prefill only fills what a pass has left);
     /// gives it back to be answered now otherwise (including every request that is wrong, so
     /// that `verify` answers it with its error).
     pub(super) fn defer_verify(
@@ -35,7 +38,7 @@ impl<E: Engine> Worker<E> {
         mut verify: Verify,
         reply: VerdictReply,
     ) -> Option<(Verify, VerdictReply)> {
-        let chunk = self.catch_up_chunk();
+        let chunk = self.settings.prefill_chunk.max(1);
         let (vocab, max_context, max_links) = (
             self.engine.vocab_size(),
             self.settings.max_context_tokens,

@@ -200,7 +200,7 @@ impl<E: Engine> Worker<E> {
         }
         let vocab = self.engine.vocab_size();
         let max_context = self.settings.max_context_tokens;
-        let chunk = self.catch_up_chunk();
+        let chunk = self.settings.prefill_chunk.max(1);
         let entry = match live_entry(self.sessions.get_mut(&key)) {
             Ok(entry) => entry,
             Err(e) => {
@@ -218,7 +218,7 @@ impl<E: Engine> Worker<E> {
             }
         };
         let pending = entry.pending.len();
-        // A chain whose links carry more tokens than a catch-up chunk is decided a part at a
+        // A chain whose links carry more tokens than a prefill chunk is decided a part at a
         // time, each part in its own pass: scored at once, its skipped tokens would hold every
         // other session's request for as long as a prompt of that size did before prompts were
         // chunked. (The first position's skipped tokens were caught up already if many.)
