@@ -7,11 +7,10 @@
 //! one pass ([`Engine::score`]: the embedded runtime runs every weight matmul once over all
 //! their rows, attention per session against its own cache; llama-server gets every request at
 //! once), and what it reports at the rows each session asks for answers it
-//! ([`super::decide`]). What does not fit waits
-//! for the next turn, first in line. Catch-ups get a chunk per pass (cut to `pass_target`:
-//! by default twice a one-token pass) however busy the worker is (over the token budget if need be): with a quarter
-//! of a chunk, 64 busy devices left four 4,096-token prompts 100 s from their first token in
-//! the fault campaign. No short request waits behind more than one pass. Every `Verdict` tells
+//! ([`super::decide`]). What does not fit waits for the next turn, first in line. Catch-ups
+//! get a chunk per pass (cut to `pass_target`: by default twice a one-token pass) however busy
+//! the worker is (over the token budget if need be): with a quarter of a chunk, 64 busy
+//! devices left four 4,096-token prompts 100 s from their first token in the fault campaign. No short request waits behind more than one pass. Every `Verdict` tells
 //! its device how far ahead to draft: its share of a pass, so that a saturated server is not
 //! filled with drafts thrown away behind rejections.
 //!
