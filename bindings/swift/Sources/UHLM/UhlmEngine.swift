@@ -125,3 +125,8 @@ private final class ProgressForwarder: LoadProgressListener, @unchecked Sendable
         onProgress(fraction)
     }
 }
+
+// uniffi gives `UhlmError` the Rust `Display` text as `description` but not the conformance that
+// makes `String(describing:)`, string interpolation and `localizedDescription` use it: without
+// it they show the enum case (`ModelNotFound(path: ...)`), as the XCTest suite found.
+extension UhlmError: CustomStringConvertible {}
