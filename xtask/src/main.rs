@@ -16,6 +16,7 @@ mod llama_cpp;
 mod replicas;
 mod soak;
 mod steps;
+mod swift;
 mod vllm;
 
 #[derive(Parser)]
@@ -108,6 +109,10 @@ enum Task {
     TestDemo,
     /// Run the demo app on the desktop, on a loopback server of its own (needs a display).
     DemoDesktop,
+    /// The Swift bindings and their XCTest suite with Swift 6.0 on this Linux host, in a
+    /// Debian 13 root made once with debootstrap (as root) in ~/.cache/uhlm/swift, against the
+    /// host's libuhlm_ffi.so (not yet part of `test`).
+    TestSwift,
     /// Build the Android libraries (cargo-ndk) into the AAR module's jniLibs.
     Android,
     /// Build UHLMFFI.xcframework for iOS devices and simulators (macOS with Xcode).
@@ -139,6 +144,7 @@ fn main() -> Result<()> {
             .and_then(|()| check_phone_targets()),
         Task::TestDemo => test_demo(),
         Task::DemoDesktop => demo::demo_desktop(),
+        Task::TestSwift => swift::test_swift(),
         Task::Android => bindings::android(),
         Task::Ios => bindings::ios(),
     }
