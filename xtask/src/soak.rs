@@ -182,14 +182,23 @@ impl ServerProcess {
 
 /// The server's metrics page, read from its endpoint.
 pub(crate) fn metrics_text(metrics: &str) -> Option<String> {
+    http_get(metrics, "/metrics")
+}
+
+/// `GET path` from the HTTP server at `addr` (`host:port`): the whole answer, status line
+/// and headers included; `None` where it cannot be asked.
+pub(crate) fn http_get(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(metrics).ok()?;
+    let mut conn = std::net::TcpStream::connect(addr).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body).ok()?;
-    Some(body)
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    Some(answer)
 }
 
 /// The server's `uhlm_kv_cache_bytes` gauge.

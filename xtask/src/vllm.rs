@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::run_with_env;
-use crate::soak::free_port;
+use crate::soak::{free_port, http_get};
 
 /// The model vLLM serves: the Hugging Face release of the real pair's server model, whose
 /// vocabulary is the GGUF's the gateway reads.
@@ -95,17 +95,8 @@ fn wait_healthy(url: &str, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     let addr = url.trim_start_matches("http://");
     while Instant::now() < deadline {
-        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
-            use std::io::{Read, Write};
-            let _ = write!(
-                stream,
-                "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            );
-            let mut answer = String::new();
-            let _ = stream.read_to_string(&mut answer);
-            if answer.starts_with("HTTP/1.1 200") {
-                return Ok(());
-            }
+        if http_get(addr, "/health").is_some_and(|a| a.starts_with("HTTP/1.1 200")) {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_secs(2));
     }
