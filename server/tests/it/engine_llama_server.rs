@@ -277,6 +277,49 @@ pub fn generate(
         .unwrap()
 }
 
+/// `runs` one-token generations at temperature 1 (with `top_k`) against the engine's own
+/// distribution `p` after the prompt, an end-of-sequence (any of `eos`) counted as `eos[0]`:
+/// the chi-square p-value and the tokens resampled.
+pub fn one_token_histogram(
+    phone: &HybridEngine,
+    prompt: &str,
+    p: &[f32],
+    eos: &[u32],
+    runs: usize,
+    top_k: Option<u32>,
+) -> (f64, u64) {
+    let options = GenerationOptions {
+        sampling: SamplingOptions {
+            temperature: 1.0,
+            top_k,
+            top_p: None,
+            max_tokens: 1,
+            seed: None,
+            stop: Vec::new(),
+        },
+        chat_template: false,
+    };
+    let mut observed: HashMap<Outcome, u64> = HashMap::new();
+    let mut resampled = 0;
+    for _ in 0..runs {
+        let summary = generate(phone, prompt, &options);
+        assert_eq!(summary.stats.skipped + summary.stats.offline, 0);
+        resampled += summary.stats.resampled;
+        let token = summary.token_ids.first().copied().unwrap_or(eos[0]);
+        *observed.entry((vec![token], false)).or_default() += 1;
+    }
+    let mut exact: HashMap<Outcome, f64> = HashMap::new();
+    for (t, &pt) in p.iter().enumerate().filter(|(_, pt)| **pt > 0.0) {
+        let t = if eos.contains(&(t as u32)) {
+            eos[0]
+        } else {
+            t as u32
+        };
+        *exact.entry((vec![t], false)).or_default() += f64::from(pt);
+    }
+    (chi_square_p_value(&observed, &exact), resampled)
+}
+
 #[test]
 fn through_llama_server_the_phone_samples_exactly_the_engines_distribution() {
     let dir = tempfile::tempdir().unwrap();
@@ -351,35 +394,7 @@ fn without_top_k_the_residual_is_drawn_from_the_engines_own_samples() {
         return;
     };
     let p = engine.distribution(&prompt, runtime_support::toy_vocab().len(), eos);
-    let options = GenerationOptions {
-        sampling: SamplingOptions {
-            temperature: 1.0,
-            top_k: None,
-            max_tokens: 1,
-            ..sampling()
-        },
-        chat_template: false,
-    };
-    let mut counts = vec![0u64; p.len()];
-    let mut resampled = 0;
-    for _ in 0..ONE_RUNS {
-        let summary = generate(&phone, PROMPT, &options);
-        resampled += summary.stats.resampled;
-        let token = summary.token_ids.first().copied().unwrap_or(eos);
-        counts[token as usize] += 1;
-    }
-    let observed: HashMap<Outcome, u64> = counts
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| **c > 0)
-        .map(|(t, c)| ((vec![t as u32], false), *c))
-        .collect();
-    let exact: HashMap<Outcome, f64> = p
-        .iter()
-        .enumerate()
-        .map(|(t, &pt)| ((vec![t as u32], false), f64::from(pt)))
-        .collect();
-    let pv = chi_square_p_value(&observed, &exact);
+    let (pv, resampled) = one_token_histogram(&phone, PROMPT, &p, &[eos], ONE_RUNS, None);
     let requests = server.metric("uhlm_engine_requests_total");
     eprintln!("resampled {resampled} of {ONE_RUNS}, p {pv}, engine requests {requests}");
     assert!(

@@ -14,10 +14,9 @@
 //!   exactness test on the real LLM through the real vLLM.
 
 use crate::e2e_common;
-use crate::engine_llama_server::{generate, refused_at_start, toy_pair_files};
+use crate::engine_llama_server::{generate, one_token_histogram, refused_at_start, toy_pair_files};
 use crate::runtime_support;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -25,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use e2e_common::{Outcome, ServerProc, chi_square_p_value};
+use e2e_common::ServerProc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use runtime_support::Toy;
@@ -288,49 +287,6 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
 }
 
 const PROMPT: &str = "he said";
-
-/// `runs` one-token generations at temperature 1 (with `top_k`) against the engine's own
-/// distribution `p` after the prompt, an end-of-sequence (any of `eos`) counted as `eos[0]`:
-/// the chi-square p-value and the tokens resampled.
-fn one_token_histogram(
-    phone: &HybridEngine,
-    prompt: &str,
-    p: &[f32],
-    eos: &[u32],
-    runs: usize,
-    top_k: Option<u32>,
-) -> (f64, u64) {
-    let options = GenerationOptions {
-        sampling: SamplingOptions {
-            temperature: 1.0,
-            top_k,
-            top_p: None,
-            max_tokens: 1,
-            seed: None,
-            stop: Vec::new(),
-        },
-        chat_template: false,
-    };
-    let mut observed: HashMap<Outcome, u64> = HashMap::new();
-    let mut resampled = 0;
-    for _ in 0..runs {
-        let summary = generate(phone, prompt, &options);
-        assert_eq!(summary.stats.skipped + summary.stats.offline, 0);
-        resampled += summary.stats.resampled;
-        let token = summary.token_ids.first().copied().unwrap_or(eos[0]);
-        *observed.entry((vec![token], false)).or_default() += 1;
-    }
-    let mut exact: HashMap<Outcome, f64> = HashMap::new();
-    for (t, &pt) in p.iter().enumerate().filter(|(_, pt)| **pt > 0.0) {
-        let t = if eos.contains(&(t as u32)) {
-            eos[0]
-        } else {
-            t as u32
-        };
-        *exact.entry((vec![t], false)).or_default() += f64::from(pt);
-    }
-    (chi_square_p_value(&observed, &exact), resampled)
-}
 
 /// The toy pair, the stand-in of `flavour` on the LLM, and a gateway in front of it.
 struct Rig {
