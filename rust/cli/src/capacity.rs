@@ -224,7 +224,7 @@ fn serve_command(
     // Room for every device of the largest sweep point.
     serve.args(["--max-sessions", "1024"]);
     if let Some(engine) = engine {
-        serve.args(["--engine", "llama-server", engine.url()]);
+        serve.args(engine.serve_args());
     }
     Ok(serve)
 }

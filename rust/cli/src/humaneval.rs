@@ -220,7 +220,7 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
         let _engine = match options.engine.as_deref() {
             Some("llama-server") => {
                 let engine = EngineProcess::start(&llm, 1, 8192, args.threads)?;
-                serve.args(["--engine", "llama-server", engine.url()]);
+                serve.args(engine.serve_args());
                 Some(engine)
             }
             _ => None,

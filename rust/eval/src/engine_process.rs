@@ -77,9 +77,9 @@ impl EngineProcess {
         self.child.id()
     }
 
-    /// Its base URL, for `uhlm serve --engine llama-server URL`.
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The arguments that put `uhlm serve` in front of it: `--engine llama-server URL`.
+    pub fn serve_args(&self) -> [&str; 3] {
+        ["--engine", "llama-server", &self.url]
     }
 }
 

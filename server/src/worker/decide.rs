@@ -91,11 +91,8 @@ impl<E: Engine> Position<'_, E> {
             // Decided from the report alone, before any number was drawn: the whole
             // distribution's verdict draws the same numbers it would have.
             Partial::NeedFull => {
-                let logits = self
-                    .engine
-                    .logits_at(self.session, self.len)
-                    .map_err(engine_failure)?;
-                self.whole(&logits, rng, probs, scratch)
+                self.engine_probabilities(probs, scratch)?;
+                self.verify_whole(probs, rng)
             }
         }
     }
@@ -108,16 +105,7 @@ impl<E: Engine> Position<'_, E> {
         probs: &mut Vec<f32>,
         scratch: &mut Vec<u32>,
     ) -> Result<Verdict, ErrorMessage> {
-        let logits = self
-            .engine
-            .logits_at(self.session, self.len)
-            .map_err(engine_failure)?;
-        if !probabilities_into(&logits, self.sampling, probs, scratch) {
-            return Err(fail(
-                ErrorCode::Internal,
-                "the model produced no finite logits",
-            ));
-        }
+        self.engine_probabilities(probs, scratch)?;
         let Some((d, q)) = self.draft else {
             return Ok(sampled(sample(probs, rng)));
         };
@@ -138,15 +126,45 @@ impl<E: Engine> Position<'_, E> {
         probs: &mut Vec<f32>,
         scratch: &mut Vec<u32>,
     ) -> Result<Verdict, ErrorMessage> {
-        if !probabilities_into(logits, self.sampling, probs, scratch) {
-            return Err(fail(
-                ErrorCode::Internal,
-                "the model produced no finite logits",
-            ));
-        }
+        self.probabilities(logits, probs, scratch)?;
+        self.verify_whole(probs, rng)
+    }
+
+    /// The verdict against the whole distribution `probs`.
+    fn verify_whole(&self, probs: &[f32], rng: &mut ChaCha8Rng) -> Result<Verdict, ErrorMessage> {
         match self.draft {
             Some((d, q)) => verify(probs, q, d, rng).map_err(bad_draft),
             None => Ok(sampled(sample(probs, rng))),
+        }
+    }
+
+    /// The engine's whole distribution at this position, under the session's sampling.
+    fn engine_probabilities(
+        &self,
+        probs: &mut Vec<f32>,
+        scratch: &mut Vec<u32>,
+    ) -> Result<(), ErrorMessage> {
+        let logits = self
+            .engine
+            .logits_at(self.session, self.len)
+            .map_err(engine_failure)?;
+        self.probabilities(&logits, probs, scratch)
+    }
+
+    /// The session's sampling applied to `logits`, into `probs`.
+    fn probabilities(
+        &self,
+        logits: &[f32],
+        probs: &mut Vec<f32>,
+        scratch: &mut Vec<u32>,
+    ) -> Result<(), ErrorMessage> {
+        if probabilities_into(logits, self.sampling, probs, scratch) {
+            Ok(())
+        } else {
+            Err(fail(
+                ErrorCode::Internal,
+                "the model produced no finite logits",
+            ))
         }
     }
 }
