@@ -195,7 +195,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, key_id: KeyId, send: SendStream, 
             _ => None,
         };
         if let Err(code) = state.on_message(Side::Device, &msg) {
-            let text = refusal(code, &msg, &state);
+            let text = state.refusal(code, &msg);
             let err = ErrorMessage {
                 code,
                 message: text,
@@ -547,25 +547,5 @@ async fn generate(
                 }
             },
         }
-    }
-}
-
-/// Why the protocol state machine refused a device's message, in words.
-fn refusal(code: ErrorCode, msg: &Message, state: &SessionStream) -> String {
-    match (code, msg) {
-        (ErrorCode::PositionMismatch, _) => format!(
-            "Verify position does not match the server's context of {:?} tokens",
-            state.context_len()
-        ),
-        (ErrorCode::InvalidRequest, Message::Generate(g)) if g.max_tokens == 0 => {
-            "Generate.max_tokens must be at least 1".into()
-        }
-        (ErrorCode::InvalidRequest, Message::Verify(v)) if v.draft.is_none() => {
-            "a Verify without a draft cannot carry a chain".into()
-        }
-        (ErrorCode::ContextTooLong, Message::Verify(_)) => {
-            "the Verify's positions run past the largest context".into()
-        }
-        _ => format!("{} is not allowed in phase {:?}", msg.kind(), state.phase()),
     }
 }

@@ -214,6 +214,9 @@ pub struct Draft {
     pub q: Vec<u8>,
 }
 
+/// Why a `Verify` with a chain but no draft is refused.
+pub const CHAIN_WITHOUT_DRAFT: &str = "a Verify without a draft cannot carry a chain";
+
 /// Asks the server to decide the token at `position`, and with a `chain`, the positions the
 /// device drafted after it while waiting.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -336,10 +339,7 @@ impl Verify {
             );
         }
         if self.draft.is_none() && !self.chain.is_empty() {
-            return refuse(
-                ErrorCode::InvalidRequest,
-                "a Verify without a draft cannot carry a chain".into(),
-            );
+            return refuse(ErrorCode::InvalidRequest, CHAIN_WITHOUT_DRAFT.into());
         }
         let drafts: Vec<&Draft> = self.drafts().collect();
         let skipped = std::iter::once(&self.skipped).chain(self.chain.iter().map(|l| &l.skipped));

@@ -180,7 +180,29 @@ impl SessionStream {
         self.context_len?.checked_add(skipped)
     }
 
-    /// Records `msg`, sent by `from`; `Err` if it may not come now (the stream is unchanged).
+    /// Why [`SessionStream::on_message`] refused `msg` from the device with `code`, in words
+    /// for the device's error message.
+    pub fn refusal(&self, code: ErrorCode, msg: &Message) -> String {
+        match (code, msg) {
+            (ErrorCode::PositionMismatch, _) => format!(
+                "Verify position does not match the server's context of {:?} tokens",
+                self.context_len
+            ),
+            (ErrorCode::InvalidRequest, Message::Generate(g)) if g.max_tokens == 0 => {
+                "Generate.max_tokens must be at least 1".into()
+            }
+            (ErrorCode::InvalidRequest, Message::Verify(v)) if v.draft.is_none() => {
+                super::message::CHAIN_WITHOUT_DRAFT.into()
+            }
+            (ErrorCode::ContextTooLong, Message::Verify(_)) => {
+                "the Verify's positions run past the largest context".into()
+            }
+            _ => format!("{} is not allowed in phase {:?}", msg.kind(), self.phase),
+        }
+    }
+
+    /// Records `msg`, sent by `from`; `Err` if it may not come now (the stream is unchanged;
+    /// [`SessionStream::refusal`] says why).
     pub fn on_message(&mut self, from: Side, msg: &Message) -> Result<(), ErrorCode> {
         use SessionPhase::*;
         let unexpected = Err(ErrorCode::UnexpectedMessage);
