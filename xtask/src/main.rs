@@ -260,6 +260,14 @@ fn ensure_debian_packages() -> Result<()> {
     ensure_packages(DEBIAN_PACKAGES)
 }
 
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
 /// Installs whichever of `packages` (what shows it is present, package) is missing.
 fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     let present = |what: &str| {
@@ -289,11 +297,7 @@ fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-    let (program, prefix): (&str, &[&str]) = if root {
+    let (program, prefix): (&str, &[&str]) = if is_root() {
         ("apt-get", &[])
     } else {
         ("sudo", &["apt-get"])

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::bindings::target_dir;
 use crate::cuda::cache_dir;
-use crate::{ensure_packages, root, run};
+use crate::{ensure_packages, is_root, root, run};
 
 /// Debian 13's Swift and what it needs to import Glibc and link (without the C headers,
 /// "sys/param.h not found").
@@ -83,11 +83,7 @@ fn toolchain() -> Result<PathBuf> {
         return Ok(dir);
     }
     // debootstrap and chroot need root.
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .context("running id")?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+    if !is_root() {
         bail!(
             "the Swift toolchain is installed into a Debian 13 root with debootstrap and chroot, \
              which need root; run `cargo xtask test-swift` as root once"
