@@ -29,6 +29,7 @@ pub struct Metrics {
     pub tokens_accepted: Counter,
     pub tokens_resampled: Counter,
     pub catchup_tokens: Counter,
+    pub extended_tokens: Counter,
     pub prefilled_tokens: Counter,
     pub generate_requests: Counter,
     pub tokens_generated: Counter,
@@ -79,6 +80,7 @@ impl Metrics {
             tokens_accepted: Counter::default(),
             tokens_resampled: Counter::default(),
             catchup_tokens: Counter::default(),
+            extended_tokens: Counter::default(),
             prefilled_tokens: Counter::default(),
             generate_requests: Counter::default(),
             tokens_generated: Counter::default(),
@@ -140,8 +142,13 @@ impl Metrics {
             m.catchup_tokens.clone(),
         );
         registry.register(
+            "extended_tokens",
+            "Tokens devices committed and sent ahead of their next Verify (Extend)",
+            m.extended_tokens.clone(),
+        );
+        registry.register(
             "prefilled_tokens",
-            "Context tokens scored as soon as a session opened or resynced, before any Verify",
+            "Context tokens scored ahead of a Verify: prompts, resyncs and the tokens devices sent ahead (Extend)",
             m.prefilled_tokens.clone(),
         );
         registry.register(

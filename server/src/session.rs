@@ -250,6 +250,16 @@ pub(crate) async fn serve(shared: Arc<Shared>, key_id: KeyId, send: SendStream, 
                 }
                 break;
             }
+            // No answer: the worker queues the tokens for scoring, and a refusal answers the
+            // session's next request. Not rate-limited: each token is scored once whatever
+            // the message count, and the context limit bounds them.
+            Message::Extend(e) => match shared.workers.submit(Job::Extend {
+                key,
+                tokens: e.tokens,
+            }) {
+                Ok(()) => continue,
+                Err(e) => e.into(),
+            },
             // A `Cancel` that crossed its generation's `Finished`: nothing left to stop.
             Message::Cancel(_) => continue,
             // Close or Error from the device: the stream is over.

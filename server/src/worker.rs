@@ -73,6 +73,10 @@ pub(crate) enum Job {
         /// Set by the session task when the device sends `Cancel`.
         cancel: Arc<AtomicBool>,
     },
+    /// Appends tokens the device committed to the session's context, to be scored before its
+    /// next `Verify` needs them. `Extend` has no answer: one that fails its checks fails the
+    /// session's next request instead.
+    Extend { key: SessionKey, tokens: Vec<u32> },
     /// Replaces the session's context.
     Resync {
         key: SessionKey,
@@ -92,6 +96,7 @@ impl Job {
             | Job::Verify { key, .. }
             | Job::Generate { key, .. }
             | Job::Resync { key, .. }
+            | Job::Extend { key, .. }
             | Job::Close { key } => Some(*key),
             Job::Stop => None,
         }
@@ -246,13 +251,20 @@ impl WorkerPool {
 struct Entry<S> {
     /// The engine's context of the tokens scored so far; `None` once evicted.
     llm: Option<S>,
-    /// Committed tokens not yet scored: the prompt, then each verdict's token.
+    /// Committed tokens not yet scored: the prompt, then each verdict's token and each
+    /// `Extend`'s tokens.
     pending: Vec<u32>,
+    /// The pending tokens include a prompt (or resync) not yet scored: they fill what a pass
+    /// has left. Otherwise they are a generating device's (`Extend`), as latency-critical as
+    /// a `Verify`'s own skipped tokens.
+    prefilling: bool,
     sampling: SamplingOptions,
     rng: ChaCha8Rng,
     last_used: u64,
     /// A `Verify` waiting for the session to be caught up (see [`catch_up`]).
     deferred: Option<(Verify, VerdictReply)>,
+    /// Why the last `Extend` was refused, for the session's next request.
+    refused: Option<Failure>,
 }
 
 /// Where a `Verify`'s answer goes, with the links of its chain already accepted in earlier
@@ -444,6 +456,10 @@ impl<E: Engine> Worker<E> {
                 let _ = reply.send(r);
             }
             Job::Verify { key, verify, reply } => {
+                if let Some(e) = self.take_refusal(key) {
+                    let _ = reply.send(Err(e));
+                    return None;
+                }
                 if let Some((verify, reply)) = self.defer_verify(key, verify, reply) {
                     return self
                         .plan_verify(plan, key, verify, reply)
@@ -455,7 +471,10 @@ impl<E: Engine> Worker<E> {
                 generate,
                 events,
                 cancel,
-            } => match self.admit_generation(key, &generate) {
+            } => match self
+                .take_refusal(key)
+                .map_or_else(|| self.admit_generation(key, &generate), Err)
+            {
                 Ok(()) => {
                     self.metrics.generate_requests.inc();
                     self.streams.push_back(Streaming {
@@ -469,6 +488,7 @@ impl<E: Engine> Worker<E> {
                     let _ = events.send(GenEvent::Failed(e));
                 }
             },
+            Job::Extend { key, tokens } => self.extend(key, tokens),
             Job::Close { key } => {
                 if self.sessions.remove(&key).is_some() {
                     self.metrics.sessions.dec();
@@ -522,6 +542,8 @@ impl<E: Engine> Worker<E> {
             rng: ChaCha8Rng::seed_from_u64(seed),
             last_used: self.clock,
             deferred: None,
+            prefilling: true,
+            refused: None,
         };
         if self.sessions.insert(key, entry).is_none() {
             self.metrics.sessions.inc();
@@ -551,8 +573,44 @@ impl<E: Engine> Worker<E> {
             )));
         }
         entry.pending = context;
+        entry.prefilling = true;
+        entry.refused = None;
         entry.last_used = clock;
         Ok(())
+    }
+
+    /// Queues an `Extend`'s tokens for scoring. A session whose cache was evicted drops them:
+    /// its next `Verify` is answered `NeedResync` and the device resends its whole context.
+    fn extend(&mut self, key: SessionKey, mut tokens: Vec<u32>) {
+        let checked = self.check_tokens(&tokens);
+        let max_context = self.settings.max_context_tokens;
+        let Some(entry) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(llm) = entry.llm.as_ref() else {
+            return;
+        };
+        let len = llm.len() + entry.pending.len() + tokens.len();
+        let checked = checked.and_then(|()| match len > max_context {
+            true => Err(fail(
+                ErrorCode::ContextTooLong,
+                format!("an Extend made the context {len} tokens, over the limit of {max_context}"),
+            )),
+            false => Ok(()),
+        });
+        if let Err(e) = checked {
+            entry.refused = Some(e);
+            return;
+        }
+        entry.last_used = self.clock;
+        self.metrics.extended_tokens.inc_by(tokens.len() as u64);
+        entry.pending.append(&mut tokens);
+        self.queue_catch_up(key);
+    }
+
+    /// The refusal of an `Extend` the session's request must answer with, if any.
+    fn take_refusal(&mut self, key: SessionKey) -> Option<Failure> {
+        self.sessions.get_mut(&key)?.refused.take()
     }
 
     /// Checks a `Generate` against the session and the limits before it joins the run queue.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use uhlm_core::protocol::{Close, Generate, Message, Prompt as WirePrompt, Start, Verify};
+use uhlm_core::protocol::{Close, Extend, Generate, Message, Prompt as WirePrompt, Start, Verify};
 use uhlm_eval::engine_process::EngineProcess;
 use uhlm_eval::humaneval::{PromptFormat, fetch_problems, load_problems};
 use uhlm_eval::measured::ServerProcess;
@@ -79,6 +79,10 @@ pub struct CapacityArgs {
     /// only, the scheduling before issue 39.
     #[arg(long)]
     pass_target: Option<String>,
+    /// A uhlm device sends its local tokens ahead of its next `Verify` once this many wait
+    /// (`Extend`; `EngineConfig::extend_after`, 0: never) [default: the SDK's].
+    #[arg(long)]
+    extend_after: Option<usize>,
     #[arg(long, default_value = "bench-capacity")]
     out: PathBuf,
     /// Print the report as one JSON object.
@@ -131,6 +135,8 @@ pub struct CapacityReport {
     pub trace_tokens: usize,
     pub trace_verifies: usize,
     pub token_ms: f64,
+    /// A uhlm device's `extend_after` (0: its local tokens ride in the next `Verify`).
+    pub extend_after: usize,
     /// Where the server's model ran.
     pub device: String,
     /// What ran it: `embedded` or `llama-server`.
@@ -190,6 +196,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         trace_tokens: traces.iter().map(|t| t.tokens.len()).sum(),
         trace_verifies: traces.iter().map(|t| t.verifies.len()).sum(),
         token_ms: args.token_ms,
+        extend_after: extend_after(&args),
         engine: args.engine.clone(),
         device: args.device.to_string(),
         points,
@@ -381,6 +388,7 @@ fn measure_point(
     let started = Instant::now();
     let deadline = started + args.duration;
     let pace = Duration::from_secs_f64(args.token_ms / 1000.0);
+    let extend = extend_after(args);
     let llm_only = system == "llm";
     runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
@@ -397,7 +405,7 @@ fn measure_point(
                     if llm_only {
                         stream_one(&client, session_id, trace, &counts).await?;
                     } else {
-                        replay_one(&client, session_id, trace, pace, &counts).await?;
+                        replay_one(&client, session_id, trace, pace, extend, &counts).await?;
                     }
                 }
                 anyhow::Ok(())
@@ -461,12 +469,19 @@ async fn close(mut s: uhlm_sdk::raw::RawSession) -> Result<()> {
     Ok(())
 }
 
-/// A uhlm device: drafts at `pace` and sends the recorded `Verify`s where it sent them.
+fn extend_after(args: &CapacityArgs) -> usize {
+    args.extend_after
+        .unwrap_or(EngineConfig::default().extend_after)
+}
+
+/// A uhlm device: drafts at `pace` and sends the recorded `Verify`s where it sent them, and
+/// as the SDK does, its local tokens ahead of them once `extend_after` wait (`Extend`).
 async fn replay_one(
     client: &RawClient,
     session_id: u64,
     trace: &Trace,
     pace: Duration,
+    extend_after: usize,
     counts: &Mutex<Counts>,
 ) -> Result<()> {
     let opened = Instant::now();
@@ -474,13 +489,21 @@ async fn replay_one(
     let mut verifies = trace.verifies.iter().peekable();
     let (mut decided, mut waits) = (0u64, Vec::new());
     let mut ttft = None;
+    // Local tokens since the last uplink: [from, from + waiting) not sent, before them
+    // `ahead` sent in `Extend`s.
+    let (mut from, mut ahead) = (0, 0);
     for k in 0..trace.tokens.len() {
         tokio::time::sleep(pace).await;
         let position = (trace.prompt.len() + k) as u32;
         if let Some(v) = verifies.next_if(|v| v.position == position) {
+            ensure!(
+                v.skipped.len() >= ahead && trace.tokens[k - v.skipped.len()..k] == v.skipped[..],
+                "a recorded Verify's skipped tokens are not the trace's"
+            );
             let sent = Instant::now();
             s.send(&Message::Verify(Verify {
                 seq: decided as u32,
+                skipped: v.skipped[ahead..].to_vec(),
                 ..v.clone()
             }))
             .await?;
@@ -490,6 +513,14 @@ async fn replay_one(
             }
             waits.push(sent.elapsed().as_secs_f64() * 1e3);
             decided += 1;
+            (from, ahead) = (k + 1, 0);
+        } else if extend_after > 0 && k + 1 - from >= extend_after {
+            s.send(&Message::Extend(Extend {
+                tokens: trace.tokens[from..=k].to_vec(),
+            }))
+            .await?;
+            ahead += k + 1 - from;
+            from = k + 1;
         }
         ttft.get_or_insert(opened.elapsed().as_secs_f64() * 1e3);
     }
@@ -642,12 +673,14 @@ fn plot(report: &CapacityReport, dir: &Path) -> Result<()> {
 fn print_table(report: &CapacityReport, out: &mut impl Write) -> Result<()> {
     writeln!(
         out,
-        "{} traces, {} tokens, {} verifies ({:.1} % of tokens sent); device pace {} ms/token",
+        "{} traces, {} tokens, {} verifies ({:.1} % of tokens sent); device pace {} ms/token; \
+         local tokens sent ahead after {} (0: never)",
         report.traces,
         report.trace_tokens,
         report.trace_verifies,
         100.0 * report.trace_verifies as f64 / report.trace_tokens.max(1) as f64,
-        report.token_ms
+        report.token_ms,
+        report.extend_after
     )?;
     writeln!(
         out,

@@ -172,6 +172,22 @@ impl<M> Lookahead<M> {
         out
     }
 
+    /// The final local tokens to give the server now, ahead of the next chain (an `Extend`):
+    /// all of them, once there are at least `min` (0: never) and the window holds no link
+    /// (a waiting link's chain carries them anyway). They leave the window.
+    pub fn take_extend(&mut self, min: usize) -> Option<Vec<u32>> {
+        if min == 0 || self.in_flight > 0 || self.first_link().is_some() || self.settled < min {
+            return None;
+        }
+        let tokens = self
+            .entries
+            .drain(..self.settled)
+            .map(|e| e.token)
+            .collect();
+        self.settled = 0;
+        Some(tokens)
+    }
+
     /// The chain to send now: every link in the window (at most `max_links + 1`, the first
     /// and `max_links` chained, and no more than about `max_bytes` on the wire after the
     /// first), with the local tokens before each. `None` while a chain is in flight or when no
@@ -455,6 +471,32 @@ mod tests {
 
     fn tokens<M>(s: &[Settled<M>]) -> Vec<u32> {
         s.iter().map(Settled::token).collect()
+    }
+
+    #[test]
+    fn final_local_tokens_go_ahead_of_the_next_chain_only_between_chains() {
+        let mut w = Lookahead::new();
+        w.push(1, 0, None);
+        w.push(2, 0, None);
+        // Not final yet (not shown), then too few.
+        assert_eq!(w.take_extend(2), None);
+        assert_eq!(tokens(&w.take_final()), [1, 2]);
+        assert_eq!(w.take_extend(3), None);
+        assert_eq!(w.take_extend(0), None, "0: never");
+        assert_eq!(w.take_extend(2), Some(vec![1, 2]));
+        assert!(w.unsent().is_empty());
+        // A link waiting: its chain carries the tokens before it.
+        w.push(3, 0, None);
+        w.push(4, 0, link(4));
+        w.take_final();
+        assert_eq!(w.take_extend(1), None);
+        let r = w.request(4, 1 << 20).unwrap();
+        assert_eq!(r.skipped, [3]);
+        // In flight: what is drafted meanwhile is speculative, and stays.
+        w.push(5, 0, None);
+        assert_eq!(w.take_extend(1), None);
+        w.on_verdict(&verdict(4, true, 0)).unwrap();
+        assert_eq!(w.take_extend(1), Some(vec![5]));
     }
 
     #[test]

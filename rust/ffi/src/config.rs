@@ -250,6 +250,7 @@ impl TryFrom<EngineConfig> for sdk::EngineConfig {
                 .unwrap_or(d.reconnect_backoff_max_ms),
             client_name: c.client_name.unwrap_or(d.client_name),
             max_lookahead: c.max_lookahead.map_or(d.max_lookahead, |n| n as usize),
+            extend_after: d.extend_after,
         })
     }
 }

@@ -57,7 +57,8 @@ fn check_message(msg: &Message, control: &mut ControlStream, session: &mut Sessi
         | Message::Verify(_)
         | Message::Resync(_)
         | Message::Generate(_)
-        | Message::Cancel(_) => Side::Device,
+        | Message::Cancel(_)
+        | Message::Extend(_) => Side::Device,
         Message::Welcome(_)
         | Message::Started(_)
         | Message::Verdict(_)

@@ -113,7 +113,17 @@ pub struct EngineConfig {
     /// and most drafts verified in one request beyond the first. 0: one draft at a time, and
     /// no drafting while it is verified.
     pub max_lookahead: usize,
+    /// Tokens committed on the device (confident, not verified) that are given to the server
+    /// before the next `Verify` once this many wait and no request is in flight (an `Extend`
+    /// message), so that the server scores them while the device drafts and the `Verify` then
+    /// waits for its own few rows instead of every token since the last one. 0: never; they
+    /// ride in the next `Verify`, one message fewer per this many tokens.
+    pub extend_after: usize,
 }
+
+/// The default [`EngineConfig::extend_after`]: docs/BENCHMARKS.md ("Server capacity") measures
+/// the `Verify` waits it buys against the messages it adds.
+pub const EXTEND_AFTER: usize = 4;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -139,6 +149,7 @@ impl Default for EngineConfig {
             reconnect_backoff_max_ms: 10_000,
             client_name: format!("uhlm-sdk/{}", env!("CARGO_PKG_VERSION")),
             max_lookahead: 32,
+            extend_after: EXTEND_AFTER,
         }
     }
 }

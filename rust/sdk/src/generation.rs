@@ -3,7 +3,8 @@
 //! Per token: the SLM drafts `d ~ q'` and scores its uncertainty `u` (blocking thread); the
 //! policy skips (a local token) or marks it for verification. Drafts to verify go to the server
 //! as a chain `Verify`: every one drafted since the last request, with the local tokens between
-//! them. While a chain is in flight the SLM keeps drafting on the assumption that it is
+//! them. Between requests, local tokens go ahead once `EngineConfig::extend_after` of them
+//! wait (`Extend`), so that the server scores them while the SLM drafts. While a chain is in flight the SLM keeps drafting on the assumption that it is
 //! accepted, up to a lookahead sized to the round trip ([`uhlm_core::lookahead`]); the
 //! `Verdict` settles the chain up to its first rejection, and what was drafted after a
 //! rejected token is dropped (the SLM rolls back and takes the server's token). Only final
@@ -22,8 +23,8 @@ use std::time::{Duration, Instant};
 use uhlm_core::codec::Codec;
 use uhlm_core::lookahead::{Lookahead, LookaheadLimit, Settled, Uplink};
 use uhlm_core::protocol::{
-    self, Close, FinishReason, Generate, Message, Recovery, Resync, SessionStream, Side, Start,
-    Verify,
+    self, Close, Extend, FinishReason, Generate, Message, Recovery, Resync, SessionPhase,
+    SessionStream, Side, Start, Verify,
 };
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_core::threshold::Decision;
@@ -245,6 +246,8 @@ impl Generation {
             if self.link.is_none() {
                 // Nobody will send them: a new session starts from the whole context.
                 self.window.drop_final();
+            } else {
+                self.send_extend().await;
             }
             let speculative = self.window.speculative();
             if out.token_ids.len() as u32 >= self.sampling.max_tokens {
@@ -762,6 +765,35 @@ impl Generation {
         self.chain_sent = Some(now);
         self.chain_deadline = Some(now + timeout);
         Ok(true)
+    }
+
+    /// Gives the server the local tokens committed since the last request once
+    /// `extend_after` of them wait (see [`Lookahead::take_extend`]). Trouble leaves the
+    /// generation offline, as for a chain; the tokens are in the context a new session starts
+    /// from.
+    async fn send_extend(&mut self) {
+        let min = self.inner.config.extend_after;
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if link.state.phase() != SessionPhase::Ready {
+            return;
+        }
+        let Some(tokens) = self.window.take_extend(min) else {
+            return;
+        };
+        let n = tokens.len();
+        let msg = Message::Extend(Extend { tokens });
+        if let Err(c) = link.state.on_message(Side::Device, &msg) {
+            self.lose_session(LinkError::Protocol(format!("cannot send Extend: {c}")));
+            return;
+        }
+        link.unscored += n;
+        self.stats.counters.extends += 1;
+        let c = &mut self.stats.counters;
+        if let Err(e) = link.stream.send(&msg, &mut c.uplink_bytes).await {
+            self.lose_session(e);
+        }
     }
 
     /// Applies the answer to the chain in flight. `Some` ends the generation.

@@ -30,6 +30,10 @@ pub struct Stats {
     /// Tokens drafted ahead of a chain in flight and thrown away when a draft before them was
     /// rejected (device work that pipelining spent for nothing; not among the decisions).
     pub discarded: u64,
+    /// `Extend` messages sent: local tokens given to the server ahead of the next `Verify`
+    /// ([`EngineConfig::extend_after`](crate::EngineConfig::extend_after)); no answer, not a
+    /// round trip.
+    pub extends: u64,
     pub uplink_bytes: u64,
     pub downlink_bytes: u64,
     /// Request/answer exchanges with the server (Start, Verify, Resync, and one per Generate,
@@ -94,6 +98,7 @@ impl StatsAccumulator {
         a.remote += b.remote;
         a.offline += b.offline;
         a.discarded += b.discarded;
+        a.extends += b.extends;
         a.uplink_bytes += b.uplink_bytes;
         a.downlink_bytes += b.downlink_bytes;
         a.round_trips += b.round_trips;

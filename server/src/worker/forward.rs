@@ -343,6 +343,7 @@ impl<E: Engine> Worker<E> {
     /// waiting `Verify` to the next pass.
     pub(super) fn plan_catch_ups(&mut self, plan: &mut Plan) {
         let (full, chunk) = (self.settings.prefill_chunk.max(1), self.catch_up_chunk());
+        self.plan_extends(plan, full);
         let room = match self.timed_pass_tokens() {
             Some(total) => total.saturating_sub(plan.tokens).min(plan.room()),
             None => plan.room(),
@@ -380,6 +381,7 @@ impl<E: Engine> Worker<E> {
                 .min(chunk_at(cached, full).min(chunk))
                 .min(allowance);
             if n == 0 {
+                entry.prefilling = false;
                 if let Some(deferred) = entry.deferred.take() {
                     self.ready.push_back((key, deferred.0, deferred.1));
                 }
@@ -397,6 +399,44 @@ impl<E: Engine> Worker<E> {
             });
         }
         self.catching_up = waiting;
+    }
+
+    /// Adds the tokens generating devices sent ahead (`Extend`) to `plan`, before any prompt:
+    /// they are as latency-critical as a `Verify`'s own skipped tokens (its next `Verify` waits
+    /// for them), so they take up to a whole chunk each in the pass's token budget, not only
+    /// what the pass target leaves. Sessions still prefilling a prompt, or holding a `Verify`
+    /// that waits for a long catch-up, stay in the queue for [`plan_catch_ups`](Self::plan_catch_ups).
+    fn plan_extends(&mut self, plan: &mut Plan, full: usize) {
+        let mut rest = std::collections::VecDeque::new();
+        while let Some(key) = self.catching_up.pop_front() {
+            let room = plan.room();
+            let n = match self.sessions.get(&key) {
+                Some(e) if !e.prefilling && e.deferred.is_none() && !plan.has(key) => {
+                    let cached = e.llm.as_ref().map_or(0, EngineSession::len);
+                    // All but the last pending token: the Verify scores that one.
+                    e.pending
+                        .len()
+                        .saturating_sub(1)
+                        .min(chunk_at(cached, full))
+                        .min(room)
+                }
+                _ => 0,
+            };
+            let Some(entry) = self.sessions.get(&key).filter(|e| n > 0 && e.llm.is_some()) else {
+                rest.push_back(key);
+                continue;
+            };
+            plan.push(Row {
+                key,
+                tokens: entry.pending[..n].to_vec(),
+                outputs: Vec::new(),
+                work: Work::CatchUp,
+                sampling: SamplingOptions::default(),
+                seeds: Vec::new(),
+                drafts: Vec::new(),
+            });
+        }
+        self.catching_up = rest;
     }
 
     /// Each session's share of a pass (the tokens one holds over `sessions` with work), sent
@@ -719,7 +759,10 @@ impl<E: Engine> Worker<E> {
         self.metrics.prefilled_tokens.inc_by(n as u64);
         if entry.pending.len() > 1 {
             self.catching_up.push_back(key);
-        } else if let Some((verify, reply)) = entry.deferred.take() {
+            return;
+        }
+        entry.prefilling = false;
+        if let Some((verify, reply)) = entry.deferred.take() {
             self.ready.push_back((key, verify, reply));
         }
     }

@@ -140,6 +140,54 @@ fn default_policy_skips_tokens_and_the_stats_add_up() {
     assert!(s.round_trips >= 2 && s.round_trips <= s.sent + 1, "{s:?}");
 }
 
+/// Local tokens given to the server ahead of the next `Verify` (`Extend`) change when the
+/// server scores them, not what is generated: the same tokens from the same sources, with the
+/// server told every local token before the last request, either way.
+#[test]
+fn tokens_sent_ahead_change_nothing_but_when_the_server_scores_them() {
+    let server = ServerProc::start();
+    let mut runs = Vec::new();
+    for extend_after in [0, 1, 3] {
+        let config = EngineConfig {
+            extend_after,
+            // One request at a time: every local token is final as soon as it is drafted.
+            max_lookahead: 0,
+            ..server.engine_config(Mode::Uhlm, Codec::default(), PolicyConfig::fixed(0.5))
+        };
+        let engine = HybridEngine::new(config).unwrap();
+        let extended = server.metric("uhlm_extended_tokens_total");
+        let summary = engine
+            .generate_blocking(
+                Prompt::Text("Write a short poem about the sea.".into()),
+                greedy(),
+                Arc::new(Recorder::default()),
+                CancelToken::new(),
+            )
+            .unwrap();
+        let s = &summary.stats;
+        assert!(s.skipped > 0 && s.sent > 0, "{s:?}");
+        assert_eq!(s.offline, 0);
+        // Each run of local tokens went ahead `extend_after` tokens at a time.
+        let local_runs: Vec<usize> = summary
+            .sources
+            .split(|x| *x != TokenSource::Local)
+            .map(<[TokenSource]>::len)
+            .collect();
+        let expected: usize = local_runs
+            .iter()
+            .map(|n| n.checked_div(extend_after).unwrap_or(0))
+            .sum();
+        assert_eq!(s.extends as usize, expected, "{local_runs:?} {s:?}");
+        assert!(extend_after == 0 || expected > 0, "{local_runs:?}");
+        let sent_ahead = server.wait_metric("uhlm_extended_tokens_total", |v| {
+            v - extended == (expected * extend_after) as f64
+        });
+        assert_eq!(sent_ahead - extended, (expected * extend_after) as f64);
+        runs.push((summary.token_ids, summary.sources));
+    }
+    assert!(runs.windows(2).all(|w| w[0] == w[1]), "the output changed");
+}
+
 /// A draft model scripted to put its mass on 1000, 2001, 3002, 1000, ... after any context.
 struct Scripted {
     tokens: Vec<u32>,

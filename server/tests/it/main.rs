@@ -13,6 +13,7 @@ mod engine_llama_server;
 mod engine_vllm;
 #[path = "../../../rust/model/tests/runtime_support/mod.rs"]
 mod runtime_support;
+mod server_extend;
 mod server_fairness;
 mod server_generate;
 mod server_handshake;

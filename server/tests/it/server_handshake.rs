@@ -64,12 +64,12 @@ async fn unknown_protocol_version_is_refused() {
     server.shutdown().await;
 }
 
-/// Clients of earlier versions, which offer ALPN `uhlm/1` to `uhlm/3`, still complete the TLS
+/// Clients of earlier versions, which offer ALPN `uhlm/1` to `uhlm/4`, still complete the TLS
 /// handshake and learn why they cannot continue.
 #[tokio::test]
 async fn older_clients_are_told_the_version_is_unsupported() {
     let server = server().await;
-    for version in [1u16, 2, 3] {
+    for version in [1u16, 2, 3, 4] {
         let alpn = format!("uhlm/{version}");
         let endpoint = common::client_endpoint_with_alpn(server.cert_der(), alpn.as_bytes());
         let client = Client::connect_with(endpoint, server.local_addr()).await;
@@ -77,7 +77,7 @@ async fn older_clients_are_told_the_version_is_unsupported() {
             .hello(API_KEY, server.model_fingerprint(), version)
             .await;
         let message = assert_refused(&client, answer, ErrorCode::UnsupportedVersion).await;
-        assert!(message.contains("version 4"), "{message}");
+        assert!(message.contains("version 5"), "{message}");
     }
     server.shutdown().await;
 }

@@ -43,6 +43,9 @@ pub enum Message {
     Finished(Finished),
     /// \[12\] Device → server, stops a `Generate` early; the session stays usable.
     Cancel(Cancel),
+    /// \[13\] Device → server, tokens committed on the device, sent ahead of the next `Verify`
+    /// so that the server scores them while the device drafts. No answer.
+    Extend(Extend),
 }
 
 impl Message {
@@ -62,6 +65,7 @@ impl Message {
             Message::Tokens(_) => "Tokens",
             Message::Finished(_) => "Finished",
             Message::Cancel(_) => "Cancel",
+            Message::Extend(_) => "Extend",
         }
     }
 }
@@ -543,6 +547,15 @@ pub struct Cancel {
     pub seq: u32,
 }
 
+/// Tokens the device committed locally (confident, not sent), given to the server before the
+/// `Verify` they would otherwise ride in (`Verify.skipped`): the server appends them to the
+/// session's context and scores them in its next passes, so that the `Verify` waits for its
+/// own few rows only. Sent only between requests (phase `Ready`); never empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extend {
+    pub tokens: Vec<u32>,
+}
+
 macro_rules! impl_from {
     ($($variant:ident($ty:ty)),*) => {
         $(impl From<$ty> for Message {
@@ -566,7 +579,8 @@ impl_from!(
     Generate(Generate),
     Tokens(Tokens),
     Finished(Finished),
-    Cancel(Cancel)
+    Cancel(Cancel),
+    Extend(Extend)
 );
 
 #[cfg(test)]

@@ -18,20 +18,21 @@ pub mod stream;
 pub use error_code::{ErrorCode, Recovery};
 pub use frame::{FRAME_HEADER_BYTES, FrameDecoder, FrameError, encode_frame, encode_frame_into};
 pub use message::{
-    Acceptance, Cancel, Close, Draft, ErrorMessage, FinishReason, Finished, Generate, Hello, Link,
-    MAX_CHAT_MESSAGES, Message, Prompt, Resync, Start, Started, Tokens, Verdict, Verify, Welcome,
+    Acceptance, Cancel, Close, Draft, ErrorMessage, Extend, FinishReason, Finished, Generate,
+    Hello, Link, MAX_CHAT_MESSAGES, Message, Prompt, Resync, Start, Started, Tokens, Verdict,
+    Verify, Welcome,
 };
 pub use stream::{ControlPhase, ControlStream, SessionPhase, SessionStream, Side};
 
 /// Version of this protocol; a server refuses a `Hello` with any other version.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// TLS application-layer protocol name negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"uhlm/4";
+pub const ALPN: &[u8] = b"uhlm/5";
 
 /// ALPN names a server also accepts so that clients of older versions reach `Hello` and are
 /// told `UnsupportedVersion` instead of failing the TLS handshake without a reason.
-pub const LEGACY_ALPNS: &[&[u8]] = &[b"uhlm/1", b"uhlm/2", b"uhlm/3"];
+pub const LEGACY_ALPNS: &[&[u8]] = &[b"uhlm/1", b"uhlm/2", b"uhlm/3", b"uhlm/4"];
 
 /// Frame limit used until `Welcome` says otherwise, and the server's default (1 MiB).
 ///

@@ -8,8 +8,9 @@
 //!
 //! The session machine also tracks the server's context length, so `Verify.position` is checked
 //! in one place: a `Verdict` makes it one past the position its token decides (the first, or
-//! with a chain the first rejected or the last link's), it grows by the length of each `Tokens`, is replaced by `Started`, and is untouched by a request answered with
-//! an `Error`.
+//! with a chain the first rejected or the last link's), it grows by the length of each `Tokens`
+//! and each `Extend`, is replaced by `Started`, and is untouched by a request answered with an
+//! `Error`.
 //!
 //! `Cancel` is the one message whose effect depends on timing: the device may send it while the
 //! server's `Finished` is already on its way. The device's machine then sees `Finished` after its
@@ -82,7 +83,7 @@ pub enum SessionPhase {
     AwaitStart,
     /// `Start` sent; the server must answer `Started` or `Error`.
     Starting,
-    /// The device may send `Verify`, `Resync` or `Close`.
+    /// The device may send `Verify`, `Extend`, `Generate`, `Resync` or `Close`.
     Ready,
     /// `Verify { seq }` sent; the server must answer `Verdict { seq }` or `Error`.
     Verifying { seq: u32 },
@@ -194,6 +195,10 @@ impl SessionStream {
             (ErrorCode::InvalidRequest, Message::Verify(v)) if v.draft.is_none() => {
                 super::message::CHAIN_WITHOUT_DRAFT.into()
             }
+            (ErrorCode::InvalidRequest, Message::Extend(_)) => "an Extend must carry tokens".into(),
+            (ErrorCode::ContextTooLong, Message::Extend(_)) => {
+                "the Extend runs past the largest context".into()
+            }
             (ErrorCode::ContextTooLong, Message::Verify(_)) => {
                 "the Verify's positions run past the largest context".into()
             }
@@ -247,6 +252,21 @@ impl SessionStream {
                 self.pending = Pending::Verify { positions };
                 self.finished_generate = None;
                 self.phase = Verifying { seq: v.seq };
+            }
+            (Ready, Side::Device, Message::Extend(e)) => {
+                let n = token_count(e.tokens.len())?;
+                let len = self.context_len.unwrap_or(0);
+                // Keeps the next `Verify.position`, and its verdict's `position + 1`, representable.
+                match len.checked_add(n) {
+                    Some(grown) if grown < u32::MAX => {
+                        if n == 0 {
+                            return Err(ErrorCode::InvalidRequest);
+                        }
+                        self.context_len = Some(grown);
+                        self.finished_generate = None;
+                    }
+                    _ => return Err(ErrorCode::ContextTooLong),
+                }
             }
             (Ready, Side::Device, Message::Generate(g)) => {
                 if g.max_tokens == 0 {

@@ -167,6 +167,21 @@ const GOLDEN_CANCEL: &[u8] = &[
     0x03, // seq 3
 ];
 
+fn golden_extend() -> Message {
+    Extend {
+        tokens: vec![42, 300],
+    }
+    .into()
+}
+
+const GOLDEN_EXTEND: &[u8] = &[
+    0x00, 0x00, 0x00, 0x05, // payload length 5
+    0x0d, // variant 13: Extend
+    0x02, // 2 tokens
+    0x2a, // 42
+    0xac, 0x02, // 300
+];
+
 #[test]
 fn golden_frames_encode_exactly() {
     for (msg, bytes) in [
@@ -178,6 +193,7 @@ fn golden_frames_encode_exactly() {
         (golden_tokens(), GOLDEN_TOKENS),
         (golden_finished(), GOLDEN_FINISHED),
         (golden_cancel(), GOLDEN_CANCEL),
+        (golden_extend(), GOLDEN_EXTEND),
     ] {
         assert_eq!(encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES).unwrap(), bytes);
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
@@ -189,14 +205,15 @@ fn golden_frames_encode_exactly() {
 
 #[test]
 fn golden_constants() {
-    assert_eq!(PROTOCOL_VERSION, 4);
-    assert_eq!(ALPN, b"uhlm/4");
+    assert_eq!(PROTOCOL_VERSION, 5);
+    assert_eq!(ALPN, b"uhlm/5");
     assert_eq!(
         LEGACY_ALPNS,
         &[
             b"uhlm/1".as_slice(),
             b"uhlm/2".as_slice(),
-            b"uhlm/3".as_slice()
+            b"uhlm/3".as_slice(),
+            b"uhlm/4".as_slice()
         ]
     );
     assert_eq!(DEFAULT_MAX_FRAME_BYTES, 1024 * 1024);

@@ -736,3 +736,48 @@ fn chain_requests_are_checked_before_any_model_work() {
     far.chain.clear();
     assert_eq!(far.positions().unwrap(), [u32::MAX - 1]);
 }
+
+fn extend(n: usize) -> Message {
+    Extend { tokens: vec![1; n] }.into()
+}
+
+#[test]
+fn extend_grows_the_context_between_requests_and_has_no_answer() {
+    let mut s = ready_session();
+    let len = s.context_len().unwrap();
+    s.on_message(Device, &extend(3)).unwrap();
+    assert_eq!(s.phase(), SessionPhase::Ready, "no answer awaited");
+    assert_eq!(s.context_len(), Some(len + 3));
+    // The next Verify's position counts the extended tokens.
+    assert_eq!(
+        s.on_message(Device, &verify(1, len + 1, 1)),
+        Err(ErrorCode::PositionMismatch)
+    );
+    s.on_message(Device, &verify(1, len + 4, 1)).unwrap();
+    // Only between requests, never empty, never from the server.
+    assert_eq!(
+        s.on_message(Device, &extend(1)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+    s.on_message(Server, &verdict(1)).unwrap();
+    assert_eq!(
+        s.on_message(Device, &extend(0)),
+        Err(ErrorCode::InvalidRequest)
+    );
+    assert_eq!(
+        s.refusal(ErrorCode::InvalidRequest, &extend(0)),
+        "an Extend must carry tokens"
+    );
+    assert_eq!(
+        s.on_message(Server, &extend(1)),
+        Err(ErrorCode::UnexpectedMessage)
+    );
+    // A refused Extend fails the next request; an Error without a seq then ends the session
+    // even while that request waits.
+    s.on_message(Device, &extend(2)).unwrap();
+    let len = s.context_len().unwrap();
+    s.on_message(Device, &verify(2, len, 0)).unwrap();
+    s.on_message(Server, &error(ErrorCode::InvalidRequest, None))
+        .unwrap();
+    assert_eq!(s.phase(), SessionPhase::Closed);
+}
