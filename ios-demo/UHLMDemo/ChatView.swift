@@ -1,3 +1,5 @@
+// The screens stay with SwiftUI; the logic they draw (ios-demo/UHLMDemoCore) also builds on Linux.
+#if canImport(SwiftUI)
 import SwiftUI
 import UHLM
 
@@ -149,3 +151,4 @@ enum TokenStyle {
         }
     }
 }
+#endif
