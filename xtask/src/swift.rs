@@ -69,7 +69,7 @@ const SNIPPET_MARKER: &str = "<!-- test-swift: the snippet below is compiled and
 /// Why the Swift root needs root, and what to run instead.
 const NEED_ROOT: &str = "the Swift toolchain lives in a Debian 13 root that `cargo xtask \
      test-swift` makes with debootstrap and enters with mount and chroot, which need root: run \
-     it as root, or install sudo";
+     it as root, or as a user who may use sudo";
 
 /// Whether sudo is installed.
 fn has_sudo() -> bool {
@@ -108,7 +108,8 @@ impl Drop for Mount {
     fn drop(&mut self) {
         if let Err(e) = as_root("umount", &[&self.0.to_string_lossy()]) {
             eprintln!(
-                "warning: {} is still mounted ({e:#}); `umount {0}` before removing {0}'s root",
+                "warning: {} is still mounted ({e:#}); the next `cargo xtask test-swift` \
+                 unmounts it, or `umount` it by hand",
                 self.0.display()
             );
         }
@@ -304,6 +305,19 @@ pub fn build_host_library() -> Result<PathBuf> {
 /// `libuhlm_ffi.so`, and runs `swift test` there with the model cache mounted (the models
 /// must be fetched).
 pub fn test_swift(lib: &Path) -> Result<()> {
+    // One root, one stage: a second run on this machine (another clone) waits for the first.
+    let lock_path = cache_dir()?.join("swift/test-swift.lock");
+    std::fs::create_dir_all(lock_path.parent().expect("a parent"))?;
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        println!(
+            "waiting for another `cargo xtask test-swift` ({})",
+            lock_path.display()
+        );
+        lock.lock()
+            .with_context(|| format!("locking {}", lock_path.display()))?;
+    }
     let chroot = toolchain()?;
     // A run killed before its cleanup left its mounts: never mount twice.
     unmount_stale(&chroot)?;
