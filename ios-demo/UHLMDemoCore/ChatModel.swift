@@ -54,7 +54,7 @@ final class ChatModel {
     #if canImport(Combine)
     /// Stored, not the protocol's default: that default finds its publisher through
     /// `@Published` properties, and without any it hands out a new one on every read.
-    nonisolated let objectWillChange = ObservableObjectPublisher()
+    let objectWillChange = ObservableObjectPublisher()
     #endif
 
     private let store: SettingsStore
