@@ -88,6 +88,9 @@ final class ChatModel {
 
     var busy: Bool { phase != .idle }
 
+    /// The counters row; nil until the engine has stats.
+    var counters: Counters? { stats.map { Counters($0, vocabSize: vocabSize) } }
+
     func save(_ new: DemoSettings) {
         guard !busy else { return }
         store.save(new)

@@ -61,6 +61,16 @@ final class ChatModelTests: XCTestCase {
             XCTAssertGreaterThan(s.roundTrips, 0, "no token was sent")
             // SmolLM2's vocabulary: the dense baseline the "saved" counter compares against.
             XCTAssertEqual(chat.vocabSize, 49152)
+            // The counters row, as the screen shows it.
+            let counters = try XCTUnwrap(chat.counters)
+            XCTAssertEqual(counters.tokens, "\(summary.tokenIds.count)")
+            XCTAssertEqual(
+                counters.onDevice, String(format: "%.1f %%", 100 * Double(s.skipped) / Double(s.decisions)))
+            XCTAssertEqual(counters.uplink, "\(s.uplinkBytes) B")
+            XCTAssertTrue(matches(counters.saved, #"(9\d\.\d|100\.0) %"#), "uplink saved vs dense f32: \(counters.saved)")
+            XCTAssertTrue(matches(counters.tokensPerSecond, #"\d+\.\d"#), counters.tokensPerSecond)
+            let rtt = try XCTUnwrap(counters.roundTrip)
+            XCTAssertTrue(matches(rtt, #"\d+ ms"#), rtt)
             try await waitFor("the link report", chat) { $0.online != nil }
             XCTAssertEqual(chat.online?.0, true)
             XCTAssertFalse(chat.busy)
@@ -186,6 +196,11 @@ final class ChatModelTests: XCTestCase {
     private func lastSummary(_ chat: ChatModel) -> GenerationSummary? {
         guard case .reply(_, _, let summary) = chat.turns.last else { return nil }
         return summary
+    }
+
+    /// Whether the whole of `text` matches `pattern`.
+    private func matches(_ text: String, _ pattern: String) -> Bool {
+        text.range(of: "^(\(pattern))$", options: .regularExpression) != nil
     }
 
     /// `sources` with each run of equal neighbours collapsed: the pieces the reply is drawn in.
