@@ -145,8 +145,10 @@ fn main() -> Result<()> {
             .and_then(|()| check_phone_targets()),
         Task::TestDemo => test_demo(),
         Task::DemoDesktop => demo::demo_desktop(),
-        // The suites read SmolLM2 from the model cache.
-        Task::TestSwift => fetch_test_models()
+        // The toolchain first: where it cannot be made (no root), that is said before any
+        // build. The suites read SmolLM2 from the model cache.
+        Task::TestSwift => swift::toolchain()
+            .and_then(|_| fetch_test_models())
             .and_then(|()| swift::build_host_library())
             .and_then(|lib| swift::test_swift(&lib)),
         Task::Android => bindings::android(),

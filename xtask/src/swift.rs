@@ -149,7 +149,7 @@ fn has_swift(dir: &Path) -> bool {
 }
 
 /// The Debian 13 root with Swift, made first where it is missing.
-fn toolchain() -> Result<PathBuf> {
+pub fn toolchain() -> Result<PathBuf> {
     let dir = cache_dir()?.join("swift/trixie");
     if has_swift(&dir) {
         return Ok(dir);
