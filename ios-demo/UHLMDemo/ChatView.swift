@@ -1,3 +1,5 @@
+// The screens stay with SwiftUI; the logic they draw (ios-demo/UHLMDemoCore) also builds on Linux.
+#if canImport(SwiftUI)
 import SwiftUI
 import UHLM
 
@@ -74,20 +76,16 @@ struct ChatView: View {
     }
 
     private var counters: some View {
-        let s = chat.stats
-        let decisions = Double(s?.decisions ?? 0)
-        let baseline = decisions * 4 * Double(chat.vocabSize)
+        let c = chat.counters
         return HStack {
-            counter("tokens", s.map { "\($0.generatedTokens)" })
-            counter("on device", s.map { percent(decisions > 0 ? Double($0.skipped) / decisions : 0) })
-            counter("uplink", s.map { "\($0.uplinkBytes) B" })
-            counter("saved vs dense", s.map { baseline > 0 ? percent(1 - Double($0.uplinkBytes) / baseline) : "–" })
-            counter("tok/s", s.map { String(format: "%.1f", $0.tokensPerSecond) })
-            counter("RTT", s.flatMap { $0.roundTrips > 0 ? String(format: "%.0f ms", $0.rttMeanMs) : nil })
+            counter("tokens", c?.tokens)
+            counter("on device", c?.onDevice)
+            counter("uplink", c?.uplink)
+            counter("saved vs dense", c?.saved)
+            counter("tok/s", c?.tokensPerSecond)
+            counter("RTT", c?.roundTrip)
         }
     }
-
-    private func percent(_ f: Double) -> String { String(format: "%.1f %%", f * 100) }
 
     private func counter(_ label: String, _ value: String?) -> some View {
         VStack(alignment: .leading) {
@@ -149,3 +147,4 @@ enum TokenStyle {
         }
     }
 }
+#endif

@@ -1,3 +1,5 @@
+// The screens stay with SwiftUI; the logic they draw (ios-demo/UHLMDemoCore) also builds on Linux.
+#if canImport(SwiftUI)
 import SwiftUI
 
 /// Server address, certificate pin, API key (kept in the Keychain) and the model's address.
@@ -20,3 +22,4 @@ struct SettingsView: View {
         }
     }
 }
+#endif

@@ -109,9 +109,10 @@ enum Task {
     TestDemo,
     /// Run the demo app on the desktop, on a loopback server of its own (needs a display).
     DemoDesktop,
-    /// The Swift bindings and their XCTest suite with Swift 6.0 on this Linux host, in a
-    /// Debian 13 root made once with debootstrap (as root) in ~/.cache/uhlm/swift, against the
-    /// host's libuhlm_ffi.so (not yet part of `test`).
+    /// The Swift bindings, the iOS demo's logic and their XCTest suites (and the README's Swift
+    /// snippet) with Swift 6.0 on this Linux host, in a Debian 13 root made once with
+    /// debootstrap (as root, or through sudo) in ~/.cache/uhlm/swift, against the host's
+    /// libuhlm_ffi.so (also part of `test`).
     TestSwift,
     /// Build the Android libraries (cargo-ndk) into the AAR module's jniLibs.
     Android,
@@ -144,7 +145,12 @@ fn main() -> Result<()> {
             .and_then(|()| check_phone_targets()),
         Task::TestDemo => test_demo(),
         Task::DemoDesktop => demo::demo_desktop(),
-        Task::TestSwift => swift::test_swift(),
+        // The toolchain first: where it cannot be made (no root), that is said before any
+        // build. The suites read SmolLM2 from the model cache.
+        Task::TestSwift => swift::toolchain()
+            .and_then(|_| fetch_test_models())
+            .and_then(|()| swift::build_host_library())
+            .and_then(|lib| swift::test_swift(&lib)),
         Task::Android => bindings::android(),
         Task::Ios => bindings::ios(),
     }
@@ -351,8 +357,11 @@ fn test_steps() -> Result<()> {
         )
     })?;
     let lib = steps::step("bindings (Kotlin, Python)", test_bindings)?;
-    // The demo's UI test runs on the library the binding tests just built.
+    // The demo's UI test and the Swift suites run on the library the binding tests just built.
     steps::step("demo UI test", || demo::test_demo(&lib))?;
+    steps::step("Swift bindings and iOS demo logic", || {
+        swift::test_swift(&lib)
+    })?;
     steps::step("short soak", || soak::soak(soak::SoakArgs::short()))?;
     steps::step("replicas behind nginx", || {
         replicas::replicas(replicas::ReplicaArgs::short())

@@ -1,9 +1,11 @@
 import XCTest
 @testable import UHLM
 
-/// The whole hybrid loop on macOS (or an iOS simulator): an `EmbeddedServer` with the default
-/// LLM and an engine with the default derived draft. Needs the default models in the cache
-/// (`uhlm fetch smollm2`, or `UHLM_MODELS` pointing at a directory holding them).
+/// The whole hybrid loop, the Kotlin and Python suites' cases: an `EmbeddedServer` with the
+/// default LLM and an engine with the default derived draft. Runs on Linux under
+/// `cargo xtask test-swift` (and on macOS or an iOS simulator with the XCFramework). Needs the
+/// default models in the cache (`uhlm fetch smollm2`, or `UHLM_MODELS` pointing at a directory
+/// holding them).
 final class UhlmTests: XCTestCase {
     static var models: DefaultModels!
     static var server: EmbeddedServer!
@@ -34,11 +36,24 @@ final class UhlmTests: XCTestCase {
     private let long = GenerationOptions(temperature: 0, maxTokens: 200)
 
     func testHybridGenerationStreamsTokensInOrderAndCountsAddUp() async throws {
-        let uhlm = try await Uhlm.load(config(.hlm))
+        let progress = Floats()
+        let uhlm = try await Uhlm.load(config(.hlm)) { progress.append($0) }
+        let reports = progress.all
+        XCTAssertGreaterThan(reports.count, 2, "progress reports: \(reports)")
+        XCTAssertEqual(reports.sorted(), reports)
+        XCTAssertEqual(reports.last, 1)
         let events = Events()
-        let summary = try await uhlm.generate("The capital of France is", options: greedy) { events.append($0) }
+        let links = Links()
+        let summary = try await uhlm.generate(
+            "The capital of France is", options: greedy,
+            onToken: { events.append($0) },
+            onLinkChange: { online, _ in links.append(online) })
         let seen = events.all
 
+        // The session opened once and never dropped on loopback.
+        XCTAssertEqual(links.all, [true])
+        // SmolLM2's vocabulary, which the derived draft keeps.
+        XCTAssertEqual(uhlm.vocabSize(), 49152)
         XCTAssertFalse(summary.tokenIds.isEmpty)
         XCTAssertEqual(seen.map(\.position), (0..<UInt32(summary.tokenIds.count)).map { $0 })
         XCTAssertEqual(seen.map(\.tokenId), summary.tokenIds)
@@ -88,7 +103,9 @@ final class UhlmTests: XCTestCase {
                 if events.append(event) == 2 { uhlm.cancel() }
             }
             XCTFail("the generation was not cancelled")
-        } catch UhlmError.Cancelled {
+        } catch let error as UhlmError {
+            guard case .Cancelled = error else { return XCTFail("expected Cancelled, got \(error)") }
+            XCTAssertEqual(String(describing: error), "generation cancelled")
             let count = events.all.count
             XCTAssertTrue((2..<200).contains(count), "\(count) tokens")
         }
@@ -112,29 +129,131 @@ final class UhlmTests: XCTestCase {
         do {
             _ = try await uhlm.generate("Hello", options: greedy)
             XCTFail("a wrong key was accepted")
-        } catch UhlmError.Unauthorized {
-            // expected
+        } catch let error as UhlmError {
+            guard case .Unauthorized = error else { return XCTFail("expected Unauthorized, got \(error)") }
+            let sentence = String(describing: error)
+            XCTAssertTrue(sentence.hasPrefix("the server rejected the API key"), sentence)
+        }
+    }
+
+    func testAnotherCertificateThanThePinnedOneIsCertificateMismatch() async throws {
+        let pin = String(repeating: "ab", count: 32)
+        var pinned = config(.hlm)
+        pinned.pin = pin
+        do {
+            let uhlm = try await Uhlm.load(pinned)
+            _ = try await uhlm.generate("Hello", options: greedy)
+            XCTFail("a server with another certificate was trusted")
+        } catch let error as UhlmError {
+            guard case let .CertificateMismatch(expected, actual) = error else {
+                return XCTFail("expected CertificateMismatch, got \(error)")
+            }
+            XCTAssertEqual(expected, pin)
+            XCTAssertEqual(actual, Self.server.certFingerprint())
+            XCTAssertEqual(
+                String(describing: error),
+                "the server's certificate does not match the pinned fingerprint: expected \(pin), got \(actual)")
+        }
+    }
+
+    func testAFileThatIsNoModelIsCorruptModel() throws {
+        let path = FileManager.default.temporaryDirectory
+            .appendingPathComponent("uhlm-not-a-model-\(UUID().uuidString).gguf").path
+        try Data("not a GGUF file".utf8).write(to: URL(fileURLWithPath: path))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        XCTAssertThrowsError(try HybridEngine(config: EngineConfig(slmPath: path, mode: .slm))) { error in
+            guard case let UhlmError.CorruptModel(reported, reason) = error else {
+                return XCTFail("expected CorruptModel, got \(error)")
+            }
+            XCTAssertEqual(reported, path)
+            XCTAssertEqual(String(describing: error), "on-device model \(path) is unusable: \(reason)")
+        }
+    }
+
+    func testAnEmptyPromptIsInvalidConfig() async throws {
+        let uhlm = try await Uhlm.load(EngineConfig(slmPath: Self.models.slmPath, mode: .slm))
+        do {
+            _ = try await uhlm.generate("", options: greedy)
+            XCTFail("an empty prompt was accepted")
+        } catch let error as UhlmError {
+            XCTAssertEqual(error, .InvalidConfig(reason: "the prompt is empty"))
+            XCTAssertEqual(String(describing: error), "invalid configuration: the prompt is empty")
+        }
+    }
+
+    /// Every case, lowered into Rust and its `Display` text lifted back: the sentence the CLI
+    /// prints, through `description`, `describeError` and `localizedDescription` alike.
+    func testEveryErrorSaysItsSentence() {
+        let cases: [UhlmError] = [
+            .ModelNotFound(path: "/m.gguf"),
+            .CorruptModel(path: "/m", reason: "truncated"),
+            .InvalidConfig(reason: "x"),
+            .Unauthorized(reason: "bad key"),
+            .CertificateMismatch(expected: "aa", actual: "bb"),
+            .Tls(reason: "alpn"),
+            .VocabularyMismatch(reason: "fp"),
+            .UnsupportedVersion(reason: "2"),
+            .ServerUnreachable(addr: "a:1", reason: "timeout"),
+            .Protocol(reason: "p"),
+            .Cancelled,
+            .Model(reason: "m"),
+            .Server(reason: "s"),
+            .Unsupported(reason: "u"),
+        ]
+        for error in cases {
+            let expected = Self.sentence(error)
+            XCTAssertEqual(error.description, expected)
+            XCTAssertEqual(describeError(error: error), expected)
+            XCTAssertEqual(String(describing: error), expected)
+            XCTAssertEqual(error.localizedDescription, expected)
+        }
+    }
+
+    /// The Rust `#[error]` text of each case (rust/ffi/src/error.rs); exhaustive, so a new case
+    /// does not compile until it is here.
+    private static func sentence(_ error: UhlmError) -> String {
+        switch error {
+        case let .ModelNotFound(path): return "on-device model not found: \(path)"
+        case let .CorruptModel(path, reason): return "on-device model \(path) is unusable: \(reason)"
+        case let .InvalidConfig(reason): return "invalid configuration: \(reason)"
+        case let .Unauthorized(reason): return "the server rejected the API key: \(reason)"
+        case let .CertificateMismatch(expected, actual):
+            return "the server's certificate does not match the pinned fingerprint: expected \(expected), got \(actual)"
+        case let .Tls(reason): return "TLS handshake with the server failed: \(reason)"
+        case let .VocabularyMismatch(reason):
+            return "the on-device model's vocabulary does not match the server's model (\(reason)); use a draft model derived from the server's model"
+        case let .UnsupportedVersion(reason): return "the server speaks another protocol version: \(reason)"
+        case let .ServerUnreachable(addr, reason): return "cannot reach the server at \(addr): \(reason)"
+        case let .Protocol(reason): return "protocol error: \(reason)"
+        case .Cancelled: return "generation cancelled"
+        case let .Model(reason): return "on-device model failed: \(reason)"
+        case let .Server(reason): return "the embedded server failed: \(reason)"
+        case let .Unsupported(reason): return "not in this build of uhlm: \(reason)"
         }
     }
 }
 
-/// Token events collected from the engine's thread.
-private final class Events: @unchecked Sendable {
+/// Values collected from the engine's threads.
+private final class Collected<Value>: @unchecked Sendable {
     private let lock = NSLock()
-    private var events: [TokenEvent] = []
+    private var values: [Value] = []
 
     /// Appends and returns the new count.
     @discardableResult
-    func append(_ event: TokenEvent) -> Int {
+    func append(_ value: Value) -> Int {
         lock.lock()
         defer { lock.unlock() }
-        events.append(event)
-        return events.count
+        values.append(value)
+        return values.count
     }
 
-    var all: [TokenEvent] {
+    var all: [Value] {
         lock.lock()
         defer { lock.unlock() }
-        return events
+        return values
     }
 }
+
+private typealias Events = Collected<TokenEvent>
+private typealias Links = Collected<Bool>
+private typealias Floats = Collected<Float>
