@@ -11,8 +11,9 @@ use uhlm_core::protocol::{
 };
 
 use crate::auth::KeyId;
-use crate::server::Shared;
-use crate::session::{self, Framed, Next};
+use crate::framed::{Framed, Next};
+use crate::session;
+use crate::shared::{Shared, shutting_down};
 
 /// How long a new connection may take to open its control stream and send `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,7 +133,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 }
                 Next::Shutdown => break true,
             },
-            _ = crate::server::shutting_down(&mut shutdown) => break true,
+            _ = shutting_down(&mut shutdown) => break true,
         }
     };
     // Sessions finish their in-flight request (and are told the server is going away).

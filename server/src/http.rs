@@ -34,7 +34,7 @@ pub(crate) async fn serve(
                     continue;
                 }
             },
-            _ = crate::server::shutting_down(&mut shutdown) => return,
+            _ = crate::shared::shutting_down(&mut shutdown) => return,
         };
         let (metrics, draining) = (metrics.clone(), draining.clone());
         tokio::spawn(async move {

@@ -1,4 +1,4 @@
-//! `uhlm-server`: hosts the LLM for many devices behind QUIC (TLS 1.3, ALPN `uhlm/4`).
+//! `uhlm-server`: hosts the LLM for many devices behind QUIC (TLS 1.3, ALPN `uhlm/5`).
 //!
 //! Devices send only their uncertain tokens; for each, the server catches its KV cache up on
 //! the tokens the device committed locally and verifies the draft with speculative-sampling
@@ -20,6 +20,7 @@ pub mod config;
 mod connection;
 mod engine;
 mod error;
+mod framed;
 mod http;
 mod key_quota;
 mod llm_card;
@@ -28,6 +29,7 @@ mod rate_limit;
 pub mod serve;
 mod server;
 mod session;
+mod shared;
 mod tls;
 mod worker;
 

@@ -18,37 +18,12 @@ use crate::key_quota::KeyQuota;
 use crate::llm_card::LlmCard;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
+use crate::shared::{Shared, shutting_down};
 use crate::tls;
-use crate::worker::{SessionKey, WorkerPool, WorkerSettings};
+use crate::worker::{WorkerPool, WorkerSettings};
 
 /// How long shutdown waits for connections to finish their in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// State every connection and session task shares.
-pub(crate) struct Shared {
-    pub config: ServerConfig,
-    pub llm: LlmCard,
-    /// Checks the remote engine as each device connects (`None`: the embedded engine).
-    pub engine_probe: Option<EngineProbe>,
-    pub fingerprint: [u8; 32],
-    pub max_context_tokens: u32,
-    pub keys: ApiKeys,
-    pub limiter: RateLimiter,
-    pub metrics: Arc<Metrics>,
-    pub workers: WorkerPool,
-    pub session_slots: Arc<Semaphore>,
-    /// Sessions and connections each API key holds (see `ServerConfig::per_key_caps`).
-    pub key_sessions: KeyQuota,
-    pub key_connections: KeyQuota,
-    pub shutdown: watch::Receiver<bool>,
-    next_key: AtomicU64,
-}
-
-impl Shared {
-    pub fn next_session_key(&self) -> SessionKey {
-        self.next_key.fetch_add(1, Ordering::Relaxed)
-    }
-}
 
 /// Entry point of the library.
 #[derive(Debug)]
@@ -252,12 +227,6 @@ impl Server {
     }
 }
 
-/// Completes once shutdown has begun (or the server is gone). Holds no borrow of the channel
-/// across awaits, so futures using it stay `Send`.
-pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let mut connections = JoinSet::new();
@@ -279,7 +248,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             },
             // Reap finished connections so the set does not grow without bound.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = crate::server::shutting_down(&mut shutdown) => break,
+            _ = shutting_down(&mut shutdown) => break,
         }
     }
     // No new connections; existing ones drain their sessions.

@@ -40,9 +40,10 @@ mod catch_up;
 mod decide;
 mod forward;
 mod pass_time;
+mod plan;
 
-use forward::Plan;
 use pass_time::PassClock;
+use plan::Plan;
 
 /// Server-wide identity of a session (device session ids are only unique per connection).
 pub(crate) type SessionKey = u64;
@@ -334,6 +335,39 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
     ErrorMessage::new(code, message)
 }
 
+/// The session's entry, if it exists and still has its cache.
+fn live_entry<S>(entry: Option<&mut Entry<S>>) -> Result<&mut Entry<S>, ErrorMessage> {
+    let entry = entry.ok_or_else(gone)?;
+    if entry.llm.is_none() {
+        return Err(evicted());
+    }
+    Ok(entry)
+}
+
+/// The session is unknown here (closed, or never opened on this worker).
+fn gone() -> ErrorMessage {
+    fail(
+        ErrorCode::NeedResync,
+        "the server has no context for this session",
+    )
+}
+
+/// The session lost its cache to the memory budget.
+fn evicted() -> ErrorMessage {
+    fail(
+        ErrorCode::NeedResync,
+        "this session's cache was evicted to free memory; resend the context",
+    )
+}
+
+/// A generation's last event.
+fn finished(reason: FinishReason, len: usize) -> GenEvent {
+    GenEvent::Finished {
+        reason,
+        context_len: u32::try_from(len).unwrap_or(u32::MAX),
+    }
+}
+
 impl<E: Engine> Worker<E> {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         let mut stopping = false;
@@ -621,17 +655,9 @@ impl<E: Engine> Worker<E> {
                 "this session is already generating",
             ));
         }
-        let entry = self.sessions.get(&key).ok_or_else(|| {
-            fail(
-                ErrorCode::NeedResync,
-                "the server has no context for this session",
-            )
-        })?;
+        let entry = self.sessions.get(&key).ok_or_else(gone)?;
         let Some(llm) = entry.llm.as_ref() else {
-            return Err(fail(
-                ErrorCode::NeedResync,
-                "this session's cache was evicted to free memory; resend the context",
-            ));
+            return Err(evicted());
         };
         g.check(
             llm.len() + entry.pending.len(),
