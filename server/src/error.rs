@@ -16,6 +16,7 @@ pub enum ServerError {
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
     /// A model name could not be resolved to a file.
+    #[cfg(feature = "fetch")]
     #[error(transparent)]
     Fetch(#[from] uhlm_model::fetch::FetchError),
     /// Reading or writing a file (certificate, key, API keys, config) failed.

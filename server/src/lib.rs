@@ -15,6 +15,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cli")]
+mod args;
 mod auth;
 pub mod config;
 mod connection;
@@ -26,6 +28,7 @@ mod key_quota;
 mod llm_card;
 mod metrics;
 mod rate_limit;
+#[cfg(feature = "cli")]
 pub mod serve;
 mod server;
 mod session;
@@ -33,7 +36,9 @@ mod shared;
 mod tls;
 mod worker;
 
-pub use config::{EngineChoice, PassTarget, ServerArgs, ServerConfig};
+#[cfg(feature = "cli")]
+pub use args::ServerArgs;
+pub use config::{EngineChoice, PassTarget, ServerConfig};
 pub use engine::{EngineCheck, EngineError, RemoteKind, check_engine};
 pub use error::ServerError;
 pub use server::{Server, ServerHandle};

