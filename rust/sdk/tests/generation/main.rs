@@ -6,10 +6,9 @@
 
 mod support;
 
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
-use support::{Recorder, Script, ScriptedServer, Seen, draft_gguf, expected_output};
+use support::{DrafterHooks, Recorder, Script, ScriptedServer, Seen, draft_gguf, expected_output};
 use uhlm_sdk::{
     CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode,
     PolicyConfig, Prompt, SamplingOptions, SdkError, TokenSource,
@@ -25,6 +24,10 @@ struct Bench {
     _rt: tokio::runtime::Runtime,
 }
 
+/// The prompt's length in tokens ("Hello" is one token of SmolLM2's vocabulary): the tests that
+/// script by context length assume it.
+const PROMPT_LEN: usize = 1;
+
 fn prompt() -> Prompt {
     Prompt::Text("Hello".into())
 }
@@ -39,28 +42,27 @@ fn options(max_tokens: u32) -> GenerationOptions {
 /// A bench whose engine verifies every draft (HLM) with `max_lookahead`; `None` when the
 /// tokenizer's model is not cached.
 fn bench(script: Script, max_lookahead: usize) -> Option<Bench> {
+    let config = EngineConfig {
+        mode: Mode::Hlm,
+        policy: PolicyConfig::send_all(),
+        max_lookahead,
+        extend_after: 0,
+        ..EngineConfig::default()
+    };
+    bench_with(script, config, DrafterHooks::default())
+}
+
+/// A bench with the engine settings of `config` and a drafter with `hooks`.
+fn bench_with(script: Script, config: EngineConfig, hooks: DrafterHooks) -> Option<Bench> {
     let slm_path = draft_gguf()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let drafted_from = Arc::new(AtomicUsize::new(0));
-    let truncations = Arc::new(Mutex::new(Vec::new()));
-    let server = ScriptedServer::start(&rt, script, drafted_from.clone());
-    let engine = server.engine(
-        &rt,
-        slm_path,
-        EngineConfig {
-            mode: Mode::Hlm,
-            policy: PolicyConfig::send_all(),
-            max_lookahead,
-            extend_after: 0,
-            ..EngineConfig::default()
-        },
-        drafted_from,
-        truncations.clone(),
-    );
+    let truncations = hooks.truncations.clone();
+    let server = ScriptedServer::start(&rt, script, hooks.drafted_from.clone());
+    let engine = server.engine(&rt, slm_path, config, hooks);
     let prompt_ids = engine.tokenize_prompt(&prompt(), false).unwrap();
     Some(Bench {
         server,
@@ -236,6 +238,48 @@ fn a_rejection_drops_what_was_drafted_after_it() {
     assert_eq!(log.context, context);
 }
 
+/// The verdict rejecting the first draft arrives while the draft after it is still running:
+/// that draft followed the rejected token, so it is dropped when it finishes, and drafting
+/// goes on from the server's token.
+#[test]
+fn a_draft_finishing_after_its_rejection_is_dropped() {
+    const SERVER_TOKEN: u32 = 4321;
+    let (open, gate) = mpsc::channel();
+    let script = Script {
+        reject: Some((0, SERVER_TOKEN)),
+        reject_after_drafting: 1,
+        open_gate: Some(open),
+        ..Script::default()
+    };
+    let config = EngineConfig {
+        mode: Mode::Hlm,
+        policy: PolicyConfig::send_all(),
+        max_lookahead: 4,
+        ..EngineConfig::default()
+    };
+    let hooks = DrafterHooks {
+        // The draft of output position 1, from the prompt and the rejected draft.
+        gate: Some((PROMPT_LEN + 1, gate)),
+        ..DrafterHooks::default()
+    };
+    let Some(b) = bench_with(script, config, hooks) else {
+        return;
+    };
+    assert_eq!(b.prompt_ids.len(), PROMPT_LEN);
+    let rec = Arc::new(Recorder::default());
+    let summary = b.generate(6, &rec);
+
+    assert_eq!(
+        summary.token_ids,
+        expected_output(&b.prompt_ids, 6, &[(0, SERVER_TOKEN)])
+    );
+    let mut sources = vec![TokenSource::Accepted; 6];
+    sources[0] = TokenSource::Resampled;
+    assert_eq!(summary.sources, sources);
+    assert_events_match(&rec, &summary);
+    assert!(b.truncations.lock().unwrap().contains(&PROMPT_LEN));
+}
+
 /// Cancelling while a verdict is outstanding ends the generation with `Cancelled` at once (not
 /// after the request timeout), shows nothing more, and closes the server's session.
 #[test]
@@ -275,4 +319,86 @@ fn cancelling_while_a_verdict_is_awaited_closes_the_session() {
     );
     let log = b.server.log();
     assert_eq!(log.seen.last(), Some(&Seen::Close("cancelled".into())));
+}
+
+/// Local tokens go ahead in `Extend`s of exactly `extend_after` once that many wait, and the
+/// rest ride in the next `Verify`: the server is told every token once, in order, at the
+/// positions its own state machine expects.
+#[test]
+fn local_tokens_go_ahead_in_extends_of_extend_after() {
+    // A context of 4k tokens is uncertain: output positions 3, 7, 11
+    // are sent, the runs of three local tokens between them are given ahead two at a time.
+    let config = EngineConfig {
+        mode: Mode::Uhlm,
+        policy: PolicyConfig::fixed(0.5),
+        max_lookahead: 0,
+        extend_after: 2,
+        ..EngineConfig::default()
+    };
+    let hooks = DrafterHooks {
+        uncertain_every: 4,
+        ..DrafterHooks::default()
+    };
+    let Some(b) = bench_with(Script::default(), config, hooks) else {
+        return;
+    };
+    assert_eq!(b.prompt_ids.len(), PROMPT_LEN);
+    let rec = Arc::new(Recorder::default());
+    let summary = b.generate(12, &rec);
+
+    let t = expected_output(&b.prompt_ids, 12, &[]);
+    assert_eq!(summary.token_ids, t);
+    let sources: Vec<TokenSource> = (0..12)
+        .map(|i| {
+            if i % 4 == 3 {
+                TokenSource::Accepted
+            } else {
+                TokenSource::Local
+            }
+        })
+        .collect();
+    assert_eq!(summary.sources, sources);
+    assert_eq!(summary.stats.extends, 3, "{:?}", summary.stats);
+    assert_events_match(&rec, &summary);
+
+    // The `Close` is sent as the generation ends; wait until the server has read it.
+    assert!(
+        b.server
+            .wait_for(|l| matches!(l.seen.last(), Some(Seen::Close(_) | Seen::Ended(_)))),
+        "{:?}",
+        b.server.log().seen
+    );
+    let log = b.server.log();
+    let sent: Vec<String> = log
+        .seen
+        .iter()
+        .map(|m| match m {
+            Seen::Start(p) => format!("start {p:?}"),
+            Seen::Extend(e) => format!("extend {e:?}"),
+            Seen::Verify(v) => format!(
+                "verify @{} skipped {:?} draft {:?} chain {}",
+                v.position,
+                v.skipped,
+                v.draft.as_ref().map(|d| d.token),
+                v.chain.len()
+            ),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    let mut expected = vec![format!("start {:?}", b.prompt_ids)];
+    for run in 0..3 {
+        let at = run * 4;
+        expected.push(format!("extend {:?}", &t[at..at + 2]));
+        expected.push(format!(
+            "verify @{} skipped {:?} draft {:?} chain 0",
+            PROMPT_LEN + at + 3,
+            [t[at + 2]],
+            Some(t[at + 3])
+        ));
+    }
+    expected.push(format!("{:?}", Seen::Close("done".into())));
+    assert_eq!(sent, expected);
+    let mut context = b.prompt_ids.clone();
+    context.extend_from_slice(&t);
+    assert_eq!(log.context, context);
 }

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::PrivateKeyDer;
@@ -67,23 +67,44 @@ pub fn expected_output(prompt: &[u32], n: usize, overrides: &[(usize, u32)]) -> 
     out
 }
 
-/// A draft model whose logits put all their mass on [`next_draft`] of its context. It counts
-/// how long a context it has drafted from, so the server can wait for the device to draft ahead.
+/// A draft model whose logits put all their mass on [`next_draft`] of its context, except that
+/// a context whose length is a multiple of `uncertain_every` gets a flat row with the same
+/// argmax (an uncertain draft an uncertainty policy sends). It counts how long a context it
+/// has drafted from, so the server can wait for the device to draft ahead.
 pub struct Scripted {
     tokens: Vec<u32>,
     vocab: usize,
+    hooks: DrafterHooks,
+}
+
+/// What a test shares with (or sets for) its scripted drafter.
+#[derive(Default)]
+pub struct DrafterHooks {
+    /// Drafts from a context whose length is a multiple of this are uncertain (0: none).
+    pub uncertain_every: usize,
     /// Longest context a draft was computed from.
-    drafted_from: Arc<AtomicUsize>,
+    pub drafted_from: Arc<AtomicUsize>,
     /// Every `truncate` the drafter asked for (the rollbacks).
-    truncations: Arc<Mutex<Vec<usize>>>,
+    pub truncations: Arc<Mutex<Vec<usize>>>,
+    /// The first draft from a context of this length blocks until the server opens the gate
+    /// ([`Script::open_gate`]): a draft still running when its verdict arrives.
+    pub gate: Option<(usize, mpsc::Receiver<()>)>,
 }
 
 impl Scripted {
-    fn row(&self) -> Vec<f32> {
-        self.drafted_from
-            .fetch_max(self.tokens.len(), Ordering::SeqCst);
+    fn row(&mut self) -> Vec<f32> {
+        let len = self.tokens.len();
+        self.hooks.drafted_from.fetch_max(len, Ordering::SeqCst);
+        if self.hooks.gate.as_ref().is_some_and(|(at, _)| *at == len)
+            && let Some((_, open)) = self.hooks.gate.take()
+        {
+            // A server that dropped the sender has nothing to wait for.
+            let _ = open.recv();
+        }
+        let uncertain_every = self.hooks.uncertain_every;
+        let uncertain = uncertain_every > 0 && len.is_multiple_of(uncertain_every);
         let mut logits = vec![0.0; self.vocab];
-        logits[next_draft(&self.tokens) as usize] = 30.0;
+        logits[next_draft(&self.tokens) as usize] = if uncertain { 1.0 } else { 30.0 };
         logits
     }
 }
@@ -96,7 +117,7 @@ impl DraftModel for Scripted {
         &self.tokens
     }
     fn truncate(&mut self, n: usize) {
-        self.truncations.lock().unwrap().push(n);
+        self.hooks.truncations.lock().unwrap().push(n);
         self.tokens.truncate(n);
     }
     fn score_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SdkError> {
@@ -158,6 +179,9 @@ pub struct Script {
     pub need_resync_at: Option<usize>,
     /// Never answers the `Verify` with this index.
     pub hold_at: Option<usize>,
+    /// Opens the drafter's gate ([`DrafterHooks::gate`]) once the device's QUIC stack has
+    /// acknowledged the rejecting verdict, so that the verdict is there before the draft ends.
+    pub open_gate: Option<mpsc::Sender<()>>,
 }
 
 /// A message the server received on the session stream, or how the stream ended.
@@ -243,15 +267,14 @@ impl ScriptedServer {
         }
     }
 
-    /// An engine configured for this server, drafting with a [`Scripted`] model whose counter
-    /// is `drafted_from`; the backoff is long so that a dropped link stays down.
+    /// An engine configured for this server, drafting with a [`Scripted`] model with `hooks`;
+    /// the backoff is long so that a dropped link stays down.
     pub fn engine(
         &self,
         rt: &tokio::runtime::Runtime,
         slm_path: PathBuf,
         config: EngineConfig,
-        drafted_from: Arc<AtomicUsize>,
-        truncations: Arc<Mutex<Vec<usize>>>,
+        hooks: DrafterHooks,
     ) -> HybridEngine {
         let config = EngineConfig {
             slm_path,
@@ -268,8 +291,7 @@ impl ScriptedServer {
             Ok(Box::new(Scripted {
                 tokens: Vec::new(),
                 vocab: model.info().vocab_size,
-                drafted_from,
-                truncations,
+                hooks,
             }))
         })
         .unwrap()
@@ -364,6 +386,7 @@ async fn session(
     let mut prompt_len = 0;
     let mut verifies = 0;
     let mut resynced = false;
+    let mut rejected = false;
     loop {
         let msg = match read(&mut recv, &mut decoder).await {
             Ok(m) => m,
@@ -459,6 +482,7 @@ async fn session(
                     let mut l = log.lock().unwrap();
                     let verdict = decide(&v, &mut l.context, prompt_len, script.reject);
                     l.verdicts += 1;
+                    rejected = !verdict.accepted;
                     Some(Message::Verdict(verdict))
                 }
             }
@@ -479,7 +503,17 @@ async fn session(
                     .push(format!("server: {} refused: {c}", reply.kind()));
                 return;
             }
+            let acks = conn.stats().frame_rx.acks;
             write(&mut send, &reply).await;
+            if std::mem::take(&mut rejected)
+                && let Some(open) = &script.open_gate
+            {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while conn.stats().frame_rx.acks == acks && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let _ = open.send(());
+            }
         }
     }
 }
