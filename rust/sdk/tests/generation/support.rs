@@ -68,7 +68,7 @@ pub fn expected_output(prompt: &[u32], n: usize, overrides: &[(usize, u32)]) -> 
 }
 
 /// A draft model whose logits put all their mass on [`next_draft`] of its context, except that
-/// a context whose length is a multiple of `uncertain_every` gets a flat row with the same
+/// a context whose length is a multiple of [`DrafterHooks::uncertain_every`] gets a flat row with the same
 /// argmax (an uncertain draft an uncertainty policy sends). It counts how long a context it
 /// has drafted from, so the server can wait for the device to draft ahead.
 pub struct Scripted {
@@ -171,7 +171,8 @@ pub struct Script {
     /// token there instead.
     pub reject: Option<(usize, u32)>,
     /// Holds the verdict that rejects until the device has drafted this many tokens past the
-    /// rejected one (or a few seconds passed: the device's lookahead may allow fewer).
+    /// rejected one, or for 2 s: the lookahead adapts to the measured round trip and may allow
+    /// only one draft past it, which (drafting takes microseconds) is in the window by then.
     pub reject_after_drafting: usize,
     /// Closes the connection when a `Verify` arrives after this many verdicts.
     pub drop_after_verdicts: Option<usize>,
