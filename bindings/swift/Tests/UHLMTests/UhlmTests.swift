@@ -152,7 +152,7 @@ final class UhlmTests: XCTestCase {
             XCTAssertEqual(actual, Self.server.certFingerprint())
             XCTAssertEqual(
                 String(describing: error),
-                "the server's certificate does not match the pinned fingerprint: expected \(pin), got \(actual)")
+                "the server's certificate does not match the pinned fingerprint: expected \(pin), got \(actual); check --pin against the fingerprint the server printed")
         }
     }
 
@@ -218,7 +218,7 @@ final class UhlmTests: XCTestCase {
         case let .InvalidConfig(reason): return "invalid configuration: \(reason)"
         case let .Unauthorized(reason): return "the server rejected the API key: \(reason)"
         case let .CertificateMismatch(expected, actual):
-            return "the server's certificate does not match the pinned fingerprint: expected \(expected), got \(actual)"
+            return "the server's certificate does not match the pinned fingerprint: expected \(expected), got \(actual); check --pin against the fingerprint the server printed"
         case let .Tls(reason): return "TLS handshake with the server failed: \(reason)"
         case let .VocabularyMismatch(reason):
             return "the on-device model's vocabulary does not match the server's model (\(reason)); use a draft model derived from the server's model"
