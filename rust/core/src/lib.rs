@@ -16,6 +16,8 @@
 //! - [`channel`]: a simulated wireless link for throughput estimates.
 //! - [`fast_exp`]: a vectorisable `exp` for the per-token passes over the vocabulary.
 
+#![forbid(unsafe_code)]
+
 pub mod channel;
 pub mod chat;
 pub mod codec;

@@ -10,6 +10,8 @@
 //! - [`humaneval`]: the HumanEval task, scored by executing completions against its tests.
 //! - [`token_cost`]: what one drafted token costs the device beyond the SLM's forward pass.
 
+#![forbid(unsafe_code)]
+
 pub mod calibrate;
 pub mod engine_process;
 pub mod humaneval;

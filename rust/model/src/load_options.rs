@@ -14,6 +14,11 @@ pub struct LoadOptions {
     /// process, so only the first load of a process can set it; later loads asking for a
     /// different count log a warning. `None` leaves candle's default (physical cores, or
     /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`).
+    ///
+    /// candle reads the count only from `CANDLE_NUM_THREADS`, so the first load sets that
+    /// variable, which is undefined behaviour if non-Rust code (a JVM, libc's name resolution)
+    /// reads the environment at that moment. A host that runs such threads sets
+    /// `CANDLE_NUM_THREADS` itself before starting them and leaves this `None`.
     pub threads: Option<usize>,
     /// Use this HuggingFace `tokenizer.json` instead of the tokenizer embedded in the GGUF.
     pub tokenizer_json: Option<PathBuf>,

@@ -201,15 +201,25 @@ static KERNEL_THREADS: OnceLock<usize> = OnceLock::new();
 
 /// Sizes candle's kernel pool. candle 0.11's quantized matmuls and elementwise kernels run on
 /// a process-global spin-barrier pool (not rayon's current pool, so `ThreadPool::install`
-/// has no effect), sized from `CANDLE_NUM_THREADS` when first used. The first load therefore
-/// sets that variable, unless the user already did.
+/// has no effect), sized from `CANDLE_NUM_THREADS` when first used, and candle offers no other
+/// way to size it. The first load therefore sets that variable, unless the user already did
+/// or it would not change the count. A host that cannot rule out foreign threads reading the
+/// environment (a JVM, a server resolving names) sets `CANDLE_NUM_THREADS` itself before it
+/// starts threads, and then no variable is written here.
 fn configure_threads(requested: Option<usize>) {
     let actual = *KERNEL_THREADS.get_or_init(|| {
         if let Some(n) = requested.filter(|n| *n > 0)
             && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+            && n != kernel_threads_from_env()
         {
-            // SAFETY: runs once, on the first model load, before candle has started its
-            // pool; the runtime spawns no threads that read the environment concurrently.
+            // SAFETY: `set_var` is sound only while no other thread reads or writes the
+            // environment outside std's lock. Rust code goes through `std::env`, which takes
+            // that lock, so the hazard is non-Rust code calling `getenv`/`setenv` at the same
+            // time (libc's name resolution and time-zone code, a JVM's threads). This crate
+            // cannot see its host's threads; it narrows the window to one call per process, on
+            // the first load, only when a thread count is asked for that the environment does
+            // not already give, and `LoadOptions::threads` tells a host with such threads to
+            // set `CANDLE_NUM_THREADS` before starting them, which skips this call.
             unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
         }
         kernel_threads_from_env()
