@@ -8,6 +8,7 @@
 //! - [`sampling`]: logits → the distribution a system samples from (temperature, top-k, top-p).
 //! - [`verify`]: speculative-sampling verification of one draft token.
 //! - [`uncertainty`]: how unsure the SLM is about its draft, from one forward pass.
+//! - [`sample`]: calibration samples, `(u, beta)` with or without a weight.
 //! - [`threshold`]: when an uncertain token is worth sending (fit, thresholds, recalibration).
 //! - [`risk_control`]: a threshold whose quality cost is bounded with confidence (Learn-then-Test).
 //! - [`lookahead`]: the device's drafting window while a chain of drafts is being verified.
@@ -25,6 +26,7 @@ pub mod fast_exp;
 pub mod lookahead;
 pub mod protocol;
 pub mod risk_control;
+pub mod sample;
 pub mod sampling;
 pub mod threshold;
 pub mod uncertainty;
