@@ -14,12 +14,10 @@
 //! - [`lookahead`]: the device's drafting window while a chain of drafts is being verified.
 //! - [`codec`]: the compressed distribution sent uplink, and the exact `q'` the server sees.
 //! - [`protocol`]: the messages and framing on the wire.
-//! - [`channel`]: a simulated wireless link for throughput estimates.
 //! - [`fast_exp`]: a vectorisable `exp` for the per-token passes over the vocabulary.
 
 #![forbid(unsafe_code)]
 
-pub mod channel;
 pub mod chat;
 pub mod codec;
 pub mod fast_exp;

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use uhlm_core::channel::{Channel, ChannelConfig};
+use crate::channel::{Channel, ChannelConfig};
 use uhlm_core::codec::{Codec, encode};
 use uhlm_core::protocol::{Draft, Generate, Message, Tokens, Verdict, Verify, encode_frame};
 use uhlm_core::sampling::{SamplingOptions, argmax, probabilities_into};
