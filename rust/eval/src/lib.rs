@@ -16,12 +16,15 @@
 pub mod calibrate;
 pub mod channel;
 pub mod engine_process;
+mod eval_prompt;
 pub mod humaneval;
 pub mod measured;
 pub mod pair;
 pub mod paper;
 pub mod plot;
 pub mod prompts;
+#[cfg(test)]
+mod test_support;
 pub mod token_cost;
 
 use std::path::PathBuf;

@@ -29,13 +29,15 @@ use uhlm_sdk::{
     TokenSource,
 };
 
-use super::{Executor, Problem, PromptFormat, Sample, SampleFile, SampleKey, stop_strings};
+use super::{
+    Executor, Problem, PromptFormat, Sample, SampleFile, SampleKey, eval_prompt, stop_strings,
+};
 use crate::EvalError;
 use crate::calibrate::{CalibrationOptions, CalibrationRun, calibrate_with_progress};
 use crate::measured::{ServerProcess, engine_config_for};
 use crate::pair::Pair;
 use crate::paper::{SystemKind, SystemSpec, systems};
-use crate::prompts::{EvalPrompt, PromptSet};
+use crate::prompts::PromptSet;
 
 /// Parameters of a run. Everything that changes what a sample is belongs here: a resumed run
 /// must have the same options (see [`HumanEvalOptions::check_resumable`]).
@@ -161,14 +163,6 @@ pub fn folds(problems: usize, options: &HumanEvalOptions) -> Vec<Fold> {
             calibration: outside(fold),
         })
         .collect()
-}
-
-/// The request every system answers for `problem`.
-pub fn eval_prompt(problem: &Problem, format: PromptFormat) -> EvalPrompt {
-    EvalPrompt {
-        prompt: format.request(problem),
-        chat: format == PromptFormat::Chat,
-    }
 }
 
 /// Calibrates a fold on its calibration problems, every estimator, at temperature 0.
@@ -857,7 +851,7 @@ mod tests {
 
     #[test]
     fn signals_are_scored_per_output_and_the_combined_predictor_out_of_fold() {
-        use crate::calibrate::tests::synthetic_run;
+        use crate::test_support::synthetic_run;
         let runs = [synthetic_run(1), synthetic_run(2)];
         let scores = signal_scores(&runs, &[0.05, 0.1, 0.2], 0.9).unwrap();
         assert_eq!(scores.len(), 6, "five signals and the combined predictor");
