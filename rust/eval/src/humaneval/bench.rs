@@ -12,11 +12,11 @@
 //! Every generation is appended to its sample file as soon as it is scored, and calibrations
 //! are kept as JSON, so an interrupted run resumes where it stopped.
 //!
-//! - [`options`]: what a run is asked for.
-//! - [`folds`]: cross-fitted folds, their calibration and thresholds.
-//! - [`generation`]: generating and recording every pending sample.
-//! - [`scoring`]: pass@1 per system from the sample files.
-//! - [`signals`]: how well each uncertainty signal predicts a mismatch.
+//! - `options`: what a run is asked for.
+//! - `folds`: cross-fitted folds, their calibration and thresholds.
+//! - `generation`: generating and recording every pending sample.
+//! - `scoring`: pass@1 per system from the sample files.
+//! - `signals`: how well each uncertainty signal predicts a mismatch.
 
 mod folds;
 mod generation;
