@@ -51,7 +51,7 @@ enum Weights {
     Gemma3(Gemma3),
 }
 
-/// A loaded model. Immutable and shared through `Arc`: any number of [`Session`]s decode
+/// A loaded model. Immutable and shared through `Arc`: any number of [`Session`](crate::Session)s decode
 /// against the same weights.
 pub struct Model {
     info: ModelInfo,
