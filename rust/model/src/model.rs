@@ -51,8 +51,8 @@ enum Weights {
     Gemma3(Gemma3),
 }
 
-/// A loaded model. Immutable and shared through `Arc`: any number of [`Session`](crate::Session)s decode
-/// against the same weights.
+/// A loaded model. Immutable and shared through `Arc`: any number of
+/// [`Session`](crate::Session)s decode against the same weights.
 pub struct Model {
     info: ModelInfo,
     path: PathBuf,
