@@ -79,25 +79,6 @@ pub struct BenchModelArgs {
     json: bool,
 }
 
-/// Prints a benchmark's report on stdout: one JSON object (`--json`), or its table followed by
-/// where its files are.
-pub fn print_report<R: serde::Serialize>(
-    report: &R,
-    json: bool,
-    dir: &std::path::Path,
-    table: impl FnOnce(&R, &mut std::io::StdoutLock<'static>) -> Result<()>,
-) -> Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(out, "{}", serde_json::to_string(report)?)?;
-    } else {
-        table(report, &mut out)?;
-        writeln!(out, "files in {}", dir.display())?;
-    }
-    Ok(())
-}
-
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(args) => bench(args),

@@ -206,7 +206,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         serde_json::to_string_pretty(&report)?,
     )?;
     plot(&report, &args.out)?;
-    crate::bench::print_report(&report, args.json, &args.out, print_table)
+    crate::report_output::print_report(&report, args.json, &args.out, print_table)
 }
 
 fn serve_command(

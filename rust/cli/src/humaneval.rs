@@ -248,7 +248,7 @@ pub fn run(args: HumanEvalArgs) -> Result<()> {
         options,
     };
     write_files(&report, &args.out)?;
-    crate::bench::print_report(&report, args.json, &args.out, print_table)?;
+    crate::report_output::print_report(&report, args.json, &args.out, print_table)?;
     Ok(())
 }
 

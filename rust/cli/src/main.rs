@@ -11,6 +11,7 @@ mod models;
 mod pair_args;
 mod paper;
 mod pipeline;
+mod report_output;
 mod run;
 mod tokenize;
 

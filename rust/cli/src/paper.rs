@@ -99,7 +99,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
         report.add_measured(measure_options, runs);
     }
     write_files(&report, &args.out)?;
-    crate::bench::print_report(&report, args.json, &args.out, print_table)?;
+    crate::report_output::print_report(&report, args.json, &args.out, print_table)?;
     Ok(())
 }
 

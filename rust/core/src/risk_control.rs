@@ -35,6 +35,9 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::sample::Sample;
+pub use crate::sample::WeightedSample;
+
 /// Why a controlled threshold could not be computed.
 #[derive(Clone, Debug, PartialEq, Error)]
 pub enum RiskControlError {
@@ -46,25 +49,6 @@ pub enum RiskControlError {
     NonFiniteSample { index: usize, u: f32, beta: f32 },
     #[error("sample {index} has weight {weight}; weights must be finite and >= 0")]
     InvalidWeight { index: usize, weight: f64 },
-}
-
-/// A calibration sample with a weight (importance × forgetting in the online refit).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WeightedSample {
-    pub u: f32,
-    pub beta: f32,
-    pub weight: f64,
-}
-
-impl From<crate::threshold::Sample> for WeightedSample {
-    /// An unweighted calibration sample counts once.
-    fn from(s: crate::threshold::Sample) -> Self {
-        Self {
-            u: s.u,
-            beta: s.beta,
-            weight: 1.0,
-        }
-    }
 }
 
 /// The threshold chosen by [`controlled_threshold`] and what the calibration says about it.
@@ -214,7 +198,7 @@ pub fn excess_p_value(risk_hat: f64, n_eff: f64, alpha: f64) -> f64 {
 /// (it is a probability; a fitted or noisy value outside only shifts it to the nearest valid
 /// loss). Returns `u_th = 0` (skip nothing) when no candidate passes, including for no samples.
 pub fn controlled_threshold(
-    samples: &[crate::threshold::Sample],
+    samples: &[Sample],
     alpha: f64,
     delta: f64,
 ) -> Result<RiskControlled, RiskControlError> {
@@ -319,7 +303,7 @@ pub fn controlled_threshold_weighted(
 /// Hoeffding–Bentkus p-value), with `n` the number of outputs; `skip_rate` is the share of
 /// calibration tokens below the threshold.
 pub fn controlled_threshold_per_output(
-    outputs: &[Vec<crate::threshold::Sample>],
+    outputs: &[Vec<Sample>],
     alpha: f64,
     delta: f64,
 ) -> Result<RiskControlled, RiskControlError> {
@@ -431,8 +415,8 @@ mod tests {
         assert_eq!(min_certifying_samples(0.01, 0.1).ceil(), 230.0);
     }
 
-    fn sample(u: f32, beta: f32) -> crate::threshold::Sample {
-        crate::threshold::Sample { u, beta }
+    fn sample(u: f32, beta: f32) -> Sample {
+        Sample { u, beta }
     }
 
     #[test]

@@ -8,16 +8,23 @@
 //!   emulated link, per link profile.
 //! - [`plot`]: SVG plots of the results.
 //! - [`humaneval`]: the HumanEval task, scored by executing completions against its tests.
+//! - [`channel`]: a simulated Rayleigh-fading link for the closed-form throughput estimates.
 //! - [`token_cost`]: what one drafted token costs the device beyond the SLM's forward pass.
 
+#![forbid(unsafe_code)]
+
 pub mod calibrate;
+pub mod channel;
 pub mod engine_process;
+mod eval_prompt;
 pub mod humaneval;
 pub mod measured;
 pub mod pair;
 pub mod paper;
 pub mod plot;
 pub mod prompts;
+#[cfg(test)]
+mod test_support;
 pub mod token_cost;
 
 use std::path::PathBuf;

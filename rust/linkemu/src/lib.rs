@@ -11,6 +11,8 @@
 //! - [`stats`]: the relay's counters per direction.
 //! - [`units`]: parsing of `1mbit`, `32KiB`, `1%`, `30ms` in profile specs.
 
+#![forbid(unsafe_code)]
+
 pub mod link;
 pub mod profile;
 pub mod relay;

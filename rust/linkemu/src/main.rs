@@ -6,6 +6,8 @@
 //! uhlm run --server 127.0.0.1:5544 ...
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -5,8 +5,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::Device;
 use crate::error::ModelError;
-use crate::model::{Device, LoadOptions, Model, Outputs, kernel_threads};
+use crate::forward_pass::Outputs;
+use crate::load_options::LoadOptions;
+use crate::model::{Model, kernel_threads};
 use crate::session::{BatchItem, Session};
 
 /// Timings of one [`bench_model`] run.

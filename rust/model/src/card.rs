@@ -8,10 +8,11 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::architecture::Architecture;
 use crate::chat_template::ChatTemplate;
 use crate::error::ModelError;
 use crate::gguf::GgufFile;
-use crate::model::{Architecture, STAND_IN_KEY};
+use crate::model::STAND_IN_KEY;
 use crate::tokenizer::Tokenizer;
 
 /// A model's metadata, tokenizer and chat template, read from its GGUF header.

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 
+use crate::architecture::Architecture;
 use crate::error::ModelError;
 use crate::gemma3::SLIDING_PATTERN_KEY;
 use crate::gguf::GgufFile;
-use crate::model::Architecture;
 
 /// Which blocks to keep and how to store the weights.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

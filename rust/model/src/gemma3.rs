@@ -11,12 +11,13 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{Device, Result, Tensor};
 
+use crate::architecture::Dims;
 use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
+use crate::forward_pass::{Part, concat_rows, output_rows, row_spans, split_rows};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvShape;
 use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
-use crate::model::{Dims, Part, concat_rows, output_rows, row_spans, split_rows};
 
 /// Every n-th layer is global when the file does not say otherwise (llama.cpp's default).
 const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;

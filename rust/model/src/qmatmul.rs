@@ -26,7 +26,7 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
-use crate::model::Kernels;
+use crate::load_options::Kernels;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

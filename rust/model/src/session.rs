@@ -3,8 +3,18 @@
 use std::sync::Arc;
 
 use crate::error::ModelError;
+use crate::forward_pass::{Outputs, Part};
 use crate::kv_cache::KvCache;
-use crate::model::{Model, Outputs, Part};
+use crate::model::Model;
+
+// Opening a session belongs to the session, not to the model it reads: the model never
+// names the session type, so `model.rs` does not depend on this file.
+impl Model {
+    /// A fresh decoding session with its own KV cache.
+    pub fn session(self: &Arc<Self>) -> Session {
+        Session::new(self.clone())
+    }
+}
 
 /// Next-token logits for consecutive positions, row-major `(rows, vocab)`.
 #[derive(Debug, Clone, PartialEq)]

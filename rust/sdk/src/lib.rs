@@ -31,6 +31,8 @@
 //! # Ok::<(), uhlm_sdk::SdkError>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod cancel;
 mod config;
 mod draft_model;

@@ -12,6 +12,16 @@ use thiserror::Error;
 
 use super::{ErrorCode, Message};
 
+/// Frame limit used until `Welcome` says otherwise, and the server's default (1 MiB).
+///
+/// Every codec fits for SmolLM2-sized vocabularies (dense f32: 196 KiB). The dense-f32 baseline
+/// over a 262 144-token vocabulary (Gemma 3) is 1 MiB of values plus a header: a server hosting
+/// such a model and serving that baseline raises its limit ([`LARGE_VOCAB_MAX_FRAME_BYTES`]).
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 1 << 20;
+
+/// A frame limit that fits a dense-f32 distribution over 262 144 tokens with room to spare.
+pub const LARGE_VOCAB_MAX_FRAME_BYTES: u32 = 1 << 21;
+
 /// Bytes of the length prefix in front of every payload.
 pub const FRAME_HEADER_BYTES: usize = 4;
 

@@ -10,7 +10,8 @@ use serde::de::{Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
-use super::{ErrorCode, PROTOCOL_VERSION};
+use super::ErrorCode;
+use super::version::PROTOCOL_VERSION;
 use crate::chat::ChatMessage;
 use crate::sampling::SamplingOptions;
 

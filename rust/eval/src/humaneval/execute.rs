@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{HumanEvalError, Problem};
+use super::data::Problem;
+use super::error::HumanEvalError;
 
 /// Environment variable naming the Python interpreter (shared with model fetching).
 pub const PYTHON_ENV: &str = uhlm_model::fetch::PYTHON_ENV;

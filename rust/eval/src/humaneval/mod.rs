@@ -14,57 +14,18 @@
 
 pub mod bench;
 pub mod data;
+mod error;
 pub mod execute;
 pub mod pass_at_k;
 pub mod prompt;
 pub mod samples;
 
-use std::path::PathBuf;
-
 pub use data::{Problem, fetch_problems, humaneval_spec, load_problems};
+pub use error::HumanEvalError;
 pub use execute::{ExecResult, Executor, Sandbox, check_program};
 pub use pass_at_k::{mean_pass_at_k, pass_at_k};
 pub use prompt::{
-    CHAT_INSTRUCTION, PromptFormat, chat_request, completion_from_reply, stop_strings,
+    CHAT_INSTRUCTION, PromptFormat, chat_request, completion_from_reply, eval_prompt, stop_strings,
     truncate_completion,
 };
 pub use samples::{Sample, SampleFile, SampleKey};
-
-/// Everything the HumanEval task can fail with (execution failures of a completion are results,
-/// not errors: see [`ExecResult`]).
-#[derive(Debug, thiserror::Error)]
-pub enum HumanEvalError {
-    #[error(transparent)]
-    Fetch(#[from] uhlm_model::fetch::FetchError),
-    #[error("HumanEval problems file {} is missing; fetch it with `fetch_problems`", path.display())]
-    MissingProblems { path: PathBuf },
-    #[error("HumanEval problems file {} is corrupt (line {line}): {reason}", path.display())]
-    CorruptProblems {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
-    #[error("unknown prompt format {0:?}; expected completion or chat")]
-    UnknownFormat(String),
-    #[error("`{python}` cannot run Python 3 programs: {reason} (set UHLM_PYTHON)")]
-    PythonUnusable { python: String, reason: String },
-    #[error("sample file {} is corrupt at line {line}: {reason}", path.display())]
-    CorruptSamples {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
-    #[error("I/O error on {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> HumanEvalError + '_ {
-    move |source| HumanEvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}

@@ -11,7 +11,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HumanEvalError, Problem};
+use super::data::Problem;
+use super::error::HumanEvalError;
+use crate::eval_prompt::EvalPrompt;
 
 /// Codex's stop strings (Chen et al. 2021, and human-eval's README): a new top-level statement
 /// means the function is finished.
@@ -239,6 +241,14 @@ fn indent_body(code: &str) -> String {
     }
     out.push('\n');
     out
+}
+
+/// The request every system answers for `problem`.
+pub fn eval_prompt(problem: &Problem, format: PromptFormat) -> EvalPrompt {
+    EvalPrompt {
+        prompt: format.request(problem),
+        chat: format == PromptFormat::Chat,
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{HumanEvalError, io_err};
+use super::error::{HumanEvalError, io_err};
 
 /// One generation for one problem, with how it scored and what it cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -95,6 +95,10 @@ trait Block: Sync {
     /// Whether the unpacked values are signed (Q8_0), else unsigned bytes.
     const SIGNED: bool;
     /// The 32 values in order, as bytes.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 (the kernels that call it are compiled for it and chosen only
+    /// after detecting it).
     unsafe fn unpack(&self) -> __m256i;
     /// Scale of the integer products.
     fn d(&self) -> f32;
@@ -106,12 +110,20 @@ trait Block: Sync {
 /// (`vpinsrw`), which chains every block's scale load onto the previous one.
 #[inline(always)]
 fn f32_of(h: f16) -> f32 {
-    // SAFETY: F16C is part of the AVX2 level these kernels require.
+    // SAFETY: F16C is part of the level these kernels require (`avx2,fma,f16c`): this
+    // private function is called only from `Block` methods, which run only inside the
+    // `#[target_feature]` kernels that `matmul` enters after detecting those features.
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32))) }
 }
 
+/// The 32 nibbles of `qs`, low ones first, one per byte.
+///
+/// # Safety
+/// The CPU supports AVX2.
 #[inline(always)]
 unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+    // SAFETY: the caller guarantees AVX2; the one load reads the 16 bytes `qs` borrows
+    // (unaligned load), the rest is register-only.
     unsafe {
         let bytes = _mm_loadu_si128(qs.as_ptr().cast());
         let low = _mm_and_si128(bytes, _mm_set1_epi8(0x0f));
@@ -121,8 +133,13 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
 }
 
 /// 0x10 in byte `j` where bit `j` of `qh` is set (ggml's `bytes_from_bits_32`, masked).
+///
+/// # Safety
+/// The CPU supports AVX2.
 #[inline(always)]
 unsafe fn fifth_bits(qh: &[u8; 4]) -> __m256i {
+    // SAFETY: register-only AVX2 intrinsics (`qh` is read as a plain value); the caller
+    // guarantees AVX2.
     unsafe {
         let bits = _mm256_set1_epi32(i32::from_le_bytes(*qh));
         let spread = _mm256_shuffle_epi8(
@@ -149,6 +166,8 @@ macro_rules! block {
             #[inline(always)]
             unsafe fn unpack(&self) -> __m256i {
                 let $s = self;
+                // SAFETY: the caller guarantees AVX2 (`Block::unpack`'s contract); the
+                // expressions read only the block `self` borrows.
                 unsafe { $unpack }
             }
             #[inline(always)]
@@ -248,6 +267,10 @@ fn quantize(x: &[f32], m: usize, k: usize) -> Vec<Act> {
 /// [`columns`] compiled for one instruction set.
 macro_rules! columns_on {
     ($name:ident, $dot:ty, $features:literal) => {
+        /// [`columns`] compiled for these features.
+        ///
+        /// # Safety
+        /// The CPU has the features; otherwise as [`columns`].
         #[target_feature(enable = $features)]
         unsafe fn $name<B: Block>(
             acts: &[Act],
@@ -258,6 +281,8 @@ macro_rules! columns_on {
             cols: std::ops::Range<usize>,
             dst: *mut f32,
         ) {
+            // SAFETY: this function's contract is `columns`' own, and the features are
+            // enabled here, which `$dot`'s instructions need.
             unsafe { columns::<$dot, B>(acts, w, kb, m, n, cols, dst) }
         }
     };
@@ -267,6 +292,11 @@ columns_on!(columns_avx2, Avx2, "avx2,fma,f16c");
 columns_on!(columns_vnni, AvxVnni, "avx2,fma,f16c,avxvnni");
 
 /// Columns `cols` of `dst`, tile by tile.
+///
+/// # Safety
+/// The CPU has `D`'s instruction set; `acts` holds `m * kb` blocks and `w` at least
+/// `cols.end * kb`; `dst` points to an `m × n` row-major buffer, `cols.end <= n`, and no other
+/// thread reads or writes columns `cols` of it during the call.
 #[inline(always)]
 unsafe fn columns<D: Dot, B: Block>(
     acts: &[Act],
@@ -284,6 +314,9 @@ unsafe fn columns<D: Dot, B: Block>(
             let rows = (m - r).min(RM);
             let out = dst.wrapping_add(r * n + c);
             let rows_at = &acts[r * kb..];
+            // SAFETY: `rows_at` holds the `rows * kb` blocks of rows `r..r + rows < m`, `col`
+            // holds `kb` blocks, and `out` plus `(rows - 1) * n` stays inside column `c` of
+            // `dst`, which this call owns (our contract); the ISA is the caller's.
             unsafe {
                 match rows {
                     1 => tile::<D, B, 1>(col, rows_at, kb, n, out),
@@ -305,6 +338,11 @@ unsafe fn columns<D: Dot, B: Block>(
 /// (decode) and in a batch (prefill, verification): with 8-bit activations, a last-bit
 /// difference can flip a rounding in the next layer and grow into visible logit changes.
 /// Two accumulators also let consecutive blocks' FMAs overlap.
+///
+/// # Safety
+/// The CPU has `D`'s instruction set (AVX2, FMA, F16C at least); `col` holds `kb` blocks,
+/// `acts` at least `R * kb`; `out.add(i * n)` for `i < R` is valid for a write that no other
+/// thread makes at the same time.
 #[inline(always)]
 unsafe fn tile<D: Dot, B: Block, const R: usize>(
     col: &[B],
@@ -313,6 +351,9 @@ unsafe fn tile<D: Dot, B: Block, const R: usize>(
     n: usize,
     out: *mut f32,
 ) {
+    // SAFETY: our contract: `get_unchecked` indices stay below `kb` (`col`) and `R * kb`
+    // (`acts`), the loads read within those blocks, the prefetch never faults, and the stores
+    // are the `R` writes the caller gave us; the intrinsics need `D`'s ISA, which it has.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); R]; 2];
         let mut offset = [[0f32; R]; 2];
@@ -374,17 +415,26 @@ unsafe fn tile<D: Dot, B: Block, const R: usize>(
 const PREFETCH_AHEAD: usize = 2048;
 
 /// Prefetches `LINES` cache lines starting `PREFETCH_AHEAD` bytes after `p`.
+///
+/// # Safety
+/// The CPU supports SSE (every x86_64 does). `p` may point anywhere: it is never read.
 #[inline(always)]
 pub(super) unsafe fn prefetch<const LINES: usize>(p: *const u8) {
     let ahead = p.wrapping_add(PREFETCH_AHEAD).cast::<i8>();
     for line in 0..LINES {
-        // SAFETY: a prefetch never faults, whatever the address.
+        // SAFETY: a prefetch never faults, whatever the address (`wrapping_add` makes no
+        // in-bounds claim), and SSE is baseline on x86_64.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line)) };
     }
 }
 
+/// The sum of the eight lanes of `v`.
+///
+/// # Safety
+/// The CPU supports AVX.
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: register-only AVX/SSE3 intrinsics; the caller guarantees AVX (part of AVX2).
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));

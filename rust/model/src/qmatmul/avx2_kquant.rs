@@ -273,6 +273,7 @@ pub(crate) fn matmul(w: &Packed, isa: Isa, m: usize, n: usize, x: &[f32], dst: &
     }
 }
 
+/// A tile function; its contract is [`q4k`]'s (and the tile's features on the CPU).
 type Tile<B> = unsafe fn(&[B], &[Act], usize, usize, *mut f32);
 
 /// A kernel's tiles for 1 to [`RM`] rows.
@@ -297,8 +298,9 @@ fn run<B: Sync>(
                 let out = (dst_ptr as *mut f32).wrapping_add(r * n + group * 8);
                 let a = &acts[r * kb..];
                 // SAFETY: the tiles' instruction set was detected before this path was
-                // chosen; each (row, 8-column group) of dst is written by exactly one work
-                // item.
+                // chosen; `col` holds `kb` blocks and `a` the `rows * kb` of rows
+                // `r..r + rows <= m`; each (row, 8-column group) of `dst` (`m × n`, `n` a
+                // multiple of 8) is written by exactly one work item.
                 unsafe { tiles[rows - 1](col, a, kb, n, out) };
                 r += rows;
             }
@@ -309,6 +311,10 @@ fn run<B: Sync>(
 /// The tile functions of one kernel: the generic body compiled for one instruction set.
 macro_rules! tiles {
     ($name:ident, $tiles:ident, $body:ident, $block:ty, $dot:ty, $features:literal) => {
+        /// The kernel body compiled for these features.
+        ///
+        /// # Safety
+        /// The CPU has the features; otherwise as the body ([`q4k`]).
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(
             col: &[$block],
@@ -317,6 +323,8 @@ macro_rules! tiles {
             n: usize,
             out: *mut f32,
         ) {
+            // SAFETY: this function's contract is the body's own, and the features are
+            // enabled here, which `$dot`'s instructions need.
             unsafe { $body::<$dot, R>(col, acts, kb, n, out) }
         }
 
@@ -346,19 +354,33 @@ tiles!(
 );
 
 /// Four activation bytes, broadcast.
+///
+/// # Safety
+/// The CPU supports AVX; `a` is valid for reading 4 bytes (no alignment needed).
 #[inline(always)]
 unsafe fn four(a: *const i8) -> __m256i {
+    // SAFETY: our contract: 4 readable bytes, read unaligned; AVX for the broadcast.
     unsafe { _mm256_set1_epi32(a.cast::<i32>().read_unaligned()) }
 }
 
 /// Two i16 sums as one broadcast i32 (lanes `2c`, `2c + 1` of a `madd`).
+///
+/// # Safety
+/// The CPU supports AVX, and `2 * p + 1 < sums.len()` (not checked).
 #[inline(always)]
 unsafe fn two(sums: &[i16], p: usize) -> __m256i {
+    // SAFETY: our contract keeps the two i16 read, unaligned, inside `sums`; AVX for the
+    // broadcast.
     unsafe { _mm256_set1_epi32(sums.as_ptr().add(2 * p).cast::<i32>().read_unaligned()) }
 }
 
 /// Eight Q4_K columns times `R` activation rows; row `i` goes to `out + i * n`. Each row's
 /// arithmetic is the same for every `R`, so results do not depend on batching.
+///
+/// # Safety
+/// The CPU has `D`'s instruction set (AVX2, FMA, F16C at least); `col` holds `kb` blocks and
+/// `acts` at least `R * kb`; `out.add(i * n)..+8` for `i < R` is valid for writes that no
+/// other thread makes at the same time.
 #[inline(always)]
 unsafe fn q4k<D: Dot, const R: usize>(
     col: &[Q4Kx8],
@@ -367,6 +389,10 @@ unsafe fn q4k<D: Dot, const R: usize>(
     n: usize,
     out: *mut f32,
 ) {
+    // SAFETY: our contract: `get_unchecked(i * kb + b)` stays below `R * kb`; the loads read
+    // inside the borrowed blocks (each activation block's 256 bytes and its sums, each weight
+    // block's arrays); the prefetches never fault; the stores are the `R` 8-float writes the
+    // caller gave us; the intrinsics need `D`'s ISA, which it has.
     unsafe {
         let low = _mm256_set1_epi8(0x0f);
         let mut acc = [_mm256_setzero_ps(); R];
@@ -421,6 +447,9 @@ unsafe fn q4k<D: Dot, const R: usize>(
 }
 
 /// Eight Q6_K columns times `R` activation rows, as [`q4k`].
+///
+/// # Safety
+/// As [`q4k`].
 #[inline(always)]
 unsafe fn q6k<D: Dot, const R: usize>(
     col: &[Q6Kx8],
@@ -429,6 +458,8 @@ unsafe fn q6k<D: Dot, const R: usize>(
     n: usize,
     out: *mut f32,
 ) {
+    // SAFETY: as in `q4k`: indices below `R * kb`, loads inside the borrowed blocks,
+    // prefetches that never fault, the caller's `R` 8-float writes, and `D`'s ISA present.
     unsafe {
         let low = _mm256_set1_epi8(0x0f);
         let high = _mm256_set1_epi8(0x30);
