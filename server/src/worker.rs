@@ -151,10 +151,10 @@ pub(crate) struct WorkerSettings {
     pub pass_target: PassTarget,
 }
 
-/// Estimated KV-cache bytes per context token: keys and values, f32, every layer.
+/// KV-cache bytes per context token of the server's model (keys and values, f32, every layer),
+/// as the model's own cache allocates them.
 pub fn kv_bytes_per_token(info: &uhlm_model::ModelInfo) -> u64 {
-    let head_dim = info.n_embd / info.n_heads.max(1);
-    (2 * info.n_layers * info.n_kv_heads * head_dim * 4) as u64
+    info.kv_bytes_per_token
 }
 
 /// The worker threads and the channels to them.

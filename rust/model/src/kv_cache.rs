@@ -46,9 +46,14 @@ impl KvCache {
 
     /// Bytes held by the key and value buffers (their capacity, not just the tokens in use).
     pub fn allocated_bytes(&self) -> usize {
-        self.shapes
+        Self::bytes_per_token(&self.shapes) * self.capacity
+    }
+
+    /// Bytes one token takes in a cache of these layer shapes.
+    pub fn bytes_per_token(shapes: &[KvShape]) -> usize {
+        shapes
             .iter()
-            .map(|s| 2 * s.n_kv_head * s.head_dim * self.capacity * DType::F32.size_in_bytes())
+            .map(|s| 2 * s.n_kv_head * s.head_dim * DType::F32.size_in_bytes())
             .sum()
     }
 

@@ -34,6 +34,11 @@ pub struct ModelInfo {
     pub n_embd: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Bytes one context token takes in a session's KV cache: keys and values, f32, every
+    /// layer, each layer's own heads and head size (Gemma 3's `attention.key_length` is not
+    /// `n_embd / n_heads`).
+    #[serde(default)]
+    pub kv_bytes_per_token: u64,
     pub file_bytes: u64,
     /// Tensor count per storage type, e.g. `"Q4_1×210 F32×61 Q8_0×1"`.
     pub dtypes: String,
@@ -100,9 +105,9 @@ impl Model {
             }
             Architecture::Gemma3 => Weights::Gemma3(Gemma3::load(&mut g, &device, opts.into())?),
         };
-        let dims = match &weights {
-            Weights::Llama(m) => m.dims(),
-            Weights::Gemma3(m) => m.dims(),
+        let (dims, kv_shapes) = match &weights {
+            Weights::Llama(m) => (m.dims(), m.kv_shapes()),
+            Weights::Gemma3(m) => (m.dims(), m.kv_shapes()),
         };
         let info = ModelInfo {
             architecture: arch,
@@ -113,6 +118,7 @@ impl Model {
             n_embd: dims.n_embd,
             n_heads: dims.n_heads,
             n_kv_heads: dims.n_kv_heads,
+            kv_bytes_per_token: KvCache::bytes_per_token(&kv_shapes) as u64,
             file_bytes: g.file_bytes,
             dtypes: dtype_summary(&g),
             stand_in_for: g.opt_string(STAND_IN_KEY).map(str::to_string),

@@ -38,6 +38,32 @@ fn full_vs_incremental(model: &Arc<Model>, tokens: &[u32]) -> f32 {
     worst
 }
 
+/// What a server budgets per context token is what a session's cache takes, for every
+/// architecture: Gemma 3's head size is its own (`attention.key_length`), not `n_embd / n_heads`.
+#[test]
+fn kv_bytes_per_token_is_what_the_cache_allocates() {
+    for toy in [Toy::llama(), Toy::gemma3()] {
+        let (_dir, model) = load_toy(&toy);
+        let per_token = model.info().kv_bytes_per_token as usize;
+        assert_eq!(
+            per_token,
+            2 * toy.n_layer * toy.n_kv_head * toy.head_dim() * 4,
+            "{}",
+            toy.arch
+        );
+        let mut session = model.session();
+        session.score(&PROMPT).unwrap();
+        let bytes = session.kv_cache_bytes();
+        // Whole tokens of capacity, at least the context scored.
+        assert_eq!(bytes % per_token, 0, "{}", toy.arch);
+        assert!(bytes >= PROMPT.len() * per_token, "{}", toy.arch);
+    }
+    assert_ne!(
+        Toy::gemma3().head_dim(),
+        Toy::gemma3().n_embd / Toy::gemma3().n_head
+    );
+}
+
 #[test]
 fn toy_llama_loads_with_its_shape() {
     let toy = Toy::llama();
