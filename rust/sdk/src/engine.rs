@@ -1,13 +1,12 @@
 //! [`HybridEngine`]: the on-device model, the threshold policy and the server link, shared by
 //! every generation of an app.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
-use uhlm_core::chat::ChatMessage;
 use uhlm_core::lookahead::LookaheadLimit;
 use uhlm_core::threshold::{Calibration, ThresholdPolicy};
 use uhlm_model::{LoadOptions, LoadProgress, Model, ModelInfo};
@@ -19,65 +18,9 @@ use crate::drafter::Drafter;
 use crate::error::SdkError;
 use crate::events::{GenerationSummary, TokenListener};
 use crate::link::Link;
+use crate::shared::Inner;
 use crate::stats::{Stats, StatsAccumulator};
 use crate::transport::Target;
-
-/// State shared by the engine and its running generation.
-pub(crate) struct Inner {
-    pub config: EngineConfig,
-    pub model: Arc<Model>,
-    pub drafter: Arc<Mutex<Drafter>>,
-    pub policy: Mutex<ThresholdPolicy>,
-    /// The lookahead learned so far (round trip, draft time, rejections): properties of the
-    /// link and the device, carried from one generation to the next.
-    pub lookahead: Mutex<LookaheadLimit>,
-    pub link: Link,
-    pub rt: Handle,
-    pub stats: Mutex<StatsAccumulator>,
-    /// One generation at a time: they share the SLM session.
-    pub busy: tokio::sync::Mutex<()>,
-    session_ids: AtomicU64,
-}
-
-impl Inner {
-    pub fn next_session_id(&self) -> u64 {
-        self.session_ids.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Token ids of a prompt, as the on-device model (and the server, same vocabulary) sees it.
-    pub fn render(&self, prompt: &Prompt, chat_template: bool) -> Result<Vec<u32>, SdkError> {
-        let tokenizer = self.model.tokenizer();
-        let bad = |e: &dyn std::fmt::Display| SdkError::InvalidConfig(format!("prompt: {e}"));
-        let ids = match prompt {
-            Prompt::Text(t) if !chat_template => tokenizer.encode(t, true).map_err(|e| bad(&e))?,
-            Prompt::Text(t) => self.render_chat(&[ChatMessage::user(t.clone())])?,
-            Prompt::Chat(messages) => self.render_chat(messages)?,
-        };
-        if ids.is_empty() {
-            return Err(SdkError::InvalidConfig("the prompt is empty".into()));
-        }
-        Ok(ids)
-    }
-
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, SdkError> {
-        let template = self.model.chat_template().ok_or_else(|| {
-            SdkError::InvalidConfig("the on-device model has no chat template".into())
-        })?;
-        let text = template
-            .render(messages, true)
-            .map_err(|e| SdkError::InvalidConfig(format!("chat template: {e}")))?;
-        let tokenizer = self.model.tokenizer();
-        let mut ids = tokenizer
-            .encode(&text, false)
-            .map_err(|e| SdkError::InvalidConfig(format!("prompt: {e}")))?;
-        if let Some(bos) = tokenizer.bos_id().filter(|_| tokenizer.adds_bos())
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
-        }
-        Ok(ids)
-    }
-}
 
 /// The device-side engine: drafts with the SLM and verifies uncertain tokens on the server.
 ///

@@ -43,6 +43,7 @@ mod events;
 mod generation;
 mod link;
 pub mod raw;
+mod shared;
 mod stats;
 mod text;
 mod tls;
