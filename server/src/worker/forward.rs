@@ -245,6 +245,8 @@ impl<E: Engine> Worker<E> {
             llm.truncate(positions[link] as usize);
         }
         entry.pending = vec![verdict.token];
+        // Whatever the prompt was, it is in: what comes next is a generating device's.
+        entry.prefilling = false;
         entry.last_used = clock;
         let links = link as u64 + 1;
         self.metrics.tokens_verified.inc_by(links);
@@ -300,6 +302,7 @@ impl<E: Engine> Worker<E> {
             }
         };
         entry.pending = vec![token];
+        entry.prefilling = false;
         entry.last_used = clock;
         let len = len + 1;
         self.metrics.tokens_generated.inc();
