@@ -254,6 +254,9 @@ fn record(args: &CapacityArgs, slm: &Path, llm: &Path) -> Result<Vec<Trace>> {
         // that a rejection throws away, and it does not wait; its load on a server is what
         // `cargo xtask soak` measures, with drafting devices).
         max_lookahead: 0,
+        // Every local token in the next `Verify`: the trace holds what the device committed
+        // between uplinks, and the replay sends it ahead (`--extend-after`) as configured.
+        extend_after: 0,
         ..EngineConfig::default()
     })?;
     let eos = uhlm_model::tokenizer::Tokenizer::from_gguf_path(slm)?
