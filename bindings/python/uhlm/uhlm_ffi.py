@@ -2960,7 +2960,8 @@ class UhlmError(Exception):
     """
     Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
     case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
-    `description` (Swift) give the Rust text, the same words the CLI prints.
+    `description` (Swift) give the Rust text, the same words the CLI prints: the SDK's variants
+    are written by [`SdkError`]'s `Display`, the one place their words live.
 """
     pass
 
@@ -2970,7 +2971,8 @@ class UhlmError:  # type: ignore
     """
     Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
     case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
-    `description` (Swift) give the Rust text, the same words the CLI prints.
+    `description` (Swift) give the Rust text, the same words the CLI prints: the SDK's variants
+    are written by [`SdkError`]'s `Display`, the one place their words live.
 """
     
     class ModelNotFound(_UniffiTempUhlmError):

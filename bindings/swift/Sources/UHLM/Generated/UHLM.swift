@@ -2739,7 +2739,8 @@ public func FfiConverterTypeTokenSource_lower(_ value: TokenSource) -> RustBuffe
 /**
  * Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
  * case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
- * `description` (Swift) give the Rust text, the same words the CLI prints.
+ * `description` (Swift) give the Rust text, the same words the CLI prints: the SDK's variants
+ * are written by [`SdkError`]'s `Display`, the one place their words live.
  */
 public 
 enum UhlmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {

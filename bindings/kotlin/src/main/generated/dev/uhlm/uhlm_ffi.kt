@@ -3919,7 +3919,8 @@ public object FfiConverterTypeTokenSource: FfiConverterRustBuffer<TokenSource> {
 /**
  * Why a call failed. Kotlin and Python get an exception class per variant, Swift an enum
  * case, each with the variant's fields; `toString()` (Kotlin), `str()` (Python) and
- * `description` (Swift) give the Rust text, the same words the CLI prints.
+ * `description` (Swift) give the Rust text, the same words the CLI prints: the SDK's variants
+ * are written by [`SdkError`]'s `Display`, the one place their words live.
  */
 sealed class UhlmException: kotlin.Exception() {
     
