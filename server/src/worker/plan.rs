@@ -46,6 +46,19 @@ pub(super) struct Row {
 }
 
 impl Row {
+    /// Scores `tokens` of a session's pending context; nothing is decided from their logits.
+    fn catch_up(key: SessionKey, tokens: Vec<u32>) -> Self {
+        Self {
+            key,
+            tokens,
+            outputs: Vec::new(),
+            work: Work::CatchUp,
+            sampling: SamplingOptions::default(),
+            seeds: Vec::new(),
+            drafts: Vec::new(),
+        }
+    }
+
     pub(super) fn wanted(&self) -> Wanted<'_> {
         if matches!(self.work, Work::CatchUp) {
             Wanted::Nothing
@@ -119,6 +132,18 @@ fn chunk_at(cached: usize, chunk: usize) -> usize {
         n -= 1;
     }
     n
+}
+
+/// Catch-up tokens `entry` may score in one pass with whole chunks of `full`: all but its last
+/// pending token (the `Verify`, or the next one, scores that one with its decision), within
+/// [`chunk_at`]'s attention bound.
+fn catch_up_len<S: EngineSession>(entry: &super::Entry<S>, full: usize) -> usize {
+    let cached = entry.llm.as_ref().map_or(0, EngineSession::len);
+    entry
+        .pending
+        .len()
+        .saturating_sub(1)
+        .min(chunk_at(cached, full))
 }
 
 impl Plan {
@@ -351,15 +376,8 @@ impl<E: Engine> Worker<E> {
                 }
                 continue;
             }
-            // All but the last pending token: the Verify (or the next one) scores that one.
-            let cached = entry.llm.as_ref().map_or(0, EngineSession::len);
-            let n = entry
-                .pending
-                .len()
-                .saturating_sub(1)
-                // The attention bound is the whole chunk's: a time-cut chunk is not cut twice.
-                .min(chunk_at(cached, full).min(chunk))
-                .min(allowance);
+            // The attention bound is the whole chunk's: a time-cut chunk is not cut twice.
+            let n = catch_up_len(entry, full).min(chunk).min(allowance);
             if n == 0 {
                 entry.prefilling = false;
                 if let Some(deferred) = entry.deferred.take() {
@@ -368,15 +386,7 @@ impl<E: Engine> Worker<E> {
                 continue;
             }
             allowance -= n;
-            plan.push(Row {
-                key,
-                tokens: entry.pending[..n].to_vec(),
-                outputs: Vec::new(),
-                work: Work::CatchUp,
-                sampling: SamplingOptions::default(),
-                seeds: Vec::new(),
-                drafts: Vec::new(),
-            });
+            plan.push(Row::catch_up(key, entry.pending[..n].to_vec()));
         }
         self.catching_up = waiting;
     }
@@ -389,32 +399,13 @@ impl<E: Engine> Worker<E> {
     fn plan_extends(&mut self, plan: &mut Plan, full: usize) {
         let mut rest = std::collections::VecDeque::new();
         while let Some(key) = self.catching_up.pop_front() {
-            let room = plan.room();
-            let n = match self.sessions.get(&key) {
-                Some(e) if !e.prefilling && e.deferred.is_none() && !plan.has(key) => {
-                    let cached = e.llm.as_ref().map_or(0, EngineSession::len);
-                    // All but the last pending token: the Verify scores that one.
-                    e.pending
-                        .len()
-                        .saturating_sub(1)
-                        .min(chunk_at(cached, full))
-                        .min(room)
-                }
-                _ => 0,
-            };
-            let Some(entry) = self.sessions.get(&key).filter(|e| n > 0 && e.llm.is_some()) else {
-                rest.push_back(key);
-                continue;
-            };
-            plan.push(Row {
-                key,
-                tokens: entry.pending[..n].to_vec(),
-                outputs: Vec::new(),
-                work: Work::CatchUp,
-                sampling: SamplingOptions::default(),
-                seeds: Vec::new(),
-                drafts: Vec::new(),
+            let entry = self.sessions.get(&key).filter(|e| {
+                e.llm.is_some() && !e.prefilling && e.deferred.is_none() && !plan.has(key)
             });
+            match entry.map(|e| (e, catch_up_len(e, full).min(plan.room()))) {
+                Some((e, n)) if n > 0 => plan.push(Row::catch_up(key, e.pending[..n].to_vec())),
+                _ => rest.push_back(key),
+            }
         }
         self.catching_up = rest;
     }

@@ -3,9 +3,10 @@
 //! server refuses fails the session's next request with the reason.
 
 use crate::common;
+use crate::server_fairness::next;
 
 use common::{API_KEY, Client, Stream, llm, prompt_tokens, start};
-use uhlm_core::protocol::{ErrorCode, Extend, Message, Verify};
+use uhlm_core::protocol::{ErrorCode, Extend, Message};
 use uhlm_core::sampling::argmax;
 use uhlm_server::{Server, ServerConfig, ServerHandle};
 
@@ -20,18 +21,6 @@ async fn server(max_context_tokens: u32) -> ServerHandle {
     )
     .await
     .unwrap()
-}
-
-/// `Verify` without a draft (the server samples; greedy here) of the token after `len`.
-fn next(seq: u32, len: usize) -> Verify {
-    Verify {
-        seq,
-        position: len as u32,
-        skipped: Vec::new(),
-        draft: None,
-        uncertainty: 0.0,
-        chain: Vec::new(),
-    }
 }
 
 async fn open(s: &mut Stream, prompt: &[u32]) {

@@ -39,7 +39,7 @@ fn long_prompt(n: usize) -> Vec<u32> {
 
 /// `Verify` without a draft (the server samples; greedy here): the next token of a context of
 /// `len` tokens.
-fn next(seq: u32, len: usize) -> Verify {
+pub(crate) fn next(seq: u32, len: usize) -> Verify {
     Verify {
         seq,
         position: len as u32,
