@@ -53,6 +53,7 @@ pub struct ServerArgs {
     /// Most drafts a chain Verify may carry beyond the first (pipelined devices).
     #[arg(long)]
     pub max_chain_links: Option<u32>,
+    /// Memory for the sessions' KV caches and the running forward pass (default 4 GiB).
     #[arg(long)]
     pub kv_memory_budget_bytes: Option<u64>,
     /// e.g. `5m`, `30s`.

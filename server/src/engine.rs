@@ -16,7 +16,7 @@ use std::time::Duration;
 use uhlm_core::protocol::{ErrorCode, ErrorMessage};
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_core::verify_partial::PartialTarget;
-use uhlm_model::{ModelCard, ModelError};
+use uhlm_model::{ModelCard, ModelError, PassCost};
 
 mod embedded;
 mod llama_server;
@@ -200,6 +200,15 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// A session with an empty context.
     fn session(&self) -> Self::Session;
+
+    /// What a pass allocates in this server's memory beyond the sessions' caches, counted
+    /// against the KV budget. Nothing for an engine whose passes run in its own process.
+    fn pass_cost(&self) -> PassCost {
+        PassCost {
+            bytes_per_token: 0,
+            bytes_per_output: 0,
+        }
+    }
 
     /// Appends each item's tokens to its session and returns, per item in order, a target per
     /// wanted row (none for [`Wanted::Nothing`]). On error no session changed.

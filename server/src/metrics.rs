@@ -25,6 +25,8 @@ pub struct Metrics {
     pub session_tasks: Gauge,
     /// KV-cache bytes allocated over all sessions (what the memory budget bounds).
     pub kv_cache_bytes: Gauge,
+    /// Over the workers, the most memory each counted against its budget at once.
+    pub memory_peak_bytes: Gauge,
     pub tokens_verified: Counter,
     pub tokens_accepted: Counter,
     pub tokens_resampled: Counter,
@@ -76,6 +78,7 @@ impl Metrics {
             sessions: Gauge::default(),
             session_tasks: Gauge::default(),
             kv_cache_bytes: Gauge::default(),
+            memory_peak_bytes: Gauge::default(),
             tokens_verified: Counter::default(),
             tokens_accepted: Counter::default(),
             tokens_resampled: Counter::default(),
@@ -120,6 +123,12 @@ impl Metrics {
             "kv_cache_bytes",
             "KV-cache bytes allocated over all sessions",
             m.kv_cache_bytes.clone(),
+        );
+        registry.register(
+            "memory_peak_bytes",
+            "Sum over workers of the most each held at once against --kv-memory-budget-bytes: \
+             its KV caches and its running forward pass",
+            m.memory_peak_bytes.clone(),
         );
         registry.register(
             "tokens_verified",

@@ -11,9 +11,13 @@
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
 //! token of its allocated capacity (which grows by a quarter at a time and shrinks only on a
 //! resync).
-//! When the allocated bytes over a worker's sessions exceed its share of the budget, the least
-//! recently used sessions outside the current pass lose their cache; their next `Verify` is
-//! answered `NeedResync`.
+//! A forward pass allocates too (activations per token and logits per decided row, the
+//! engine's [`PassCost`](uhlm_model::PassCost)): a pass takes at most half a worker's share
+//! of the budget ([`Plan`] cuts chains and catch-up to fit), and before it runs the least
+//! recently used sessions outside it lose their cache until caches and pass fit together.
+//! When the allocated bytes over a worker's sessions exceed its share of the budget after a
+//! pass, the least recently used sessions outside it lose their cache too; their next
+//! `Verify` is answered `NeedResync`.
 
 use crate::config::PassTarget;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -190,6 +194,7 @@ impl WorkerPool {
                 held: VecDeque::new(),
                 ready: VecDeque::new(),
                 reported_kv_bytes: 0,
+                peak_bytes: 0,
                 pass_clock: PassClock::default(),
                 eos: eos.to_vec(),
                 window: 0,
@@ -323,6 +328,9 @@ struct Worker<E: Engine> {
     ready: VecDeque<(SessionKey, Verify, VerdictReply)>,
     /// KV bytes this worker last added to the `kv_cache_bytes` gauge.
     reported_kv_bytes: u64,
+    /// The most this worker has held against its budget at once (caches and a pass), as
+    /// added to the `memory_peak_bytes` gauge.
+    peak_bytes: u64,
     /// What a forward pass costs on this machine now, for sizing catch-up chunks.
     pass_clock: PassClock,
     /// End-of-sequence ids of the model: a generation stops after sampling one.
@@ -397,7 +405,13 @@ impl<E: Engine> Worker<E> {
                     jobs.push(job);
                 }
             }
-            let mut plan = Plan::new(self.settings.max_batch, self.settings.max_batch_tokens);
+            // A pass may take half the budget; caches make room for it before it runs.
+            let mut plan = Plan::new(
+                self.settings.max_batch,
+                self.settings.max_batch_tokens,
+                self.engine.pass_cost(),
+                self.budget / 2,
+            );
             while let Some((key, verify, reply)) = self.ready.pop_front() {
                 if let Some((verify, reply)) = self.plan_verify(&mut plan, key, verify, reply) {
                     self.ready.push_front((key, verify, reply));
@@ -431,6 +445,7 @@ impl<E: Engine> Worker<E> {
             let mut busy: HashSet<SessionKey> = plan.keys().chain(held_keys).collect();
             busy.extend(self.queued_keys());
             self.window = self.drafting_window(busy.len());
+            self.make_room(plan.bytes, &busy);
             self.run_plan(plan);
             // Kept from eviction: these, and the sessions the pass has just queued.
             busy.extend(self.queued_keys());
@@ -679,19 +694,48 @@ impl<E: Engine> Worker<E> {
         self.reported_kv_bytes = bytes;
     }
 
+    /// Evicts least recently used sessions outside `protected` until their caches and a pass of
+    /// `pass_bytes` fit the budget together, and records what that came to.
+    fn make_room(&mut self, pass_bytes: u64, protected: &HashSet<SessionKey>) {
+        let mut used = self.allocated_kv_bytes();
+        while used + pass_bytes > self.budget {
+            let Some(victim) = self.least_recently_used(protected) else {
+                break;
+            };
+            used -= self.evict(victim);
+        }
+        self.report_kv_bytes(used);
+        self.record_peak(used + pass_bytes);
+    }
+
+    /// Publishes `bytes` as this worker's peak if it is one.
+    fn record_peak(&mut self, bytes: u64) {
+        if bytes > self.peak_bytes {
+            self.metrics
+                .memory_peak_bytes
+                .inc_by((bytes - self.peak_bytes) as i64);
+            self.peak_bytes = bytes;
+        }
+    }
+
+    /// The idle session outside `protected` used longest ago that still holds a cache.
+    fn least_recently_used(&self, protected: &HashSet<SessionKey>) -> Option<SessionKey> {
+        self.sessions
+            .iter()
+            .filter(|(k, e)| e.llm.is_some() && !protected.contains(k))
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| *k)
+    }
+
     /// Evicts least recently used sessions outside `protected` until the caches fit the budget.
     /// A cache counts what it holds allocated, not the tokens in use: a session rolled back or
     /// started on a short context after a long one still holds its buffers.
     fn enforce_budget(&mut self, protected: &HashSet<SessionKey>) {
         let mut used = self.allocated_kv_bytes();
         while used > self.budget {
-            let victim = self
-                .sessions
-                .iter()
-                .filter(|(k, e)| e.llm.is_some() && !protected.contains(k))
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| *k);
-            let Some(victim) = victim else { break };
+            let Some(victim) = self.least_recently_used(protected) else {
+                break;
+            };
             used -= self.evict(victim);
         }
         // Sessions still prefilling are protected so that their work is not thrown away, but
@@ -715,6 +759,7 @@ impl<E: Engine> Worker<E> {
             }
         }
         self.report_kv_bytes(used);
+        self.record_peak(used);
     }
 
     /// Drops `key`'s KV cache; returns the bytes it held.

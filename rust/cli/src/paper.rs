@@ -93,6 +93,15 @@ pub fn run(args: PaperArgs) -> Result<()> {
         let mut serve = std::process::Command::new(exe);
         serve.arg("serve");
         let server = ServerProcess::spawn(serve, &llm)?;
+        // uhlm starts from the run's own calibration, as a device shipped with it does.
+        if let Some(calibration) = report.uhlm_calibration() {
+            std::fs::create_dir_all(&args.out)
+                .with_context(|| format!("creating {}", args.out.display()))?;
+            let path = args.out.join("calibration.json");
+            std::fs::write(&path, calibration.to_json())
+                .with_context(|| format!("writing {}", path.display()))?;
+            measure_options.calibration = Some(path);
+        }
         let specs: Vec<_> = report.systems.iter().map(|s| s.spec()).collect();
         let eval = &prompts.prompts[prompts.prompts.len() - report.eval_prompts..];
         let runs = measure(&slm, &server, &specs, eval, &measure_options)?;

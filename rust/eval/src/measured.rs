@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,6 +49,12 @@ pub struct MeasureOptions {
     /// CPU threads for the device's SLM (`None`: candle's default, every core).
     #[serde(default)]
     pub device_threads: Option<usize>,
+    /// The calibration file the hybrid that recalibrates online (uhlm) starts from, as a device
+    /// shipped with it does ([`EngineConfig::calibration`]): its threshold is kept as evidence
+    /// until the device's own verdicts certify another, where a bare initial threshold would be
+    /// replaced at the first refit.
+    #[serde(default)]
+    pub calibration: Option<PathBuf>,
 }
 
 impl Default for MeasureOptions {
@@ -63,6 +69,7 @@ impl Default for MeasureOptions {
             seed: 7,
             max_lookahead: None,
             device_threads: None,
+            calibration: None,
         }
     }
 }
@@ -327,7 +334,15 @@ fn engine_config(
     options: &MeasureOptions,
 ) -> EngineConfig {
     let base = engine_config_for(slm, server, addr, system, options.request_timeout_ms);
+    let recalibrates = matches!(
+        system.kind,
+        SystemKind::Hybrid {
+            recalibrate: true,
+            ..
+        }
+    );
     EngineConfig {
+        calibration: options.calibration.clone().filter(|_| recalibrates),
         connect_timeout_ms: options.connect_timeout_ms,
         max_lookahead: options.max_lookahead.unwrap_or(base.max_lookahead),
         threads: options.device_threads.or(base.threads),

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use uhlm_core::sampling::argmax;
+use uhlm_core::threshold::{Calibration, PolicyConfig};
 use uhlm_core::uncertainty::UncertaintyKind;
 
 use crate::EvalError;
@@ -62,10 +63,8 @@ pub fn bench_paper(
         UncertaintyKind::paper(options.seed),
     ];
     let calibration = calibrate(pair, &calibration_set, &cal_options)?;
-    let ours = calibration.fits[0].calibration.as_ref();
+    let our_threshold = sdk_threshold(calibration.fits[0].calibration.as_ref());
     let paper = calibration.fits[1].calibration.as_ref();
-    // No fit (e.g. no spread in a tiny run): skip nothing, the safe choice.
-    let our_threshold = ours.map_or(0.0, |c| c.target_risk);
     let paper_threshold = paper.map_or(0.0, |c| (c.risk_averse as f32).max(0.0));
     let vocab = pair.llm.info().vocab_size;
     let cuhlm_k = options
@@ -155,6 +154,15 @@ pub fn bench_paper(
     })
 }
 
+/// The threshold a device shipped with `calibration` starts from under the SDK's default policy
+/// ([`PolicyConfig::default`]'s mode: a bound on the share of outputs that differ from the
+/// LLM's, certified with confidence from the calibration), so that the harness's uhlm is the
+/// uhlm users run: a small calibration certifies little and sends more. Without a calibration
+/// (no fit in a tiny run) nothing is skipped, the safe choice.
+pub fn sdk_threshold(calibration: Option<&Calibration>) -> f32 {
+    calibration.map_or(0.0, |c| c.threshold(&PolicyConfig::default().mode))
+}
+
 /// Mean Shannon rate of the fading uplink at each SNR (ergodic rate over seeded draws).
 fn mean_uplink_rates(options: &PaperOptions) -> Vec<f64> {
     options
@@ -189,5 +197,52 @@ impl TimeAcc {
             slm_step_s: self.slm / n,
             llm_step_s: self.llm / n,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uhlm_core::threshold::{DEFAULT_CONFIDENCE, DEFAULT_MAX_OUTPUT_RISK, Sample};
+
+    /// `outputs` generations of 16 tokens whose rejection chance grows with `u`, as on a real
+    /// pair: confident tokens are mostly accepted.
+    fn calibration(outputs: usize) -> Calibration {
+        let outputs: Vec<Vec<Sample>> = (0..outputs)
+            .map(|g| {
+                (0..16)
+                    .map(|t| {
+                        let u = ((g * 16 + t) * 37 % 100) as f32 / 100.0;
+                        Sample { u, beta: u * u }
+                    })
+                    .collect()
+            })
+            .collect();
+        let samples: Vec<Sample> = outputs.iter().flatten().copied().collect();
+        Calibration::from_samples(UncertaintyKind::default(), &samples, 0.1)
+            .unwrap()
+            .with_output_quality(&outputs, DEFAULT_MAX_OUTPUT_RISK, DEFAULT_CONFIDENCE)
+            .unwrap()
+    }
+
+    /// The harness's uhlm skips by the SDK's default policy, not by the target-risk point
+    /// estimate: on a small calibration the bound certifies less, and the harness sends more.
+    #[test]
+    fn uhlm_runs_the_sdks_default_threshold_policy() {
+        for outputs in [4, 16, 400] {
+            let c = calibration(outputs);
+            let sdk = sdk_threshold(Some(&c));
+            assert_eq!(sdk, c.output_quality.unwrap().controlled.u_th, "{outputs}");
+            assert!(sdk <= c.target_risk, "{outputs}: {sdk} > {}", c.target_risk);
+        }
+        let small = calibration(4);
+        assert!(small.target_risk > 0.2, "{}", small.target_risk);
+        assert!(
+            sdk_threshold(Some(&small)) < small.target_risk / 2.0,
+            "a small calibration certifies little: {} against the point estimate's {}",
+            sdk_threshold(Some(&small)),
+            small.target_risk
+        );
+        assert_eq!(sdk_threshold(None), 0.0);
     }
 }

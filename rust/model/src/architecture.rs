@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::forward_pass::PassCost;
+
 /// Architectures this runtime implements, by their GGUF `general.architecture` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,4 +54,5 @@ pub(crate) struct Dims {
     pub n_embd: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    pub pass_cost: PassCost,
 }

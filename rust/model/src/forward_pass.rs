@@ -1,7 +1,9 @@
 //! One batched forward pass: each sequence's share of it ([`Part`]), which rows get logits
-//! ([`Outputs`]), and the row bookkeeping every architecture uses to gather and split them.
+//! ([`Outputs`]), what it allocates ([`PassCost`]), and the row bookkeeping every architecture
+//! uses to gather and split them.
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 use crate::kv_cache::KvCache;
 
@@ -25,6 +27,46 @@ pub(crate) fn row_spans(parts: &[Part<'_>]) -> Vec<(usize, usize)> {
             span
         })
         .collect()
+}
+
+/// What one forward pass allocates beyond the weights and the sessions' caches, as a bound
+/// linear in its rows: every token row's activations through a block (a pass holds one block's
+/// at a time) and every row it returns logits for. A server counts it against its memory
+/// budget: a pass of thousands of rows once took ten times the memory its caches did.
+/// (Attention is streamed on the CPU; on an accelerator the scores of a part add
+/// `heads · rows · context` floats, which the server's chunk sizes bound.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassCost {
+    pub bytes_per_token: u64,
+    pub bytes_per_output: u64,
+}
+
+impl PassCost {
+    /// The bound for a block of these widths (the widest layer's), in f32 activations: the
+    /// residual stream and its norms, q/k/v with their rotated and per-head copies, the
+    /// attention output gathered and projected, the gated feed-forward's four `n_ff` rows, and
+    /// rope tables; an output row's hidden state, logits, and the caller's copy of them as
+    /// probabilities.
+    pub(crate) fn of(
+        n_embd: usize,
+        q: usize,
+        kv: usize,
+        n_ff: usize,
+        head_dim: usize,
+        vocab: usize,
+    ) -> Self {
+        let token_floats = 10 * n_embd + 4 * q + 4 * kv + 5 * n_ff + 2 * head_dim;
+        let output_floats = 2 * n_embd + 3 * vocab;
+        Self {
+            bytes_per_token: 4 * token_floats as u64,
+            bytes_per_output: 4 * output_floats as u64,
+        }
+    }
+
+    /// Bytes of a pass over `tokens` rows returning logits for `outputs` of them.
+    pub fn bytes(&self, tokens: usize, outputs: usize) -> u64 {
+        self.bytes_per_token * tokens as u64 + self.bytes_per_output * outputs as u64
+    }
 }
 
 /// Rows `(rows, ..)` gathered per part, one tensor (no copy for a single part).

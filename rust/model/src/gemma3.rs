@@ -14,7 +14,7 @@ use candle_core::{Device, Result, Tensor};
 use crate::architecture::Dims;
 use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
-use crate::forward_pass::{Part, concat_rows, output_rows, row_spans, split_rows};
+use crate::forward_pass::{Part, PassCost, concat_rows, output_rows, row_spans, split_rows};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvShape;
 use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
@@ -119,8 +119,10 @@ impl Gemma3 {
         let q_dim = n_head * head_dim;
         let kv_dim = n_kv_head * head_dim;
         let mut blocks = Vec::with_capacity(n_layer);
+        let mut widest_ff = 0;
         for (i, &is_sliding) in sliding.iter().enumerate() {
             let n_ff = g.tensor_dims(&format!("blk.{i}.ffn_up.weight"))?[0];
+            widest_ff = widest_ff.max(n_ff);
             let mut t = |name: &str, dims: &[usize]| {
                 g.tensor(&format!("blk.{i}.{name}"), Some(dims), device)
             };
@@ -162,6 +164,7 @@ impl Gemma3 {
                 n_embd,
                 n_heads: n_head,
                 n_kv_heads: n_kv_head,
+                pass_cost: PassCost::of(n_embd, q_dim, kv_dim, widest_ff, head_dim, vocab),
             },
             head_dim,
             embed: Embedding::new(embd, Some((n_embd as f64).sqrt()))?,

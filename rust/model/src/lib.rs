@@ -47,7 +47,7 @@ pub use device::Device;
 pub use error::ModelError;
 #[cfg(feature = "fetch")]
 pub use fetch::DEFAULT_DRAFT_FILE_NAME;
-pub use forward_pass::Outputs;
+pub use forward_pass::{Outputs, PassCost};
 pub use load_options::{Kernels, LoadOptions, LoadProgress};
 pub use model::{Model, ModelInfo, kernel_threads};
 pub use session::{BatchItem, Logits, Session};

@@ -9,7 +9,7 @@ use candle_core::{Device, Result, Tensor};
 use crate::architecture::{Architecture, Dims};
 use crate::attention::{AttnConfig, attend};
 use crate::error::ModelError;
-use crate::forward_pass::{Part, concat_rows, output_rows, row_spans, split_rows};
+use crate::forward_pass::{Part, PassCost, concat_rows, output_rows, row_spans, split_rows};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvShape;
 use crate::layers::{Embedding, LayerOptions, Linear, RmsNorm, Rope};
@@ -87,6 +87,7 @@ impl Llama {
         let q_dim = n_head * head_dim;
         let kv_dim = n_kv_head * head_dim;
         let mut blocks = Vec::with_capacity(n_layer);
+        let mut widest_ff = 0;
         for i in 0..n_layer {
             let mut t = |name: &str, dims: &[usize]| {
                 g.tensor(&format!("blk.{i}.{name}"), Some(dims), device)
@@ -95,6 +96,7 @@ impl Llama {
             let attn_norm = norm(t("attn_norm.weight", &[n_embd])?)?;
             let ffn_norm = norm(t("ffn_norm.weight", &[n_embd])?)?;
             let n_ff = g.tensor_dims(&format!("blk.{i}.ffn_up.weight"))?[0];
+            widest_ff = widest_ff.max(n_ff);
             let mut t = |name: &str, dims: &[usize]| {
                 g.tensor(&format!("blk.{i}.{name}"), Some(dims), device)
             };
@@ -148,6 +150,7 @@ impl Llama {
                 n_embd,
                 n_heads: n_head,
                 n_kv_heads: n_kv_head,
+                pass_cost: PassCost::of(n_embd, q_dim, kv_dim, widest_ff, head_dim, vocab),
             },
             attn: AttnConfig {
                 n_head,

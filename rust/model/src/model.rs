@@ -13,7 +13,7 @@ use crate::architecture::Architecture;
 use crate::chat_template::ChatTemplate;
 use crate::device::Device;
 use crate::error::ModelError;
-use crate::forward_pass::Part;
+use crate::forward_pass::{Part, PassCost};
 use crate::gemma3::Gemma3;
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
@@ -60,6 +60,7 @@ enum Weights {
 /// [`Session`](crate::Session)s decode against the same weights.
 pub struct Model {
     info: ModelInfo,
+    pass_cost: PassCost,
     path: PathBuf,
     weights: Weights,
     tokenizer: Tokenizer,
@@ -109,6 +110,7 @@ impl Model {
             Weights::Llama(m) => (m.dims(), m.kv_shapes()),
             Weights::Gemma3(m) => (m.dims(), m.kv_shapes()),
         };
+        let pass_cost = dims.pass_cost;
         let info = ModelInfo {
             architecture: arch,
             name: g.model_name(),
@@ -128,6 +130,7 @@ impl Model {
         }
         tracing::info!(path = %path.display(), ?info, "model loaded");
         Ok(Arc::new(Model {
+            pass_cost,
             info,
             path: path.to_path_buf(),
             weights,
@@ -140,6 +143,11 @@ impl Model {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// What a forward pass allocates beyond the weights and the caches, per row.
+    pub fn pass_cost(&self) -> PassCost {
+        self.pass_cost
     }
 
     /// Where the weights live and the forward passes run.

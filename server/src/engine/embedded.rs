@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use uhlm_core::sampling::SamplingOptions;
-use uhlm_model::{BatchItem, Model, Outputs, Session};
+use uhlm_model::{BatchItem, Model, Outputs, PassCost, Session};
 
 use super::{Engine, EngineError, EngineSession, ScoreItem, Target, Wanted};
 
@@ -46,6 +46,16 @@ impl Engine for Embedded {
 
     fn session(&self) -> Session {
         self.model.session()
+    }
+
+    /// The model's own bound, and each new token's place in its session's cache (which the
+    /// pass allocates while its activations are alive).
+    fn pass_cost(&self) -> PassCost {
+        let cost = self.model.pass_cost();
+        PassCost {
+            bytes_per_token: cost.bytes_per_token + self.model.info().kv_bytes_per_token,
+            ..cost
+        }
     }
 
     fn score(&self, items: &mut [ScoreItem<'_, Session>]) -> Result<Vec<Vec<Target>>, EngineError> {

@@ -3,8 +3,10 @@
 //! Each turn the worker plans a [`Plan`]: the `Verify`s queued (each session's skipped tokens
 //! and the positions to decide: one, or a chain of drafts verified in order), one token for
 //! every running generation, the tokens devices sent ahead (`Extend`), and chunks of the
-//! sessions catching up on a prompt, as many as fit in `max_batch` sessions and
-//! `max_batch_tokens` tokens. What does not fit waits for the next turn, first in line.
+//! sessions catching up on a prompt, as many as fit in `max_batch` sessions,
+//! `max_batch_tokens` tokens and half the worker's memory budget (a chain is cut where its rows'
+//! activations and logits would overrun it). What does not fit waits for the next turn, first
+//! in line.
 //! Catch-ups get a chunk per pass (cut to `pass_target`: by default twice a one-token pass)
 //! however busy the worker is (over the token budget if need be): with a quarter of a chunk,
 //! 64 busy devices left four 4,096-token prompts 100 s from their first token in the fault
@@ -19,14 +21,19 @@ use crate::config::{AUTO_PASS_MULTIPLE, PassTarget};
 use crate::engine::{Engine, EngineSession, ScoreItem, Wanted};
 use uhlm_core::protocol::{FinishReason, Link, Verify};
 use uhlm_core::sampling::SamplingOptions;
+use uhlm_model::PassCost;
 
 /// What the next forward pass computes.
 pub(super) struct Plan {
     pub(super) rows: Vec<Row>,
     pub(super) tokens: usize,
+    /// What the pass allocates beyond the caches ([`PassCost`]), counted against the KV budget.
+    pub(super) bytes: u64,
     keys: HashSet<SessionKey>,
     max_rows: usize,
     max_tokens: usize,
+    cost: PassCost,
+    max_bytes: u64,
 }
 
 /// One session's share of a forward pass.
@@ -147,13 +154,18 @@ fn catch_up_len<S: EngineSession>(entry: &super::Entry<S>, full: usize) -> usize
 }
 
 impl Plan {
-    pub(super) fn new(max_rows: usize, max_tokens: usize) -> Self {
+    /// A pass of at most `max_rows` sessions, `max_tokens` tokens and `max_bytes` of the
+    /// engine's memory at `cost`.
+    pub(super) fn new(max_rows: usize, max_tokens: usize, cost: PassCost, max_bytes: u64) -> Self {
         Self {
             rows: Vec::new(),
             tokens: 0,
+            bytes: 0,
             keys: HashSet::new(),
             max_rows: max_rows.max(1),
             max_tokens: max_tokens.max(1),
+            cost,
+            max_bytes,
         }
     }
 
@@ -162,25 +174,50 @@ impl Plan {
         self.keys.contains(&key)
     }
 
-    /// Whether a row of `n` tokens fits; the first row always does.
-    fn fits(&self, n: usize) -> bool {
+    /// Whether a row of `n` tokens returning `outputs` rows of logits fits; the first row
+    /// always does.
+    fn fits(&self, n: usize, outputs: usize) -> bool {
         self.rows.is_empty()
-            || (self.rows.len() < self.max_rows && self.tokens + n <= self.max_tokens)
+            || (self.rows.len() < self.max_rows
+                && self.tokens + n <= self.max_tokens
+                && self.cost.bytes(n, outputs) <= self.free_bytes())
     }
 
-    /// Tokens still free in this pass's budget.
+    /// Bytes still free in this pass's memory budget.
+    fn free_bytes(&self) -> u64 {
+        self.max_bytes.saturating_sub(self.bytes)
+    }
+
+    /// Tokens still free in this pass's budgets for rows that return no logits (catch-up).
     fn room(&self) -> usize {
         if self.rows.len() >= self.max_rows {
-            0
-        } else {
-            self.max_tokens.saturating_sub(self.tokens)
+            return 0;
+        }
+        let tokens = self.max_tokens.saturating_sub(self.tokens);
+        match self.cost.bytes_per_token {
+            0 => tokens,
+            per_token => tokens.min((self.free_bytes() / per_token) as usize),
         }
     }
 
     fn push(&mut self, row: Row) {
+        let outputs = match row.wanted() {
+            Wanted::Nothing => 0,
+            Wanted::Last => 1,
+            Wanted::Rows(rows) => rows.len(),
+        };
+        self.bytes += self.cost.bytes(row.tokens.len(), outputs);
         self.tokens += row.tokens.len();
         self.keys.insert(row.key);
         self.rows.push(row);
+    }
+
+    /// Tokens of catch-up the memory budget leaves room for, whatever the token budget.
+    fn room_in_memory(&self) -> usize {
+        match self.cost.bytes_per_token {
+            0 => usize::MAX,
+            per_token => (self.free_bytes() / per_token) as usize,
+        }
     }
 
     pub(super) fn keys(&self) -> impl Iterator<Item = SessionKey> + '_ {
@@ -226,20 +263,24 @@ impl<E: Engine> Worker<E> {
         // time, each part in its own pass: scored at once, its skipped tokens would hold every
         // other session's request for as long as a prompt of that size did before prompts were
         // chunked. (The first position's skipped tokens were caught up already if many.)
+        // So is a chain whose rows' activations and logits would take more than the pass's
+        // share of the memory budget.
         let first = pending + verify.skipped.len();
-        let mut total = first;
+        let (mut total, mut outputs) = (first, 1);
+        let free = plan.free_bytes();
         let keep = verify
             .chain
             .iter()
             .take_while(|link| {
                 total += 1 + link.skipped.len();
-                total <= chunk.max(first)
+                outputs += 1;
+                total <= chunk.max(first) && plan.cost.bytes(total, outputs) <= free
             })
             .count();
         let rest = verify.split_chain(keep);
         q.truncate(1 + keep);
         let inputs = verify.inputs();
-        if !plan.fits(pending + inputs.len()) {
+        if !plan.fits(pending + inputs.len(), 1 + keep) {
             let mut whole = verify;
             whole.chain.extend(rest);
             return Some((whole, reply));
@@ -303,7 +344,7 @@ impl<E: Engine> Worker<E> {
                 let _ = s.events.send(finished(FinishReason::Cancelled, len));
                 continue;
             }
-            if !plan.fits(entry.pending.len()) {
+            if !plan.fits(entry.pending.len(), 1) {
                 waiting.push_back(s);
                 continue;
             }
@@ -353,7 +394,8 @@ impl<E: Engine> Worker<E> {
             Some(total) => total.saturating_sub(plan.tokens).min(plan.room()),
             None => plan.room(),
         };
-        let mut allowance = room.max(chunk);
+        // At least a chunk whatever the token and time budgets, within the memory budget.
+        let mut allowance = room.max(chunk).min(plan.room_in_memory());
         let mut waiting = std::collections::VecDeque::new();
         while let Some(key) = self.catching_up.pop_front() {
             if plan.has(key) || allowance == 0 {

@@ -6,6 +6,7 @@ use crate::common;
 
 use crate::server_sessions::greedy_chain;
 use common::{API_KEY, Client, Mirror, Stream, llm, prompt_tokens, start};
+use uhlm_core::codec::{self, Codec};
 use uhlm_core::protocol::{Message, Verify};
 use uhlm_core::sampling::argmax;
 use uhlm_server::{Server, ServerConfig, ServerHandle};
@@ -231,6 +232,77 @@ async fn a_chain_of_many_skipped_tokens_delays_another_device_by_a_chunk_not_by_
     assert!(
         settled - started_at < (chain_tokens + short.len()) as f64,
         "the whole chain was scored for a device that had gone"
+    );
+    server.shutdown().await;
+}
+
+/// Issue 39's third attack in small: a chain of 32 links, each after a few skipped tokens,
+/// asks for a row of logits per link (49,152 floats each for SmolLM2) besides its tokens'
+/// activations: in one pass about 34 MB, more than the cache memory it is allowed. The pass's
+/// memory counts against the budget: the chain is decided in passes that each fit, whole and
+/// right, and at no point do the caches and a pass hold more than the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_many_links_is_scored_within_the_memory_budget() {
+    const BUDGET: u64 = 30_000_000;
+    let model = llm();
+    let server = Server::start_with_model(
+        ServerConfig {
+            kv_memory_budget_bytes: BUDGET,
+            workers: 1,
+            ..ServerConfig::local(common::llm_path(), [API_KEY])
+        },
+        model.clone(),
+    )
+    .await
+    .unwrap();
+    let metric = |name: &str| common::metric(&server, name);
+    let (client, _control) = Client::ready_on(&server).await;
+    let prompt = prompt_tokens(&model, "A story:");
+    let mut s = client.session().await;
+    s.send(start(1, &prompt)).await;
+    started(&mut s).await;
+    let mut mirror = Mirror::new(&model, &prompt);
+    let mut gaps = vec![3; 32];
+    gaps[0] = 0;
+    let (skipped, mut draft, mut chain, greedy) =
+        tokio::task::block_in_place(|| greedy_chain(&mut mirror, &gaps, None));
+    // The drafts' distributions in the SDK's own codec: 32 dense ones exceed a frame.
+    let compress = |q: &mut Vec<u8>| {
+        let dense = codec::decode(q, None).unwrap();
+        *q = codec::encode(&Codec::default(), &dense).unwrap().bytes;
+    };
+    compress(&mut draft.q);
+    chain
+        .iter_mut()
+        .for_each(|link| compress(&mut link.draft.q));
+    let rows: usize = chain.iter().map(|l| l.skipped.len() + 1).sum::<usize>() + 1;
+    let passes_before = metric("uhlm_forward_passes_total");
+    s.send(Verify {
+        seq: 0,
+        position: (mirror.context.len() + skipped.len()) as u32,
+        skipped,
+        draft: Some(draft),
+        uncertainty: 0.5,
+        chain,
+    })
+    .await;
+    let v = match s.recv().await {
+        Some(Message::Verdict(v)) => v,
+        other => panic!("expected a Verdict, got {other:?}"),
+    };
+    assert!(v.accepted, "{v:?}");
+    assert_eq!(v.link(), gaps.len() - 1, "every link decided: {v:?}");
+    assert_eq!(v.token, *greedy.last().unwrap());
+    let passes = metric("uhlm_forward_passes_total") - passes_before;
+    assert!(
+        passes >= 2.0,
+        "{rows} rows and 32 rows of logits in {passes} pass(es)"
+    );
+    let peak = metric("uhlm_memory_peak_bytes");
+    assert!(peak > 0.0, "the worker counts its passes");
+    assert!(
+        peak <= BUDGET as f64,
+        "caches and a pass held {peak} bytes against a budget of {BUDGET}"
     );
     server.shutdown().await;
 }

@@ -109,6 +109,14 @@ async fn sixteen_concurrent_sessions_get_greedy_verdicts() {
     server.shutdown().await;
 }
 
+/// Budget bytes that leave a pass of `tokens` returning `outputs` rows of logits its room (a
+/// pass takes at most half the budget) and no more: what the embedded engine counts for a pass,
+/// its activations and logits and its new tokens' cache, twice.
+fn pass_room(model: &uhlm_model::Model, tokens: usize, outputs: usize) -> u64 {
+    let per_token = kv_bytes_per_token(model.info());
+    2 * (model.pass_cost().bytes(tokens, outputs) + per_token * tokens as u64)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicted_session_resyncs_and_continues_correctly() {
     let model = llm();
@@ -125,7 +133,8 @@ async fn evicted_session_resyncs_and_continues_correctly() {
     let budget_tokens = a_prompt.len().max(b_prompt.len()) + 6;
     assert!(a_prompt.len() + b_prompt.len() > budget_tokens);
     let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
-    config.kv_memory_budget_bytes = per_token * budget_tokens as u64;
+    config.kv_memory_budget_bytes =
+        per_token * budget_tokens as u64 + pass_room(&model, budget_tokens, 4);
     config.batch_wait = Duration::ZERO;
     let server = Server::start_with_model(config, model.clone())
         .await
@@ -590,8 +599,9 @@ async fn one_forward_pass_answers_sessions_in_different_states() {
         "The quick brown fox jumps over the lazy dog and runs away.",
     );
     let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
-    // Every cache outside the pass in progress is evicted (least recently used first) ...
-    config.kv_memory_budget_bytes = 1;
+    // Every cache outside the pass in progress is evicted (least recently used first): the
+    // budget is the pass's alone ...
+    config.kv_memory_budget_bytes = pass_room(&model, text.len(), 4);
     // ... and requests sent together meet in one pass.
     config.batch_wait = Duration::from_secs(1);
     let server = Server::start_with_model(config, model.clone())

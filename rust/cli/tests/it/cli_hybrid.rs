@@ -450,6 +450,17 @@ fn bench_paper_quick_reports_every_system_consistently() {
     assert!(get("uhlm", "uplink_bytes_per_token") < get("hlm", "uplink_bytes_per_token") / 100.0);
     // An exact uplink keeps fidelity wherever nothing is skipped; its deviation is the skips'.
     assert!(get("uhlm", "fidelity") >= get("slm", "fidelity"));
+    // uhlm skips by the SDK's default policy: the per-output bound its calibration certifies.
+    let uhlm_system = systems.iter().find(|s| s["name"] == "uhlm").unwrap();
+    let certified =
+        v["calibration"]["fits"][0]["calibration"]["output_quality"]["controlled"]["u_th"]
+            .as_f64()
+            .unwrap_or(0.0);
+    assert_eq!(uhlm_system["kind"]["threshold"].as_f64(), Some(certified));
+    // Its measured runs start from that calibration, written beside the report.
+    let written = std::fs::read_to_string(out.join("calibration.json")).unwrap();
+    let written: Value = serde_json::from_str(&written).unwrap();
+    assert_eq!(written, v["calibration"]["fits"][0]["calibration"]);
     for file in [
         "paper.json",
         "systems.csv",

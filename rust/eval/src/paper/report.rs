@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use uhlm_core::threshold::Calibration;
 
 use super::systems::{SystemKind, SystemSpec};
 use crate::calibrate::{CalibrationOptions, CalibrationRun};
@@ -124,6 +125,12 @@ pub struct PaperReport {
 }
 
 impl PaperReport {
+    /// The calibration of uhlm's estimator (the first one fitted), which its threshold and its
+    /// measured runs start from; `None` when the calibration found no fit.
+    pub fn uhlm_calibration(&self) -> Option<&Calibration> {
+        self.calibration.fits.first()?.calibration.as_ref()
+    }
+
     /// Adds measured runs: their tokens/s join each system's throughput (and speedup) maps.
     pub fn add_measured(&mut self, options: MeasureOptions, runs: Vec<MeasuredRun>) {
         for run in &runs {

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use uhlm_core::codec::Codec;
+use uhlm_core::threshold::{DEFAULT_CONFIDENCE, DEFAULT_MAX_OUTPUT_RISK};
 use uhlm_core::uncertainty::UncertaintyKind;
 
 /// How a system decides each token.
@@ -85,7 +86,9 @@ pub fn systems(our_threshold: f32, paper_threshold: f32, cuhlm_k: u32) -> Vec<Sy
         SystemSpec {
             name: "uhlm".into(),
             description: format!(
-                "uhlm: closed-form u, target-risk u_th (eps 0.1) = {our_threshold:.3}, exact {} uplink",
+                "uhlm: closed-form u, the SDK's default policy (at most {} of outputs differ from the LLM's, confidence {}) -> u_th = {our_threshold:.3}, exact {} uplink",
+                DEFAULT_MAX_OUTPUT_RISK,
+                DEFAULT_CONFIDENCE,
                 Codec::default()
             ),
             kind: SystemKind::Hybrid {
