@@ -1,4 +1,4 @@
-//! The server's TLS identity and QUIC crypto: TLS 1.3 only, ALPN `uhlm/4`, ring as the crypto
+//! The server's TLS identity and QUIC crypto: TLS 1.3 only, ALPN `uhlm/5`, ring as the crypto
 //! provider (the SDK uses the same, so both cross-compile to phones).
 
 use std::path::{Path, PathBuf};
@@ -156,8 +156,8 @@ fn check_private(path: &Path) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// The QUIC server configuration: TLS 1.3 only, ALPN `uhlm/4` (and the older `uhlm/1` to
-/// `uhlm/3`, only so that old clients reach `Hello` and learn `UnsupportedVersion`), no client
+/// The QUIC server configuration: TLS 1.3 only, ALPN `uhlm/5` (and the older `uhlm/1` to
+/// `uhlm/4`, only so that old clients reach `Hello` and learn `UnsupportedVersion`), no client
 /// certificates.
 pub(crate) fn quic_server_config(
     identity: &Identity,

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use camino::Utf8PathBuf;
 use uniffi::{GenerateOptions, SwiftBindingsOptions, TargetLanguage};
 
-use crate::{root, run};
+use crate::command::{root, run};
 
 /// Crate and library name of the FFI crate.
 const FFI_CRATE: &str = "uhlm-ffi";

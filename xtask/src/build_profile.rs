@@ -5,7 +5,7 @@
 //! is built at -O0 only when the manifest names it. A new dependency that brings a proc
 //! macro would otherwise quietly add minutes of compiling to every CI run.
 
-use crate::root;
+use crate::command::root;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -48,7 +48,7 @@ pub(crate) fn cargo_metadata() -> Result<Value> {
         .lines()
         .find_map(|l| l.strip_prefix("host: "))
         .context("rustc -vV printed no host")?;
-    let metadata = crate::cargo_stdout(&[
+    let metadata = crate::command::cargo_stdout(&[
         "metadata",
         "--format-version",
         "1",

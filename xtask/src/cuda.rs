@@ -15,7 +15,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{root, run_with_env};
+use crate::command::{root, run_with_env};
 
 /// The toolkit's wheels: (name, version, SHA-256). The compiler alone is what `--check`
 /// needs; the build links the libraries too (cuBLAS is 420 MB of them).

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::{bindings, root, run};
+use crate::bindings;
+use crate::command::{root, run};
 
 /// The desktop build's Maven project.
 const POM: &str = "android-demo/desktop/pom.xml";
@@ -62,7 +63,7 @@ pub fn test_demo(lib: &Path) -> Result<()> {
 /// `cargo xtask demo-desktop`: the desktop app on a loopback server of its own (fresh
 /// certificate and key), the whole hybrid loop on this machine. Needs a display.
 pub fn demo_desktop() -> Result<()> {
-    crate::ensure_debian_packages()?;
+    crate::packages::ensure_debian_packages()?;
     let lib = bindings::build_host_library()?;
     fetch_default_models()?;
     let jna = jna_arg(&lib)?;

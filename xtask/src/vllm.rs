@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::run_with_env;
+use crate::command::run_with_env;
 use crate::soak::{free_port, http_get};
 
 /// The model vLLM serves: the Hugging Face release of the real pair's server model, whose

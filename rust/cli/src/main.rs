@@ -1,4 +1,5 @@
-//! `uhlm`: fetch and derive models, tokenize, generate locally, benchmark.
+//! `uhlm`, the command line: fetch and derive models, tokenize, generate locally or against a
+//! server (`run`), serve, demo, calibrate, benchmark and load-test.
 
 mod bench;
 mod calibrate;

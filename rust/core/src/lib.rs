@@ -7,6 +7,7 @@
 //! - [`chat`]: chat messages shared by templates, protocol and bindings.
 //! - [`sampling`]: logits → the distribution a system samples from (temperature, top-k, top-p).
 //! - [`verify`]: speculative-sampling verification of one draft token.
+//! - [`verify_partial`]: the same, exact, against an LLM known only by a sampling engine's report.
 //! - [`uncertainty`]: how unsure the SLM is about its draft, from one forward pass.
 //! - [`sample`]: calibration samples, `(u, beta)` with or without a weight.
 //! - [`threshold`]: when an uncertain token is worth sending (fit, thresholds, recalibration).

@@ -6,6 +6,7 @@
 //! - [`paper`]: every system of the papers' comparisons, evaluated exactly, teacher-forced.
 //! - [`measured`]: the same systems for real, device and server processes over QUIC through an
 //!   emulated link, per link profile.
+//! - [`engine_process`]: a llama.cpp `llama-server` child process for measured runs on that engine.
 //! - [`plot`]: SVG plots of the results.
 //! - [`humaneval`]: the HumanEval task, scored by executing completions against its tests.
 //! - [`channel`]: a simulated Rayleigh-fading link for the closed-form throughput estimates.

@@ -32,8 +32,11 @@ use crate::load_options::Kernels;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx2_kquant;
+mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod dot;
+
+use blocks::blocks;
 #[cfg(target_arch = "x86_64")]
 use dot::Isa;
 
@@ -204,21 +207,6 @@ fn blocks_matmul(
         GgmlDType::Q6K => by_blocks::<BlockQ6K>(mkn, x, data, dst),
         other => candle_core::bail!("{other:?} has no block-by-block path"),
     }
-}
-
-/// Reinterprets the weight's bytes as its blocks. They were allocated as a `Vec` of exactly
-/// this block type when the tensor was loaded, so size and alignment hold; both are checked.
-pub(crate) fn blocks<T>(data: &[u8], count: usize) -> Result<&[T]> {
-    let size = std::mem::size_of::<T>();
-    if data.len() != count * size || !(data.as_ptr() as usize).is_multiple_of(align_of::<T>()) {
-        candle_core::bail!(
-            "weight storage of {} bytes does not hold {count} blocks of {size} bytes",
-            data.len()
-        );
-    }
-    // SAFETY: length and alignment checked above; the block types are plain old data
-    // (integers and f16) for which every bit pattern is valid.
-    Ok(unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<T>(), count) })
 }
 
 /// Weights times activations quantized to the format's dot-product partner (Q8_0 or Q8_K):

@@ -33,13 +33,13 @@ use crate::events::{GenerationSummary, StopReason, TokenEvent, TokenListener, To
 use crate::shared::Inner;
 use crate::stats::StatsAccumulator;
 use crate::text::TextStream;
-use crate::transport::LinkError;
 
 mod chain;
 mod llm_stream;
 mod server_session;
+mod session_link;
 
-use server_session::{SessionLink, recv_until, recv_within};
+use session_link::{SessionLink, Wait, recv_until};
 
 /// What the device keeps with each drafted token until it is final.
 #[derive(Clone, Debug)]
@@ -59,19 +59,6 @@ struct SlmCursor {
     feed: Option<u32>,
     /// Refitted weights of a combined uncertainty predictor.
     combiner: Option<LogisticCombiner>,
-}
-
-/// Why a network wait ended early.
-enum Wait {
-    Link(LinkError),
-    Cancelled,
-    Fatal(SdkError),
-}
-
-impl From<LinkError> for Wait {
-    fn from(e: LinkError) -> Self {
-        Wait::Link(e)
-    }
 }
 
 pub(crate) async fn run(

@@ -1,4 +1,4 @@
-//! TLS for the QUIC client: TLS 1.3 only, ALPN `uhlm/3`, ring as the crypto provider (same as
+//! TLS for the QUIC client: TLS 1.3 only, ALPN `uhlm/5`, ring as the crypto provider (same as
 //! the server; it cross-compiles to Android and iOS).
 //!
 //! A self-hosted server has no CA-signed certificate, so the device pins it by the SHA-256 of

@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::blocks;
+use super::blocks::blocks;
 use super::dot::{Avx2, AvxVnni, Dot, Isa};
 use candle_core::Result;
 use candle_core::quantized::GgmlDType;

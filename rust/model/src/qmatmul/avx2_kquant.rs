@@ -23,7 +23,7 @@ use candle_core::Result;
 use candle_core::quantized::GgmlDType;
 
 use super::avx2::prefetch;
-use super::blocks;
+use super::blocks::blocks;
 use super::dot::{Avx2, AvxVnni, Dot, Isa};
 
 const QK_K: usize = 256;

@@ -6,7 +6,8 @@ use std::time::Instant;
 use uhlm_core::lookahead::Settled;
 use uhlm_core::protocol::{Extend, Message, Recovery, SessionPhase, Side, Verify};
 
-use super::{Generation, Kept, Output, Wait};
+use super::session_link::Wait;
+use super::{Generation, Kept, Output};
 use crate::error::SdkError;
 use crate::events::StopReason;
 use crate::transport::LinkError;

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use uhlm_core::protocol::{FinishReason, Generate, Message, Recovery, Side};
 
-use super::{Generation, Output, Streamed, Wait, recv_within};
+use super::session_link::{Wait, recv_within};
+use super::{Generation, Output, Streamed};
 use crate::error::SdkError;
 use crate::events::{StopReason, TokenSource};
 use crate::transport::LinkError;

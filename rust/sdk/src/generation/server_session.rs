@@ -7,23 +7,13 @@ use std::time::{Duration, Instant};
 use uhlm_core::lookahead::Settled;
 use uhlm_core::protocol::{self, Close, Message, Recovery, Resync, SessionStream, Side, Start};
 
-use super::{Generation, Kept, Wait};
-use crate::cancel::CancelToken;
+use super::session_link::{SessionLink, Wait, recv_within};
+use super::{Generation, Kept};
 use crate::error::SdkError;
-use crate::transport::{ClientConn, FramedStream, LinkError};
+use crate::transport::{ClientConn, LinkError};
 
 /// How long the final `Close` may take to write before we stop caring.
 const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// The server session of a generation.
-pub(super) struct SessionLink {
-    pub(super) conn: Arc<ClientConn>,
-    pub(super) stream: FramedStream,
-    pub(super) state: SessionStream,
-    /// Context tokens the server has been given but not scored yet (a new or resynced
-    /// context); the next answer waits for them.
-    pub(super) unscored: usize,
-}
 
 impl Generation {
     /// A failed wait (for a verdict or a resync): the session is gone, its drafts stay
@@ -232,37 +222,5 @@ impl Generation {
                     .await;
         }
         link.stream.finish();
-    }
-}
-
-/// Receives one message, giving up at `deadline` (link down) or on cancellation.
-pub(super) async fn recv_until(
-    stream: &mut FramedStream,
-    downlink: &mut u64,
-    deadline: Instant,
-    cancel: &CancelToken,
-) -> Result<Message, Wait> {
-    let timeout = deadline.saturating_duration_since(Instant::now());
-    recv_within(stream, downlink, timeout, cancel).await
-}
-
-/// Receives one message, giving up on timeout (link down) or cancellation.
-pub(super) async fn recv_within(
-    stream: &mut FramedStream,
-    downlink: &mut u64,
-    timeout: Duration,
-    cancel: &CancelToken,
-) -> Result<Message, Wait> {
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => Err(Wait::Cancelled),
-        r = tokio::time::timeout(timeout, stream.recv(downlink)) => match r {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(e)) => Err(Wait::Link(e)),
-            Err(_) => Err(Wait::Link(LinkError::Down(format!(
-                "no answer within {} ms",
-                timeout.as_millis()
-            )))),
-        },
     }
 }
