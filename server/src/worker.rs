@@ -7,25 +7,28 @@
 //! `Generate` (LLM-only streaming), and chunks of the contexts being caught up ([`catch_up`]),
 //! within `max_batch` sessions and `max_batch_tokens` tokens per pass. Nothing waits for company
 //! unless `batch_wait` asks for it; a request that does not fit goes first in the next pass.
+//! This file holds a worker's state and its requests; the loop is [`pass_loop`], what a pass
+//! takes [`plan`], the memory budget [`memory`].
 //!
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
 //! token of its allocated capacity (which grows by a quarter at a time and shrinks only on a
 //! resync).
 //! A forward pass allocates too (activations per token and logits per decided row, the
 //! engine's [`PassCost`](uhlm_model::PassCost)): a pass takes at most half a worker's share
-//! of the budget ([`Plan`] cuts chains and catch-up to fit), and before it runs the least
-//! recently used sessions outside it lose their cache until caches and pass fit together.
+//! of the budget ([`Plan`](plan::Plan) cuts chains and catch-up to fit), and before it runs
+//! the least recently used sessions outside it lose their cache until caches and pass fit
+//! together.
 //! When the allocated bytes over a worker's sessions exceed its share of the budget after a
 //! pass, the least recently used sessions outside it lose their cache too; their next
 //! `Verify` is answered `NeedResync`.
 
 use crate::config::PassTarget;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -43,11 +46,12 @@ use crate::metrics::Metrics;
 mod catch_up;
 mod decide;
 mod forward;
+mod memory;
+mod pass_loop;
 mod pass_time;
 mod plan;
 
 use pass_time::PassClock;
-use plan::Plan;
 
 /// Server-wide identity of a session (device session ids are only unique per connection).
 pub(crate) type SessionKey = u64;
@@ -377,177 +381,6 @@ fn finished(reason: FinishReason, len: usize) -> GenEvent {
 }
 
 impl<E: Engine> Worker<E> {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        let mut stopping = false;
-        loop {
-            let mut jobs: Vec<Job> = self.held.drain(..).collect();
-            if !stopping {
-                if jobs.is_empty() && self.is_idle() {
-                    match rx.recv() {
-                        Ok(job) => jobs.push(job),
-                        Err(_) => break,
-                    }
-                    // Waiting for company only where the operator asks for it.
-                    let deadline = Instant::now() + self.settings.batch_wait;
-                    while jobs.len() < self.settings.max_batch {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            break;
-                        }
-                        match rx.recv_timeout(deadline - now) {
-                            Ok(job) => jobs.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                // Everything already queued: what does not fit in this pass is held.
-                while let Ok(job) = rx.try_recv() {
-                    jobs.push(job);
-                }
-            }
-            // A pass may take half the budget; caches make room for it before it runs.
-            let mut plan = Plan::new(
-                self.settings.max_batch,
-                self.settings.max_batch_tokens,
-                self.engine.pass_cost(),
-                self.budget / 2,
-            );
-            while let Some((key, verify, reply)) = self.ready.pop_front() {
-                if let Some((verify, reply)) = self.plan_verify(&mut plan, key, verify, reply) {
-                    self.ready.push_front((key, verify, reply));
-                    break;
-                }
-            }
-            let mut held_keys = HashSet::new();
-            for job in jobs {
-                if matches!(job, Job::Stop) {
-                    stopping = true;
-                    continue;
-                }
-                // A session's requests keep their order: none passes one held or in the pass.
-                if let Some(key) = job.key()
-                    && (held_keys.contains(&key) || (plan.has(key) && job.needs_order()))
-                {
-                    held_keys.insert(key);
-                    self.held.push_back(job);
-                    continue;
-                }
-                if let Some(job) = self.handle(job, &mut plan) {
-                    held_keys.extend(job.key());
-                    self.held.push_back(job);
-                }
-            }
-            self.plan_generations(&mut plan);
-            // Catching up gets a share of every pass however full it is, so it never starves;
-            // it costs the others one chunk a pass (cut to `pass_target`).
-            self.plan_catch_ups(&mut plan);
-            // Every session with work in this pass or waiting for the next.
-            let mut busy: HashSet<SessionKey> = plan.keys().chain(held_keys).collect();
-            busy.extend(self.queued_keys());
-            self.window = self.drafting_window(busy.len());
-            self.make_room(plan.bytes, &busy);
-            self.run_plan(plan);
-            // Kept from eviction: these, and the sessions the pass has just queued.
-            busy.extend(self.queued_keys());
-            self.enforce_budget(&busy);
-            self.clock += 1;
-            if stopping && self.held.is_empty() && self.ready.is_empty() {
-                break;
-            }
-        }
-        // Generations still running end here; their session tasks see the channel close.
-        self.streams.clear();
-        self.metrics.sessions.dec_by(self.sessions.len() as i64);
-        self.sessions.clear();
-        self.report_kv_bytes(0);
-    }
-
-    /// Sessions queued for a later pass: running generations, catch-ups, caught-up `Verify`s.
-    fn queued_keys(&self) -> impl Iterator<Item = SessionKey> + '_ {
-        let streams = self.streams.iter().map(|s| s.key);
-        let ready = self.ready.iter().map(|r| r.0);
-        streams.chain(self.catching_up.iter().copied()).chain(ready)
-    }
-
-    /// Nothing to do until a request comes.
-    fn is_idle(&self) -> bool {
-        self.streams.is_empty()
-            && self.catching_up.is_empty()
-            && self.ready.is_empty()
-            && self.held.is_empty()
-    }
-
-    /// Serves `job`, or plans its part of the pass; gives it back if the pass is full.
-    fn handle(&mut self, job: Job, plan: &mut Plan) -> Option<Job> {
-        self.clock += 1;
-        match job {
-            Job::Open {
-                key,
-                context,
-                sampling,
-                reply,
-            } => {
-                let r = self.open(key, context, sampling);
-                if r.is_ok() {
-                    self.queue_catch_up(key);
-                }
-                let _ = reply.send(r);
-            }
-            Job::Resync {
-                key,
-                context,
-                reply,
-            } => {
-                let r = self.resync(key, context);
-                if r.is_ok() {
-                    self.queue_catch_up(key);
-                }
-                let _ = reply.send(r);
-            }
-            Job::Verify { key, verify, reply } => {
-                if let Some(e) = self.take_refusal(key) {
-                    let _ = reply.send(Err(e));
-                    return None;
-                }
-                if let Some((verify, reply)) = self.defer_verify(key, verify, reply) {
-                    return self
-                        .plan_verify(plan, key, verify, reply)
-                        .map(|(verify, reply)| Job::Verify { key, verify, reply });
-                }
-            }
-            Job::Generate {
-                key,
-                generate,
-                events,
-                cancel,
-            } => match self
-                .take_refusal(key)
-                .map_or_else(|| self.admit_generation(key, &generate), Err)
-            {
-                Ok(()) => {
-                    self.metrics.generate_requests.inc();
-                    self.streams.push_back(Streaming {
-                        key,
-                        left: generate.max_tokens,
-                        events,
-                        cancel,
-                    });
-                }
-                Err(e) => {
-                    let _ = events.send(GenEvent::Failed(e));
-                }
-            },
-            Job::Extend { key, tokens } => self.extend(key, tokens),
-            Job::Close { key } => {
-                if self.sessions.remove(&key).is_some() {
-                    self.metrics.sessions.dec();
-                }
-            }
-            Job::Stop => {}
-        }
-        None
-    }
-
     fn check_context(&self, context: &[u32]) -> Result<(), Failure> {
         if context.is_empty() {
             return Err(fail(ErrorCode::InvalidRequest, "the context is empty"));
@@ -680,105 +513,6 @@ impl<E: Engine> Worker<E> {
             self.settings.max_generate_tokens,
         )
     }
-
-    /// KV bytes this worker's caches hold allocated.
-    fn allocated_kv_bytes(&self) -> u64 {
-        self.sessions.values().map(kv_bytes).sum()
-    }
-
-    /// Publishes this worker's share of the allocated KV bytes, `bytes`.
-    fn report_kv_bytes(&mut self, bytes: u64) {
-        self.metrics
-            .kv_cache_bytes
-            .inc_by(bytes as i64 - self.reported_kv_bytes as i64);
-        self.reported_kv_bytes = bytes;
-    }
-
-    /// Evicts least recently used sessions outside `protected` until their caches and a pass of
-    /// `pass_bytes` fit the budget together, and records what that came to.
-    fn make_room(&mut self, pass_bytes: u64, protected: &HashSet<SessionKey>) {
-        let mut used = self.allocated_kv_bytes();
-        while used + pass_bytes > self.budget {
-            let Some(victim) = self.least_recently_used(protected) else {
-                break;
-            };
-            used -= self.evict(victim);
-        }
-        self.report_kv_bytes(used);
-        self.record_peak(used + pass_bytes);
-    }
-
-    /// Publishes `bytes` as this worker's peak if it is one.
-    fn record_peak(&mut self, bytes: u64) {
-        if bytes > self.peak_bytes {
-            self.metrics
-                .memory_peak_bytes
-                .inc_by((bytes - self.peak_bytes) as i64);
-            self.peak_bytes = bytes;
-        }
-    }
-
-    /// The idle session outside `protected` used longest ago that still holds a cache.
-    fn least_recently_used(&self, protected: &HashSet<SessionKey>) -> Option<SessionKey> {
-        self.sessions
-            .iter()
-            .filter(|(k, e)| e.llm.is_some() && !protected.contains(k))
-            .min_by_key(|(_, e)| e.last_used)
-            .map(|(k, _)| *k)
-    }
-
-    /// Evicts least recently used sessions outside `protected` until the caches fit the budget.
-    /// A cache counts what it holds allocated, not the tokens in use: a session rolled back or
-    /// started on a short context after a long one still holds its buffers.
-    fn enforce_budget(&mut self, protected: &HashSet<SessionKey>) {
-        let mut used = self.allocated_kv_bytes();
-        while used > self.budget {
-            let Some(victim) = self.least_recently_used(protected) else {
-                break;
-            };
-            used -= self.evict(victim);
-        }
-        // Sessions still prefilling are protected so that their work is not thrown away, but
-        // not past the budget (four 4,096-token prompts at once took 712 MiB of a 512 MiB
-        // budget in the fault campaign): the one furthest along keeps its cache, the others go,
-        // least progressed first, and their devices resync (answered `NeedResync`).
-        if used > self.budget {
-            let mut prefilling: Vec<(u64, SessionKey)> = self
-                .catching_up
-                .iter()
-                .filter_map(|k| Some((kv_bytes(self.sessions.get(k)?), *k)))
-                .filter(|&(bytes, _)| bytes > 0)
-                .collect();
-            prefilling.sort_unstable();
-            prefilling.pop();
-            for (_, key) in prefilling {
-                if used <= self.budget {
-                    break;
-                }
-                used -= self.evict(key);
-            }
-        }
-        self.report_kv_bytes(used);
-        self.record_peak(used);
-    }
-
-    /// Drops `key`'s KV cache; returns the bytes it held.
-    fn evict(&mut self, key: SessionKey) -> u64 {
-        let Some(e) = self.sessions.get_mut(&key) else {
-            return 0;
-        };
-        let bytes = kv_bytes(e);
-        e.llm = None;
-        e.pending.clear();
-        self.metrics.evictions.inc();
-        tracing::debug!(session = key, "evicted a session's KV cache");
-        bytes
-    }
-}
-
-/// KV bytes an entry's cache holds allocated (none once evicted).
-fn kv_bytes<S: EngineSession>(e: &Entry<S>) -> u64 {
-    e.llm.as_ref().map_or(0, |s| s.kv_cache_bytes() as u64)
 }
 
 /// Maps an engine error on client-supplied tokens to the code the client can act on.

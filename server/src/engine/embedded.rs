@@ -6,7 +6,7 @@ use std::sync::Arc;
 use uhlm_core::sampling::SamplingOptions;
 use uhlm_model::{BatchItem, Model, Outputs, PassCost, Session};
 
-use super::{Engine, EngineError, EngineSession, ScoreItem, Target, Wanted};
+use super::seam::{Engine, EngineError, EngineSession, ScoreItem, Target, Wanted};
 
 /// The model loaded in this process.
 pub(crate) struct Embedded {

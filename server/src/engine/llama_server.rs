@@ -41,7 +41,7 @@ use uhlm_model::ModelCard;
 use super::remote::{
     PROBE_TEXT, RemoteSession, agent, all_at_once, clip, get_json, post_json, read_body, score_all,
 };
-use super::{Engine, EngineCheck, EngineError, ScoreItem, Target, Wanted};
+use super::seam::{Engine, EngineCheck, EngineError, ScoreItem, Target, Wanted};
 use crate::metrics::Metrics;
 
 /// A running `llama-server` serving the same GGUF as the gateway's model card.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{EngineError, EngineSession, ScoreItem};
+use super::seam::{EngineError, EngineSession, ScoreItem};
 
 /// Largest answer accepted: one prompt's full-vocabulary answer is about 10 MB of JSON on a
 /// 150k vocabulary, and a chain carries up to `max_chain_links + 1` of them.
