@@ -26,6 +26,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The async runtime of a [`LoopbackServer`](crate::LoopbackServer) could not start.
+    #[error("cannot start the server's async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     /// A certificate or key could not be generated, parsed or used.
     #[error("TLS setup failed: {0}")]
     Tls(String),

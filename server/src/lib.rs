@@ -26,6 +26,7 @@ mod framed;
 mod http;
 mod key_quota;
 mod llm_card;
+mod loopback;
 mod metrics;
 mod rate_limit;
 #[cfg(feature = "cli")]
@@ -41,6 +42,7 @@ pub use args::ServerArgs;
 pub use config::{EngineChoice, PassTarget, ServerConfig};
 pub use engine::{EngineCheck, EngineError, RemoteKind, check_engine};
 pub use error::ServerError;
+pub use loopback::LoopbackServer;
 pub use server::{Server, ServerHandle};
 pub use tls::{SELF_SIGNED_CERT_FILE, SELF_SIGNED_KEY_FILE, cert_fingerprint};
 pub use worker::kv_bytes_per_token;

@@ -62,7 +62,8 @@ pub struct SoakArgs {
     /// How long a forward pass that carries catch-up chunks may take (`uhlm serve
     /// --pass-target`; `0s`: passes sized by tokens only; `auto`: the server's default). The
     /// full campaign keeps 150 ms: with the server's default its latency bound failed (2.6 s
-    /// against 1 s, docs/RELIABILITY.md run 12). The short form runs the server's default.
+    /// and, with `Extend`, 1.9 s against 1 s, docs/RELIABILITY.md runs 12 and 13). The short
+    /// form runs the server's default.
     #[arg(long, default_value = "150ms")]
     pass_target: Option<String>,
     /// Devices replay the logits their draft model computed once for each context they reach,

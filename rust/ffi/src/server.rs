@@ -7,13 +7,6 @@
 //! [`UhlmError::Unsupported`].
 
 use std::sync::Arc;
-#[cfg(feature = "desktop")]
-use std::sync::Mutex;
-
-#[cfg(feature = "desktop")]
-use rand::RngCore;
-#[cfg(feature = "desktop")]
-use uhlm_server::{Server, ServerConfig, ServerHandle};
 
 use crate::error::UhlmError;
 
@@ -21,9 +14,7 @@ use crate::error::UhlmError;
 #[derive(uniffi::Object)]
 pub struct EmbeddedServer {
     #[cfg(feature = "desktop")]
-    runtime: tokio::runtime::Runtime,
-    #[cfg(feature = "desktop")]
-    handle: Mutex<Option<ServerHandle>>,
+    server: uhlm_server::LoopbackServer,
     address: String,
     fingerprint: String,
     api_key: String,
@@ -60,44 +51,23 @@ impl EmbeddedServer {
     }
 
     /// Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-    /// object without calling it stops the server abruptly.
+    /// object stops it the same way.
     pub fn stop(&self) {
         #[cfg(feature = "desktop")]
-        {
-            let handle = self.handle.lock().ok().and_then(|mut h| h.take());
-            if let Some(handle) = handle {
-                self.runtime.block_on(handle.shutdown());
-            }
-        }
+        self.server.stop();
     }
 }
 
 #[cfg(feature = "desktop")]
 impl EmbeddedServer {
     fn start_desktop(model_path: String, api_key: Option<String>) -> Result<Arc<Self>, UhlmError> {
-        let api_key = api_key.unwrap_or_else(|| {
-            let mut bytes = [0u8; 16];
-            rand::rng().fill_bytes(&mut bytes);
-            hex::encode(bytes)
-        });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("uhlm-embedded-server")
-            .enable_all()
-            .build()
-            .map_err(|e| UhlmError::Server {
-                reason: format!("cannot start a runtime: {e}"),
-            })?;
-        let config = ServerConfig::local(model_path, [api_key.clone()]);
-        let handle = runtime
-            .block_on(Server::start(config))
-            .map_err(server_error)?;
+        let server =
+            uhlm_server::LoopbackServer::start(model_path, api_key).map_err(server_error)?;
         Ok(Arc::new(Self {
-            address: handle.local_addr().to_string(),
-            fingerprint: handle.cert_fingerprint().to_string(),
-            runtime,
-            handle: Mutex::new(Some(handle)),
-            api_key,
+            address: server.local_addr().to_string(),
+            fingerprint: server.cert_fingerprint().to_string(),
+            api_key: server.api_key().to_string(),
+            server,
         }))
     }
 }

@@ -52,6 +52,26 @@ pub struct DeriveReport {
     pub bytes_after: u64,
 }
 
+/// Derives the default draft ([`DeriveOptions::default_draft`]) of `llm` at `draft` unless a file
+/// is there already; returns whether it derived one. It writes under a temporary name beside
+/// `draft` and renames, so neither an interrupted run nor a caller deriving at the same time
+/// ever sees a half-written model in its place.
+pub fn ensure_default_draft(llm: &Path, draft: &Path) -> Result<bool, ModelError> {
+    if draft.is_file() {
+        return Ok(false);
+    }
+    // A name of its own per call, so that callers deriving at once never share a file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = draft.with_extension(format!("tmp{}-{call}", std::process::id()));
+    let derived = derive_draft(llm, &tmp, &DeriveOptions::default_draft())
+        .and_then(|_| std::fs::rename(&tmp, draft).map_err(|e| ModelError::io(draft, e)));
+    if derived.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    derived.map(|()| true)
+}
+
 /// Writes a draft of `from` to `out`. Tokenizer and chat-template metadata are copied
 /// verbatim, so the draft loads with [`crate::Model::load`] and has the same fingerprint.
 pub fn derive_draft(

@@ -42,7 +42,7 @@ pub use bench::{BenchReport, DeviceCheck, bench_model, check_device};
 pub use candle_core::quantized::GgmlDType;
 pub use card::ModelCard;
 #[cfg(feature = "derive")]
-pub use derive::{DeriveOptions, DeriveReport, derive_draft};
+pub use derive::{DeriveOptions, DeriveReport, derive_draft, ensure_default_draft};
 pub use device::Device;
 pub use error::ModelError;
 #[cfg(feature = "fetch")]

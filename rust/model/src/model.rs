@@ -1,5 +1,6 @@
-//! Loading a GGUF model: architecture dispatch, tokenizer, chat template, and the handle that
-//! sessions share.
+//! A loaded model ([`Model`]): the handle sessions share, what it is ([`ModelInfo`]), and loading
+//! it from a GGUF file (architecture dispatch, tokenizer, chat template, the kernel thread pool
+//! sized on the first load).
 
 use std::collections::BTreeMap;
 use std::fmt;

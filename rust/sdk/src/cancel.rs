@@ -1,7 +1,9 @@
-//! Cooperative cancellation: checked before every token and raced against every network wait.
+//! Cooperative cancellation: checked before every token and raced against every network wait;
+//! and the tokens of an engine's running generations, so that one call stops them all.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -41,6 +43,37 @@ impl CancelToken {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// The cancel tokens of an engine's running generations.
+#[derive(Debug, Default)]
+pub(crate) struct Running {
+    tokens: Mutex<HashMap<u64, CancelToken>>,
+    next: AtomicU64,
+}
+
+impl Running {
+    /// Registers a starting generation's token; [`finish`](Self::finish) it with the id.
+    pub fn start(&self, token: CancelToken) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.insert(id, token);
+        }
+        id
+    }
+
+    pub fn finish(&self, id: u64) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.remove(&id);
+        }
+    }
+
+    /// Cancels every generation registered and not finished.
+    pub fn cancel_all(&self) {
+        if let Ok(tokens) = self.tokens.lock() {
+            tokens.values().for_each(CancelToken::cancel);
         }
     }
 }

@@ -11,7 +11,7 @@ use uhlm_core::lookahead::LookaheadLimit;
 use uhlm_core::threshold::{Calibration, ThresholdPolicy};
 use uhlm_model::{LoadOptions, LoadProgress, Model, ModelInfo};
 
-use crate::cancel::CancelToken;
+use crate::cancel::{CancelToken, Running};
 use crate::config::{EngineConfig, GenerationOptions, Prompt};
 use crate::draft_model::DraftModel;
 use crate::drafter::Drafter;
@@ -125,6 +125,7 @@ impl HybridEngine {
                 stats: Mutex::new(StatsAccumulator::default()),
                 busy: tokio::sync::Mutex::new(()),
                 session_ids: AtomicU64::new(1),
+                running: Running::default(),
             }),
             runtime: None,
         })
@@ -186,18 +187,31 @@ impl HybridEngine {
         listener: Arc<dyn TokenListener>,
         cancel: CancelToken,
     ) -> GenerationHandle {
-        let task = crate::generation::run(
+        let id = self.inner.running.start(cancel.clone());
+        let inner = self.inner.clone();
+        let generation = crate::generation::run(
             self.inner.clone(),
             prompt,
             options,
             listener,
             cancel.clone(),
         );
+        let task = async move {
+            // Unregistered however the task ends, aborted with its runtime included.
+            let _running = Unregister(inner, id);
+            generation.await
+        };
         GenerationHandle {
             cancel,
             join: self.inner.rt.spawn(task),
             rt: self.inner.rt.clone(),
         }
+    }
+
+    /// Stops every generation of this engine that is running; each returns
+    /// [`SdkError::Cancelled`] soon after, as if its own token had been cancelled.
+    pub fn cancel_all(&self) {
+        self.inner.running.cancel_all();
     }
 
     /// Counters over every generation so far.
@@ -263,6 +277,15 @@ impl GenerationHandle {
     pub fn wait_blocking(self) -> Result<GenerationSummary, SdkError> {
         let rt = self.rt.clone();
         rt.block_on(self.wait())
+    }
+}
+
+/// Takes a generation off its engine's running list when its task ends.
+struct Unregister(Arc<Inner>, u64);
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        self.0.running.finish(self.1);
     }
 }
 

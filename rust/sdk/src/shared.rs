@@ -1,6 +1,7 @@
-//! What an engine and its running generation share: the configuration, the on-device model
+//! What an engine and its running generations share: the configuration, the on-device model
 //! and its drafter, the threshold policy, the lookahead learned so far, the server link, the
-//! runtime and the counters; and rendering a prompt to token ids.
+//! runtime, the counters and the generations' cancel tokens; and rendering a prompt to token
+//! ids.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use uhlm_core::lookahead::LookaheadLimit;
 use uhlm_core::threshold::ThresholdPolicy;
 use uhlm_model::Model;
 
+use crate::cancel::Running;
 use crate::config::{EngineConfig, Prompt};
 use crate::drafter::Drafter;
 use crate::error::SdkError;
@@ -33,6 +35,8 @@ pub(crate) struct Inner {
     pub busy: tokio::sync::Mutex<()>,
     /// The next `Start.session_id`.
     pub session_ids: AtomicU64,
+    /// The generations running, for [`HybridEngine::cancel_all`](crate::HybridEngine::cancel_all).
+    pub running: Running,
 }
 
 impl Inner {

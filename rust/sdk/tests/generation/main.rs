@@ -321,6 +321,36 @@ fn cancelling_while_a_verdict_is_awaited_closes_the_session() {
     assert_eq!(log.seen.last(), Some(&Seen::Close("cancelled".into())));
 }
 
+/// `cancel_all` stops a generation started with a token the caller never cancels (the FFI's
+/// `cancel` on behalf of foreign code).
+#[test]
+fn cancel_all_stops_the_generations_running() {
+    let Some(b) = bench(
+        Script {
+            hold_at: Some(1),
+            ..Script::default()
+        },
+        0,
+    ) else {
+        return;
+    };
+    let rec = Arc::new(Recorder::default());
+    let own = CancelToken::new();
+    let handle = b
+        .engine
+        .start(prompt(), options(10), rec.clone(), own.clone());
+    assert!(
+        b.server.wait_for(|l| l.holding),
+        "the second Verify never came"
+    );
+    b.engine.cancel_all();
+    match handle.wait_blocking() {
+        Err(SdkError::Cancelled) => {}
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    assert!(own.is_cancelled(), "its own token says so");
+}
+
 /// Local tokens go ahead in `Extend`s of exactly `extend_after` once that many wait, and the
 /// rest ride in the next `Verify`: the server is told every token once, in order, at the
 /// positions its own state machine expects.

@@ -1029,7 +1029,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_cert_fingerprint() and 0xFFFF) != 32290) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() and 0xFFFF) != 38861) {
+    if ((lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() and 0xFFFF) != 42184) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new() and 0xFFFF) != 11163) {
@@ -1559,7 +1559,7 @@ public interface EmbeddedServerInterface {
     
     /**
      * Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-     * object without calling it stops the server abruptly.
+     * object stops it the same way.
      */
     fun `stop`()
     
@@ -1721,7 +1721,7 @@ open class EmbeddedServer: Disposable, AutoCloseable, EmbeddedServerInterface
     
     /**
      * Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-     * object without calling it stops the server abruptly.
+     * object stops it the same way.
      */override fun `stop`()
         = 
     callWithHandle {
