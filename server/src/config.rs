@@ -57,9 +57,9 @@ pub struct ServerConfig {
     /// verifies in one request beyond the first, each a row of logits in the forward pass.
     pub max_chain_links: u32,
     /// Memory for all sessions' KV caches and the forward pass running over them (the
-    /// embedded engine's activations and logits; a pass takes at most half, cut into more
-    /// passes if need be); beyond it idle sessions are evicted, least recently used first, and
-    /// must `Resync`.
+    /// embedded engine's activations and logits, planned within half of it and cut into more
+    /// passes if need be, and the caches a pass grows); beyond it idle sessions are evicted,
+    /// least recently used first, and must `Resync`.
     pub kv_memory_budget_bytes: u64,
     /// A session with no request for this long is closed.
     #[serde(with = "humantime_serde")]

@@ -8,15 +8,15 @@ use std::sync::Mutex;
 use crate::{Server, ServerConfig, ServerError, ServerHandle};
 
 /// [`Server`] on a loopback port with a fresh self-signed certificate, on an async runtime of
-/// its own so that synchronous callers can hold it; stopped by [`stop`](Self::stop) or when
-/// dropped.
+/// its own so that synchronous callers can hold it. [`stop`](Self::stop) shuts it down
+/// gracefully; dropping it without that stops it at once, on any thread.
 pub struct LoopbackServer {
     handle: Mutex<Option<ServerHandle>>,
     local_addr: SocketAddr,
     cert_fingerprint: String,
     api_key: String,
-    // Dropped last: the handle's tasks run on it.
-    runtime: tokio::runtime::Runtime,
+    /// Taken only on drop; the handle's tasks run on it.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl LoopbackServer {
@@ -32,6 +32,7 @@ impl LoopbackServer {
             .map_err(ServerError::Runtime)?;
         let config = ServerConfig::local(model, [api_key.clone()]);
         let handle = runtime.block_on(Server::start(config))?;
+        let runtime = Some(runtime);
         Ok(Self {
             local_addr: handle.local_addr(),
             cert_fingerprint: handle.cert_fingerprint().to_string(),
@@ -58,17 +59,21 @@ impl LoopbackServer {
     /// async task.
     pub fn stop(&self) {
         let handle = self.handle.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle {
-            self.runtime.block_on(handle.shutdown());
+        if let (Some(handle), Some(runtime)) = (handle, &self.runtime) {
+            runtime.block_on(handle.shutdown());
         }
     }
 }
 
 impl Drop for LoopbackServer {
     fn drop(&mut self) {
-        // Blocking inside an async task would panic; there the runtime's own drop ends it.
-        if tokio::runtime::Handle::try_current().is_err() {
-            self.stop();
+        // Without blocking (a UI thread may drop it; inside an async task blocking panics):
+        // the runtime's tasks, the server's among them, are dropped where they stand.
+        if let Ok(mut handle) = self.handle.lock() {
+            handle.take();
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }

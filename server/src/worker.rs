@@ -13,11 +13,12 @@
 //! Memory: a session's KV cache costs about `2 · layers · kv_heads · head_dim · 4` bytes per
 //! token of its allocated capacity (which grows by a quarter at a time and shrinks only on a
 //! resync).
-//! A forward pass allocates too (activations per token and logits per decided row, the
-//! engine's [`PassCost`](uhlm_model::PassCost)): a pass takes at most half a worker's share
-//! of the budget ([`Plan`](plan::Plan) cuts chains and catch-up to fit), and before it runs
-//! the least recently used sessions outside it lose their cache until caches and pass fit
-//! together.
+//! A forward pass allocates too: activations per token and logits per decided row (the
+//! engine's [`PassCost`](uhlm_model::PassCost)), planned within half a worker's share of the
+//! budget ([`Plan`](plan::Plan) cuts chains and catch-up to fit, catch-up keeping a floor of 16
+//! tokens so that it never stops), and the new buffers of the caches it grows (beside the old
+//! ones until copied). Before it runs, the least recently used sessions outside it lose their
+//! cache until caches and pass fit together (unless only caches the pass protects are left).
 //! When the allocated bytes over a worker's sessions exceed its share of the budget after a
 //! pass, the least recently used sessions outside it lose their cache too; their next
 //! `Verify` is answered `NeedResync`.

@@ -535,7 +535,7 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_cert_fingerprint() != 32290:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() != 42184:
+    if lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() != 38861:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_uhlm_ffi_checksum_constructor_embeddedserver_start() != 4692:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -3326,7 +3326,7 @@ class EmbeddedServerProtocol(typing.Protocol):
     def stop(self, ) -> None:
         """
         Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-        object stops it the same way.
+        object without calling it stops the server abruptly.
 """
         raise NotImplementedError
 
@@ -3427,7 +3427,7 @@ class EmbeddedServer(EmbeddedServerProtocol):
     def stop(self, ) -> None:
         """
         Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-        object stops it the same way.
+        object without calling it stops the server abruptly.
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),

@@ -105,6 +105,10 @@ pub fn run(args: PaperArgs) -> Result<()> {
         let specs: Vec<_> = report.systems.iter().map(|s| s.spec()).collect();
         let eval = &prompts.prompts[prompts.prompts.len() - report.eval_prompts..];
         let runs = measure(&slm, &server, &specs, eval, &measure_options)?;
+        // Recorded by its name beside the report, not by this machine's path.
+        measure_options.calibration = measure_options
+            .calibration
+            .and_then(|p| p.file_name().map(PathBuf::from));
         report.add_measured(measure_options, runs);
     }
     write_files(&report, &args.out)?;

@@ -51,7 +51,7 @@ impl EmbeddedServer {
     }
 
     /// Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-    /// object stops it the same way.
+    /// object without calling it stops the server abruptly.
     pub fn stop(&self) {
         #[cfg(feature = "desktop")]
         self.server.stop();

@@ -80,19 +80,34 @@ impl KvCache {
         self.len = n;
     }
 
+    /// The capacity [`reserve`](Self::reserve) grows to for `needed` tokens: a quarter more
+    /// each time (rounded to 64 tokens), not double, so appends stay amortised O(1) and a long
+    /// context holds at most ~25% unused capacity, not up to 100% (a 4,100-token prompt
+    /// allocated 8,192 tokens of KV).
+    fn grown_capacity(&self, needed: usize) -> usize {
+        needed
+            .max(self.capacity + self.capacity / 4)
+            .next_multiple_of(64)
+            .max(MIN_CAPACITY)
+            .min(self.max_len.max(needed))
+    }
+
+    /// Bytes [`reserve`](Self::reserve) allocates for `needed` tokens: the whole new capacity
+    /// when it must grow (the old buffers live until copied), nothing when the room is there.
+    pub fn growth_bytes(&self, needed: usize) -> usize {
+        if needed <= self.capacity {
+            0
+        } else {
+            self.grown_capacity(needed) * Self::bytes_per_token(&self.shapes)
+        }
+    }
+
     /// Makes room for `needed` tokens, copying the valid prefix into larger buffers.
     pub fn reserve(&mut self, needed: usize) -> Result<()> {
         if needed <= self.capacity {
             return Ok(());
         }
-        // A quarter more each time (rounded to 64 tokens), not double: appends stay amortised
-        // O(1), and a long context holds at most ~25% unused capacity, not up to 100% (a
-        // 4,100-token prompt allocated 8,192 tokens of KV).
-        let capacity = needed
-            .max(self.capacity + self.capacity / 4)
-            .next_multiple_of(64)
-            .max(MIN_CAPACITY)
-            .min(self.max_len.max(needed));
+        let capacity = self.grown_capacity(needed);
         let mut layers = Vec::with_capacity(self.shapes.len());
         for (i, s) in self.shapes.iter().enumerate() {
             let k = Tensor::zeros(

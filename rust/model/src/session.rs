@@ -108,6 +108,12 @@ impl Session {
         self.cache.allocated_bytes()
     }
 
+    /// Bytes the KV cache allocates to take `more` tokens: its whole new capacity when it must
+    /// grow (the old buffers live until copied), nothing when the room is there.
+    pub fn kv_growth_bytes(&self, more: usize) -> usize {
+        self.cache.growth_bytes(self.len() + more)
+    }
+
     /// Most tokens the session can hold.
     pub fn context_length(&self) -> usize {
         self.model.info().context_length

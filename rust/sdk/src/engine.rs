@@ -187,8 +187,9 @@ impl HybridEngine {
         listener: Arc<dyn TokenListener>,
         cancel: CancelToken,
     ) -> GenerationHandle {
-        let id = self.inner.running.start(cancel.clone());
-        let inner = self.inner.clone();
+        // Moved into the task, so it unregisters however the task ends: finished, aborted, or
+        // dropped unpolled with its runtime.
+        let running = Unregister(self.inner.clone(), self.inner.running.start(cancel.clone()));
         let generation = crate::generation::run(
             self.inner.clone(),
             prompt,
@@ -197,8 +198,7 @@ impl HybridEngine {
             cancel.clone(),
         );
         let task = async move {
-            // Unregistered however the task ends, aborted with its runtime included.
-            let _running = Unregister(inner, id);
+            let _running = running;
             generation.await
         };
         GenerationHandle {
@@ -209,7 +209,8 @@ impl HybridEngine {
     }
 
     /// Stops every generation of this engine that is running; each returns
-    /// [`SdkError::Cancelled`] soon after, as if its own token had been cancelled.
+    /// [`SdkError::Cancelled`] soon after. It cancels each one's own [`CancelToken`], so a
+    /// token shared with a later generation stays cancelled.
     pub fn cancel_all(&self) {
         self.inner.running.cancel_all();
     }

@@ -35,6 +35,10 @@ impl EngineSession for Session {
     fn kv_cache_bytes(&self) -> usize {
         Session::kv_cache_bytes(self)
     }
+
+    fn growth_bytes(&self, more: usize) -> usize {
+        self.kv_growth_bytes(more)
+    }
 }
 
 impl Engine for Embedded {
@@ -48,12 +52,13 @@ impl Engine for Embedded {
         self.model.session()
     }
 
-    /// The model's own bound, and each new token's place in its session's cache (which the
-    /// pass allocates while its activations are alive).
+    /// The model's own bound, and per decided row the draft distribution the worker decoded
+    /// for it (a cache's growth is its session's, [`EngineSession::growth_bytes`]).
     fn pass_cost(&self) -> PassCost {
         let cost = self.model.pass_cost();
         PassCost {
-            bytes_per_token: cost.bytes_per_token + self.model.info().kv_bytes_per_token,
+            bytes_per_output: cost.bytes_per_output
+                + (self.model.info().vocab_size * std::mem::size_of::<f32>()) as u64,
             ..cost
         }
     }

@@ -88,6 +88,12 @@ pub(crate) trait EngineSession: Send {
     fn reset(&mut self);
     /// Bytes of this server's memory the context holds (an engine's own memory is its own).
     fn kv_cache_bytes(&self) -> usize;
+    /// Bytes of this server's memory a pass allocates to append `more` tokens to the context
+    /// (a cache that grows holds its old and new buffers at once).
+    fn growth_bytes(&self, more: usize) -> usize {
+        let _ = more;
+        0
+    }
 }
 
 /// Runs the LLM's forward passes.

@@ -21,7 +21,8 @@ impl<E: Engine> Worker<E> {
     }
 
     /// Evicts least recently used sessions outside `protected` until their caches and a pass of
-    /// `pass_bytes` fit the budget together, and records what that came to.
+    /// `pass_bytes` fit the budget together (or only protected caches are left), and records
+    /// what that came to.
     pub(super) fn make_room(&mut self, pass_bytes: u64, protected: &HashSet<SessionKey>) {
         let mut used = self.allocated_kv_bytes();
         while used + pass_bytes > self.budget {

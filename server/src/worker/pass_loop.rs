@@ -79,7 +79,7 @@ impl<E: Engine> Worker<E> {
             let mut busy: HashSet<SessionKey> = plan.keys().chain(held_keys).collect();
             busy.extend(self.queued_keys());
             self.window = self.drafting_window(busy.len());
-            self.make_room(plan.bytes, &busy);
+            self.make_room(plan.bytes + plan.growth, &busy);
             self.run_plan(plan);
             // Kept from eviction: these, and the sessions the pass has just queued.
             busy.extend(self.queued_keys());

@@ -27,8 +27,11 @@ use uhlm_model::PassCost;
 pub(super) struct Plan {
     pub(super) rows: Vec<Row>,
     pub(super) tokens: usize,
-    /// What the pass allocates beyond the caches ([`PassCost`]), counted against the KV budget.
+    /// What the pass allocates beyond the caches ([`PassCost`]), within `max_bytes`.
     pub(super) bytes: u64,
+    /// What the caches it grows allocate (new buffers beside the old until copied): not
+    /// capped per pass, since it becomes cache, but room is made for it before the pass runs.
+    pub(super) growth: u64,
     keys: HashSet<SessionKey>,
     max_rows: usize,
     max_tokens: usize,
@@ -153,6 +156,14 @@ fn catch_up_len<S: EngineSession>(entry: &super::Entry<S>, full: usize) -> usize
         .min(chunk_at(cached, full))
 }
 
+/// Bytes `entry`'s cache allocates to take a row of `tokens` new tokens.
+fn grows<S: EngineSession>(entry: &super::Entry<S>, tokens: usize) -> u64 {
+    entry
+        .llm
+        .as_ref()
+        .map_or(0, |s| s.growth_bytes(tokens) as u64)
+}
+
 impl Plan {
     /// A pass of at most `max_rows` sessions, `max_tokens` tokens and `max_bytes` of the
     /// engine's memory at `cost`.
@@ -161,6 +172,7 @@ impl Plan {
             rows: Vec::new(),
             tokens: 0,
             bytes: 0,
+            growth: 0,
             keys: HashSet::new(),
             max_rows: max_rows.max(1),
             max_tokens: max_tokens.max(1),
@@ -200,13 +212,15 @@ impl Plan {
         }
     }
 
-    fn push(&mut self, row: Row) {
+    /// Adds `row`, whose session's cache grows by `growth` bytes to take it.
+    fn push(&mut self, row: Row, growth: u64) {
         let outputs = match row.wanted() {
             Wanted::Nothing => 0,
             Wanted::Last => 1,
             Wanted::Rows(rows) => rows.len(),
         };
         self.bytes += self.cost.bytes(row.tokens.len(), outputs);
+        self.growth += growth;
         self.tokens += row.tokens.len();
         self.keys.insert(row.key);
         self.rows.push(row);
@@ -263,23 +277,24 @@ impl<E: Engine> Worker<E> {
         // time, each part in its own pass: scored at once, its skipped tokens would hold every
         // other session's request for as long as a prompt of that size did before prompts were
         // chunked. (The first position's skipped tokens were caught up already if many.)
-        // So is a chain whose rows' activations and logits would take more than the pass's
-        // share of the memory budget.
+        // So is a chain whose rows' activations and logits would take more than a pass's share
+        // of the memory budget; a part that fits a pass but not what this one has left waits
+        // whole for the next.
         let first = pending + verify.skipped.len();
         let (mut total, mut outputs) = (first, 1);
-        let free = plan.free_bytes();
         let keep = verify
             .chain
             .iter()
             .take_while(|link| {
                 total += 1 + link.skipped.len();
                 outputs += 1;
-                total <= chunk.max(first) && plan.cost.bytes(total, outputs) <= free
+                total <= chunk.max(first) && plan.cost.bytes(total, outputs) <= plan.max_bytes
             })
             .count();
         let rest = verify.split_chain(keep);
         q.truncate(1 + keep);
         let inputs = verify.inputs();
+        let growth = grows(entry, pending + inputs.len());
         if !plan.fits(pending + inputs.len(), 1 + keep) {
             let mut whole = verify;
             whole.chain.extend(rest);
@@ -296,21 +311,24 @@ impl<E: Engine> Worker<E> {
         let drafts = std::iter::once(verify.draft.as_ref().map(|d| d.token))
             .chain(verify.chain.iter().map(|l| Some(l.draft.token)))
             .collect();
-        plan.push(Row {
-            key,
-            tokens,
-            outputs,
-            drafts,
-            work: Work::Verify {
-                verify,
-                q,
-                pending,
-                reply,
-                rest,
+        plan.push(
+            Row {
+                key,
+                tokens,
+                outputs,
+                drafts,
+                work: Work::Verify {
+                    verify,
+                    q,
+                    pending,
+                    reply,
+                    rest,
+                },
+                sampling: SamplingOptions::default(),
+                seeds: Vec::new(),
             },
-            sampling: SamplingOptions::default(),
-            seeds: Vec::new(),
-        });
+            growth,
+        );
         None
     }
 
@@ -344,6 +362,7 @@ impl<E: Engine> Worker<E> {
                 let _ = s.events.send(finished(FinishReason::Cancelled, len));
                 continue;
             }
+            let growth = grows(entry, entry.pending.len());
             if !plan.fits(entry.pending.len(), 1) {
                 waiting.push_back(s);
                 continue;
@@ -351,15 +370,18 @@ impl<E: Engine> Worker<E> {
             // The same steps as a `Verify` without a draft: score what is not cached yet (the
             // prompt's last token, then each sampled one), sample with the session's RNG.
             let tokens = std::mem::take(&mut entry.pending);
-            plan.push(Row {
-                key: s.key,
-                tokens,
-                outputs: Vec::new(),
-                work: Work::Generate(s),
-                sampling: SamplingOptions::default(),
-                seeds: Vec::new(),
-                drafts: Vec::new(),
-            });
+            plan.push(
+                Row {
+                    key: s.key,
+                    tokens,
+                    outputs: Vec::new(),
+                    work: Work::Generate(s),
+                    sampling: SamplingOptions::default(),
+                    seeds: Vec::new(),
+                    drafts: Vec::new(),
+                },
+                growth,
+            );
         }
         self.streams = waiting;
     }
@@ -394,8 +416,10 @@ impl<E: Engine> Worker<E> {
             Some(total) => total.saturating_sub(plan.tokens).min(plan.room()),
             None => plan.room(),
         };
-        // At least a chunk whatever the token and time budgets, within the memory budget.
-        let mut allowance = room.max(chunk).min(plan.room_in_memory());
+        // At least a chunk whatever the token and time budgets, within the memory budget but
+        // never under `MIN_CATCH_UP_TOKENS`: catching up never stops.
+        let floor = MIN_CATCH_UP_TOKENS.min(chunk);
+        let mut allowance = room.max(chunk).min(plan.room_in_memory().max(floor));
         let mut waiting = std::collections::VecDeque::new();
         while let Some(key) = self.catching_up.pop_front() {
             if plan.has(key) || allowance == 0 {
@@ -428,7 +452,8 @@ impl<E: Engine> Worker<E> {
                 continue;
             }
             allowance -= n;
-            plan.push(Row::catch_up(key, entry.pending[..n].to_vec()));
+            let growth = grows(entry, n);
+            plan.push(Row::catch_up(key, entry.pending[..n].to_vec()), growth);
         }
         self.catching_up = waiting;
     }
@@ -445,7 +470,9 @@ impl<E: Engine> Worker<E> {
                 e.llm.is_some() && !e.prefilling && e.deferred.is_none() && !plan.has(key)
             });
             match entry.map(|e| (e, catch_up_len(e, full).min(plan.room()))) {
-                Some((e, n)) if n > 0 => plan.push(Row::catch_up(key, e.pending[..n].to_vec())),
+                Some((e, n)) if n > 0 => {
+                    plan.push(Row::catch_up(key, e.pending[..n].to_vec()), grows(e, n))
+                }
                 _ => rest.push_back(key),
             }
         }

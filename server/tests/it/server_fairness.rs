@@ -238,9 +238,10 @@ async fn a_chain_of_many_skipped_tokens_delays_another_device_by_a_chunk_not_by_
 
 /// Issue 39's third attack in small: a chain of 32 links, each after a few skipped tokens,
 /// asks for a row of logits per link (49,152 floats each for SmolLM2) besides its tokens'
-/// activations: in one pass about 34 MB, more than the cache memory it is allowed. The pass's
-/// memory counts against the budget: the chain is decided in passes that each fit, whole and
-/// right, and at no point do the caches and a pass hold more than the budget.
+/// activations: in one pass about 34 MB, more than the budget. The pass's memory counts
+/// against the budget: the chain is decided in passes that each fit, whole and right, and the
+/// worker's accounting (the model's `PassCost`, which `rust/model/tests/score_memory.rs` checks
+/// against what a pass really allocates) never has caches and a pass over the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_many_links_is_scored_within_the_memory_budget() {
     const BUDGET: u64 = 30_000_000;

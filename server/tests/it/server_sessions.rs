@@ -600,7 +600,8 @@ async fn one_forward_pass_answers_sessions_in_different_states() {
     );
     let mut config = ServerConfig::local(common::llm_path(), [API_KEY]);
     // Every cache outside the pass in progress is evicted (least recently used first): the
-    // budget is the pass's alone ...
+    // budget leaves the pass its room and less than one cache's smallest allocation (256
+    // tokens) ...
     config.kv_memory_budget_bytes = pass_room(&model, text.len(), 4);
     // ... and requests sent together meet in one pass.
     config.batch_wait = Duration::from_secs(1);

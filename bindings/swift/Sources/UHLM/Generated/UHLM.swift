@@ -627,7 +627,7 @@ public protocol EmbeddedServerProtocol: AnyObject, Sendable {
     
     /**
      * Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-     * object stops it the same way.
+     * object without calling it stops the server abruptly.
      */
     func stop() 
     
@@ -740,7 +740,7 @@ open func certFingerprint() -> String  {
     
     /**
      * Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-     * object stops it the same way.
+     * object without calling it stops the server abruptly.
      */
 open func stop()  {try! rustCall() {
         uniffiCallStatus in
@@ -3495,7 +3495,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_uhlm_ffi_checksum_method_embeddedserver_cert_fingerprint() != 32290) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() != 42184) {
+    if (uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() != 38861) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_uhlm_ffi_checksum_constructor_hybridengine_new() != 11163) {

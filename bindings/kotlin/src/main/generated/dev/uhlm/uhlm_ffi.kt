@@ -1029,7 +1029,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_cert_fingerprint() and 0xFFFF) != 32290) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() and 0xFFFF) != 42184) {
+    if ((lib.uniffi_uhlm_ffi_checksum_method_embeddedserver_stop() and 0xFFFF) != 38861) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_uhlm_ffi_checksum_constructor_hybridengine_new() and 0xFFFF) != 11163) {
@@ -1559,7 +1559,7 @@ public interface EmbeddedServerInterface {
     
     /**
      * Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-     * object stops it the same way.
+     * object without calling it stops the server abruptly.
      */
     fun `stop`()
     
@@ -1721,7 +1721,7 @@ open class EmbeddedServer: Disposable, AutoCloseable, EmbeddedServerInterface
     
     /**
      * Stops gracefully (in-flight requests are answered first). Idempotent; dropping the
-     * object stops it the same way.
+     * object without calling it stops the server abruptly.
      */override fun `stop`()
         = 
     callWithHandle {
