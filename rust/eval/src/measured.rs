@@ -238,12 +238,7 @@ pub fn measure(
     let (Some(first), false) = (prompts.first(), options.max_tokens == 0) else {
         return Ok(Vec::new());
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("uhlm-linkemu")
-        .enable_all()
-        .build()
-        .map_err(|e| EvalError::Server(format!("cannot start the link's runtime: {e}")))?;
+    let runtime = link_runtime()?;
     let mut runs = Vec::new();
     for name in &options.profiles {
         let profile =
@@ -323,6 +318,16 @@ pub fn measure(
         }
     }
     Ok(runs)
+}
+
+/// The runtime the link emulators of a measured run live on (one thread: they only relay).
+pub(crate) fn link_runtime() -> Result<tokio::runtime::Runtime, EvalError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("uhlm-linkemu")
+        .enable_all()
+        .build()
+        .map_err(|e| EvalError::Server(format!("cannot start the link's runtime: {e}")))
 }
 
 /// The SDK configuration that runs `system` against the server behind `addr`.

@@ -24,13 +24,7 @@ impl<E: Engine> Worker<E> {
     /// `pass_bytes` fit the budget together (or only protected caches are left), and records
     /// what that came to.
     pub(super) fn make_room(&mut self, pass_bytes: u64, protected: &HashSet<SessionKey>) {
-        let mut used = self.allocated_kv_bytes();
-        while used + pass_bytes > self.budget {
-            let Some(victim) = self.least_recently_used(protected) else {
-                break;
-            };
-            used -= self.evict(victim);
-        }
+        let used = self.evict_down_to(self.budget.saturating_sub(pass_bytes), protected);
         self.report_kv_bytes(used);
         self.record_peak(used + pass_bytes);
     }
@@ -45,26 +39,28 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    /// The idle session outside `protected` used longest ago that still holds a cache.
-    fn least_recently_used(&self, protected: &HashSet<SessionKey>) -> Option<SessionKey> {
-        self.sessions
-            .iter()
-            .filter(|(k, e)| e.llm.is_some() && !protected.contains(k))
-            .min_by_key(|(_, e)| e.last_used)
-            .map(|(k, _)| *k)
+    /// Evicts the least recently used caches outside `protected` until the caches hold at
+    /// most `limit` bytes or only protected ones are left; returns what they hold then.
+    fn evict_down_to(&mut self, limit: u64, protected: &HashSet<SessionKey>) -> u64 {
+        let mut used = self.allocated_kv_bytes();
+        while used > limit {
+            let victim = self
+                .sessions
+                .iter()
+                .filter(|(k, e)| e.llm.is_some() && !protected.contains(k))
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| *k);
+            let Some(victim) = victim else { break };
+            used -= self.evict(victim);
+        }
+        used
     }
 
     /// Evicts least recently used sessions outside `protected` until the caches fit the budget.
     /// A cache counts what it holds allocated, not the tokens in use: a session rolled back or
     /// started on a short context after a long one still holds its buffers.
     pub(super) fn enforce_budget(&mut self, protected: &HashSet<SessionKey>) {
-        let mut used = self.allocated_kv_bytes();
-        while used > self.budget {
-            let Some(victim) = self.least_recently_used(protected) else {
-                break;
-            };
-            used -= self.evict(victim);
-        }
+        let mut used = self.evict_down_to(self.budget, protected);
         // Sessions still prefilling are protected so that their work is not thrown away, but
         // not past the budget (four 4,096-token prompts at once took 712 MiB of a 512 MiB
         // budget in the fault campaign): the one furthest along keeps its cache, the others go,

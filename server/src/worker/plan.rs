@@ -205,11 +205,9 @@ impl Plan {
         if self.rows.len() >= self.max_rows {
             return 0;
         }
-        let tokens = self.max_tokens.saturating_sub(self.tokens);
-        match self.cost.bytes_per_token {
-            0 => tokens,
-            per_token => tokens.min((self.free_bytes() / per_token) as usize),
-        }
+        self.max_tokens
+            .saturating_sub(self.tokens)
+            .min(self.room_in_memory())
     }
 
     /// Adds `row`, whose session's cache grows by `growth` bytes to take it.

@@ -168,19 +168,10 @@ async fn a_chain_of_many_skipped_tokens_delays_another_device_by_a_chunk_not_by_
     let mut mirror = Mirror::new(&model, &prompt);
     let mut gaps = vec![SKIPPED; LINKS];
     gaps[0] = 0;
-    let (skipped, draft, chain, _) =
-        tokio::task::block_in_place(|| greedy_chain(&mut mirror, &gaps, None));
-    let chain_tokens: usize = chain.iter().map(|l| l.skipped.len() + 1).sum();
+    let (verify, _) = tokio::task::block_in_place(|| greedy_chain(&mut mirror, &gaps, None));
+    let chain_tokens: usize = verify.chain.iter().map(|l| l.skipped.len() + 1).sum();
     let started_at = metric("uhlm_forward_tokens_total");
-    a.send(Verify {
-        seq: 0,
-        position: (mirror.context.len() + skipped.len()) as u32,
-        skipped,
-        draft: Some(draft),
-        uncertainty: 0.5,
-        chain,
-    })
-    .await;
+    a.send(verify).await;
     // The chain is being scored when the other device asks.
     while metric("uhlm_forward_tokens_total") == started_at {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
@@ -265,28 +256,26 @@ async fn a_chain_of_many_links_is_scored_within_the_memory_budget() {
     let mut mirror = Mirror::new(&model, &prompt);
     let mut gaps = vec![3; 32];
     gaps[0] = 0;
-    let (skipped, mut draft, mut chain, greedy) =
+    let (mut verify, greedy) =
         tokio::task::block_in_place(|| greedy_chain(&mut mirror, &gaps, None));
     // The drafts' distributions in the SDK's own codec: 32 dense ones exceed a frame.
     let compress = |q: &mut Vec<u8>| {
         let dense = codec::decode(q, None).unwrap();
         *q = codec::encode(&Codec::default(), &dense).unwrap().bytes;
     };
-    compress(&mut draft.q);
-    chain
+    compress(&mut verify.draft.as_mut().unwrap().q);
+    verify
+        .chain
         .iter_mut()
         .for_each(|link| compress(&mut link.draft.q));
-    let rows: usize = chain.iter().map(|l| l.skipped.len() + 1).sum::<usize>() + 1;
+    let rows: usize = verify
+        .chain
+        .iter()
+        .map(|l| l.skipped.len() + 1)
+        .sum::<usize>()
+        + 1;
     let passes_before = metric("uhlm_forward_passes_total");
-    s.send(Verify {
-        seq: 0,
-        position: (mirror.context.len() + skipped.len()) as u32,
-        skipped,
-        draft: Some(draft),
-        uncertainty: 0.5,
-        chain,
-    })
-    .await;
+    s.send(verify).await;
     let v = match s.recv().await {
         Some(Message::Verdict(v)) => v,
         other => panic!("expected a Verdict, got {other:?}"),

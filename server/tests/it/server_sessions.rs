@@ -110,11 +110,11 @@ async fn sixteen_concurrent_sessions_get_greedy_verdicts() {
 }
 
 /// Budget bytes that leave a pass of `tokens` returning `outputs` rows of logits its room (a
-/// pass takes at most half the budget) and no more: what the embedded engine counts for a pass,
-/// its activations and logits and its new tokens' cache, twice.
+/// pass is planned within half the budget) and no more: what the embedded engine counts for a
+/// pass (the model's `PassCost` and each decided row's decoded draft distribution), twice.
 fn pass_room(model: &uhlm_model::Model, tokens: usize, outputs: usize) -> u64 {
-    let per_token = kv_bytes_per_token(model.info());
-    2 * (model.pass_cost().bytes(tokens, outputs) + per_token * tokens as u64)
+    let drafts = outputs * model.info().vocab_size * std::mem::size_of::<f32>();
+    2 * (model.pass_cost().bytes(tokens, outputs) + drafts as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -956,13 +956,14 @@ async fn catch_up_passes_are_cut_to_the_time_target() {
 }
 
 /// A chain of greedy drafts with local tokens between them, the link at `wrong` (if any)
-/// drafted as the second most likely token: returns the Verify's fields after `skipped` and
-/// the LLM's greedy token at every position, scored by `mirror` without committing anything.
+/// drafted as the second most likely token: returns the `Verify` (seq 0) that sends it after
+/// `mirror`'s context and the LLM's greedy token at every position, scored by `mirror`
+/// without committing anything.
 pub(crate) fn greedy_chain(
     mirror: &mut Mirror,
     gaps: &[usize],
     wrong: Option<usize>,
-) -> (Vec<u32>, Draft, Vec<Link>, Vec<u32>) {
+) -> (Verify, Vec<u32>) {
     let base = mirror.session.len();
     let mut logits = tokio::task::block_in_place(|| mirror.score(&[]));
     let mut greedy = Vec::new();
@@ -1007,7 +1008,15 @@ pub(crate) fn greedy_chain(
             uncertainty: 0.5,
         })
         .collect();
-    (skipped, first, chain, greedy)
+    let verify = Verify {
+        seq: 0,
+        position: (mirror.context.len() + skipped.len()) as u32,
+        skipped,
+        draft: Some(first),
+        uncertainty: 0.5,
+        chain,
+    };
+    (verify, greedy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1033,15 +1042,8 @@ async fn a_chain_is_verified_in_order_up_to_its_first_rejection() {
     .enumerate()
     {
         let seq = seq as u32;
-        let (skipped, draft, chain, greedy) = greedy_chain(&mut mirror, &gaps, wrong);
-        let verify = Verify {
-            seq,
-            position: (mirror.context.len() + skipped.len()) as u32,
-            skipped,
-            draft: Some(draft),
-            uncertainty: 0.5,
-            chain,
-        };
+        let (mut verify, greedy) = greedy_chain(&mut mirror, &gaps, wrong);
+        verify.seq = seq;
         let positions = verify.positions().unwrap();
         s.send(verify.clone()).await;
         let v = match s.recv().await {
@@ -1092,16 +1094,9 @@ async fn chains_longer_than_the_server_allows_are_refused() {
     s.send(start(1, &prompt)).await;
     assert!(matches!(s.recv().await, Some(Message::Started(_))));
     let mut mirror = Mirror::new(&model, &prompt);
-    let (skipped, draft, chain, _) = greedy_chain(&mut mirror, &[0, 0, 0], None);
-    s.send(Verify {
-        seq: 4,
-        position: mirror.context.len() as u32,
-        skipped,
-        draft: Some(draft),
-        uncertainty: 0.5,
-        chain,
-    })
-    .await;
+    let (mut verify, _) = greedy_chain(&mut mirror, &[0, 0, 0], None);
+    verify.seq = 4;
+    s.send(verify).await;
     match s.recv().await {
         Some(Message::Error(e)) => {
             assert_eq!((e.code, e.seq), (ErrorCode::InvalidRequest, Some(4)), "{e}")

@@ -191,6 +191,18 @@ fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerE
 /// Merges implied by a SentencePiece BPE vocabulary: every split of a token into two tokens,
 /// best token first. Gemma ranks by position in the file (its scores do not follow merge order);
 /// within one token, longer left halves first (transformers' `generate_merges`).
+/// `tokenizer.ggml.merges`: each entry the two halves of a merge, separated by a space.
+fn parse_merges(merges: &[String]) -> Result<Merges, TokenizerError> {
+    merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| bad("tokenizer.ggml.merges", format!("merge `{m}` has no space")))
+        })
+        .collect()
+}
+
 fn merges_from_vocab(tokens: &[String], vocab: &Vocab) -> Merges {
     let mut merges = Merges::new();
     for token in tokens {
@@ -247,19 +259,11 @@ impl Tokenizer {
             };
             vocab.insert(spelled, id as u32);
         }
-        let merges = v
-            .merges
-            .as_ref()
-            .ok_or_else(|| TokenizerError::MissingKey("tokenizer.ggml.merges".into()))?
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| {
-                        bad("tokenizer.ggml.merges", format!("merge `{m}` has no space"))
-                    })
-            })
-            .collect::<Result<Merges, _>>()?;
+        let merges = parse_merges(
+            v.merges
+                .as_ref()
+                .ok_or_else(|| TokenizerError::MissingKey("tokenizer.ggml.merges".into()))?,
+        )?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -314,16 +318,7 @@ impl Tokenizer {
             vocab.insert(token.clone(), id as u32);
         }
         let merges = match &v.merges {
-            Some(m) => m
-                .iter()
-                .map(|m| {
-                    m.split_once(' ')
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .ok_or_else(|| {
-                            bad("tokenizer.ggml.merges", format!("merge `{m}` has no space"))
-                        })
-                })
-                .collect::<Result<Merges, _>>()?,
+            Some(m) => parse_merges(m)?,
             None => merges_from_vocab(&spelled, &vocab),
         };
         let unk = v.unk.map(|id| spelled[id as usize].clone());

